@@ -1,0 +1,290 @@
+r"""Fused cross-entropy over the last dimension: loss and d loss / d logits in one pass.
+
+Math, for one row ``x`` of ``V`` logits with target class ``t``:
+
+    s_j   = c * tanh(x_j / c)                  (softcap ``c``; s = x without it)
+    lse   = log sum_j exp(s_j)
+    p_j   = exp(s_j - lse)
+    loss  = (1 - eps) * w_t * (lse - s_t)                       (weighted NLL)
+          + (eps / V) * (W * lse - sum_j w_j s_j)               (label smoothing)
+          + z * lse^2                                           (z-loss)
+
+with class weights ``w`` (all ones without them), ``W = sum_j w_j`` and label smoothing ``eps``.
+This is ``F.cross_entropy``'s per-row term (its weighted mean then divides the sum over rows by
+``sum_i w_{t_i}``). The gradient with respect to ``s`` is
+
+    dL/ds_j = p_j * ((1 - eps) * w_t + (eps / V) * W + 2 * z * lse) - (eps / V) * w_j - (1 - eps) * w_t * [j == t]
+
+and the softcap chains in ``ds_j/dx_j = 1 - (s_j / c)^2``. A row whose target equals ``ignore_index``
+is not counted: its loss and gradient are exactly 0 and its logits are never read, so -inf or NaN there
+cannot leak out. A target outside ``[0, V)`` that is not ``ignore_index`` yields NaN loss and gradient
+for its row (argument checks upstream raise before that; this is the fallback inside traced code) and
+no memory outside the row is touched.
+
+Kernels (one program per row, the row streamed in blocks of ``BLOCK_V``):
+  * ``_cross_entropy_fwd_kernel`` — online max / sum-exp over the row, the loss, the log-sum-exp and,
+    with ``WITH_GRAD``, a second sweep (mostly from L2) that writes the gradient times a scale.
+  * ``_cross_entropy_bwd_kernel`` — the gradient alone from a saved log-sum-exp, one sweep, scaled per
+    row by an upstream gradient.
+  * ``_scale_kernel`` — multiply a buffer in place by a device scalar, doing nothing when it is 1.
+"""
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+
+@triton.jit
+def _softcap(x, softcap, HAS_SOFTCAP: tl.constexpr):
+    if HAS_SOFTCAP:
+        # tanh(y) = 1 - 2 / (exp(2y) + 1): saturates cleanly to +-1 for large |y|.
+        y = x / softcap
+        x = softcap * (1.0 - 2.0 / (tl.exp2(2.0 * LOG2E * y) + 1.0))
+    return x
+
+
+@triton.jit
+def _row_gradient_sweep(
+    x_row_ptr, g_row_ptr, weight_ptr, V, t, w_t, weight_sum, lse, scale,
+    label_smoothing, softcap, z_loss,
+    HAS_WEIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BLOCK_V: tl.constexpr, ACC: tl.constexpr,
+):
+    """Writes scale * dL/dx for one counted row, reading its logits once."""
+    eps_over_v = label_smoothing / V
+    coef = (1.0 - label_smoothing) * w_t + eps_over_v * weight_sum + 2.0 * z_loss * lse
+    on_target = (1.0 - label_smoothing) * w_t
+    for start in range(0, V, BLOCK_V):
+        offs = start + tl.arange(0, BLOCK_V)
+        in_row = offs < V
+        x = tl.load(x_row_ptr + offs, mask=in_row, other=0.0).to(ACC)
+        s = _softcap(x, softcap, HAS_SOFTCAP)
+        g = tl.exp2((s - lse) * LOG2E) * coef
+        if HAS_WEIGHT:
+            w = tl.load(weight_ptr + offs, mask=in_row, other=0.0).to(ACC)
+            g -= eps_over_v * w
+        else:
+            g -= eps_over_v
+        g = tl.where(offs == t, g - on_target, g)
+        if HAS_SOFTCAP:
+            th = s / softcap
+            g *= 1.0 - th * th
+        tl.store(g_row_ptr + offs, (g * scale).to(g_row_ptr.dtype.element_ty), mask=in_row)
+
+
+@triton.jit
+def _fill_row(g_row_ptr, V, value, BLOCK_V: tl.constexpr):
+    """Writes ``value`` over a row that is not counted (0) or has an invalid target (NaN)."""
+    for start in range(0, V, BLOCK_V):
+        offs = start + tl.arange(0, BLOCK_V)
+        fill = tl.full([BLOCK_V], 0.0, tl.float32) + value
+        tl.store(g_row_ptr + offs, fill.to(g_row_ptr.dtype.element_ty), mask=offs < V)
+
+
+@triton.jit
+def _row_target(target_ptr, weight_ptr, row, V, ignore_index, HAS_WEIGHT: tl.constexpr, ACC: tl.constexpr):
+    """Loads a row's target; returns (target, counted, invalid, w_t). Never reads weight out of range."""
+    t = tl.load(target_ptr + row)
+    ignored = t == ignore_index
+    invalid = (~ignored) & ((t < 0) | (t >= V))
+    counted = (~ignored) & (~invalid)
+    t_safe = tl.where(counted, t, 0)
+    if HAS_WEIGHT:
+        w_t = tl.load(weight_ptr + t_safe).to(ACC)
+    else:
+        w_t = tl.full([], 1.0, ACC)
+    return t_safe, counted, invalid, w_t
+
+
+@triton.jit
+def _cross_entropy_fwd_kernel(
+    x_ptr, x_row_stride, target_ptr, weight_ptr, weight_sum_ptr, scale_ptr,
+    loss_ptr, lse_ptr, g_ptr, g_row_stride,
+    V, ignore_index, label_smoothing, softcap, z_loss,
+    HAS_WEIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
+    WITH_GRAD: tl.constexpr, BLOCK_V: tl.constexpr, ACC: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    x_row_ptr = x_ptr + row * x_row_stride
+    g_row_ptr = g_ptr + row * g_row_stride
+    t, counted, invalid, w_t = _row_target(target_ptr, weight_ptr, row, V, ignore_index, HAS_WEIGHT, ACC)
+
+    if counted:
+        # Sweep 1: online max and sum of exp (base 2) over the row, plus sum_j w_j s_j for smoothing.
+        m = tl.full([], float("-inf"), ACC)
+        d = tl.full([], 0.0, ACC)
+        ws = tl.zeros([BLOCK_V], ACC)
+        for start in range(0, V, BLOCK_V):
+            offs = start + tl.arange(0, BLOCK_V)
+            in_row = offs < V
+            x = tl.load(x_row_ptr + offs, mask=in_row, other=float("-inf")).to(ACC)
+            s = _softcap(x, softcap, HAS_SOFTCAP)
+            m_new = tl.maximum(m, tl.max(s, 0))
+            d = d * tl.exp2((m - m_new) * LOG2E) + tl.sum(tl.exp2((s - m_new) * LOG2E), 0)
+            m = m_new
+            if HAS_SMOOTHING:
+                if HAS_WEIGHT:
+                    w = tl.load(weight_ptr + offs, mask=in_row, other=0.0).to(ACC)
+                    ws += tl.where(in_row, s * w, 0.0)
+                else:
+                    ws += tl.where(in_row, s, 0.0)
+        lse = m + tl.log2(d) * LN2
+
+        s_t = _softcap(tl.load(x_row_ptr + t).to(ACC), softcap, HAS_SOFTCAP)
+        if HAS_WEIGHT:
+            weight_sum = tl.load(weight_sum_ptr).to(ACC)
+        else:
+            weight_sum = V * 1.0
+        loss = (1.0 - label_smoothing) * w_t * (lse - s_t) + z_loss * lse * lse
+        if HAS_SMOOTHING:
+            loss += (label_smoothing / V) * (weight_sum * lse - tl.sum(ws, 0))
+        tl.store(loss_ptr + row, loss)
+        tl.store(lse_ptr + row, lse)
+
+        # Sweep 2: the gradient; the row was just read, so this re-read mostly hits L2.
+        if WITH_GRAD:
+            scale = tl.load(scale_ptr).to(ACC)
+            _row_gradient_sweep(
+                x_row_ptr, g_row_ptr, weight_ptr, V, t, w_t, weight_sum, lse, scale,
+                label_smoothing, softcap, z_loss, HAS_WEIGHT, HAS_SOFTCAP, BLOCK_V, ACC,
+            )
+    else:
+        fill = tl.where(invalid, float("nan"), 0.0)
+        tl.store(loss_ptr + row, fill)
+        tl.store(lse_ptr + row, 0.0)
+        if WITH_GRAD:
+            _fill_row(g_row_ptr, V, fill, BLOCK_V)
+
+
+@triton.jit
+def _cross_entropy_bwd_kernel(
+    x_ptr, x_row_stride, target_ptr, weight_ptr, weight_sum_ptr, lse_ptr, grad_ptr,
+    g_ptr, g_row_stride,
+    V, ignore_index, label_smoothing, softcap, z_loss,
+    HAS_WEIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BLOCK_V: tl.constexpr, ACC: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    g_row_ptr = g_ptr + row * g_row_stride
+    t, counted, invalid, w_t = _row_target(target_ptr, weight_ptr, row, V, ignore_index, HAS_WEIGHT, ACC)
+    if counted:
+        if HAS_WEIGHT:
+            weight_sum = tl.load(weight_sum_ptr).to(ACC)
+        else:
+            weight_sum = V * 1.0
+        lse = tl.load(lse_ptr + row).to(ACC)
+        scale = tl.load(grad_ptr + row).to(ACC)
+        _row_gradient_sweep(
+            x_ptr + row * x_row_stride, g_row_ptr, weight_ptr, V, t, w_t, weight_sum, lse, scale,
+            label_smoothing, softcap, z_loss, HAS_WEIGHT, HAS_SOFTCAP, BLOCK_V, ACC,
+        )
+    else:
+        _fill_row(g_row_ptr, V, tl.where(invalid, float("nan"), 0.0), BLOCK_V)
+
+
+@triton.jit
+def _scale_kernel(x_ptr, scale_ptr, n, BLOCK: tl.constexpr):
+    # The scale is read on the device, so a scale of exactly 1 (the usual loss.backward()) costs no
+    # pass over the buffer and no host synchronisation.
+    scale = tl.load(scale_ptr).to(tl.float32)
+    if scale != 1.0:
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        in_range = offs < n
+        x = tl.load(x_ptr + offs, mask=in_range).to(tl.float32)
+        tl.store(x_ptr + offs, (x * scale).to(x_ptr.dtype.element_ty), mask=in_range)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _launch_config(V: int, element_size: int) -> tuple[int, int]:
+    """Block over the vocabulary and warps per program. The interpreter gets small blocks so that tests
+    at small V still cross block boundaries."""
+    if _interpreting():
+        return min(triton.next_power_of_2(V), 64), 1
+    block = min(triton.next_power_of_2(V), 16384 // element_size)
+    num_warps = 4 if block <= 1024 else (8 if block <= 4096 else 16)
+    return block, num_warps
+
+
+def _acc_dtype(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def cross_entropy_fwd(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None,
+    weight_sum: torch.Tensor | None,
+    grad_scale: torch.Tensor | None,
+    ignore_index: int,
+    label_smoothing: float,
+    softcap: float,
+    z_loss: float,
+    with_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Per-row loss and log-sum-exp, and (``with_grad``) ``grad_scale * dL/dlogits``.
+
+    logits: (N, V) with unit stride over V; target: (N,) int64; weight: (V,) or None; weight_sum and
+    grad_scale: one-element tensors (grad_scale may be None when not ``with_grad``); softcap: 0 for none.
+    Returns loss (N,) and lse (N,) in float32 (float64 for float64 logits) and the gradient (N, V) in the
+    logits' dtype, or None.
+    """
+    N, V = logits.shape
+    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    loss = torch.empty(N, dtype=acc, device=logits.device)
+    lse = torch.empty(N, dtype=acc, device=logits.device)
+    grad = torch.empty_like(logits, memory_format=torch.contiguous_format) if with_grad else loss
+    if N == 0:
+        return loss, lse, grad if with_grad else None
+    block, num_warps = _launch_config(V, logits.element_size())
+    _cross_entropy_fwd_kernel[(N,)](
+        logits, logits.stride(0), target, weight if weight is not None else logits,
+        weight_sum if weight_sum is not None else loss, grad_scale if grad_scale is not None else loss,
+        loss, lse, grad, grad.stride(0) if with_grad else 0,
+        V, ignore_index, label_smoothing, softcap, z_loss,
+        HAS_WEIGHT=weight is not None, HAS_SOFTCAP=softcap > 0, HAS_SMOOTHING=label_smoothing > 0,
+        WITH_GRAD=with_grad, BLOCK_V=block, ACC=_acc_dtype(logits.dtype), num_warps=num_warps,
+    )
+    return loss, lse, grad if with_grad else None
+
+
+def cross_entropy_bwd(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None,
+    weight_sum: torch.Tensor | None,
+    lse: torch.Tensor,
+    grad_rows: torch.Tensor,
+    ignore_index: int,
+    label_smoothing: float,
+    softcap: float,
+    z_loss: float,
+) -> torch.Tensor:
+    """``grad_rows[:, None] * dL/dlogits`` (N, V) in the logits' dtype, from the saved ``lse`` (N,)."""
+    N, V = logits.shape
+    grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
+    if N == 0:
+        return grad
+    block, num_warps = _launch_config(V, logits.element_size())
+    _cross_entropy_bwd_kernel[(N,)](
+        logits, logits.stride(0), target, weight if weight is not None else logits,
+        weight_sum if weight_sum is not None else lse, lse, grad_rows, grad, grad.stride(0),
+        V, ignore_index, label_smoothing, softcap, z_loss,
+        HAS_WEIGHT=weight is not None, HAS_SOFTCAP=softcap > 0, BLOCK_V=block,
+        ACC=_acc_dtype(logits.dtype), num_warps=num_warps,
+    )
+    return grad
+
+
+def scale_(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``x *= scale`` in place for a contiguous ``x`` and a one-element ``scale``; free when scale == 1."""
+    n = x.numel()
+    if n:
+        block = 1024 if _interpreting() else 8192
+        _scale_kernel[(triton.cdiv(n, block),)](x, scale, n, BLOCK=block, num_warps=8)
+    return x

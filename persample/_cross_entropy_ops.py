@@ -1,0 +1,296 @@
+"""Registration of the fused cross-entropy with PyTorch: custom ops, autograd, vmap, fake tensors.
+
+Everything here works on rows: ``logits (N, V)``, ``target (N,)``; arguments arrive checked and
+flattened from :mod:`persample.cross_entropy`. Three ops:
+
+* ``persample::cross_entropy_rows`` — per-row loss and log-sum-exp, made differentiable by
+  :class:`_CrossEntropyRows` (its backward is ``cross_entropy_rows_bwd``).
+* ``persample::cross_entropy_rows_bwd`` — the gradient from a saved log-sum-exp.
+* ``persample::cross_entropy_with_grad`` — loss, log-sum-exp and the scaled gradient in one kernel.
+
+All three have vmap rules and fake-tensor implementations, so they batch under ``vmap`` and stay opaque
+(no graph break) under ``torch.compile``. CUDA tensors (and CPU tensors when ``TRITON_INTERPRET=1``) run the Triton kernels; other CPU tensors run
+:func:`_rows_torch` / :func:`_grad_torch`, the same formulas in PyTorch.
+
+Outside torch.func transforms and torch.compile, ``reduction="mean"``/``"sum"`` take a faster path,
+:class:`_FusedMeanSum`: the forward kernel already writes the gradient (scaled by 1/denominator) and the
+backward multiplies it in place by the upstream scalar, which the kernel skips when it is exactly 1. That
+needs in-place state, which transforms cannot batch or trace, hence the two paths.
+"""
+
+import os
+
+import torch
+
+from persample.kernels import cross_entropy as _kernels
+
+_LIB = "persample"
+
+
+def _use_triton(t: torch.Tensor) -> bool:
+    return t.is_cuda or os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# ---------------------------------------------------------------------------------------------------
+# The PyTorch path: the kernel's formulas (see kernels/cross_entropy.py), for CPU without the interpreter.
+# ---------------------------------------------------------------------------------------------------
+
+
+def _row_status(target, V, ignore_index):
+    ignored = target == ignore_index
+    invalid = ~ignored & ((target < 0) | (target >= V))
+    counted = ~ignored & ~invalid
+    return counted, invalid, torch.where(counted, target, 0)
+
+
+def _capped(logits, counted, softcap):
+    x = torch.where(counted[:, None], logits.to(_acc(logits.dtype)), 0.0)
+    return softcap * torch.tanh(x / softcap) if softcap > 0 else x
+
+
+def _rows_torch(logits, target, weight, weight_sum, ignore_index, label_smoothing, softcap, z_loss):
+    V = logits.shape[-1]
+    counted, invalid, t = _row_status(target, V, ignore_index)
+    s = _capped(logits, counted, softcap)
+    lse = torch.logsumexp(s, dim=-1)
+    s_t = s.gather(1, t[:, None])[:, 0]
+    w_t = weight.to(s.dtype)[t] if weight is not None else 1.0
+    loss = (1.0 - label_smoothing) * w_t * (lse - s_t) + z_loss * lse * lse
+    if label_smoothing > 0:
+        if weight is not None:
+            smooth = weight_sum.to(s.dtype) * lse - (s * weight.to(s.dtype)).sum(-1)
+        else:
+            smooth = V * lse - s.sum(-1)
+        loss = loss + (label_smoothing / V) * smooth
+    loss = torch.where(counted, loss, torch.where(invalid, float("nan"), 0.0))
+    return loss, torch.where(counted, lse, 0.0)
+
+
+def _grad_torch(logits, target, weight, weight_sum, lse, scale_rows, ignore_index, label_smoothing, softcap,
+                z_loss):
+    V = logits.shape[-1]
+    counted, invalid, t = _row_status(target, V, ignore_index)
+    s = _capped(logits, counted, softcap)
+    acc = s.dtype
+    w_t = weight.to(acc)[t] if weight is not None else torch.ones_like(lse, dtype=acc)
+    W = weight_sum.to(acc) if weight is not None else float(V)
+    coef = (1.0 - label_smoothing) * w_t + (label_smoothing / V) * W + 2.0 * z_loss * lse.to(acc)
+    g = torch.exp(s - lse.to(acc)[:, None]) * coef[:, None]
+    g = g - (label_smoothing / V) * (weight.to(acc) if weight is not None else 1.0)
+    g = g.scatter_add(1, t[:, None], -((1.0 - label_smoothing) * w_t)[:, None])
+    if softcap > 0:
+        g = g * (1.0 - (s / softcap) ** 2)
+    g = g * scale_rows.to(acc)[:, None]
+    g = torch.where(counted[:, None], g, torch.where(invalid[:, None], float("nan"), 0.0))
+    return g.to(logits.dtype)
+
+
+def _forward_impl(logits, target, weight, weight_sum, grad_scale, ignore_index, label_smoothing, softcap,
+                  z_loss, with_grad):
+    """(loss, lse, grad or None); grad is ``grad_scale * dL/dlogits``."""
+    if _use_triton(logits):
+        return _kernels.cross_entropy_fwd(logits, target, weight, weight_sum, grad_scale, ignore_index,
+                                          label_smoothing, softcap, z_loss, with_grad)
+    loss, lse = _rows_torch(logits, target, weight, weight_sum, ignore_index, label_smoothing, softcap, z_loss)
+    if not with_grad:
+        return loss, lse, None
+    scale_rows = grad_scale.to(lse.dtype).expand(lse.shape)
+    grad = _grad_torch(logits, target, weight, weight_sum, lse, scale_rows, ignore_index, label_smoothing,
+                       softcap, z_loss)
+    return loss, lse, grad
+
+
+def _backward_impl(logits, target, weight, weight_sum, lse, grad_rows, ignore_index, label_smoothing, softcap,
+                   z_loss):
+    if _use_triton(logits):
+        return _kernels.cross_entropy_bwd(logits, target, weight, weight_sum, lse,
+                                          grad_rows.to(lse.dtype).contiguous(), ignore_index,
+                                          label_smoothing, softcap, z_loss)
+    return _grad_torch(logits, target, weight, weight_sum, lse, grad_rows, ignore_index, label_smoothing,
+                       softcap, z_loss)
+
+
+def _scale_impl(grad: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    if _use_triton(grad):
+        return _kernels.scale_(grad, scale)
+    return grad.mul_(scale.to(grad.dtype))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Custom ops
+# ---------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op(f"{_LIB}::cross_entropy_rows", mutates_args=())
+def cross_entropy_rows(
+    logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None, weight_sum: torch.Tensor | None,
+    ignore_index: int, label_smoothing: float, softcap: float, z_loss: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    loss, lse, _ = _forward_impl(logits, target, weight, weight_sum, None, ignore_index, label_smoothing,
+                                 softcap, z_loss, False)
+    return loss, lse
+
+
+@torch.library.custom_op(f"{_LIB}::cross_entropy_rows_bwd", mutates_args=())
+def cross_entropy_rows_bwd(
+    logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None, weight_sum: torch.Tensor | None,
+    lse: torch.Tensor, grad_rows: torch.Tensor, ignore_index: int, label_smoothing: float, softcap: float,
+    z_loss: float,
+) -> torch.Tensor:
+    return _backward_impl(logits, target, weight, weight_sum, lse, grad_rows, ignore_index, label_smoothing,
+                          softcap, z_loss)
+
+
+@torch.library.custom_op(f"{_LIB}::cross_entropy_with_grad", mutates_args=())
+def cross_entropy_with_grad(
+    logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None, weight_sum: torch.Tensor | None,
+    grad_scale: torch.Tensor, ignore_index: int, label_smoothing: float, softcap: float, z_loss: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _forward_impl(logits, target, weight, weight_sum, grad_scale, ignore_index, label_smoothing,
+                         softcap, z_loss, True)
+
+
+@cross_entropy_rows.register_fake
+def _(logits, target, weight, weight_sum, ignore_index, label_smoothing, softcap, z_loss):
+    rows = logits.new_empty(logits.shape[:1], dtype=_acc(logits.dtype))
+    return rows, torch.empty_like(rows)
+
+
+@cross_entropy_rows_bwd.register_fake
+def _(logits, target, weight, weight_sum, lse, grad_rows, ignore_index, label_smoothing, softcap, z_loss):
+    return torch.empty_like(logits, memory_format=torch.contiguous_format)
+
+
+@cross_entropy_with_grad.register_fake
+def _(logits, target, weight, weight_sum, grad_scale, ignore_index, label_smoothing, softcap, z_loss):
+    rows = logits.new_empty(logits.shape[:1], dtype=_acc(logits.dtype))
+    return rows, torch.empty_like(rows), torch.empty_like(logits, memory_format=torch.contiguous_format)
+
+
+class _CrossEntropyRows(torch.autograd.Function):
+    """Differentiable per-row loss. An ``autograd.Function`` (not ``register_autograd``) because only these
+    compose with torch.func's grad/jacrev; batching falls through to the ops' vmap rules below."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(logits, target, weight, weight_sum, ignore_index, label_smoothing, softcap, z_loss):
+        return cross_entropy_rows(logits, target, weight, weight_sum, ignore_index, label_smoothing, softcap,
+                                  z_loss)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        logits, target, weight, weight_sum, *options = inputs
+        ctx.save_for_backward(logits, target, weight, weight_sum, output[1])
+        ctx.options = options
+        ctx.mark_non_differentiable(output[1])
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_lse):
+        logits, target, weight, weight_sum, lse = ctx.saved_tensors
+        args = (logits, target, weight, weight_sum, lse, grad_loss, *ctx.options)
+        # torch.compile traces the op itself (nested autograd.Functions in a backward trip Dynamo).
+        grad = cross_entropy_rows_bwd(*args) if torch.compiler.is_compiling() else _CrossEntropyRowsBwd.apply(*args)
+        return grad, None, None, None, None, None, None, None
+
+
+class _CrossEntropyRowsBwd(torch.autograd.Function):
+    """The backward as a function of its own, so that torch.func can batch it and so that a second
+    derivative raises instead of silently treating the gradient as a constant."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(logits, target, weight, weight_sum, lse, grad_loss, *options):
+        return cross_entropy_rows_bwd(logits, target, weight, weight_sum, lse, grad_loss, *options)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise NotImplementedError("persample.cross_entropy does not support second derivatives "
+                                  "(double backward, hessian, jacrev of grad)")
+
+
+def differentiable_rows(logits, target, weight, weight_sum, ignore_index, label_smoothing, softcap, z_loss):
+    """(loss (N,), lse (N,)), differentiable w.r.t. logits under autograd and torch.func."""
+    return _CrossEntropyRows.apply(logits, target, weight, weight_sum, ignore_index, label_smoothing, softcap,
+                                   z_loss)
+
+
+# ---------------------------------------------------------------------------------------------------
+# vmap: every op is row-wise, so a batch of B problems of N rows is one problem of B*N rows, as long as
+# the per-call tensors (weight, weight_sum, grad_scale) are shared; otherwise loop over the batch.
+# ---------------------------------------------------------------------------------------------------
+
+
+def _rowwise_vmap(op, row_args: tuple[int, ...]):
+    def rule(info, in_dims, *args):
+        B = info.batch_size
+        shared_batched = [i for i, d in enumerate(in_dims) if d is not None and i not in row_args]
+        if shared_batched:
+            per_example = []
+            for b in range(B):
+                sliced = [a.select(d, b) if d is not None else a for a, d in zip(args, in_dims, strict=True)]
+                per_example.append(op(*sliced))
+            outs = tuple(torch.stack(o) for o in zip(*per_example, strict=True)) if isinstance(
+                per_example[0], tuple) else torch.stack(per_example)
+        else:
+            flat = list(args)
+            n_rows = None
+            for i in row_args:
+                a, d = args[i], in_dims[i]
+                a = a.movedim(d, 0) if d is not None else a.expand(B, *a.shape)
+                n_rows = a.shape[1]
+                flat[i] = a.reshape(B * n_rows, *a.shape[2:])
+            out = op(*flat)
+            unflat = lambda o: o.reshape(B, n_rows, *o.shape[1:])  # noqa: B023
+            outs = tuple(unflat(o) for o in out) if isinstance(out, tuple) else unflat(out)
+        out_dims = tuple(0 for _ in outs) if isinstance(outs, tuple) else 0
+        return outs, out_dims
+
+    return rule
+
+
+torch.library.register_vmap(cross_entropy_rows, _rowwise_vmap(cross_entropy_rows, (0, 1)))
+torch.library.register_vmap(cross_entropy_rows_bwd, _rowwise_vmap(cross_entropy_rows_bwd, (0, 1, 4, 5)))
+torch.library.register_vmap(cross_entropy_with_grad, _rowwise_vmap(cross_entropy_with_grad, (0, 1)))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Eager fast path for reduction="mean"/"sum" (see the module docstring).
+# ---------------------------------------------------------------------------------------------------
+
+
+class _FusedMeanSum(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, target, weight, weight_sum, scale, ignore_index, label_smoothing, softcap,
+                z_loss):
+        loss_rows, lse, grad = _forward_impl(logits, target, weight, weight_sum, scale, ignore_index,
+                                             label_smoothing, softcap, z_loss, True)
+        ctx.save_for_backward(scale, logits, target, weight, weight_sum, lse)
+        ctx.options = (ignore_index, label_smoothing, softcap, z_loss)
+        ctx.grad = grad  # handed out by the first backward, then dropped
+        return (loss_rows.sum() * scale).to(logits.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        scale, logits, target, weight, weight_sum, lse = ctx.saved_tensors
+        if ctx.grad is not None:
+            grad, ctx.grad = ctx.grad, None
+            return _scale_impl(grad, grad_output.reshape(1)), *([None] * 8)
+        # A second backward through the same graph (retain_graph=True): the buffer above already went
+        # out as a gradient, so recompute from the logits instead of scaling it twice.
+        grad_rows = (grad_output.to(scale.dtype) * scale).expand(lse.shape)
+        return _backward_impl(logits, target, weight, weight_sum, lse, grad_rows, *ctx.options), *([None] * 8)
+
+
+def fused_mean_sum(logits, target, weight, weight_sum, scale, ignore_index, label_smoothing, softcap, z_loss):
+    return _FusedMeanSum.apply(logits, target, weight, weight_sum, scale, ignore_index, label_smoothing,
+                               softcap, z_loss)

@@ -1,0 +1,231 @@
+"""Cross-entropy on raw logits, fused into one Triton kernel: the public API and its argument checks.
+
+``logits`` are ``(..., V)`` with the class dimension LAST (the language-model convention; unlike
+``F.cross_entropy``'s ``(N, C, d1, ...)``), ``target`` is ``(...)`` of integer class indices. Semantics
+follow ``F.cross_entropy`` on the same arguments, with three additions — ``softcap``, ``z_loss`` and
+``mask`` — and one deliberate difference: when no row is counted, the mean is 0 with zero gradients
+(PyTorch returns NaN).
+"""
+
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from persample import _cross_entropy_ops as _ops
+
+Reduction = Literal["none", "mean", "sum"]
+_REDUCTIONS = ("none", "mean", "sum")
+
+
+def _transforms_active() -> bool:
+    """True under torch.compile or any torch.func transform (grad, vmap, jacrev, ...)."""
+    return torch.compiler.is_compiling() or torch._C._functorch.peek_interpreter_stack() is not None
+
+
+def _concrete(t: Tensor) -> Tensor | None:
+    """The plain tensor under torch.func wrappers (its batch dimensions included), or None if it has no
+    data (fake/meta tensors, tracing)."""
+    while torch._C._functorch.is_functorch_wrapped_tensor(t):
+        t = torch._C._functorch.get_unwrapped(t)
+    if t.device.type == "meta" or torch._subclasses.fake_tensor.is_fake(t):
+        return None
+    return t
+
+
+def _check(logits, target, weight, ignore_index, reduction, label_smoothing, softcap, z_loss, mask):
+    """Validates once at the boundary; returns (logits (N, V), target (N,), weight, weight_sum, shape)."""
+    if not isinstance(logits, Tensor) or not isinstance(target, Tensor):
+        raise TypeError(f"logits and target must be tensors, got {type(logits).__name__} and "
+                        f"{type(target).__name__}")
+    if logits.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        raise TypeError(f"logits must be float16, bfloat16, float32 or float64, got {logits.dtype}")
+    if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
+        raise TypeError(f"target must hold integer class indices, got dtype {target.dtype} "
+                        "(class-probability targets are not supported)")
+    if logits.ndim == 0:
+        raise ValueError("logits must have a class dimension: expected shape (..., V), got a scalar")
+    if tuple(target.shape) != tuple(logits.shape[:-1]):
+        raise ValueError(f"target shape {tuple(target.shape)} does not match logits shape "
+                         f"{tuple(logits.shape)}: expected target of shape {tuple(logits.shape[:-1])} "
+                         "(the class dimension is the last one)")
+    if target.device != logits.device:
+        raise ValueError(f"target is on {target.device} but logits are on {logits.device}")
+    V = logits.shape[-1]
+    if V == 0:
+        raise ValueError("logits have zero classes (V == 0)")
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
+    if softcap is not None and not softcap > 0:
+        raise ValueError(f"softcap must be None or > 0, got {softcap}")
+    if not z_loss >= 0:
+        raise ValueError(f"z_loss must be >= 0, got {z_loss}")
+    if weight is not None:
+        if not isinstance(weight, Tensor) or not weight.is_floating_point():
+            raise TypeError(f"weight must be a floating-point tensor, got {getattr(weight, 'dtype', weight)}")
+        if tuple(weight.shape) != (V,):
+            raise ValueError(f"weight must have shape ({V},) (one per class), got {tuple(weight.shape)}")
+        if weight.device != logits.device:
+            raise ValueError(f"weight is on {weight.device} but logits are on {logits.device}")
+    if mask is not None:
+        if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
+            raise TypeError(f"mask must be a bool tensor, got {getattr(mask, 'dtype', type(mask).__name__)}")
+        if tuple(mask.shape) != tuple(target.shape):
+            raise ValueError(f"mask shape {tuple(mask.shape)} does not match target shape {tuple(target.shape)}")
+        if mask.device != logits.device:
+            raise ValueError(f"mask is on {mask.device} but logits are on {logits.device}")
+
+    target = target.long()
+    if mask is not None:
+        target = torch.where(mask, target, ignore_index)
+    if not torch.compiler.is_compiling():
+        concrete = _concrete(target)
+        if concrete is not None:
+            bad = (concrete != ignore_index) & ((concrete < 0) | (concrete >= V))
+            if bool(bad.any()):
+                value = int(concrete[bad].reshape(-1)[0])
+                raise ValueError(f"target contains class index {value}, outside [0, {V}) for logits with "
+                                 f"V={V} classes (and not ignore_index={ignore_index})")
+    shape = tuple(target.shape)
+    logits2d = logits.reshape(-1, V)
+    if logits2d.stride(-1) != 1:
+        logits2d = logits2d.contiguous()
+    weight_sum = weight.sum(dtype=torch.float32 if weight.dtype != torch.float64 else torch.float64).reshape(
+        1) if weight is not None else None
+    return logits2d, target.reshape(-1), weight, weight_sum, shape
+
+
+def _options(ignore_index, label_smoothing, softcap, z_loss):
+    return int(ignore_index), float(label_smoothing), float(softcap or 0.0), float(z_loss)
+
+
+def _mean_scale(logits2d, target, weight, ignore_index) -> Tensor:
+    """1 / (sum of target weights over counted rows), or 0 when nothing is counted; shape (1,)."""
+    counted = target != ignore_index
+    acc = torch.float64 if logits2d.dtype == torch.float64 else torch.float32
+    if weight is None:
+        denom = counted.sum(dtype=acc)
+    else:
+        denom = torch.where(counted, weight.to(acc)[torch.where(counted, target, 0)], 0.0).sum()
+    return torch.where(denom > 0, 1.0 / torch.where(denom > 0, denom, 1.0), 0.0).reshape(1)
+
+
+def cross_entropy(
+    logits: Tensor,
+    target: Tensor,
+    *,
+    weight: Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: Reduction = "mean",
+    label_smoothing: float = 0.0,
+    softcap: float | None = None,
+    z_loss: float = 0.0,
+    mask: Tensor | None = None,
+) -> Tensor:
+    """Cross-entropy between raw ``logits`` and class indices ``target``, in one fused kernel.
+
+    Args:
+        logits: ``(..., V)`` float16/bfloat16/float32/float64 raw scores (never log-probabilities).
+        target: ``(...)`` integer class indices in ``[0, V)`` or ``ignore_index``.
+        weight: ``(V,)`` class weights, as in ``F.cross_entropy``.
+        ignore_index: target value whose rows are not counted.
+        reduction: ``"none"`` (shape of ``target``), ``"mean"`` (over counted rows, weighted by the target
+            weights) or ``"sum"``.
+        label_smoothing: in ``[0, 1]``, as in ``F.cross_entropy``.
+        softcap: if set, logits become ``softcap * tanh(logits / softcap)`` first (Gemma-2).
+        z_loss: adds ``z_loss * logsumexp(logits)**2`` to every counted row (PaLM).
+        mask: bool, shape of ``target``; False rows are dropped exactly like ``ignore_index`` rows.
+
+    Returns:
+        The loss in the logits' dtype (accumulated in float32). Rows not counted give loss 0 and gradient
+        exactly 0, even if their logits are inf/NaN; with no counted row the mean is 0, not NaN.
+
+    Raises:
+        TypeError: non-floating logits, non-integer target, non-bool mask.
+        ValueError: shape/device mismatch, bad weight length, target outside ``[0, V)``, bad options.
+    """
+    logits2d, target1d, weight, weight_sum, shape = _check(
+        logits, target, weight, ignore_index, reduction, label_smoothing, softcap, z_loss, mask)
+    options = _options(ignore_index, label_smoothing, softcap, z_loss)
+    fast = not _transforms_active() and torch.is_grad_enabled() and logits.requires_grad
+    if reduction != "none" and fast:
+        scale = (_mean_scale(logits2d, target1d, weight, ignore_index) if reduction == "mean"
+                 else torch.ones(1, dtype=torch.float32, device=logits.device))
+        return _ops.fused_mean_sum(logits2d, target1d, weight, weight_sum, scale, *options)
+    loss_rows, _ = _ops.differentiable_rows(logits2d, target1d, weight, weight_sum, *options)
+    if reduction == "none":
+        return loss_rows.reshape(shape).to(logits.dtype)
+    total = loss_rows.sum()
+    if reduction == "mean":
+        total = total * _mean_scale(logits2d, target1d, weight, ignore_index)[0]
+    return total.to(logits.dtype)
+
+
+def cross_entropy_with_grad(
+    logits: Tensor,
+    target: Tensor,
+    *,
+    weight: Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: Reduction = "none",
+    label_smoothing: float = 0.0,
+    softcap: float | None = None,
+    z_loss: float = 0.0,
+    mask: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """The loss and its gradient w.r.t. the logits from one kernel pass, with no autograd involved.
+
+    With the default ``reduction="none"`` this returns each row's loss ``(...)`` and
+    ``d loss_i / d logits_i`` ``(..., V)``: the per-example gradients w.r.t. the logits. With ``"mean"``
+    or ``"sum"`` it returns the reduced loss (a scalar) and the gradient of that scalar. Same keyword
+    arguments and semantics as :func:`cross_entropy`; the loss is float32 (float64 for float64 logits),
+    the gradient has the logits' dtype. Both results are detached.
+    """
+    logits2d, target1d, weight, weight_sum, shape = _check(
+        logits, target, weight, ignore_index, reduction, label_smoothing, softcap, z_loss, mask)
+    if reduction == "mean":
+        scale = _mean_scale(logits2d, target1d, weight, ignore_index)
+    else:
+        scale = torch.ones(1, dtype=torch.float32, device=logits.device)
+    loss_rows, _, grad = _ops.cross_entropy_with_grad(
+        logits2d.detach(), target1d, weight, weight_sum, scale,
+        *_options(ignore_index, label_smoothing, softcap, z_loss))
+    grad = grad.reshape(logits.shape)
+    if reduction == "none":
+        return loss_rows.reshape(shape), grad
+    total = loss_rows.sum()
+    return (total * scale[0] if reduction == "mean" else total), grad
+
+
+class CrossEntropyLoss(nn.Module):
+    """Module form of :func:`cross_entropy`, with the same keyword arguments (``weight`` is a buffer)."""
+
+    def __init__(
+        self,
+        weight: Tensor | None = None,
+        ignore_index: int = -100,
+        reduction: Reduction = "mean",
+        label_smoothing: float = 0.0,
+        softcap: float | None = None,
+        z_loss: float = 0.0,
+    ):
+        super().__init__()
+        if reduction not in _REDUCTIONS:
+            raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+        self.register_buffer("weight", weight)
+        self.ignore_index = ignore_index
+        self.reduction = reduction
+        self.label_smoothing = label_smoothing
+        self.softcap = softcap
+        self.z_loss = z_loss
+
+    def forward(self, logits: Tensor, target: Tensor, mask: Tensor | None = None) -> Tensor:
+        return cross_entropy(
+            logits, target, weight=self.weight, ignore_index=self.ignore_index, reduction=self.reduction,
+            label_smoothing=self.label_smoothing, softcap=self.softcap, z_loss=self.z_loss, mask=mask)
+
+    def extra_repr(self) -> str:
+        return (f"reduction={self.reduction!r}, ignore_index={self.ignore_index}, "
+                f"label_smoothing={self.label_smoothing}, softcap={self.softcap}, z_loss={self.z_loss}")
