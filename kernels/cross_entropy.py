@@ -13,7 +13,8 @@ with class weights ``w`` (all ones without them), ``W = sum_j w_j`` and label sm
 This is ``F.cross_entropy``'s per-row term (its weighted mean then divides the sum over rows by
 ``sum_i w_{t_i}``). The gradient with respect to ``s`` is
 
-    dL/ds_j = p_j * ((1 - eps) * w_t + (eps / V) * W + 2 * z * lse) - (eps / V) * w_j - (1 - eps) * w_t * [j == t]
+    dL/ds_j = p_j * ((1 - eps) * w_t + (eps / V) * W + 2 * z * lse)
+              - (eps / V) * w_j - (1 - eps) * w_t * [j == t]
 
 and the softcap chains in ``ds_j/dx_j = 1 - (s_j / c)^2``. A row whose target equals ``ignore_index``
 is not counted: its loss and gradient are exactly 0 and its logits are never read, so -inf or NaN there

@@ -9,8 +9,9 @@ flattened from :mod:`persample.cross_entropy`. Three ops:
 * ``persample::cross_entropy_with_grad`` — loss, log-sum-exp and the scaled gradient in one kernel.
 
 All three have vmap rules and fake-tensor implementations, so they batch under ``vmap`` and stay opaque
-(no graph break) under ``torch.compile``. CUDA tensors (and CPU tensors when ``TRITON_INTERPRET=1``) run the Triton kernels; other CPU tensors run
-:func:`_rows_torch` / :func:`_grad_torch`, the same formulas in PyTorch.
+(no graph break) under ``torch.compile``. CUDA tensors (and CPU tensors when ``TRITON_INTERPRET=1``) run
+the Triton kernels; other CPU tensors run :func:`_rows_torch` / :func:`_grad_torch`, the same formulas in
+PyTorch.
 
 Outside torch.func transforms and torch.compile, ``reduction="mean"``/``"sum"`` take a faster path,
 :class:`_FusedMeanSum`: the forward kernel already writes the gradient (scaled by 1/denominator) and the
@@ -194,7 +195,10 @@ class _CrossEntropyRows(torch.autograd.Function):
         logits, target, weight, weight_sum, lse = ctx.saved_tensors
         args = (logits, target, weight, weight_sum, lse, grad_loss, *ctx.options)
         # torch.compile traces the op itself (nested autograd.Functions in a backward trip Dynamo).
-        grad = cross_entropy_rows_bwd(*args) if torch.compiler.is_compiling() else _CrossEntropyRowsBwd.apply(*args)
+        if torch.compiler.is_compiling():
+            grad = cross_entropy_rows_bwd(*args)
+        else:
+            grad = _CrossEntropyRowsBwd.apply(*args)
         return grad, None, None, None, None, None, None, None
 
 
