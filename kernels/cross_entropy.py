@@ -36,16 +36,13 @@ import torch
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
-
 
 @triton.jit
 def _softcap(x, softcap, HAS_SOFTCAP: tl.constexpr):
     if HAS_SOFTCAP:
         # tanh(y) = 1 - 2 / (exp(2y) + 1): saturates cleanly to +-1 for large |y|.
         y = x / softcap
-        x = softcap * (1.0 - 2.0 / (tl.exp2(2.0 * LOG2E * y) + 1.0))
+        x = softcap * (1.0 - 2.0 / (tl.exp(2.0 * y) + 1.0))
     return x
 
 
@@ -64,7 +61,7 @@ def _row_gradient_sweep(
         in_row = offs < V
         x = tl.load(x_row_ptr + offs, mask=in_row, other=0.0).to(ACC)
         s = _softcap(x, softcap, HAS_SOFTCAP)
-        g = tl.exp2((s - lse) * LOG2E) * coef
+        g = tl.exp(s - lse) * coef
         if HAS_WEIGHT:
             w = tl.load(weight_ptr + offs, mask=in_row, other=0.0).to(ACC)
             g -= eps_over_v * w
@@ -115,7 +112,7 @@ def _cross_entropy_fwd_kernel(
     t, counted, invalid, w_t = _row_target(target_ptr, weight_ptr, row, V, ignore_index, HAS_WEIGHT, ACC)
 
     if counted:
-        # Sweep 1: online max and sum of exp (base 2) over the row, plus sum_j w_j s_j for smoothing.
+        # Sweep 1: online max and sum of exp over the row, plus sum_j w_j s_j for smoothing.
         m = tl.full([], float("-inf"), ACC)
         d = tl.full([], 0.0, ACC)
         ws = tl.zeros([BLOCK_V], ACC)
@@ -124,8 +121,10 @@ def _cross_entropy_fwd_kernel(
             in_row = offs < V
             x = tl.load(x_row_ptr + offs, mask=in_row, other=float("-inf")).to(ACC)
             s = _softcap(x, softcap, HAS_SOFTCAP)
+            if HAS_SOFTCAP:  # the padding's -inf became -softcap
+                s = tl.where(in_row, s, float("-inf"))
             m_new = tl.maximum(m, tl.max(s, 0))
-            d = d * tl.exp2((m - m_new) * LOG2E) + tl.sum(tl.exp2((s - m_new) * LOG2E), 0)
+            d = d * tl.exp(m - m_new) + tl.sum(tl.exp(s - m_new), 0)
             m = m_new
             if HAS_SMOOTHING:
                 if HAS_WEIGHT:
@@ -133,7 +132,7 @@ def _cross_entropy_fwd_kernel(
                     ws += tl.where(in_row, s * w, 0.0)
                 else:
                     ws += tl.where(in_row, s, 0.0)
-        lse = m + tl.log2(d) * LN2
+        lse = m + tl.log(d)
 
         s_t = _softcap(tl.load(x_row_ptr + t).to(ACC), softcap, HAS_SOFTCAP)
         if HAS_WEIGHT:

@@ -174,7 +174,9 @@ def _(logits, target, weight, weight_sum, grad_scale, ignore_index, label_smooth
 
 class _CrossEntropyRows(torch.autograd.Function):
     """Differentiable per-row loss. An ``autograd.Function`` (not ``register_autograd``) because only these
-    compose with torch.func's grad/jacrev; batching falls through to the ops' vmap rules below."""
+    compose with torch.func's grad/jacrev; batching falls through to the ops' vmap rules below. No ``jvp``:
+    Dynamo refuses to trace Functions that define one, so forward mode (jacfwd, hessian) raises PyTorch's
+    own NotImplementedError."""
 
     generate_vmap_rule = True
 
@@ -281,7 +283,7 @@ class _FusedMeanSum(torch.autograd.Function):
         ctx.save_for_backward(scale, logits, target, weight, weight_sum, lse)
         ctx.options = (ignore_index, label_smoothing, softcap, z_loss)
         ctx.grad = grad  # handed out by the first backward, then dropped
-        return (loss_rows.sum() * scale).to(logits.dtype)
+        return (loss_rows.sum() * scale[0]).to(logits.dtype)
 
     @staticmethod
     def backward(ctx, grad_output):
