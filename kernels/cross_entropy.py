@@ -47,6 +47,25 @@ def _softcap(x, softcap, HAS_SOFTCAP: tl.constexpr):
 
 
 @triton.jit
+def _gradient_block(
+    s, offs, in_row, weight_ptr, t, lse, coef, eps_over_v, on_target, softcap, scale,
+    HAS_WEIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, ACC: tl.constexpr,
+):
+    """scale * dL/dx over one block of a counted row, from its capped logits ``s``."""
+    g = tl.exp(s - lse) * coef
+    if HAS_WEIGHT:
+        w = tl.load(weight_ptr + offs, mask=in_row, other=0.0).to(ACC)
+        g -= eps_over_v * w
+    else:
+        g -= eps_over_v
+    g = tl.where(offs == t, g - on_target, g)
+    if HAS_SOFTCAP:
+        th = s / softcap
+        g *= 1.0 - th * th
+    return g * scale
+
+
+@triton.jit
 def _row_gradient_sweep(
     x_row_ptr, g_row_ptr, weight_ptr, V, t, w_t, weight_sum, lse, scale,
     label_smoothing, softcap, z_loss,
@@ -61,17 +80,9 @@ def _row_gradient_sweep(
         in_row = offs < V
         x = tl.load(x_row_ptr + offs, mask=in_row, other=0.0).to(ACC)
         s = _softcap(x, softcap, HAS_SOFTCAP)
-        g = tl.exp(s - lse) * coef
-        if HAS_WEIGHT:
-            w = tl.load(weight_ptr + offs, mask=in_row, other=0.0).to(ACC)
-            g -= eps_over_v * w
-        else:
-            g -= eps_over_v
-        g = tl.where(offs == t, g - on_target, g)
-        if HAS_SOFTCAP:
-            th = s / softcap
-            g *= 1.0 - th * th
-        tl.store(g_row_ptr + offs, (g * scale).to(g_row_ptr.dtype.element_ty), mask=in_row)
+        g = _gradient_block(s, offs, in_row, weight_ptr, t, lse, coef, eps_over_v, on_target, softcap, scale,
+                            HAS_WEIGHT, HAS_SOFTCAP, ACC)
+        tl.store(g_row_ptr + offs, g.to(g_row_ptr.dtype.element_ty), mask=in_row)
 
 
 @triton.jit
@@ -99,65 +110,102 @@ def _row_target(target_ptr, weight_ptr, row, V, ignore_index, HAS_WEIGHT: tl.con
 
 
 @triton.jit
+def _capped_block(x_row_ptr, offs, in_row, softcap, HAS_SOFTCAP: tl.constexpr, ACC: tl.constexpr):
+    """Loads one block of a row and applies the softcap; padding lanes are -inf."""
+    x = tl.load(x_row_ptr + offs, mask=in_row, other=float("-inf")).to(ACC)
+    s = _softcap(x, softcap, HAS_SOFTCAP)
+    if HAS_SOFTCAP:  # the padding's -inf became -softcap
+        s = tl.where(in_row, s, float("-inf"))
+    return s
+
+
+@triton.jit
+def _smoothing_block(s, offs, in_row, weight_ptr, HAS_WEIGHT: tl.constexpr, ACC: tl.constexpr):
+    """sum_j w_j s_j over one block (w = 1 without weights)."""
+    if HAS_WEIGHT:
+        w = tl.load(weight_ptr + offs, mask=in_row, other=0.0).to(ACC)
+        return tl.sum(tl.where(in_row, s * w, 0.0), 0)
+    return tl.sum(tl.where(in_row, s, 0.0), 0)
+
+
+@triton.jit
 def _cross_entropy_fwd_kernel(
     x_ptr, x_row_stride, target_ptr, weight_ptr, weight_sum_ptr, scale_ptr,
     loss_ptr, lse_ptr, g_ptr, g_row_stride,
-    V, ignore_index, label_smoothing, softcap, z_loss,
+    N, V, ignore_index, label_smoothing, softcap, z_loss,
     HAS_WEIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
-    WITH_GRAD: tl.constexpr, BLOCK_V: tl.constexpr, ACC: tl.constexpr,
+    WITH_GRAD: tl.constexpr, SINGLE_BLOCK: tl.constexpr, BLOCK_V: tl.constexpr, ACC: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
-    x_row_ptr = x_ptr + row * x_row_stride
-    g_row_ptr = g_ptr + row * g_row_stride
-    t, counted, invalid, w_t = _row_target(target_ptr, weight_ptr, row, V, ignore_index, HAS_WEIGHT, ACC)
-
-    if counted:
-        # Sweep 1: online max and sum of exp over the row, plus sum_j w_j s_j for smoothing.
-        m = tl.full([], float("-inf"), ACC)
-        d = tl.full([], 0.0, ACC)
-        ws = tl.zeros([BLOCK_V], ACC)
-        for start in range(0, V, BLOCK_V):
-            offs = start + tl.arange(0, BLOCK_V)
-            in_row = offs < V
-            x = tl.load(x_row_ptr + offs, mask=in_row, other=float("-inf")).to(ACC)
-            s = _softcap(x, softcap, HAS_SOFTCAP)
-            if HAS_SOFTCAP:  # the padding's -inf became -softcap
-                s = tl.where(in_row, s, float("-inf"))
-            m_new = tl.maximum(m, tl.max(s, 0))
-            d = d * tl.exp(m - m_new) + tl.sum(tl.exp(s - m_new), 0)
-            m = m_new
-            if HAS_SMOOTHING:
-                if HAS_WEIGHT:
-                    w = tl.load(weight_ptr + offs, mask=in_row, other=0.0).to(ACC)
-                    ws += tl.where(in_row, s * w, 0.0)
-                else:
-                    ws += tl.where(in_row, s, 0.0)
-        lse = m + tl.log(d)
-
-        s_t = _softcap(tl.load(x_row_ptr + t).to(ACC), softcap, HAS_SOFTCAP)
-        if HAS_WEIGHT:
-            weight_sum = tl.load(weight_sum_ptr).to(ACC)
-        else:
-            weight_sum = V * 1.0
-        loss = (1.0 - label_smoothing) * w_t * (lse - s_t) + z_loss * lse * lse
-        if HAS_SMOOTHING:
-            loss += (label_smoothing / V) * (weight_sum * lse - tl.sum(ws, 0))
-        tl.store(loss_ptr + row, loss)
-        tl.store(lse_ptr + row, lse)
-
-        # Sweep 2: the gradient; the row was just read, so this re-read mostly hits L2.
-        if WITH_GRAD:
-            scale = tl.load(scale_ptr).to(ACC)
-            _row_gradient_sweep(
-                x_row_ptr, g_row_ptr, weight_ptr, V, t, w_t, weight_sum, lse, scale,
-                label_smoothing, softcap, z_loss, HAS_WEIGHT, HAS_SOFTCAP, BLOCK_V, ACC,
-            )
+    # Persistent over rows: a grid sized to the machine keeps few rows in flight, so that the second
+    # sweep over a row finds it in L2. With SINGLE_BLOCK (BLOCK_V >= V) the row is read once and stays
+    # in registers for the gradient.
+    if WITH_GRAD:
+        scale = tl.load(scale_ptr).to(ACC)
     else:
-        fill = tl.where(invalid, float("nan"), 0.0)
-        tl.store(loss_ptr + row, fill)
-        tl.store(lse_ptr + row, 0.0)
-        if WITH_GRAD:
-            _fill_row(g_row_ptr, V, fill, BLOCK_V)
+        scale = tl.full([], 1.0, ACC)
+    if HAS_WEIGHT:
+        weight_sum = tl.load(weight_sum_ptr).to(ACC)
+    else:
+        weight_sum = V * 1.0
+    eps_over_v = label_smoothing / V
+    pid = tl.program_id(0).to(tl.int64)
+    for first in range(0, N, tl.num_programs(0)):
+        row = first + pid
+        if row < N:
+            x_row_ptr = x_ptr + row * x_row_stride
+            g_row_ptr = g_ptr + row * g_row_stride
+            t, counted, invalid, w_t = _row_target(target_ptr, weight_ptr, row, V, ignore_index, HAS_WEIGHT, ACC)
+            if counted:
+                # Sweep 1: max and sum of exp over the row (online across blocks), and sum_j w_j s_j.
+                ws = tl.full([], 0.0, ACC)
+                if SINGLE_BLOCK:
+                    offs = tl.arange(0, BLOCK_V)
+                    in_row = offs < V
+                    s = _capped_block(x_row_ptr, offs, in_row, softcap, HAS_SOFTCAP, ACC)
+                    m = tl.max(s, 0)
+                    d = tl.sum(tl.exp(s - m), 0)
+                    if HAS_SMOOTHING:
+                        ws = _smoothing_block(s, offs, in_row, weight_ptr, HAS_WEIGHT, ACC)
+                else:
+                    m = tl.full([], float("-inf"), ACC)
+                    d = tl.full([], 0.0, ACC)
+                    for start in range(0, V, BLOCK_V):
+                        offs = start + tl.arange(0, BLOCK_V)
+                        in_row = offs < V
+                        s = _capped_block(x_row_ptr, offs, in_row, softcap, HAS_SOFTCAP, ACC)
+                        m_new = tl.maximum(m, tl.max(s, 0))
+                        d = d * tl.exp(m - m_new) + tl.sum(tl.exp(s - m_new), 0)
+                        m = m_new
+                        if HAS_SMOOTHING:
+                            ws += _smoothing_block(s, offs, in_row, weight_ptr, HAS_WEIGHT, ACC)
+                lse = m + tl.log(d)
+
+                s_t = _softcap(tl.load(x_row_ptr + t).to(ACC), softcap, HAS_SOFTCAP)
+                loss = (1.0 - label_smoothing) * w_t * (lse - s_t) + z_loss * lse * lse
+                if HAS_SMOOTHING:
+                    loss += eps_over_v * (weight_sum * lse - ws)
+                tl.store(loss_ptr + row, loss)
+                tl.store(lse_ptr + row, lse)
+
+                if WITH_GRAD:
+                    if SINGLE_BLOCK:
+                        coef = (1.0 - label_smoothing) * w_t + eps_over_v * weight_sum + 2.0 * z_loss * lse
+                        g = _gradient_block(s, offs, in_row, weight_ptr, t, lse, coef, eps_over_v,
+                                            (1.0 - label_smoothing) * w_t, softcap, scale, HAS_WEIGHT, HAS_SOFTCAP,
+                                            ACC)
+                        tl.store(g_row_ptr + offs, g.to(g_row_ptr.dtype.element_ty), mask=in_row)
+                    else:
+                        # Sweep 2: the row was just read, so this re-read mostly hits L2.
+                        _row_gradient_sweep(
+                            x_row_ptr, g_row_ptr, weight_ptr, V, t, w_t, weight_sum, lse, scale,
+                            label_smoothing, softcap, z_loss, HAS_WEIGHT, HAS_SOFTCAP, BLOCK_V, ACC,
+                        )
+            else:
+                fill = tl.where(invalid, float("nan"), 0.0)
+                tl.store(loss_ptr + row, fill)
+                tl.store(lse_ptr + row, 0.0)
+                if WITH_GRAD:
+                    _fill_row(g_row_ptr, V, fill, BLOCK_V)
 
 
 @triton.jit
@@ -201,14 +249,26 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _launch_config(V: int, element_size: int) -> tuple[int, int]:
-    """Block over the vocabulary and warps per program. The interpreter gets small blocks so that tests
-    at small V still cross block boundaries."""
+def _launch_config(V: int, element_size: int) -> tuple[int, int, int]:
+    """(block over the vocabulary, warps per program, programs per multiprocessor; 0 = one per row).
+
+    A row of up to 32768 half-precision (16384 fp32) logits is held in registers whole; longer rows are
+    streamed in blocks with a persistent grid. The interpreter gets small blocks so that tests at small V
+    still cross block boundaries. Tuned on an H100 with benchmarks/cross_entropy.py --sweep.
+    """
     if _interpreting():
-        return min(triton.next_power_of_2(V), 64), 1
-    block = min(triton.next_power_of_2(V), 16384 // element_size)
-    num_warps = 4 if block <= 1024 else (8 if block <= 4096 else 16)
-    return block, num_warps
+        return min(triton.next_power_of_2(V), 64), 1, 0
+    block = triton.next_power_of_2(V)
+    if block * element_size <= 65536:
+        return block, 4 if block <= 2048 else (8 if block <= 8192 else 32), 0
+    return 16384 // element_size * 2, 16, 2
+
+
+def _grid(N: int, device: torch.device, programs_per_sm: int) -> tuple[int]:
+    if programs_per_sm == 0 or device.type != "cuda":
+        return (N,)
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return (min(N, sms * programs_per_sm),)
 
 
 def _acc_dtype(dtype: torch.dtype):
@@ -241,14 +301,14 @@ def cross_entropy_fwd(
     grad = torch.empty_like(logits, memory_format=torch.contiguous_format) if with_grad else loss
     if N == 0:
         return loss, lse, grad if with_grad else None
-    block, num_warps = _launch_config(V, logits.element_size())
-    _cross_entropy_fwd_kernel[(N,)](
+    block, num_warps, programs_per_sm = _launch_config(V, logits.element_size())
+    _cross_entropy_fwd_kernel[_grid(N, logits.device, programs_per_sm)](
         logits, logits.stride(0), target, weight if weight is not None else logits,
         weight_sum if weight_sum is not None else loss, grad_scale if grad_scale is not None else loss,
         loss, lse, grad, grad.stride(0) if with_grad else 0,
-        V, ignore_index, label_smoothing, softcap, z_loss,
+        N, V, ignore_index, label_smoothing, softcap, z_loss,
         HAS_WEIGHT=weight is not None, HAS_SOFTCAP=softcap > 0, HAS_SMOOTHING=label_smoothing > 0,
-        WITH_GRAD=with_grad, BLOCK_V=block, ACC=_acc_dtype(logits.dtype), num_warps=num_warps,
+        WITH_GRAD=with_grad, SINGLE_BLOCK=block >= V, BLOCK_V=block, ACC=_acc_dtype(logits.dtype), num_warps=num_warps,
     )
     return loss, lse, grad if with_grad else None
 
@@ -270,7 +330,7 @@ def cross_entropy_bwd(
     grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
     if N == 0:
         return grad
-    block, num_warps = _launch_config(V, logits.element_size())
+    block, num_warps, _ = _launch_config(V, logits.element_size())
     _cross_entropy_bwd_kernel[(N,)](
         logits, logits.stride(0), target, weight if weight is not None else logits,
         weight_sum if weight_sum is not None else lse, lse, grad_rows, grad, grad.stride(0),

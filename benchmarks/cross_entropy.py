@@ -1,0 +1,185 @@
+"""Cross-entropy fwd+bwd: persample vs F.cross_entropy (eager and compiled) vs Liger-Kernel.
+
+For each shape it reports the median time, the fraction of the memory floor (reading the logits once
+and writing their gradient once, timed as a device-to-device copy of the logits in the same run), and
+the peak memory beyond the logits, in units of the logits' size. Prints a markdown table and appends it
+to benchmarks/RESULTS.md with the date, GPU and commit.
+
+    python benchmarks/cross_entropy.py                 # the three shapes of issue 2, on CUDA
+    python benchmarks/cross_entropy.py --quick         # a small shape (CPU or GPU) to check the script
+"""
+
+import argparse
+import datetime
+import statistics
+import subprocess
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import persample
+
+SHAPES = [(8192, 32000, torch.bfloat16), (8192, 128256, torch.bfloat16), (4096, 128256, torch.float32)]
+
+
+def bench(fn, reps: int) -> float:
+    """Median milliseconds of fn(), timed with CUDA events (wall clock on CPU)."""
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(reps):
+        if torch.cuda.is_available():
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize()
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            import time
+
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def peak_extra(fn, logits_bytes: int) -> float:
+    """Peak memory allocated during fn() beyond what was allocated before, in units of the logits."""
+    if not torch.cuda.is_available():
+        return float("nan")
+    fn()
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / logits_bytes
+
+
+def variants(x, target, upstream_rows):
+    def autograd(loss_fn, upstream=None):
+        def run():
+            x.grad = None
+            loss = loss_fn(x, target)
+            loss.backward(upstream)
+            x.grad = None  # dropped inside the timed region, as an optimizer step would consume it
+        return run
+
+    compiled = torch.compile(lambda x, t: F.cross_entropy(x, t))
+    compiled_none = torch.compile(lambda x, t: F.cross_entropy(x, t, reduction="none"))
+    out = {
+        "persample mean": autograd(lambda x, t: persample.cross_entropy(x, t)),
+        "persample none (random upstream)": autograd(
+            lambda x, t: persample.cross_entropy(x, t, reduction="none"), upstream_rows),
+        "persample cross_entropy_with_grad": lambda: persample.cross_entropy_with_grad(x, target),
+        "torch eager mean": autograd(lambda x, t: F.cross_entropy(x, t)),
+        "torch eager none (random upstream)": autograd(
+            lambda x, t: F.cross_entropy(x, t, reduction="none"), upstream_rows),
+        "torch.compile mean": autograd(compiled),
+        "torch.compile none (random upstream)": autograd(compiled_none, upstream_rows),
+    }
+    try:
+        from liger_kernel.transformers import LigerCrossEntropyLoss
+
+        liger_mean, liger_none = LigerCrossEntropyLoss(), LigerCrossEntropyLoss(reduction="none")
+        out["liger mean"] = autograd(lambda x, t: liger_mean(x, t))
+        out["liger none (random upstream)"] = autograd(lambda x, t: liger_none(x, t), upstream_rows)
+    except Exception as exc:  # recorded in the table, not fatal
+        out[f"liger ({type(exc).__name__})"] = None
+    return out
+
+
+def check(x, target):
+    """Relative error of persample vs float64 PyTorch on this shape (loss and gradient)."""
+    xr = x.detach().double().requires_grad_()
+    ref = F.cross_entropy(xr, target)
+    ref.backward()
+    xp = x.detach().clone().requires_grad_()
+    loss = persample.cross_entropy(xp, target)
+    loss.backward()
+    err_loss = abs(loss.double().item() - ref.item()) / abs(ref.item())
+    err_grad = ((xp.grad.double() - xr.grad).norm() / xr.grad.norm()).item()
+    return err_loss, err_grad
+
+
+def sweep(x, target, reps):
+    """Times persample's fused kernel over (block, warps, programs per SM) to tune _launch_config."""
+    from persample.kernels import cross_entropy as kernels
+
+    default = kernels._launch_config
+    V = x.shape[-1]
+    blocks = [b for b in (4096, 8192, 16384, 32768, 65536, 131072) if b // 2 < V * 2]
+    for block in blocks:
+        for warps in (8, 16, 32):
+            for per_sm in (0, 1, 2, 4):
+                kernels._launch_config = lambda V, size, c=(block, warps, per_sm): c
+                try:
+                    ms = bench(lambda: persample.cross_entropy_with_grad(x, target), reps)
+                    print(f"  sweep block={block} warps={warps} per_sm={per_sm}: {ms:.3f} ms", flush=True)
+                except Exception as exc:
+                    print(f"  sweep block={block} warps={warps} per_sm={per_sm}: {type(exc).__name__}", flush=True)
+    kernels._launch_config = default
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="one small shape, to check the script")
+    parser.add_argument("--reps", type=int, default=20)
+    parser.add_argument("--sweep", action="store_true", help="also sweep the kernel's block size and warps")
+    parser.add_argument("--results", default=str(Path(__file__).with_name("RESULTS.md")))
+    args = parser.parse_args()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    shapes = [(256, 1000, torch.float32)] if args.quick else SHAPES
+
+    rows = []
+    for N, V, dtype in shapes:
+        torch.manual_seed(0)
+        x = torch.randn(N, V, device=device, dtype=dtype, requires_grad=True)
+        target = torch.randint(0, V, (N,), device=device)
+        target[::17] = -100
+        upstream_rows = torch.rand(N, device=device, dtype=dtype)
+        logits_bytes = x.numel() * x.element_size()
+        err_loss, err_grad = check(x, target)
+        copy_ms = bench(lambda x=x: torch.empty_like(x).copy_(x), args.reps)
+        bandwidth = 2 * logits_bytes / copy_ms / 1e6  # GB/s: read + write
+        shape = f"{N}x{V} {str(dtype).removeprefix('torch.')}"
+        print(f"{shape}: copy {copy_ms:.3f} ms ({bandwidth:.0f} GB/s); persample vs float64: loss rel err "
+              f"{err_loss:.1e}, grad rel err {err_grad:.1e}", flush=True)
+        if args.sweep:
+            sweep(x.detach(), target, args.reps)
+        for name, fn in variants(x, target, upstream_rows).items():
+            if fn is None:
+                rows.append((shape, name, "n/a", "n/a", "n/a"))
+                continue
+            try:
+                ms = bench(fn, args.reps)
+                extra = peak_extra(fn, logits_bytes)
+                rows.append((shape, name, f"{ms:.3f}", f"{100 * copy_ms / ms:.0f}%", f"{extra:.2f}x"))
+            except Exception as exc:
+                rows.append((shape, name, f"crash: {type(exc).__name__}", "", ""))
+            print(" | ".join(rows[-1]), flush=True)
+        del x
+
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
+    try:
+        commit = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True).strip()
+    except Exception:
+        commit = "unknown"
+    table = ["| shape | variant | fwd+bwd ms | % of memory floor | extra peak memory (x logits) |",
+             "|---|---|---|---|---|"] + ["| " + " | ".join(r) + " |" for r in rows]
+    text = "\n".join(table)
+    print("\n" + text)
+    if not args.quick:
+        with open(args.results, "a") as f:
+            f.write(f"\n## cross_entropy — {datetime.date.today()} — {gpu} — commit {commit}\n\n"
+                    "Command: `python benchmarks/cross_entropy.py`. Memory floor: one read of the logits and "
+                    "one write of the gradient, timed as a device copy of the logits in the same run.\n\n"
+                    f"{text}\n")
+
+
+if __name__ == "__main__":
+    main()
