@@ -260,8 +260,8 @@ def _launch_config(V: int, element_size: int) -> tuple[int, int, int]:
         return min(triton.next_power_of_2(V), 64), 1, 0
     block = triton.next_power_of_2(V)
     if block * element_size <= 65536:
-        return block, 4 if block <= 2048 else (8 if block <= 8192 else 32), 0
-    return 16384 // element_size * 2, 16, 2
+        return block, 4 if block <= 2048 else (8 if block <= 8192 else 32), 0 if block < 16384 else 2
+    return (16384, 32, 0) if element_size == 2 else (4096, 16, 0)
 
 
 def _grid(N: int, device: torch.device, programs_per_sm: int) -> tuple[int]:

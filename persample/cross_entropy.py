@@ -34,7 +34,8 @@ def _concrete(t: Tensor) -> Tensor | None:
 
 
 def _check(logits, target, weight, ignore_index, reduction, label_smoothing, softcap, z_loss, mask):
-    """Validates once at the boundary; returns (logits (N, V), target (N,), weight, weight_sum, shape)."""
+    """Validates once at the boundary; returns (logits (N, V), target (N,), weight, weight_sum, shape, check),
+    where ``check`` is handed to :func:`_raise_on_bad_target` once the kernel is queued."""
     if not isinstance(logits, Tensor) or not isinstance(target, Tensor):
         raise TypeError(f"logits and target must be tensors, got {type(logits).__name__} and "
                         f"{type(target).__name__}")
@@ -80,21 +81,29 @@ def _check(logits, target, weight, ignore_index, reduction, label_smoothing, sof
     target = target.long()
     if mask is not None:
         target = torch.where(mask, target, ignore_index)
-    if not torch.compiler.is_compiling():
-        concrete = _concrete(target)
-        if concrete is not None:
-            bad = (concrete != ignore_index) & ((concrete < 0) | (concrete >= V))
-            if bool(bad.any()):
-                value = int(concrete[bad].reshape(-1)[0])
-                raise ValueError(f"target contains class index {value}, outside [0, {V}) for logits with "
-                                 f"V={V} classes (and not ignore_index={ignore_index})")
+    # The range check is queued on the device here and read back only after the kernel is queued (see
+    # _raise_on_bad_target), so its host synchronisation overlaps the kernel instead of stalling the GPU.
+    check = None
+    if not torch.compiler.is_compiling() and (concrete := _concrete(target)) is not None:
+        check = (concrete, ((concrete != ignore_index) & ((concrete < 0) | (concrete >= V))).any())
     shape = tuple(target.shape)
     logits2d = logits.reshape(-1, V)
     if logits2d.stride(-1) != 1:
         logits2d = logits2d.contiguous()
     weight_sum = weight.sum(dtype=torch.float32 if weight.dtype != torch.float64 else torch.float64).reshape(
         1) if weight is not None else None
-    return logits2d, target.reshape(-1), weight, weight_sum, shape
+    return logits2d, target.reshape(-1), weight, weight_sum, shape, check
+
+
+def _raise_on_bad_target(check, V: int, ignore_index: int) -> None:
+    """Raises ValueError naming the first target outside [0, V) that is not ignore_index. The kernel itself
+    never reads outside a row for such a target (its row comes out NaN), so checking after launch is safe."""
+    if check is None or not bool(check[1]):
+        return
+    target = check[0]
+    value = int(target[(target != ignore_index) & ((target < 0) | (target >= V))].reshape(-1)[0])
+    raise ValueError(f"target contains class index {value}, outside [0, {V}) for logits with "
+                     f"V={V} classes (and not ignore_index={ignore_index})")
 
 
 def _options(ignore_index, label_smoothing, softcap, z_loss):
@@ -146,21 +155,25 @@ def cross_entropy(
         TypeError: non-floating logits, non-integer target, non-bool mask.
         ValueError: shape/device mismatch, bad weight length, target outside ``[0, V)``, bad options.
     """
-    logits2d, target1d, weight, weight_sum, shape = _check(
+    logits2d, target1d, weight, weight_sum, shape, check = _check(
         logits, target, weight, ignore_index, reduction, label_smoothing, softcap, z_loss, mask)
     options = _options(ignore_index, label_smoothing, softcap, z_loss)
     fast = not _transforms_active() and torch.is_grad_enabled() and logits.requires_grad
     if reduction != "none" and fast:
         scale = (_mean_scale(logits2d, target1d, weight, ignore_index) if reduction == "mean"
                  else torch.ones(1, dtype=torch.float32, device=logits.device))
-        return _ops.fused_mean_sum(logits2d, target1d, weight, weight_sum, scale, *options)
-    loss_rows, _ = _ops.differentiable_rows(logits2d, target1d, weight, weight_sum, *options)
-    if reduction == "none":
-        return loss_rows.reshape(shape).to(logits.dtype)
-    total = loss_rows.sum()
-    if reduction == "mean":
-        total = total * _mean_scale(logits2d, target1d, weight, ignore_index)[0]
-    return total.to(logits.dtype)
+        loss = _ops.fused_mean_sum(logits2d, target1d, weight, weight_sum, scale, *options)
+    else:
+        loss_rows, _ = _ops.differentiable_rows(logits2d, target1d, weight, weight_sum, *options)
+        if reduction == "none":
+            loss = loss_rows.reshape(shape).to(logits.dtype)
+        else:
+            loss = loss_rows.sum()
+            if reduction == "mean":
+                loss = loss * _mean_scale(logits2d, target1d, weight, ignore_index)[0]
+            loss = loss.to(logits.dtype)
+    _raise_on_bad_target(check, logits.shape[-1], ignore_index)
+    return loss
 
 
 def cross_entropy_with_grad(
@@ -183,7 +196,7 @@ def cross_entropy_with_grad(
     arguments and semantics as :func:`cross_entropy`; the loss is float32 (float64 for float64 logits),
     the gradient has the logits' dtype. Both results are detached.
     """
-    logits2d, target1d, weight, weight_sum, shape = _check(
+    logits2d, target1d, weight, weight_sum, shape, check = _check(
         logits, target, weight, ignore_index, reduction, label_smoothing, softcap, z_loss, mask)
     if reduction == "mean":
         scale = _mean_scale(logits2d, target1d, weight, ignore_index)
@@ -192,6 +205,7 @@ def cross_entropy_with_grad(
     loss_rows, _, grad = _ops.cross_entropy_with_grad(
         logits2d.detach(), target1d, weight, weight_sum, scale,
         *_options(ignore_index, label_smoothing, softcap, z_loss))
+    _raise_on_bad_target(check, logits.shape[-1], ignore_index)
     grad = grad.reshape(logits.shape)
     if reduction == "none":
         return loss_rows.reshape(shape), grad
