@@ -1,0 +1,97 @@
+"""The launchers of kernels/cross_entropy.py called directly, against float64 PyTorch.
+
+These run the Triton code (interpreted on the CPU under TRITON_INTERPRET=1, compiled on CUDA); without
+either they are skipped, since the launchers have no PyTorch path.
+"""
+
+import pytest
+import torch
+
+from persample.kernels import cross_entropy as kernels
+from tests.conftest import CUDA, interpreting
+from tests.reference import cross_entropy_reference, rel_err
+
+pytestmark = pytest.mark.skipif(not (CUDA or interpreting()), reason="needs CUDA or TRITON_INTERPRET=1")
+DEVICE = "cuda" if CUDA else "cpu"
+
+
+def _inputs(N, V, dtype, weight=False):
+    logits = (torch.randn(N, V, dtype=torch.float64) * 2).to(dtype=dtype, device=DEVICE)
+    target = torch.randint(0, V, (N,), device=DEVICE)
+    target[0] = -100
+    w = (torch.rand(V, dtype=torch.float64) + 0.5).float().to(DEVICE) if weight else None
+    return logits, target, w, (w.sum().reshape(1) if weight else None)
+
+
+def _reference_rows_and_grad(logits, target, w, **opts):
+    x = logits.double().requires_grad_()
+    rows = cross_entropy_reference(x, target, weight=w, reduction="none", **opts)
+    rows.sum().backward()
+    return rows, x.grad
+
+
+@pytest.mark.parametrize("persistent", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("V", [1, 33, 130])
+def test_fwd_with_grad(V, dtype, persistent, monkeypatch):
+    if persistent:  # two programs loop over all the rows, as the persistent grid does on a GPU
+        monkeypatch.setattr(kernels, "_grid", lambda N, device, per_sm: (2,))
+    logits, target, w, w_sum = _inputs(5, V, dtype, weight=True)
+    scale = torch.tensor([0.37], device=DEVICE)
+    opts = dict(label_smoothing=0.1, softcap=4.0, z_loss=1e-2)
+    loss, lse, grad = kernels.cross_entropy_fwd(logits, target, w, w_sum, scale, -100, 0.1, 4.0, 1e-2, True)
+    rows, ref_grad = _reference_rows_and_grad(logits, target, w, **opts)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert rel_err(loss, rows) < 1e-5
+    assert rel_err(grad, 0.37 * ref_grad) < tol
+    capped = 4.0 * torch.tanh(logits.double() / 4.0)
+    counted = target != -100
+    assert rel_err(lse[counted], torch.logsumexp(capped, -1)[counted]) < 1e-5
+    assert lse[0] == 0 and loss[0] == 0 and (grad[0] == 0).all()
+
+
+@pytest.mark.parametrize("V", [1, 33, 130])
+def test_fwd_without_grad_matches(V):
+    logits, target, _, _ = _inputs(4, V, torch.float32)
+    loss, lse, grad = kernels.cross_entropy_fwd(logits, target, None, None, None, -100, 0.0, 0.0, 0.0, False)
+    rows, _ = _reference_rows_and_grad(logits, target, None)
+    assert grad is None
+    assert rel_err(loss, rows) < 1e-6
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("V", [2, 130])
+def test_bwd_per_row_upstream(V, dtype):
+    logits, target, w, w_sum = _inputs(6, V, dtype, weight=True)
+    _, lse, _ = kernels.cross_entropy_fwd(logits, target, w, w_sum, None, -100, 0.2, 0.0, 0.0, False)
+    upstream = torch.rand(6, device=DEVICE) + 0.5
+    grad = kernels.cross_entropy_bwd(logits, target, w, w_sum, lse, upstream, -100, 0.2, 0.0, 0.0)
+    x = logits.double().requires_grad_()
+    cross_entropy_reference(x, target, weight=w, reduction="none", label_smoothing=0.2).backward(
+        upstream.double())
+    assert grad.dtype == dtype
+    assert rel_err(grad, x.grad) < (1e-5 if dtype == torch.float32 else 2e-3)
+
+
+def test_invalid_target_row_is_nan_and_others_untouched():
+    logits, target, _, _ = _inputs(4, 20, torch.float32)
+    target[2] = 57
+    loss, _, grad = kernels.cross_entropy_fwd(logits, target, None, None, torch.ones(1, device=DEVICE), -100,
+                                              0.0, 0.0, 0.0, True)
+    assert torch.isnan(loss[2]) and torch.isnan(grad[2]).all()
+    good = torch.tensor([1, 3])
+    rows, ref_grad = _reference_rows_and_grad(logits[good], target[good], None)
+    assert rel_err(loss[good], rows) < 1e-6
+    assert rel_err(grad[good], ref_grad) < 1e-6
+
+
+@pytest.mark.parametrize("value", [1.0, 0.25, 3.0])
+def test_scale_in_place(value):
+    x = torch.randn(3000, device=DEVICE, dtype=torch.bfloat16)
+    expected = (x.float() * value).to(torch.bfloat16)
+    out = kernels.scale_(x, torch.tensor([value], device=DEVICE))
+    assert out.data_ptr() == x.data_ptr()
+    if value == 1.0:
+        assert torch.equal(x, expected)  # the skipped pass leaves the buffer bit-identical
+    else:  # one bf16 rounding apart at most (the interpreter's bf16 rounding differs from torch's)
+        torch.testing.assert_close(x.float(), expected.float(), rtol=8e-3, atol=0)
