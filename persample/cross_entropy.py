@@ -33,27 +33,7 @@ def _concrete(t: Tensor) -> Tensor | None:
     return t
 
 
-def _check(logits, target, weight, ignore_index, reduction, label_smoothing, softcap, z_loss, mask):
-    """Validates once at the boundary; returns (logits (N, V), target (N,), weight, weight_sum, shape)."""
-    if not isinstance(logits, Tensor) or not isinstance(target, Tensor):
-        raise TypeError(f"logits and target must be tensors, got {type(logits).__name__} and "
-                        f"{type(target).__name__}")
-    if logits.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
-        raise TypeError(f"logits must be float16, bfloat16, float32 or float64, got {logits.dtype}")
-    if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
-        raise TypeError(f"target must hold integer class indices, got dtype {target.dtype} "
-                        "(class-probability targets are not supported)")
-    if logits.ndim == 0:
-        raise ValueError("logits must have a class dimension: expected shape (..., V), got a scalar")
-    if tuple(target.shape) != tuple(logits.shape[:-1]):
-        raise ValueError(f"target shape {tuple(target.shape)} does not match logits shape "
-                         f"{tuple(logits.shape)}: expected target of shape {tuple(logits.shape[:-1])} "
-                         "(the class dimension is the last one)")
-    if target.device != logits.device:
-        raise ValueError(f"target is on {target.device} but logits are on {logits.device}")
-    V = logits.shape[-1]
-    if V == 0:
-        raise ValueError("logits have zero classes (V == 0)")
+def _check_options(reduction, label_smoothing, softcap, z_loss) -> None:
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
     if not 0.0 <= label_smoothing <= 1.0:
@@ -62,20 +42,32 @@ def _check(logits, target, weight, ignore_index, reduction, label_smoothing, sof
         raise ValueError(f"softcap must be None or > 0, got {softcap}")
     if not z_loss >= 0:
         raise ValueError(f"z_loss must be >= 0, got {z_loss}")
+
+
+def _check_target(target, V, device, weight, ignore_index, mask, weight_name="weight", scores_name="logits"):
+    """Checks ``target``, the class ``weight`` (V,) and ``mask`` against scores with V classes on ``device``;
+    returns (target (N,) int64 with masked rows set to ``ignore_index``, weight_sum (1,) or None)."""
+    if not isinstance(target, Tensor):
+        raise TypeError(f"target must be a tensor, got {type(target).__name__}")
+    if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
+        raise TypeError(f"target must hold integer class indices, got dtype {target.dtype} "
+                        "(class-probability targets are not supported)")
+    if target.device != device:
+        raise ValueError(f"target is on {target.device} but {scores_name} are on {device}")
     if weight is not None:
         if not isinstance(weight, Tensor) or not weight.is_floating_point():
-            raise TypeError(f"weight must be a floating-point tensor, got {getattr(weight, 'dtype', weight)}")
+            raise TypeError(f"{weight_name} must be a floating-point tensor, got {getattr(weight, 'dtype', weight)}")
         if tuple(weight.shape) != (V,):
-            raise ValueError(f"weight must have shape ({V},) (one per class), got {tuple(weight.shape)}")
-        if weight.device != logits.device:
-            raise ValueError(f"weight is on {weight.device} but logits are on {logits.device}")
+            raise ValueError(f"{weight_name} must have shape ({V},) (one per class), got {tuple(weight.shape)}")
+        if weight.device != device:
+            raise ValueError(f"{weight_name} is on {weight.device} but {scores_name} are on {device}")
     if mask is not None:
         if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
             raise TypeError(f"mask must be a bool tensor, got {getattr(mask, 'dtype', type(mask).__name__)}")
         if tuple(mask.shape) != tuple(target.shape):
             raise ValueError(f"mask shape {tuple(mask.shape)} does not match target shape {tuple(target.shape)}")
-        if mask.device != logits.device:
-            raise ValueError(f"mask is on {mask.device} but logits are on {logits.device}")
+        if mask.device != device:
+            raise ValueError(f"mask is on {mask.device} but {scores_name} are on {device}")
 
     target = target.long()
     if mask is not None:
@@ -86,15 +78,36 @@ def _check(logits, target, weight, ignore_index, reduction, label_smoothing, sof
             bad = (concrete != ignore_index) & ((concrete < 0) | (concrete >= V))
             if bool(bad.any()):
                 value = int(concrete[bad].reshape(-1)[0])
-                raise ValueError(f"target contains class index {value}, outside [0, {V}) for logits with "
+                raise ValueError(f"target contains class index {value}, outside [0, {V}) for {scores_name} with "
                                  f"V={V} classes (and not ignore_index={ignore_index})")
+    weight_sum = weight.sum(dtype=torch.float32 if weight.dtype != torch.float64 else torch.float64).reshape(
+        1) if weight is not None else None
+    return target.reshape(-1), weight_sum
+
+
+def _check(logits, target, weight, ignore_index, reduction, label_smoothing, softcap, z_loss, mask):
+    """Validates once at the boundary; returns (logits (N, V), target (N,), weight, weight_sum, shape)."""
+    if not isinstance(logits, Tensor) or not isinstance(target, Tensor):
+        raise TypeError(f"logits and target must be tensors, got {type(logits).__name__} and "
+                        f"{type(target).__name__}")
+    if logits.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        raise TypeError(f"logits must be float16, bfloat16, float32 or float64, got {logits.dtype}")
+    if logits.ndim == 0:
+        raise ValueError("logits must have a class dimension: expected shape (..., V), got a scalar")
+    if tuple(target.shape) != tuple(logits.shape[:-1]):
+        raise ValueError(f"target shape {tuple(target.shape)} does not match logits shape "
+                         f"{tuple(logits.shape)}: expected target of shape {tuple(logits.shape[:-1])} "
+                         "(the class dimension is the last one)")
+    V = logits.shape[-1]
+    if V == 0:
+        raise ValueError("logits have zero classes (V == 0)")
+    _check_options(reduction, label_smoothing, softcap, z_loss)
     shape = tuple(target.shape)
+    target1d, weight_sum = _check_target(target, V, logits.device, weight, ignore_index, mask)
     logits2d = logits.reshape(-1, V)
     if logits2d.stride(-1) != 1:
         logits2d = logits2d.contiguous()
-    weight_sum = weight.sum(dtype=torch.float32 if weight.dtype != torch.float64 else torch.float64).reshape(
-        1) if weight is not None else None
-    return logits2d, target.reshape(-1), weight, weight_sum, shape
+    return logits2d, target1d, weight, weight_sum, shape
 
 
 def _options(ignore_index, label_smoothing, softcap, z_loss):
