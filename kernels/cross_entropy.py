@@ -124,6 +124,9 @@ def _cross_entropy_fwd_kernel(
             in_row = offs < V
             x = tl.load(x_row_ptr + offs, mask=in_row, other=float("-inf")).to(ACC)
             s = _softcap(x, softcap, HAS_SOFTCAP)
+            if HAS_SOFTCAP:
+                # The softcap maps the padding's -inf to -softcap: put it back out of the sum.
+                s = tl.where(in_row, s, float("-inf"))
             m_new = tl.maximum(m, tl.max(s, 0))
             d = d * tl.exp2((m - m_new) * LOG2E) + tl.sum(tl.exp2((s - m_new) * LOG2E), 0)
             m = m_new
