@@ -190,14 +190,14 @@ def _cross_entropy_bwd_kernel(
 
 
 @triton.jit
-def _scale_kernel(x_ptr, scale_ptr, n, BLOCK: tl.constexpr):
+def _scale_kernel(x_ptr, scale_ptr, n, BLOCK: tl.constexpr, ACC: tl.constexpr):
     # The scale is read on the device, so a scale of exactly 1 (the usual loss.backward()) costs no
     # pass over the buffer and no host synchronisation.
-    scale = tl.load(scale_ptr).to(tl.float32)
+    scale = tl.load(scale_ptr).to(ACC)
     if scale != 1.0:
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         in_range = offs < n
-        x = tl.load(x_ptr + offs, mask=in_range).to(tl.float32)
+        x = tl.load(x_ptr + offs, mask=in_range).to(ACC)
         tl.store(x_ptr + offs, (x * scale).to(x_ptr.dtype.element_ty), mask=in_range)
 
 
@@ -299,5 +299,5 @@ def scale_(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     n = x.numel()
     if n:
         block = 1024 if _interpreting() else 8192
-        _scale_kernel[(triton.cdiv(n, block),)](x, scale, n, BLOCK=block, num_warps=8)
+        _scale_kernel[(triton.cdiv(n, block),)](x, scale, n, BLOCK=block, ACC=_acc_dtype(x.dtype), num_warps=8)
     return x

@@ -21,8 +21,8 @@ OPTIONS = {
     "mask": {"mask": True},
     "all": {"class_weight": True, "label_smoothing": 0.25, "softcap": 2.0, "z_loss": 2.0**-5, "mask": True},
 }
-# float64 is not exact to 1e-15: the kernel's exp2/log2 constants are float32 (relative error ~1e-8).
-TOL = {torch.float64: 1e-6, torch.float32: 2e-5, torch.bfloat16: 3e-2}
+# float64 is held to 1e-7, not 1e-15: the kernel divides label_smoothing by V in float32.
+TOL = {torch.float64: 1e-7, torch.float32: 2e-5, torch.bfloat16: 3e-2}
 
 
 def _problem(shape, dtype, bias=True, seed=0, ignored=(2, 9)):
