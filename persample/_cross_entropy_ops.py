@@ -283,7 +283,7 @@ class _FusedMeanSum(torch.autograd.Function):
         ctx.save_for_backward(scale, logits, target, weight, weight_sum, lse)
         ctx.options = (ignore_index, label_smoothing, softcap, z_loss)
         ctx.grad = grad  # handed out by the first backward, then dropped
-        return (loss_rows.sum() * scale).to(logits.dtype)
+        return (loss_rows.sum() * scale[0]).to(logits.dtype)
 
     @staticmethod
     def backward(ctx, grad_output):
