@@ -1,6 +1,8 @@
 """persample.integrations.transformers: tiny random models built from configs (nothing is downloaded), their
 loss and every parameter gradient with and without the fused loss, padding (-100) and num_items_in_batch."""
 
+import inspect
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -55,7 +57,10 @@ def _pytorch_path(monkeypatch):
 
 def _model(factory, **kw):
     torch.manual_seed(0)
-    return factory(**kw).eval()  # eval: no dropout, so two forwards see the same function
+    model = factory(**kw).eval()  # eval: no dropout, so two forwards see the same function
+    if "loss_function" not in inspect.unwrap(type(model).forward).__code__.co_names:
+        pytest.skip(f"{type(model).__name__} computes its loss inline in transformers {transformers.__version__}")
+    return model
 
 
 def _batch():
@@ -165,7 +170,7 @@ def test_unsupported_models_raise():
     with pytest.raises(TypeError, match="PreTrainedModel"):
         apply_fused_loss(torch.nn.Linear(2, 2))
     gpt2_classifier = transformers.GPT2ForSequenceClassification(_gpt2_config(num_labels=3))
-    with pytest.raises(ValueError, match="without self.loss_function"):
+    with pytest.raises(ValueError, match="without self.loss_function"):  # in 4.46 and 5.x alike
         apply_fused_loss(gpt2_classifier)
     model = _model(CAUSAL["llama"])
     apply_fused_loss(model)
