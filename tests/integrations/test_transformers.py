@@ -196,3 +196,23 @@ def test_per_sequence_loss(shift, monkeypatch):
         x = logits[i].clone().requires_grad_()
         per_sequence_loss(x, labels[i], shift=shift).backward()
         torch.testing.assert_close(per_example[i], x.grad)
+
+
+def test_per_example_gradients_of_a_model_under_vmap():
+    """What DP-SGD needs from a transformers model: each example's gradient of its per_sequence_loss, here
+    with torch.func over the examples, equal to one backward per example."""
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(_llama_config(attn_implementation="eager")).eval()
+    params = {name: p.detach() for name, p in model.named_parameters()}
+    input_ids, _, labels = _batch()  # right padding is masked by the labels; causal attention never sees it
+
+    def loss_of_one(p, ids, y):
+        logits = torch.func.functional_call(model, p, (ids[None],)).logits
+        return per_sequence_loss(logits, y[None])[0]
+
+    per_example = torch.func.vmap(torch.func.grad(loss_of_one), in_dims=(None, 0, 0))(params, input_ids, labels)
+    for i in range(B):
+        model.zero_grad(set_to_none=True)
+        per_sequence_loss(model(input_ids[i:i + 1]).logits, labels[i:i + 1])[0].backward()
+        for name, p in model.named_parameters():
+            torch.testing.assert_close(per_example[name][i], p.grad, rtol=1e-5, atol=1e-6, msg=name)
