@@ -216,3 +216,18 @@ def test_per_example_gradients_of_a_model_under_vmap():
         per_sequence_loss(model(input_ids[i:i + 1]).logits, labels[i:i + 1])[0].backward()
         for name, p in model.named_parameters():
             torch.testing.assert_close(per_example[name][i], p.grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_linear_cross_entropy_on_a_model_head_matches_its_loss():
+    """The README recipe: run the decoder, then the head and loss together, so the logits never exist."""
+    from persample import linear_cross_entropy
+
+    model = _model(CAUSAL["llama"])
+    input_ids, attention_mask, labels = _batch()
+    expected = _loss_and_grads(model, input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+    model.zero_grad(set_to_none=True)
+    hidden = model.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    loss = linear_cross_entropy(hidden[:, :-1], model.lm_head.weight, labels[:, 1:], chunk_size=7)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    _assert_same((loss.detach(), grads), expected)
