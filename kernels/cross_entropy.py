@@ -234,14 +234,14 @@ def _cross_entropy_bwd_kernel(
 
 
 @triton.jit
-def _scale_kernel(x_ptr, scale_ptr, n, BLOCK: tl.constexpr):
+def _scale_kernel(x_ptr, scale_ptr, n, BLOCK: tl.constexpr, ACC: tl.constexpr):
     # The scale is read on the device, so a scale of exactly 1 (the usual loss.backward()) costs no
     # pass over the buffer and no host synchronisation.
-    scale = tl.load(scale_ptr).to(tl.float32)
+    scale = tl.load(scale_ptr).to(ACC)
     if scale != 1.0:
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         in_range = offs < n
-        x = tl.load(x_ptr + offs, mask=in_range).to(tl.float32)
+        x = tl.load(x_ptr + offs, mask=in_range).to(ACC)
         tl.store(x_ptr + offs, (x * scale).to(x_ptr.dtype.element_ty), mask=in_range)
 
 
@@ -286,19 +286,26 @@ def cross_entropy_fwd(
     softcap: float,
     z_loss: float,
     with_grad: bool,
+    out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Per-row loss and log-sum-exp, and (``with_grad``) ``grad_scale * dL/dlogits``.
 
     logits: (N, V) with unit stride over V; target: (N,) int64; weight: (V,) or None; weight_sum and
     grad_scale: one-element tensors (grad_scale may be None when not ``with_grad``); softcap: 0 for none.
-    Returns loss (N,) and lse (N,) in float32 (float64 for float64 logits) and the gradient (N, V) in the
-    logits' dtype, or None.
+    ``out``: (N, V) buffer for the gradient with unit stride over V; it may be ``logits`` itself, since each
+    program reads every element of its row before writing it. Returns loss (N,) and lse (N,) in float32
+    (float64 for float64 logits) and the gradient (N, V) in the logits' dtype, or None.
     """
     N, V = logits.shape
     acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
     loss = torch.empty(N, dtype=acc, device=logits.device)
     lse = torch.empty(N, dtype=acc, device=logits.device)
-    grad = torch.empty_like(logits, memory_format=torch.contiguous_format) if with_grad else loss
+    if not with_grad:
+        grad = loss
+    elif out is not None:
+        grad = out
+    else:
+        grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
     if N == 0:
         return loss, lse, grad if with_grad else None
     block, num_warps, programs_per_sm = _launch_config(V, logits.element_size())
@@ -324,10 +331,12 @@ def cross_entropy_bwd(
     label_smoothing: float,
     softcap: float,
     z_loss: float,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``grad_rows[:, None] * dL/dlogits`` (N, V) in the logits' dtype, from the saved ``lse`` (N,)."""
+    """``grad_rows[:, None] * dL/dlogits`` (N, V) in the logits' dtype, from the saved ``lse`` (N,), written to
+    ``out`` when given (which may be ``logits`` itself, as in :func:`cross_entropy_fwd`)."""
     N, V = logits.shape
-    grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
+    grad = out if out is not None else torch.empty_like(logits, memory_format=torch.contiguous_format)
     if N == 0:
         return grad
     block, num_warps, _ = _launch_config(V, logits.element_size())
@@ -346,5 +355,5 @@ def scale_(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     n = x.numel()
     if n:
         block = 1024 if _interpreting() else 8192
-        _scale_kernel[(triton.cdiv(n, block),)](x, scale, n, BLOCK=block, num_warps=8)
+        _scale_kernel[(triton.cdiv(n, block),)](x, scale, n, BLOCK=block, ACC=_acc_dtype(x.dtype), num_warps=8)
     return x

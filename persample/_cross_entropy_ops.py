@@ -91,28 +91,30 @@ def _grad_torch(logits, target, weight, weight_sum, lse, scale_rows, ignore_inde
 
 
 def _forward_impl(logits, target, weight, weight_sum, grad_scale, ignore_index, label_smoothing, softcap,
-                  z_loss, with_grad):
-    """(loss, lse, grad or None); grad is ``grad_scale * dL/dlogits``."""
+                  z_loss, with_grad, out=None):
+    """(loss, lse, grad or None); grad is ``grad_scale * dL/dlogits``, written to ``out`` when given (which
+    may be ``logits`` itself)."""
     if _use_triton(logits):
         return _kernels.cross_entropy_fwd(logits, target, weight, weight_sum, grad_scale, ignore_index,
-                                          label_smoothing, softcap, z_loss, with_grad)
+                                          label_smoothing, softcap, z_loss, with_grad, out)
     loss, lse = _rows_torch(logits, target, weight, weight_sum, ignore_index, label_smoothing, softcap, z_loss)
     if not with_grad:
         return loss, lse, None
     scale_rows = grad_scale.to(lse.dtype).expand(lse.shape)
     grad = _grad_torch(logits, target, weight, weight_sum, lse, scale_rows, ignore_index, label_smoothing,
                        softcap, z_loss)
-    return loss, lse, grad
+    return loss, lse, grad if out is None else out.copy_(grad)
 
 
 def _backward_impl(logits, target, weight, weight_sum, lse, grad_rows, ignore_index, label_smoothing, softcap,
-                   z_loss):
+                   z_loss, out=None):
     if _use_triton(logits):
         return _kernels.cross_entropy_bwd(logits, target, weight, weight_sum, lse,
                                           grad_rows.to(lse.dtype).contiguous(), ignore_index,
-                                          label_smoothing, softcap, z_loss)
-    return _grad_torch(logits, target, weight, weight_sum, lse, grad_rows, ignore_index, label_smoothing,
+                                          label_smoothing, softcap, z_loss, out)
+    grad = _grad_torch(logits, target, weight, weight_sum, lse, grad_rows, ignore_index, label_smoothing,
                        softcap, z_loss)
+    return grad if out is None else out.copy_(grad)
 
 
 def _scale_impl(grad: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

@@ -33,28 +33,7 @@ def _concrete(t: Tensor) -> Tensor | None:
     return t
 
 
-def _check(logits, target, weight, ignore_index, reduction, label_smoothing, softcap, z_loss, mask):
-    """Validates once at the boundary; returns (logits (N, V), target (N,), weight, weight_sum, shape, check),
-    where ``check`` is handed to :func:`_raise_on_bad_target` once the kernel is queued."""
-    if not isinstance(logits, Tensor) or not isinstance(target, Tensor):
-        raise TypeError(f"logits and target must be tensors, got {type(logits).__name__} and "
-                        f"{type(target).__name__}")
-    if logits.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
-        raise TypeError(f"logits must be float16, bfloat16, float32 or float64, got {logits.dtype}")
-    if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
-        raise TypeError(f"target must hold integer class indices, got dtype {target.dtype} "
-                        "(class-probability targets are not supported)")
-    if logits.ndim == 0:
-        raise ValueError("logits must have a class dimension: expected shape (..., V), got a scalar")
-    if tuple(target.shape) != tuple(logits.shape[:-1]):
-        raise ValueError(f"target shape {tuple(target.shape)} does not match logits shape "
-                         f"{tuple(logits.shape)}: expected target of shape {tuple(logits.shape[:-1])} "
-                         "(the class dimension is the last one)")
-    if target.device != logits.device:
-        raise ValueError(f"target is on {target.device} but logits are on {logits.device}")
-    V = logits.shape[-1]
-    if V == 0:
-        raise ValueError("logits have zero classes (V == 0)")
+def _check_options(reduction, label_smoothing, softcap, z_loss) -> None:
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
     if not 0.0 <= label_smoothing <= 1.0:
@@ -63,36 +42,45 @@ def _check(logits, target, weight, ignore_index, reduction, label_smoothing, sof
         raise ValueError(f"softcap must be None or > 0, got {softcap}")
     if not z_loss >= 0:
         raise ValueError(f"z_loss must be >= 0, got {z_loss}")
+
+
+def _check_target(target, V, device, weight, ignore_index, mask, weight_name="weight", scores_name="logits"):
+    """Checks ``target``, the class ``weight`` (V,) and ``mask`` against scores with V classes on ``device``;
+    returns (target (N,) int64 with masked rows set to ``ignore_index``, weight_sum (1,) or None, check), where
+    ``check`` goes to :func:`_raise_on_bad_target`."""
+    if not isinstance(target, Tensor):
+        raise TypeError(f"target must be a tensor, got {type(target).__name__}")
+    if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
+        raise TypeError(f"target must hold integer class indices, got dtype {target.dtype} "
+                        "(class-probability targets are not supported)")
+    if target.device != device:
+        raise ValueError(f"target is on {target.device} but {scores_name} are on {device}")
     if weight is not None:
         if not isinstance(weight, Tensor) or not weight.is_floating_point():
-            raise TypeError(f"weight must be a floating-point tensor, got {getattr(weight, 'dtype', weight)}")
+            raise TypeError(f"{weight_name} must be a floating-point tensor, got {getattr(weight, 'dtype', weight)}")
         if tuple(weight.shape) != (V,):
-            raise ValueError(f"weight must have shape ({V},) (one per class), got {tuple(weight.shape)}")
-        if weight.device != logits.device:
-            raise ValueError(f"weight is on {weight.device} but logits are on {logits.device}")
+            raise ValueError(f"{weight_name} must have shape ({V},) (one per class), got {tuple(weight.shape)}")
+        if weight.device != device:
+            raise ValueError(f"{weight_name} is on {weight.device} but {scores_name} are on {device}")
     if mask is not None:
         if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
             raise TypeError(f"mask must be a bool tensor, got {getattr(mask, 'dtype', type(mask).__name__)}")
         if tuple(mask.shape) != tuple(target.shape):
             raise ValueError(f"mask shape {tuple(mask.shape)} does not match target shape {tuple(target.shape)}")
-        if mask.device != logits.device:
-            raise ValueError(f"mask is on {mask.device} but logits are on {logits.device}")
+        if mask.device != device:
+            raise ValueError(f"mask is on {mask.device} but {scores_name} are on {device}")
 
     target = target.long()
     if mask is not None:
         target = torch.where(mask, target, ignore_index)
-    # The range check is queued on the device here and read back only after the kernel is queued (see
-    # _raise_on_bad_target), so its host synchronisation overlaps the kernel instead of stalling the GPU.
+    # The range check is queued on the device here and read back by _raise_on_bad_target, which callers
+    # run after queueing the kernel, so that its host synchronisation overlaps the kernel.
     check = None
     if not torch.compiler.is_compiling() and (concrete := _concrete(target)) is not None:
-        check = (concrete, ((concrete != ignore_index) & ((concrete < 0) | (concrete >= V))).any())
-    shape = tuple(target.shape)
-    logits2d = logits.reshape(-1, V)
-    if logits2d.stride(-1) != 1:
-        logits2d = logits2d.contiguous()
+        check = (concrete, ((concrete != ignore_index) & ((concrete < 0) | (concrete >= V))).any(), scores_name)
     weight_sum = weight.sum(dtype=torch.float32 if weight.dtype != torch.float64 else torch.float64).reshape(
         1) if weight is not None else None
-    return logits2d, target.reshape(-1), weight, weight_sum, shape, check
+    return target.reshape(-1), weight_sum, check
 
 
 def _raise_on_bad_target(check, V: int, ignore_index: int) -> None:
@@ -100,10 +88,35 @@ def _raise_on_bad_target(check, V: int, ignore_index: int) -> None:
     never reads outside a row for such a target (its row comes out NaN), so checking after launch is safe."""
     if check is None or not bool(check[1]):
         return
-    target = check[0]
+    target, _, scores_name = check
     value = int(target[(target != ignore_index) & ((target < 0) | (target >= V))].reshape(-1)[0])
-    raise ValueError(f"target contains class index {value}, outside [0, {V}) for logits with "
+    raise ValueError(f"target contains class index {value}, outside [0, {V}) for {scores_name} with "
                      f"V={V} classes (and not ignore_index={ignore_index})")
+
+
+def _check(logits, target, weight, ignore_index, reduction, label_smoothing, softcap, z_loss, mask):
+    """Validates once at the boundary; returns (logits (N, V), target (N,), weight, weight_sum, shape, check)."""
+    if not isinstance(logits, Tensor) or not isinstance(target, Tensor):
+        raise TypeError(f"logits and target must be tensors, got {type(logits).__name__} and "
+                        f"{type(target).__name__}")
+    if logits.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        raise TypeError(f"logits must be float16, bfloat16, float32 or float64, got {logits.dtype}")
+    if logits.ndim == 0:
+        raise ValueError("logits must have a class dimension: expected shape (..., V), got a scalar")
+    if tuple(target.shape) != tuple(logits.shape[:-1]):
+        raise ValueError(f"target shape {tuple(target.shape)} does not match logits shape "
+                         f"{tuple(logits.shape)}: expected target of shape {tuple(logits.shape[:-1])} "
+                         "(the class dimension is the last one)")
+    V = logits.shape[-1]
+    if V == 0:
+        raise ValueError("logits have zero classes (V == 0)")
+    _check_options(reduction, label_smoothing, softcap, z_loss)
+    shape = tuple(target.shape)
+    target1d, weight_sum, check = _check_target(target, V, logits.device, weight, ignore_index, mask)
+    logits2d = logits.reshape(-1, V)
+    if logits2d.stride(-1) != 1:
+        logits2d = logits2d.contiguous()
+    return logits2d, target1d, weight, weight_sum, shape, check
 
 
 def _options(ignore_index, label_smoothing, softcap, z_loss):
