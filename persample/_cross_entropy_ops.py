@@ -28,6 +28,11 @@ from persample.kernels import cross_entropy as _kernels
 _LIB = "persample"
 
 
+def transforms_active() -> bool:
+    """True under torch.compile or any torch.func transform (grad, vmap, jacrev, ...)."""
+    return torch.compiler.is_compiling() or torch._C._functorch.peek_interpreter_stack() is not None
+
+
 def _use_triton(t: torch.Tensor) -> bool:
     return t.is_cuda or os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -184,8 +189,12 @@ class _CrossEntropyRows(torch.autograd.Function):
 
     @staticmethod
     def forward(logits, target, weight, weight_sum, ignore_index, label_smoothing, softcap, z_loss):
-        return cross_entropy_rows(logits, target, weight, weight_sum, ignore_index, label_smoothing, softcap,
-                                  z_loss)
+        args = (logits, target, weight, weight_sum, ignore_index, label_smoothing, softcap, z_loss)
+        if transforms_active():  # the op carries the vmap rule and stays opaque to torch.compile
+            return cross_entropy_rows(*args)
+        # Plain eager: skip the custom-op dispatcher, whose Python overhead is larger than a small kernel.
+        loss, lse, _ = _forward_impl(*args[:4], None, *args[4:], False)
+        return loss, lse
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -198,11 +207,15 @@ class _CrossEntropyRows(torch.autograd.Function):
     def backward(ctx, grad_loss, grad_lse):
         logits, target, weight, weight_sum, lse = ctx.saved_tensors
         args = (logits, target, weight, weight_sum, lse, grad_loss, *ctx.options)
-        # torch.compile traces the op itself (nested autograd.Functions in a backward trip Dynamo).
         if torch.compiler.is_compiling():
+            # torch.compile traces the op itself (nested autograd.Functions in a backward trip Dynamo).
             grad = cross_entropy_rows_bwd(*args)
-        else:
+        elif transforms_active() or torch.is_grad_enabled():
+            # Under torch.func, or a backward with create_graph=True: through a Function that batches
+            # and refuses to be differentiated again.
             grad = _CrossEntropyRowsBwd.apply(*args)
+        else:
+            grad = _backward_impl(*args)
         return grad, None, None, None, None, None, None, None
 
 

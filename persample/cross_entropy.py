@@ -13,14 +13,10 @@ import torch
 from torch import Tensor, nn
 
 from persample import _cross_entropy_ops as _ops
+from persample._cross_entropy_ops import transforms_active as _transforms_active
 
 Reduction = Literal["none", "mean", "sum"]
 _REDUCTIONS = ("none", "mean", "sum")
-
-
-def _transforms_active() -> bool:
-    """True under torch.compile or any torch.func transform (grad, vmap, jacrev, ...)."""
-    return torch.compiler.is_compiling() or torch._C._functorch.peek_interpreter_stack() is not None
 
 
 def _concrete(t: Tensor) -> Tensor | None:
@@ -46,8 +42,7 @@ def _check_options(reduction, label_smoothing, softcap, z_loss) -> None:
 
 def _check_target(target, V, device, weight, ignore_index, mask, weight_name="weight", scores_name="logits"):
     """Checks ``target``, the class ``weight`` (V,) and ``mask`` against scores with V classes on ``device``;
-    returns (target (N,) int64 with masked rows set to ``ignore_index``, weight_sum (1,) or None, check), where
-    ``check`` goes to :func:`_raise_on_bad_target`."""
+    returns (target (N,) int64 with masked rows set to ``ignore_index``, weight_sum (1,) or None)."""
     if not isinstance(target, Tensor):
         raise TypeError(f"target must be a tensor, got {type(target).__name__}")
     if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
@@ -73,29 +68,21 @@ def _check_target(target, V, device, weight, ignore_index, mask, weight_name="we
     target = target.long()
     if mask is not None:
         target = torch.where(mask, target, ignore_index)
-    # The range check is queued on the device here and read back by _raise_on_bad_target, which callers
-    # run after queueing the kernel, so that its host synchronisation overlaps the kernel.
-    check = None
+    # A host sync on CUDA, placed before any kernel is queued: waiting here costs the GPU only the launch
+    # latency of what follows, where a check after the kernel would expose all the host work after it.
     if not torch.compiler.is_compiling() and (concrete := _concrete(target)) is not None:
-        check = (concrete, ((concrete != ignore_index) & ((concrete < 0) | (concrete >= V))).any(), scores_name)
+        bad = (concrete != ignore_index) & ((concrete < 0) | (concrete >= V))
+        if bool(bad.any()):
+            value = int(concrete[bad].reshape(-1)[0])
+            raise ValueError(f"target contains class index {value}, outside [0, {V}) for {scores_name} with "
+                             f"V={V} classes (and not ignore_index={ignore_index})")
     weight_sum = weight.sum(dtype=torch.float32 if weight.dtype != torch.float64 else torch.float64).reshape(
         1) if weight is not None else None
-    return target.reshape(-1), weight_sum, check
-
-
-def _raise_on_bad_target(check, V: int, ignore_index: int) -> None:
-    """Raises ValueError naming the first target outside [0, V) that is not ignore_index. The kernel itself
-    never reads outside a row for such a target (its row comes out NaN), so checking after launch is safe."""
-    if check is None or not bool(check[1]):
-        return
-    target, _, scores_name = check
-    value = int(target[(target != ignore_index) & ((target < 0) | (target >= V))].reshape(-1)[0])
-    raise ValueError(f"target contains class index {value}, outside [0, {V}) for {scores_name} with "
-                     f"V={V} classes (and not ignore_index={ignore_index})")
+    return target.reshape(-1), weight_sum
 
 
 def _check(logits, target, weight, ignore_index, reduction, label_smoothing, softcap, z_loss, mask):
-    """Validates once at the boundary; returns (logits (N, V), target (N,), weight, weight_sum, shape, check)."""
+    """Validates once at the boundary; returns (logits (N, V), target (N,), weight, weight_sum, shape)."""
     if not isinstance(logits, Tensor) or not isinstance(target, Tensor):
         raise TypeError(f"logits and target must be tensors, got {type(logits).__name__} and "
                         f"{type(target).__name__}")
@@ -112,11 +99,11 @@ def _check(logits, target, weight, ignore_index, reduction, label_smoothing, sof
         raise ValueError("logits have zero classes (V == 0)")
     _check_options(reduction, label_smoothing, softcap, z_loss)
     shape = tuple(target.shape)
-    target1d, weight_sum, check = _check_target(target, V, logits.device, weight, ignore_index, mask)
+    target1d, weight_sum = _check_target(target, V, logits.device, weight, ignore_index, mask)
     logits2d = logits.reshape(-1, V)
     if logits2d.stride(-1) != 1:
         logits2d = logits2d.contiguous()
-    return logits2d, target1d, weight, weight_sum, shape, check
+    return logits2d, target1d, weight, weight_sum, shape
 
 
 def _options(ignore_index, label_smoothing, softcap, z_loss):
@@ -168,7 +155,7 @@ def cross_entropy(
         TypeError: non-floating logits, non-integer target, non-bool mask.
         ValueError: shape/device mismatch, bad weight length, target outside ``[0, V)``, bad options.
     """
-    logits2d, target1d, weight, weight_sum, shape, check = _check(
+    logits2d, target1d, weight, weight_sum, shape = _check(
         logits, target, weight, ignore_index, reduction, label_smoothing, softcap, z_loss, mask)
     options = _options(ignore_index, label_smoothing, softcap, z_loss)
     fast = not _transforms_active() and torch.is_grad_enabled() and logits.requires_grad
@@ -185,7 +172,6 @@ def cross_entropy(
             if reduction == "mean":
                 loss = loss * _mean_scale(logits2d, target1d, weight, ignore_index)[0]
             loss = loss.to(logits.dtype)
-    _raise_on_bad_target(check, logits.shape[-1], ignore_index)
     return loss
 
 
@@ -209,7 +195,7 @@ def cross_entropy_with_grad(
     arguments and semantics as :func:`cross_entropy`; the loss is float32 (float64 for float64 logits),
     the gradient has the logits' dtype. Both results are detached.
     """
-    logits2d, target1d, weight, weight_sum, shape, check = _check(
+    logits2d, target1d, weight, weight_sum, shape = _check(
         logits, target, weight, ignore_index, reduction, label_smoothing, softcap, z_loss, mask)
     if reduction == "mean":
         scale = _mean_scale(logits2d, target1d, weight, ignore_index)
@@ -218,7 +204,6 @@ def cross_entropy_with_grad(
     loss_rows, _, grad = _ops.cross_entropy_with_grad(
         logits2d.detach(), target1d, weight, weight_sum, scale,
         *_options(ignore_index, label_smoothing, softcap, z_loss))
-    _raise_on_bad_target(check, logits.shape[-1], ignore_index)
     grad = grad.reshape(logits.shape)
     if reduction == "none":
         return loss_rows.reshape(shape), grad

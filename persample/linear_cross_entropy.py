@@ -22,7 +22,6 @@ from persample.cross_entropy import (
     _check_target,
     _mean_scale,
     _options,
-    _raise_on_bad_target,
     _transforms_active,
     cross_entropy,
 )
@@ -111,9 +110,8 @@ def linear_cross_entropy(
                              reduction=reduction, label_smoothing=label_smoothing, softcap=softcap, z_loss=z_loss,
                              mask=mask)
     shape = tuple(target.shape) if isinstance(target, Tensor) else None
-    target1d, class_weight_sum, check = _check_target(target, V, hidden.device, class_weight, ignore_index, mask,
-                                                      weight_name="class_weight", scores_name="hidden")
-    _raise_on_bad_target(check, V, ignore_index)
+    target1d, class_weight_sum = _check_target(target, V, hidden.device, class_weight, ignore_index, mask,
+                                               weight_name="class_weight", scores_name="hidden")
     hidden2d = hidden.reshape(-1, hidden.shape[-1])
     N = hidden2d.shape[0]
     grad_on = torch.is_grad_enabled()
@@ -194,9 +192,8 @@ def linear_cross_entropy_head_grad_norms(
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum' (over each example's tokens), got {reduction!r}")
     _check_options(reduction, label_smoothing, softcap, z_loss)
-    target1d, class_weight_sum, check = _check_target(target, V, hidden.device, class_weight, ignore_index, mask,
-                                                      weight_name="class_weight", scores_name="hidden")
-    _raise_on_bad_target(check, V, ignore_index)
+    target1d, class_weight_sum = _check_target(target, V, hidden.device, class_weight, ignore_index, mask,
+                                               weight_name="class_weight", scores_name="hidden")
     B, T, _ = hidden.shape
     target2d = target1d.reshape(B, T)
     with torch.no_grad():
