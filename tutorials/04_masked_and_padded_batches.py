@@ -142,7 +142,7 @@ fig, axes = plt.subplots(1, 2, figsize=(9, 2.6), sharey=True)
 cmap = plt.get_cmap("viridis").copy()
 cmap.set_bad("red")
 vmax = dlogits.norm(dim=-1).max().item()
-for ax, (title, g) in zip(axes, panels.items()):
+for ax, (title, g) in zip(axes, panels.items(), strict=True):
     image = ax.imshow(g.norm(dim=-1).cpu(), cmap=cmap, vmin=0, vmax=vmax)
     ax.set(title=title, xlabel="position", xticks=range(T))
 axes[0].set(ylabel="example", yticks=range(B))
@@ -250,7 +250,7 @@ with torch.no_grad():
 counted = mask.sum(-1)
 own_mean = token_loss.sum(-1) / counted.clamp(min=1)
 print("length  mean over own tokens  sum / T  ratio")
-for n, m, p in zip(counted.tolist(), own_mean.tolist(), (token_loss.sum(-1) / T).tolist()):
+for n, m, p in zip(counted.tolist(), own_mean.tolist(), (token_loss.sum(-1) / T).tolist(), strict=True):
     print(f"{n:6d}  {m:19.4f}  {p:7.4f}  {p / m:5.3f}" if n else f"{n:6d}  {m:19.4f}  {p:7.4f}      -")
 print(f"batch token mean (reduction='mean'): {persample.cross_entropy(model(inputs, mask), targets, mask=mask):.4f}"
       f" = {token_loss.sum() / counted.sum():.4f};  mean of per-example means: {own_mean[counted > 0].mean():.4f}")

@@ -54,7 +54,7 @@ def out_of_sync(source: Path) -> str | None:
     expected, committed = cells(notebook_from_source(source)), cells(nbformat.read(ipynb, as_version=4))
     if len(expected) != len(committed):
         return f"{ipynb.name} has {len(committed)} cells, {source.name} has {len(expected)}"
-    for i, (want, got) in enumerate(zip(expected, committed)):
+    for i, (want, got) in enumerate(zip(expected, committed, strict=True)):
         if want != got:
             return f"cell {i} of {ipynb.name} differs from {source.name}: {got[1][:60]!r} vs {want[1][:60]!r}"
     return None
