@@ -46,7 +46,7 @@ from torch.func import functional_call, grad, vmap
 
 import persample
 
-CI = bool(os.environ.get("CI"))  # smaller setting for the test suite
+CI = os.environ.get("CI", "").lower() not in ("", "0", "false")  # smaller setting for the test suite
 torch.manual_seed(0)
 plt.rcParams["figure.dpi"] = 72
 device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -313,7 +313,8 @@ if hasattr(persample, "per_sample_grads"):
 if hasattr(persample, "per_sample_grad_norms"):
     norms = persample.per_sample_grad_norms(model, x, y)
     exact = flat(loop_grads).norm(dim=1)
-    print(f"max relative difference of the norms: {((norms - exact).abs() / exact).max().item():.1e}")
+    difference = ((norms - exact).abs().max() / exact.max()).item()
+    print(f"largest norm difference, relative to the largest norm: {difference:.1e}")
     methods["persample.per_sample_grad_norms (norms only)"] = lambda: persample.per_sample_grad_norms(model, x, y)
 
 # %% [markdown]
