@@ -190,7 +190,7 @@ print(f"float32, A vs the float64 reference: error {error(once.double(), referen
 #   the model already gets right.
 # * **E** feeds probabilities where logits are expected. They lie in `[0, 1]`, so the loss cannot go below
 #   `log(1 + 9/e) ≈ 1.46`, and each example's gradient is rescaled by a factor of its own (the extra
-#   softmax Jacobian): the direction survives, the relative sizes do not.
+#   softmax Jacobian): the direction barely changes here, the relative sizes do.
 #
 # The plot shows what that does to the quantity DP-SGD clips and per-example analyses rank: the per-sample
 # gradient norm, against how wrong the model is about the example (`1 - p`, `p` its softmax probability
@@ -305,9 +305,8 @@ if hasattr(persample, "per_sample_grads"):
 # ## The fast engine: norms without the gradients
 #
 # Clipping needs each example's gradient **norm** before it needs the gradients. The fast engine computes
-# the norms from each layer's activations and output gradients without materialising `(B, *shape)` per
-# parameter, then one ordinary backward of the reweighted loss gives the clipped sum. Here we only check
-# its norms against the ones from the materialised gradients.
+# the norms from each layer's activations and output gradients, without materialising `(B, *shape)` per
+# parameter. Here we check its norms against those of the materialised gradients above.
 
 # %%
 if hasattr(persample, "per_sample_grad_norms"):
