@@ -11,6 +11,7 @@ to benchmarks/RESULTS.md with the date, GPU and commit.
 
 import argparse
 import datetime
+import os
 import statistics
 import subprocess
 from pathlib import Path
@@ -167,8 +168,8 @@ def main():
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
     try:
         commit = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True).strip()
-    except Exception:
-        commit = "unknown"
+    except Exception:  # a copy of the tree without .git: the caller may name the commit
+        commit = os.environ.get("PERSAMPLE_COMMIT", "unknown")
     table = ["| shape | variant | fwd+bwd ms | % of memory floor | extra peak memory (x logits) |",
              "|---|---|---|---|---|"] + ["| " + " | ".join(r) + " |" for r in rows]
     text = "\n".join(table)

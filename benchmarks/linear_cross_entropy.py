@@ -16,6 +16,7 @@ Targets (issue 5): extra memory <= 5% of the full logits; time <= Liger's and <=
 
 import argparse
 import datetime
+import os
 import statistics
 import subprocess
 import time
@@ -212,7 +213,7 @@ def main():
 
     gpu = torch.cuda.get_device_name() if cuda else "CPU"
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=Path(__file__).parent).stdout.strip() or "unknown"
+                            cwd=Path(__file__).parent).stdout.strip() or os.environ.get("PERSAMPLE_COMMIT", "unknown")
     header = (f"## linear_cross_entropy — {datetime.date.today()} — {gpu} — commit {commit}"
               f"{' — quick' if args.quick else ''}\n\nN={args.N} tokens, d={args.d}, V={args.V}, {args.dtype}; "
               f"full logits: {logits_bytes / 2**20:,.0f} MiB; torch {torch.__version__}.\n")
