@@ -29,8 +29,9 @@ from persample.cross_entropy import cross_entropy
 
 LossFn = Callable[..., Tensor]
 
-# Examples used by the eval-mode forward checks (batch mixing, log-probabilities): two are enough to
-# see mixing, and the checks stay a small fraction of the per-sample work.
+# Examples in the eval-mode check forward (batch mixing, log-probabilities): with two, the first
+# example's output alone and within the batch differ if the forward mixes examples; two forwards of at
+# most two examples stay a small fraction of the per-sample work.
 _CHECK_EXAMPLES = 2
 
 
@@ -145,26 +146,27 @@ def _refuse_batch_norm(model: nn.Module) -> None:
 
 
 def _check_forward(model: nn.Module, inputs: Tensor, loss_fn: LossFn) -> None:
-    """Eval-mode forwards on the first examples, batched and one at a time: refuses a forward that mixes
-    examples and warns if the logits are already log-probabilities."""
+    """Eval-mode forwards of the first examples together and of the first alone: refuses a forward that
+    mixes examples and warns if the logits are already log-probabilities."""
     x = inputs[:_CHECK_EXAMPLES]
     training = model.training
     model.eval()
     try:
         with torch.no_grad():
             batched = model(x)
-            single = torch.cat([model(x[i:i + 1]) for i in range(x.shape[0])]) if x.shape[0] > 1 else batched
+            alone = model(x[:1]) if x.shape[0] > 1 else batched
     finally:
         model.train(training)
     if not isinstance(batched, Tensor):
         raise TypeError(f"the model must return a tensor of logits, got {type(batched).__name__}")
-    if x.shape[0] > 1 and single.shape == batched.shape:
+    if x.shape[0] > 1 and batched.ndim >= 1 and alone.shape == batched[:1].shape:
         tolerance = torch.finfo(batched.dtype).eps ** 0.5 if batched.is_floating_point() else 0.0
-        difference = (batched.double() - single.double()).norm()
-        if difference > tolerance * single.double().norm() + tolerance:
+        reference = alone.double().norm()
+        difference = (batched[:1].double() - alone.double()).norm()
+        if difference > tolerance * (reference + 1):
             raise ValueError(
-                "the model's forward mixes examples: its outputs for a batch differ from its outputs for each "
-                f"example alone (relative difference {float(difference / single.double().norm()):.2e}), so "
+                "the model's forward mixes examples: its output for an example within a batch differs from its "
+                f"output for the example alone (relative difference {float(difference / reference):.2e}), so "
                 "per-example gradients would not be those of the batch loss. Remove batch-level operations "
                 "(batch statistics, means or attention across the batch dimension).")
     if _is_cross_entropy(loss_fn) and batched.is_floating_point() and batched.ndim >= 1 and batched.shape[-1] > 1:
