@@ -7,6 +7,7 @@ probability ``sample_rate`` and the noise has std ``noise_multiplier * max_grad_
 """
 
 import math
+import warnings
 from typing import Literal
 
 from opacus.accountants import create_accountant
@@ -108,9 +109,13 @@ def noise_multiplier_for(
         raise ValueError(f"steps must be an int >= 1, got {steps!r}")
     if epochs is not None and not epochs > 0:
         raise ValueError(f"epochs must be > 0, got {epochs!r}")
-    return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta, sample_rate=sample_rate,
-                                      steps=steps, epochs=epochs, accountant=accountant,
-                                      epsilon_tolerance=epsilon_tolerance))
+    with warnings.catch_warnings():
+        # The search tries noise levels far below the answer, where RDP's best order is the largest one
+        # tried; Opacus warns about each such try, which says nothing about the result.
+        warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
+        return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta,
+                                          sample_rate=sample_rate, steps=steps, epochs=epochs,
+                                          accountant=accountant, epsilon_tolerance=epsilon_tolerance))
 
 
 def _check_mechanism(mechanism: str) -> None:
