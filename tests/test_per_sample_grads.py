@@ -231,3 +231,15 @@ def test_raw_logits_do_not_warn():
         # A loss on log-probabilities is the right pairing for log_softmax outputs: no warning either.
         model = nn.Sequential(nn.Linear(5, 4), nn.LogSoftmax(dim=-1))
         persample.per_sample_grads(model, torch.randn(4, 5), torch.zeros(4, dtype=torch.long), loss_fn=F.nll_loss)
+
+
+def test_conv_on_a_permuted_input():
+    # Channels-last strides reach the convolution (Opacus 1.6's Conv2d rule gets these wrong).
+    class ChannelsLast(SmallCNN):
+        def forward(self, x):
+            return super().forward(x.permute(0, 3, 1, 2))
+
+    model = ChannelsLast().double()
+    model.conv = nn.Conv2d(2, 4, 3, padding=1).double()
+    inputs, targets = torch.randn(4, 6, 6, 2, dtype=torch.float64), torch.randint(0, 4, (4,))
+    _assert_close(persample.per_sample_grads(model, inputs, targets), _loop_reference(model, inputs, targets))
