@@ -113,21 +113,12 @@ def train_digits(config: TrainConfig) -> dict:
                 idx = idx.to(device)
                 sizes.append(len(idx))
                 if config.dp:
-                    for part in idx.split(config.max_physical_batch_size):
-                        grads = per_sample_grads(model, x_train[part], y_train[part])
-                        part_norms = per_sample_norms(grads)
-                        dp_optimizer.accumulate(clip_per_sample(grads, config.max_grad_norm, norms=part_norms),
-                                                len(part))
-                        norms.append(part_norms)
-                    dp_optimizer.step()
+                    norms.append(_dp_step(model, dp_optimizer, x_train[idx], y_train[idx],
+                                          config.max_physical_batch_size))
                 else:
-                    grads = per_sample_grads(model, x_train[idx], y_train[idx])
-                    norms.append(per_sample_norms(grads))
-                    for name, p in model.named_parameters():
-                        p.grad = grads[name].mean(0)
-                    optimizer.step()
+                    norms.append(_baseline_step(model, optimizer, x_train[idx], y_train[idx]))
                 bar.update()
-            norms = torch.cat(norms) if norms else torch.zeros(0)
+            norms = torch.cat(norms)
             accuracy = _accuracy(model, x_test, y_test)
             epsilon = dp_optimizer.epsilon(config.delta) if config.dp else math.inf
             row = {"epoch": epoch, "steps": epoch * steps_per_epoch,
@@ -165,7 +156,30 @@ def train_digits(config: TrainConfig) -> dict:
     return result
 
 
+def _dp_step(model: nn.Module, dp_optimizer: DPOptimizer, x: Tensor, y: Tensor, max_physical_batch_size: int
+             ) -> Tensor:
+    """One DP-SGD step on a Poisson batch, in physical batches; returns the per-example norms ``(B,)``."""
+    norms = []
+    for part_x, part_y in zip(x.split(max_physical_batch_size), y.split(max_physical_batch_size), strict=True):
+        grads = per_sample_grads(model, part_x, part_y)
+        norms.append(per_sample_norms(grads))
+        dp_optimizer.accumulate(clip_per_sample(grads, dp_optimizer.max_grad_norm, norms=norms[-1]), len(part_y))
+    dp_optimizer.step()
+    return torch.cat(norms)
+
+
+def _baseline_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: Tensor, y: Tensor) -> Tensor:
+    """One non-private step with the mean of the per-sample gradients (the batch gradient); returns their
+    norms ``(B,)``."""
+    grads = per_sample_grads(model, x, y)
+    for name, p in model.named_parameters():
+        p.grad = grads[name].mean(dim=0)
+    optimizer.step()
+    return per_sample_norms(grads)
+
+
 def _check(config: TrainConfig) -> None:
+    """The settings' ranges, checked before the data is loaded (the library checks them again where used)."""
     positive_ints = ("epochs", "batch_size", "max_physical_batch_size")
     for name in positive_ints:
         value = getattr(config, name)
