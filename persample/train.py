@@ -135,8 +135,13 @@ def train_digits(config: TrainConfig) -> dict:
             sys.stdout.flush()
     except KeyboardInterrupt:
         bar.close()
-        report.finish("interrupted", {"epochs_finished": epoch - 1})
+        # Every step taken spent privacy, the steps of the unfinished epoch too.
+        spent = dp_optimizer.epsilon(config.delta) if config.dp else math.inf
+        report.finish("interrupted", {"epochs_finished": epoch - 1, "epsilon": spent,
+                                      "steps": dp_optimizer.accountant.steps if config.dp else None})
         _say(f"interrupted during epoch {epoch}; the finished epochs are in {report.out}")
+        if config.dp:
+            _say(f"epsilon spent (delta={config.delta:g}): {spent:.3f} over {dp_optimizer.accountant.steps} steps")
         raise
     bar.close()
 

@@ -85,6 +85,10 @@ def test_interrupted_run_keeps_finished_epochs(tmp_path, monkeypatch, capsys):
     assert "epoch   1/2" in out and "interrupted during epoch 2" in out
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["status"] == "interrupted" and len(report["epochs"]) == 1
+    # The interrupted epoch's 1 finished step spent privacy too: 6 steps in all.
+    assert report["result"]["steps"] == 6
+    assert report["result"]["epsilon"] > report["epochs"][0]["epsilon"]
+    assert "over 6 steps" in out
     with open(tmp_path / "epochs.csv") as f:
         assert len(list(csv.DictReader(f))) == 1
     assert (tmp_path / "grad_norms.png").exists()
