@@ -1,0 +1,138 @@
+"""Privacy accounting for DP-SGD with Poisson sampling, through Opacus's accountants (never rewritten here).
+
+A DP-SGD step is one Poisson-subsampled Gaussian mechanism: each example is in the logical batch with
+probability ``sample_rate`` and the noise has std ``noise_multiplier * max_grad_norm``. A run is the list of
+``(noise_multiplier, sample_rate, steps)`` it took; ``"rdp"`` (Rényi DP, Mironov et al.) and ``"prv"``
+(privacy random variables, Gopi et al., tighter) turn it into ``epsilon`` at a given ``delta``.
+"""
+
+import math
+import warnings
+from typing import Literal
+
+from opacus.accountants import create_accountant
+from opacus.accountants.utils import get_noise_multiplier
+
+Mechanism = Literal["rdp", "prv"]
+_MECHANISMS = ("rdp", "prv")
+
+
+class PrivacyAccountant:
+    """Records the steps of a run and reports the epsilon spent.
+
+    Args:
+        mechanism: ``"rdp"`` (:class:`opacus.accountants.RDPAccountant`) or ``"prv"``
+            (:class:`opacus.accountants.PRVAccountant`).
+    """
+
+    def __init__(self, mechanism: Mechanism = "rdp"):
+        _check_mechanism(mechanism)
+        self.mechanism = mechanism
+        self._opacus = create_accountant(mechanism)
+
+    def step(self, *, noise_multiplier: float, sample_rate: float, num_steps: int = 1) -> None:
+        """Records ``num_steps`` steps with the given ``noise_multiplier`` (>= 0) and ``sample_rate`` in (0, 1]."""
+        _check_noise_multiplier(noise_multiplier)
+        _check_sample_rate(sample_rate)
+        if not isinstance(num_steps, int) or num_steps < 0:
+            raise ValueError(f"num_steps must be an int >= 0, got {num_steps!r}")
+        if num_steps == 0:
+            return
+        history = self._opacus.history
+        if history and history[-1][:2] == (noise_multiplier, sample_rate):
+            history[-1] = (noise_multiplier, sample_rate, history[-1][2] + num_steps)
+        else:
+            history.append((noise_multiplier, sample_rate, num_steps))
+
+    @property
+    def history(self) -> list[tuple[float, float, int]]:
+        """``[(noise_multiplier, sample_rate, steps), ...]`` in the order taken (a copy)."""
+        return list(self._opacus.history)
+
+    @property
+    def steps(self) -> int:
+        """Total steps recorded."""
+        return sum(steps for _, _, steps in self._opacus.history)
+
+    def epsilon(self, delta: float) -> float:
+        """The epsilon spent so far at ``delta`` in (0, 1): 0 before any step, inf if a step had no noise."""
+        _check_delta(delta)
+        history = self._opacus.history
+        if not history:
+            return 0.0
+        if any(noise_multiplier == 0 for noise_multiplier, _, _ in history):
+            return math.inf
+        return float(self._opacus.get_epsilon(delta=delta))
+
+
+def epsilon_for(
+    noise_multiplier: float,
+    delta: float,
+    sample_rate: float,
+    steps: int,
+    *,
+    accountant: Mechanism = "rdp",
+) -> float:
+    """The epsilon at ``delta`` after ``steps`` DP-SGD steps at ``noise_multiplier`` and ``sample_rate``."""
+    privacy = PrivacyAccountant(accountant)
+    privacy.step(noise_multiplier=noise_multiplier, sample_rate=sample_rate, num_steps=steps)
+    return privacy.epsilon(delta)
+
+
+def noise_multiplier_for(
+    target_epsilon: float,
+    delta: float,
+    sample_rate: float,
+    *,
+    steps: int | None = None,
+    epochs: float | None = None,
+    accountant: Mechanism = "rdp",
+    epsilon_tolerance: float = 0.01,
+) -> float:
+    """The smallest ``noise_multiplier`` (to ``epsilon_tolerance``) whose run stays within ``target_epsilon``.
+
+    Give either ``steps`` or ``epochs`` (``steps = int(epochs / sample_rate)``, Opacus's convention).
+    Binary search by :func:`opacus.accountants.utils.get_noise_multiplier`.
+
+    Raises:
+        ValueError: ``target_epsilon`` not > 0, ``delta`` not in (0, 1), ``sample_rate`` not in (0, 1],
+            neither or both of ``steps``/``epochs``, or a budget too small for any noise (Opacus's error).
+    """
+    if not (isinstance(target_epsilon, (int, float)) and target_epsilon > 0 and math.isfinite(target_epsilon)):
+        raise ValueError(f"target_epsilon must be a finite number > 0, got {target_epsilon!r}")
+    _check_delta(delta)
+    _check_sample_rate(sample_rate)
+    _check_mechanism(accountant)
+    if (steps is None) == (epochs is None):
+        raise ValueError(f"give exactly one of steps and epochs, got steps={steps!r}, epochs={epochs!r}")
+    if steps is not None and (not isinstance(steps, int) or steps < 1):
+        raise ValueError(f"steps must be an int >= 1, got {steps!r}")
+    if epochs is not None and not epochs > 0:
+        raise ValueError(f"epochs must be > 0, got {epochs!r}")
+    with warnings.catch_warnings():
+        # The search tries noise levels far below the answer, where RDP's best order is the largest one
+        # tried; Opacus warns about each such try, which says nothing about the result.
+        warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
+        return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta,
+                                          sample_rate=sample_rate, steps=steps, epochs=epochs,
+                                          accountant=accountant, epsilon_tolerance=epsilon_tolerance))
+
+
+def _check_mechanism(mechanism: str) -> None:
+    if mechanism not in _MECHANISMS:
+        raise ValueError(f"accountant must be one of {_MECHANISMS}, got {mechanism!r}")
+
+
+def _check_delta(delta: float) -> None:
+    if not (isinstance(delta, (int, float)) and 0 < delta < 1):
+        raise ValueError(f"delta must be in (0, 1), got {delta!r}")
+
+
+def _check_sample_rate(sample_rate: float) -> None:
+    if not (isinstance(sample_rate, (int, float)) and 0 < sample_rate <= 1):
+        raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate!r}")
+
+
+def _check_noise_multiplier(noise_multiplier: float) -> None:
+    if not (isinstance(noise_multiplier, (int, float)) and math.isfinite(noise_multiplier) and noise_multiplier >= 0):
+        raise ValueError(f"noise_multiplier must be a finite number >= 0, got {noise_multiplier!r}")

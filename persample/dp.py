@@ -1,0 +1,146 @@
+"""DP-SGD's optimizer: noise once per logical step on the sum of clipped per-sample gradients.
+
+One logical step (one Poisson-sampled batch, see :class:`persample.PoissonSampler`) may be split into
+several physical batches that fit in memory. For each physical batch some engine produces the clipped
+sum ``{name: sum_i clip(g_i)}`` (:func:`persample.clip_per_sample` on :func:`persample.per_sample_grads`,
+or a faster engine); :meth:`DPOptimizer.accumulate` adds it up, and :meth:`DPOptimizer.step` finishes the
+chain clip -> sum -> add noise -> scale::
+
+    p.grad = (sum of clipped per-sample gradients + N(0, (noise_multiplier * max_grad_norm)**2)) / expected_batch_size
+
+then steps the wrapped optimizer and records the step with the accountant. Dividing by the *expected*
+batch size (``sample_rate * dataset size``), not the realized one, keeps the sensitivity of the average
+fixed: the realized size depends on which examples were sampled, so it is private too.
+"""
+
+import math
+from collections.abc import Iterable, Mapping
+
+import torch
+from torch import Tensor, nn
+
+from persample.accounting import Mechanism, PrivacyAccountant, _check_noise_multiplier, _check_sample_rate
+from persample.clipping import _check_max_grad_norm
+from persample.noise import add_noise
+
+
+class DPOptimizer:
+    """Wraps any ``torch.optim.Optimizer`` to take DP-SGD steps from clipped per-sample gradient sums.
+
+    Args:
+        optimizer: the optimizer over the model's parameters (SGD, Adam, ...); it only ever sees noisy
+            gradients.
+        named_parameters: ``model.named_parameters()``; those with ``requires_grad`` are the ones trained,
+            and every one of them must be in ``optimizer``.
+        noise_multiplier: ``sigma`` >= 0; the noise std is ``noise_multiplier * max_grad_norm``.
+        max_grad_norm: the per-example clipping bound ``C`` > 0 the sums were clipped to.
+        expected_batch_size: ``sample_rate * dataset size`` > 0, the divisor of the noisy sum.
+        sample_rate: the Poisson sampling probability in (0, 1], recorded with every step for accounting.
+        accountant: ``"rdp"``, ``"prv"`` or a :class:`PrivacyAccountant` to record into.
+        generator: seeded ``torch.Generator`` for the noise (None: PyTorch's global generator).
+        secure_mode: draw the noise from the OS CSPRNG instead (see :mod:`persample.noise`).
+
+    Raises:
+        ValueError: a value out of range, or a trainable parameter that is not in ``optimizer``.
+    """
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        named_parameters: Iterable[tuple[str, nn.Parameter]],
+        *,
+        noise_multiplier: float,
+        max_grad_norm: float,
+        expected_batch_size: float,
+        sample_rate: float,
+        accountant: Mechanism | PrivacyAccountant = "rdp",
+        generator: torch.Generator | None = None,
+        secure_mode: bool = False,
+    ):
+        _check_noise_multiplier(noise_multiplier)
+        _check_max_grad_norm(max_grad_norm)
+        _check_sample_rate(sample_rate)
+        if not (isinstance(expected_batch_size, (int, float)) and math.isfinite(expected_batch_size)
+                and expected_batch_size > 0):
+            raise ValueError(f"expected_batch_size must be a finite number > 0, got {expected_batch_size!r}")
+        if secure_mode and generator is not None:
+            raise ValueError("secure_mode=True draws the noise from the OS CSPRNG: pass generator=None")
+        self.params = {name: p for name, p in named_parameters if p.requires_grad}
+        if not self.params:
+            raise ValueError("named_parameters has no parameter with requires_grad=True: nothing to train")
+        in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        missing = [name for name, p in self.params.items() if id(p) not in in_optimizer]
+        if missing:
+            raise ValueError(f"trainable parameters {missing} are not in the optimizer: DPOptimizer only steps "
+                             "parameters the wrapped optimizer holds")
+        named = {id(p) for p in self.params.values()}
+        untracked = [tuple(p.shape) for group in optimizer.param_groups for p in group["params"]
+                     if p.requires_grad and id(p) not in named]
+        if untracked:
+            raise ValueError(f"the optimizer holds trainable parameters (shapes {untracked}) that are not in "
+                             "named_parameters: they would be stepped without noise")
+        self.optimizer = optimizer
+        self.noise_multiplier = float(noise_multiplier)
+        self.max_grad_norm = float(max_grad_norm)
+        self.expected_batch_size = float(expected_batch_size)
+        self.sample_rate = float(sample_rate)
+        self.accountant = accountant if isinstance(accountant, PrivacyAccountant) else PrivacyAccountant(accountant)
+        self.generator = generator
+        self.secure_mode = secure_mode
+        self.num_examples = 0
+        self._summed: dict[str, Tensor] | None = None
+
+    @property
+    def param_groups(self) -> list[dict]:
+        """The wrapped optimizer's parameter groups (learning rates live there)."""
+        return self.optimizer.param_groups
+
+    def accumulate(self, summed_clipped: Mapping[str, Tensor], num_examples: int) -> None:
+        """Adds one physical batch's clipped sum ``{name: param.shape}`` over its ``num_examples`` examples.
+
+        An empty physical batch needs no call (or a call with zeros and ``num_examples=0``).
+
+        Raises:
+            ValueError: names or shapes that do not match the trainable parameters, ``num_examples < 0``.
+        """
+        if not isinstance(num_examples, int) or num_examples < 0:
+            raise ValueError(f"num_examples must be an int >= 0, got {num_examples!r}")
+        if set(summed_clipped) != set(self.params):
+            raise ValueError(f"summed_clipped must have one entry per trainable parameter: expected "
+                             f"{sorted(self.params)}, got {sorted(summed_clipped)}")
+        for name, p in self.params.items():
+            if tuple(summed_clipped[name].shape) != tuple(p.shape):
+                raise ValueError(f"summed_clipped[{name!r}] has shape {tuple(summed_clipped[name].shape)}, "
+                                 f"expected the parameter's shape {tuple(p.shape)} (sum over the batch first)")
+        if self._summed is None:
+            self._summed = {name: summed_clipped[name].detach().to(p.dtype).clone() for name, p in self.params.items()}
+        else:
+            for name, total in self._summed.items():
+                total.add_(summed_clipped[name].detach().to(total.dtype))
+        self.num_examples += num_examples
+
+    def step(self) -> None:
+        """Adds noise to the accumulated sum (zeros if nothing was accumulated), divides by
+        ``expected_batch_size``, writes ``p.grad``, steps the wrapped optimizer, records the step for
+        accounting, and clears the accumulation."""
+        summed = self._summed or {name: torch.zeros_like(p) for name, p in self.params.items()}
+        noisy = add_noise(summed, self.noise_multiplier * self.max_grad_norm, generator=self.generator,
+                          secure_mode=self.secure_mode)
+        for name, p in self.params.items():
+            p.grad = (noisy[name] / self.expected_batch_size).to(p.dtype)
+        self.optimizer.step()
+        self.accountant.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate)
+        self._clear()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Drops the accumulated sums and clears the parameters' gradients."""
+        self._clear()
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def epsilon(self, delta: float) -> float:
+        """The epsilon spent by the steps taken so far, at ``delta`` in (0, 1)."""
+        return self.accountant.epsilon(delta)
+
+    def _clear(self) -> None:
+        self._summed = None
+        self.num_examples = 0
