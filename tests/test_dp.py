@@ -5,10 +5,10 @@ import math
 import pytest
 import torch
 from opacus.accountants import RDPAccountant
-from test_noise import assert_gaussian
 from torch import nn
 
 import persample
+from tests.test_noise import assert_gaussian
 
 
 @pytest.fixture(autouse=True)
