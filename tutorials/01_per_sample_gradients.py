@@ -294,12 +294,11 @@ for name, method in methods.items():
 # the same dict. `chunk_size` bounds memory by mapping over the batch in chunks.
 
 # %%
-if hasattr(persample, "per_sample_grads"):
-    pipeline_grads = persample.per_sample_grads(model, x, y)
-    print(f"max relative difference to the loop: {max_difference(loop_grads, pipeline_grads):.1e}")
-    chunked = persample.per_sample_grads(model, x, y, chunk_size=4)
-    print(f"chunk_size=4, max relative difference to the loop: {max_difference(loop_grads, chunked):.1e}")
-    methods["persample.per_sample_grads"] = lambda: persample.per_sample_grads(model, x, y)
+pipeline_grads = persample.per_sample_grads(model, x, y)
+print(f"max relative difference to the loop: {max_difference(loop_grads, pipeline_grads):.1e}")
+chunked = persample.per_sample_grads(model, x, y, chunk_size=4)
+print(f"chunk_size=4, max relative difference to the loop: {max_difference(loop_grads, chunked):.1e}")
+methods["persample.per_sample_grads"] = lambda: persample.per_sample_grads(model, x, y)
 
 # %% [markdown]
 # ## The fast engine: norms without the gradients
