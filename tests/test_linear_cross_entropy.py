@@ -54,7 +54,7 @@ def _reference(hidden, weight, target, bias=None, class_weight=None, reduction="
         z = softcap * torch.tanh(z / softcap)
     if mask is not None:
         target = torch.where(mask, target, IGNORE)
-    zf, tf = z.reshape(-1, V), target.reshape(-1)
+    zf, tf = z.reshape(-1, z.shape[-1]), target.reshape(-1)
     cw = class_weight.double() if class_weight is not None else None
     rows = F.cross_entropy(zf, tf, weight=cw, ignore_index=IGNORE, reduction="none",
                            label_smoothing=label_smoothing)
