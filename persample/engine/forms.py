@@ -1,0 +1,176 @@
+"""Each example's gradient of one parameter, kept factored, and the two things the engine does with it.
+
+A layer rule describes each example's gradient of a parameter in one of three forms (``B`` examples,
+``T`` positions per example) instead of materializing it:
+
+* :class:`Dense` — ``g (B, *param_shape)``: materialized; for small parameters (biases, norm scales) and
+  for layers where materializing is cheaper than the factors (``T * (m + n) >= m * n``).
+* :class:`Outer` — ``grad_b = G_b^T A_b`` with ``G (B, T, m)``, ``A (B, T, n)``: a Linear weight (or an
+  unfolded Conv2d weight) from its output gradients and its inputs.
+* :class:`Rows` — ``grad_b = sum_t e_{index[b, t]} G[b, t]^T`` with ``G (B, T, n)``, ``index (B, T)``: an
+  Embedding table, whose rows receive the output gradients of the positions that looked them up.
+
+:func:`inner` gives ``<grad_b(x), grad_b(y)>`` for every example without forming either gradient. With
+``x is y`` that is the squared norm; for two uses of one parameter (an embedding tied to the LM head, a
+module called twice) it is the cross term, since the example's gradient is the sum of the uses and
+``||u + v||^2 = ||u||^2 + ||v||^2 + 2 <u, v>``. The Outer·Outer product is the ghost norm
+``<A_b A'_b^T, G_b G'_b^T>`` (``T x T'`` matrices, no ``m x n`` one), Rows·Rows compares indices instead
+of forming one-hot rows, Outer·Rows gathers ``G[b, s, index[b, t]]``.
+
+:func:`clipped_sum` gives ``sum_b c_b grad_b`` in one matmul (Outer), one ``index_add`` (Rows) or one
+matrix-vector product (Dense): the clipped, summed gradient is formed once, not per example.
+
+Work on ``(B, T, T')`` intermediates is split along the batch so that one chunk stays under
+``_CHUNK_ELEMENTS`` elements.
+"""
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+_CHUNK_ELEMENTS = 1 << 26
+
+
+@dataclass
+class Dense:
+    g: Tensor  # (B, *param_shape)
+
+
+@dataclass
+class Outer:
+    G: Tensor  # (B, T, m)
+    A: Tensor  # (B, T, n)
+    shape: torch.Size  # the parameter's shape, with m * n elements
+
+
+@dataclass
+class Rows:
+    G: Tensor  # (B, T, n)
+    index: Tensor  # (B, T) int64 in [0, num_rows)
+    shape: torch.Size  # (num_rows, n)
+
+
+Form = Dense | Outer | Rows
+
+
+def outer_or_dense(G: Tensor, A: Tensor, shape: torch.Size, strategy: str) -> Form:
+    """The cheaper form of ``grad_b = G_b^T A_b``: the factors when ``T (m + n) < m n`` (ghost norm), else
+    the materialized ``(B, m, n)`` gradients, which then cost less memory and less time.
+
+    ``strategy`` ``"ghost"`` / ``"materialize"`` forces one of them (tests exercise both paths).
+    """
+    T, m, n = G.shape[1], G.shape[2], A.shape[2]
+    if strategy == "ghost" or (strategy == "auto" and T * (m + n) < m * n):
+        return Outer(G, A, shape)
+    g = torch.bmm(G.transpose(1, 2), A.to(G.dtype))
+    return Dense(g.reshape(G.shape[0], *shape))
+
+
+def acc_dtype(*tensors: Tensor) -> torch.dtype:
+    """float64 if any tensor is float64, else float32: the dtype norms and per-example sums accumulate in."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def _common(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+    dtype = torch.promote_types(a.dtype, b.dtype)
+    return a.to(dtype), b.to(dtype)
+
+
+def _batch_chunks(B: int, per_example: int) -> list[slice]:
+    step = max(1, _CHUNK_ELEMENTS // max(1, per_example))
+    return [slice(i, min(i + step, B)) for i in range(0, B, step)]
+
+
+def _dense_dense(x: Dense, y: Dense) -> Tensor:
+    acc = acc_dtype(x.g, y.g)
+    return (x.g.to(acc) * y.g.to(acc)).flatten(1).sum(1)
+
+
+def _dense_outer(x: Dense, y: Outer) -> Tensor:
+    # <D_b, G_b^T A_b> = sum_t G_b[t] . (D_b A_b[t])
+    acc = acc_dtype(x.g, y.G)
+    B, m = y.G.shape[0], y.G.shape[2]
+    D = x.g.reshape(B, m, -1).to(acc)
+    return (torch.bmm(y.A.to(acc), D.transpose(1, 2)) * y.G.to(acc)).flatten(1).sum(1)
+
+
+def _dense_rows(x: Dense, y: Rows) -> Tensor:
+    # <D_b, sum_t e_{i_t} G_b[t]^T> = sum_t D_b[i_t] . G_b[t]
+    acc = acc_dtype(x.g, y.G)
+    B, T, n = y.G.shape
+    picked = x.g.reshape(B, -1, n).to(acc).gather(1, y.index[:, :, None].expand(B, T, n))
+    return (picked * y.G.to(acc)).flatten(1).sum(1)
+
+
+def _outer_outer(x: Outer, y: Outer) -> Tensor:
+    acc = acc_dtype(x.G, y.G)
+    B, Tx, Ty = x.G.shape[0], x.G.shape[1], y.G.shape[1]
+    out = torch.empty(B, dtype=acc, device=x.G.device)
+    for s in _batch_chunks(B, Tx * Ty):
+        gx, gy = _common(x.G[s], y.G[s])
+        ax, ay = _common(x.A[s], y.A[s])
+        gg = torch.bmm(gx, gy.transpose(1, 2)).to(acc)
+        aa = torch.bmm(ax, ay.transpose(1, 2)).to(acc)
+        out[s] = (gg * aa).flatten(1).sum(1)
+    return out
+
+
+def _outer_rows(x: Outer, y: Rows) -> Tensor:
+    # <G_b^T A_b, R_b> = sum_{s,t} G_b[s, i_t] <A_b[s], G'_b[t]>: the Outer gradient read at the looked-up rows.
+    acc = acc_dtype(x.G, y.G)
+    B, Tx, Ty = x.G.shape[0], x.G.shape[1], y.G.shape[1]
+    out = torch.empty(B, dtype=acc, device=x.G.device)
+    for s in _batch_chunks(B, Tx * Ty):
+        picked = x.G[s].gather(2, y.index[s, None, :].expand(-1, Tx, Ty)).to(acc)
+        a, g = _common(x.A[s], y.G[s])
+        out[s] = (picked * torch.bmm(a, g.transpose(1, 2)).to(acc)).flatten(1).sum(1)
+    return out
+
+
+def _rows_rows(x: Rows, y: Rows) -> Tensor:
+    # Only positions that looked up the same row interact.
+    acc = acc_dtype(x.G, y.G)
+    B, Tx, Ty = x.G.shape[0], x.G.shape[1], y.G.shape[1]
+    out = torch.empty(B, dtype=acc, device=x.G.device)
+    for s in _batch_chunks(B, Tx * Ty):
+        gx, gy = _common(x.G[s], y.G[s])
+        gg = torch.bmm(gx, gy.transpose(1, 2)).to(acc)
+        same = x.index[s, :, None] == y.index[s, None, :]
+        out[s] = torch.where(same, gg, 0.0).flatten(1).sum(1)
+    return out
+
+
+_INNER = {
+    (Dense, Dense): _dense_dense,
+    (Dense, Outer): _dense_outer,
+    (Dense, Rows): _dense_rows,
+    (Outer, Outer): _outer_outer,
+    (Outer, Rows): _outer_rows,
+    (Rows, Rows): _rows_rows,
+}
+
+
+def inner(x: Form, y: Form) -> Tensor:
+    """``<grad_b(x), grad_b(y)>`` for each example: ``(B,)`` in float32 (float64 for float64 inputs)."""
+    rule = _INNER.get((type(x), type(y)))
+    if rule is not None:
+        return rule(x, y)
+    return _INNER[(type(y), type(x))](y, x)
+
+
+def clipped_sum(x: Form, c: Tensor, dtype: torch.dtype) -> Tensor:
+    """``sum_b c_b grad_b(x)`` with ``c (B,)``, in the parameter's shape and ``dtype``."""
+    if isinstance(x, Dense):
+        return (c.to(x.g.dtype) @ x.g.flatten(1)).reshape(x.g.shape[1:]).to(dtype)
+    if isinstance(x, Outer):
+        G, A = _common(x.G, x.A)
+        # Scale whichever factor is smaller; the product is formed once for the whole batch.
+        if G.shape[2] <= A.shape[2]:
+            G = G * c.to(G.dtype)[:, None, None]
+        else:
+            A = A * c.to(A.dtype)[:, None, None]
+        return (G.flatten(0, 1).T @ A.flatten(0, 1)).reshape(x.shape).to(dtype)
+    n = x.G.shape[2]
+    scaled = (x.G * c.to(x.G.dtype)[:, None, None]).reshape(-1, n).to(dtype)
+    return torch.zeros(x.shape, dtype=dtype, device=x.G.device).index_add_(0, x.index.reshape(-1), scaled)
