@@ -3,8 +3,9 @@
 A layer rule describes each example's gradient of a parameter in one of three forms (``B`` examples,
 ``T`` positions per example) instead of materializing it:
 
-* :class:`Dense` — ``g (B, *param_shape)``: materialized; for small parameters (biases, norm scales) and
-  for layers where materializing is cheaper than the factors (``T * (m + n) >= m * n``).
+* :class:`Dense` — ``g (B, *param_shape)`` in float32 (float64 for float64 models): materialized; for
+  small parameters (biases, norm scales) and for layers where materializing is cheaper than the factors
+  (``T * (m + n) >= m * n``).
 * :class:`Outer` — ``grad_b = G_b^T A_b`` with ``G (B, T, m)``, ``A (B, T, n)``: a Linear weight (or an
   unfolded Conv2d weight) from its output gradients and its inputs.
 * :class:`Rows` — ``grad_b = sum_t e_{index[b, t]} G[b, t]^T`` with ``G (B, T, n)``, ``index (B, T)``: an
@@ -64,11 +65,11 @@ def outer_or_dense(G: Tensor, A: Tensor, shape: torch.Size, strategy: str) -> Fo
     if strategy == "ghost" or (strategy == "auto" and T * (m + n) < m * n):
         return Outer(G, A, shape)
     g = torch.bmm(G.transpose(1, 2), A.to(G.dtype))
-    return Dense(g.reshape(G.shape[0], *shape))
+    return Dense(g.reshape(G.shape[0], *shape).to(acc_dtype(G)))
 
 
 def acc_dtype(*tensors: Tensor) -> torch.dtype:
-    """float64 if any tensor is float64, else float32: the dtype norms and per-example sums accumulate in."""
+    """float64 if any tensor is float64, else float32: the dtype of norms and of Dense forms."""
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
@@ -77,14 +78,23 @@ def _common(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
     return a.to(dtype), b.to(dtype)
 
 
-def _batch_chunks(B: int, per_example: int) -> list[slice]:
+def batched_dot(x: Tensor, y: Tensor) -> Tensor:
+    """``(B,)`` dot products of ``x[b]`` and ``y[b]`` (same shape and dtype), in one batched matmul."""
+    B = x.shape[0]
+    return torch.bmm(x.reshape(B, 1, -1), y.reshape(B, -1, 1)).reshape(B)
+
+
+def _by_chunks(B: int, per_example: int, dot) -> Tensor:
+    """``dot(slice)`` over slices of the batch whose ``(b, T, T')`` intermediates fit ``_CHUNK_ELEMENTS``."""
     step = max(1, _CHUNK_ELEMENTS // max(1, per_example))
-    return [slice(i, min(i + step, B)) for i in range(0, B, step)]
+    if step >= B:
+        return dot(slice(None))
+    return torch.cat([dot(slice(i, i + step)) for i in range(0, B, step)])
 
 
 def _dense_dense(x: Dense, y: Dense) -> Tensor:
-    acc = acc_dtype(x.g, y.g)
-    return (x.g.to(acc) * y.g.to(acc)).flatten(1).sum(1)
+    a, b = _common(x.g, y.g)
+    return batched_dot(a, b)
 
 
 def _dense_outer(x: Dense, y: Outer) -> Tensor:
@@ -92,7 +102,7 @@ def _dense_outer(x: Dense, y: Outer) -> Tensor:
     acc = acc_dtype(x.g, y.G)
     B, m = y.G.shape[0], y.G.shape[2]
     D = x.g.reshape(B, m, -1).to(acc)
-    return (torch.bmm(y.A.to(acc), D.transpose(1, 2)) * y.G.to(acc)).flatten(1).sum(1)
+    return batched_dot(torch.bmm(y.A.to(acc), D.transpose(1, 2)), y.G.to(acc))
 
 
 def _dense_rows(x: Dense, y: Rows) -> Tensor:
@@ -100,45 +110,47 @@ def _dense_rows(x: Dense, y: Rows) -> Tensor:
     acc = acc_dtype(x.g, y.G)
     B, T, n = y.G.shape
     picked = x.g.reshape(B, -1, n).to(acc).gather(1, y.index[:, :, None].expand(B, T, n))
-    return (picked * y.G.to(acc)).flatten(1).sum(1)
+    return batched_dot(picked, y.G.to(acc))
 
 
 def _outer_outer(x: Outer, y: Outer) -> Tensor:
     acc = acc_dtype(x.G, y.G)
     B, Tx, Ty = x.G.shape[0], x.G.shape[1], y.G.shape[1]
-    out = torch.empty(B, dtype=acc, device=x.G.device)
-    for s in _batch_chunks(B, Tx * Ty):
+
+    def dot(s: slice) -> Tensor:
         gx, gy = _common(x.G[s], y.G[s])
         ax, ay = _common(x.A[s], y.A[s])
         gg = torch.bmm(gx, gy.transpose(1, 2)).to(acc)
         aa = torch.bmm(ax, ay.transpose(1, 2)).to(acc)
-        out[s] = (gg * aa).flatten(1).sum(1)
-    return out
+        return batched_dot(gg, aa)
+
+    return _by_chunks(B, Tx * Ty, dot)
 
 
 def _outer_rows(x: Outer, y: Rows) -> Tensor:
     # <G_b^T A_b, R_b> = sum_{s,t} G_b[s, i_t] <A_b[s], G'_b[t]>: the Outer gradient read at the looked-up rows.
     acc = acc_dtype(x.G, y.G)
     B, Tx, Ty = x.G.shape[0], x.G.shape[1], y.G.shape[1]
-    out = torch.empty(B, dtype=acc, device=x.G.device)
-    for s in _batch_chunks(B, Tx * Ty):
+
+    def dot(s: slice) -> Tensor:
         picked = x.G[s].gather(2, y.index[s, None, :].expand(-1, Tx, Ty)).to(acc)
         a, g = _common(x.A[s], y.G[s])
-        out[s] = (picked * torch.bmm(a, g.transpose(1, 2)).to(acc)).flatten(1).sum(1)
-    return out
+        return batched_dot(picked, torch.bmm(a, g.transpose(1, 2)).to(acc))
+
+    return _by_chunks(B, Tx * Ty, dot)
 
 
 def _rows_rows(x: Rows, y: Rows) -> Tensor:
     # Only positions that looked up the same row interact.
     acc = acc_dtype(x.G, y.G)
     B, Tx, Ty = x.G.shape[0], x.G.shape[1], y.G.shape[1]
-    out = torch.empty(B, dtype=acc, device=x.G.device)
-    for s in _batch_chunks(B, Tx * Ty):
+
+    def dot(s: slice) -> Tensor:
         gx, gy = _common(x.G[s], y.G[s])
-        gg = torch.bmm(gx, gy.transpose(1, 2)).to(acc)
-        same = x.index[s, :, None] == y.index[s, None, :]
-        out[s] = torch.where(same, gg, 0.0).flatten(1).sum(1)
-    return out
+        same = (x.index[s, :, None] == y.index[s, None, :]).to(acc)
+        return batched_dot(torch.bmm(gx, gy.transpose(1, 2)).to(acc), same)
+
+    return _by_chunks(B, Tx * Ty, dot)
 
 
 _INNER = {

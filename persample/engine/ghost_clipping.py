@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_leaves, tree_unflatten
 
 from persample.engine import layers  # noqa: F401  (registers the rules)
-from persample.engine.forms import Form, clipped_sum, inner
+from persample.engine.forms import Dense, Form, batched_dot, clipped_sum, inner
 from persample.engine.layers import fallback
 from persample.engine.output_grad import loss_and_output_grad
 from persample.engine.registry import Call, Rule, rule_for
@@ -75,8 +75,9 @@ class _Step:
     batch_size: int
     index_ndim: int | None
     strategy: str
-    forms: dict[int, list[Form]] = field(default_factory=dict)
+    forms: dict[nn.Parameter, list[Form]] = field(default_factory=dict)
     fallbacks: list[tuple[Call, list]] = field(default_factory=list)
+    packed: list[tuple[Tensor, list[nn.Parameter]]] = field(default_factory=list)
     anchors: dict[torch.device, Tensor] = field(default_factory=dict)
 
     def is_batched(self, x: Tensor) -> bool:
@@ -97,7 +98,19 @@ class _Step:
 
     def add(self, call: Call, forms: dict[str, Form]) -> None:
         for name, form in forms.items():
-            self.forms.setdefault(id(call.params[name]), []).append(form)
+            self.forms.setdefault(call.params[name], []).append(form)
+
+    def pack_dense(self) -> None:
+        """Concatenates the parameters whose one form is Dense (biases, norm scales, small layers) into
+        ``(B, K)`` blocks, one per dtype: their norms and clipped sums are then one op each, not a few per
+        parameter, which is most of the ops of a step."""
+        groups: dict[tuple[torch.dtype, torch.device], list[nn.Parameter]] = {}
+        for p, forms in self.forms.items():
+            if len(forms) == 1 and isinstance(forms[0], Dense):
+                groups.setdefault((forms[0].g.dtype, forms[0].g.device), []).append(p)
+        for params in groups.values():
+            flat = torch.cat([self.forms.pop(p)[0].g.reshape(self.batch_size, -1) for p in params], 1)
+            self.packed.append((flat, params))
 
 
 def _autocast_state(x: Tensor) -> tuple[str, torch.dtype] | None:
@@ -243,14 +256,20 @@ class GhostClipping:
         step, losses = self._backward(inputs, targets)
         norms = self._norms(step)
         factors = (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
-        grads = {}
-        for name, p in self._plan.trainable.items():
-            forms = step.forms.pop(id(p), [])
-            total = torch.zeros_like(p, memory_format=torch.contiguous_format)
+        grads: dict[nn.Parameter, Tensor] = {}
+        for flat, params in step.packed:
+            summed = factors.to(flat.dtype) @ flat
+            for p, part in zip(params, summed.split([p.numel() for p in params]), strict=True):
+                grads[p] = part.view(p.shape).to(p.dtype)
+        step.packed.clear()
+        for p in list(step.forms):
+            forms = step.forms.pop(p)
+            total = clipped_sum(forms.pop(), factors, p.dtype)
             while forms:
                 total += clipped_sum(forms.pop(), factors, p.dtype)
-            grads[name] = total
-        return ClippedGradSum(grads, norms, losses)
+            grads[p] = total
+        return ClippedGradSum({name: grads[p] if p in grads else torch.zeros_like(p)
+                               for name, p in self._plan.trainable.items()}, norms, losses)
 
     def per_sample_grad_norms(self, inputs: Tensor | tuple, targets: Tensor) -> Tensor:
         """``(B,)`` each example's gradient norm over all trainable parameters, without clipping."""
@@ -286,19 +305,21 @@ class GhostClipping:
             if any(g is not None for g in grads):
                 step.add(call, fallback.per_example_grads(call, grads, step.is_batched))
         step.fallbacks.clear()
+        step.pack_dense()
         return step, losses
 
     def _norms(self, step: _Step) -> Tensor:
         params = list(self._plan.trainable.values())
         acc = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
-        device = params[0].device if params else torch.device("cpu")
-        squared = torch.zeros(step.batch_size, dtype=acc, device=device)
+        terms = [batched_dot(flat, flat).to(acc) for flat, _ in step.packed]
         for forms in step.forms.values():
             for i, x in enumerate(forms):
-                squared += inner(x, x)
-                for y in forms[i + 1:]:
-                    squared += 2 * inner(x, y)
-        return squared.clamp_min(0).sqrt()
+                terms.append(inner(x, x).to(acc))
+                terms.extend(2 * inner(x, y).to(acc) for y in forms[i + 1:])
+        if not terms:
+            device = params[0].device if params else torch.device("cpu")
+            return torch.zeros(step.batch_size, dtype=acc, device=device)
+        return torch.stack(terms).sum(0).clamp_min(0).sqrt()
 
 
 def clipped_grad_sum(model: nn.Module, inputs: Tensor | tuple, targets: Tensor, *, max_grad_norm: float,

@@ -45,7 +45,7 @@ def conv2d(call: Call, grad_output: Tensor, strategy: str) -> dict[str, Form]:
         else:
             g = module.groups
             per_group = torch.einsum("bgol,bgcl->bgoc", G.reshape(B, g, -1, L), cols.reshape(B, g, -1, L).to(G.dtype))
-            forms["weight"] = Dense(per_group.reshape(B, *shape))
+            forms["weight"] = Dense(per_group.reshape(B, *shape).to(acc_dtype(G)))
     if "bias" in call.params:
         forms["bias"] = Dense(G.sum(2, dtype=acc_dtype(G)))
     return forms

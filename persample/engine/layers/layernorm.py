@@ -2,7 +2,7 @@
 
 Each example's gradients are materialized (they are as small as the parameters): ``sum G * x_hat`` for the
 scale and ``sum G`` for the shift, summed over the positions between the batch and the normalized dims.
-``x_hat`` is recomputed from the saved input in float32 (float64 for float64 inputs).
+``x_hat`` is recomputed from the saved input in float32 (float64 for float64 inputs), in one kernel.
 """
 
 import torch
@@ -28,18 +28,15 @@ def _scale_and_shift(call: Call, grad_output: Tensor, x_hat: Tensor, dims: int) 
 def layer_norm(call: Call, grad_output: Tensor, strategy: str) -> dict[str, Form]:
     module = call.module
     x = call.args[0]
-    dims = len(module.normalized_shape)
-    x = x.to(acc_dtype(x))
-    var, mean = torch.var_mean(x, dim=tuple(range(-dims, 0)), correction=0, keepdim=True)
-    return _scale_and_shift(call, grad_output, (x - mean) * torch.rsqrt(var + module.eps), dims)
+    x_hat = torch.native_layer_norm(x.to(acc_dtype(x)), module.normalized_shape, None, None, module.eps)[0]
+    return _scale_and_shift(call, grad_output, x_hat, len(module.normalized_shape))
 
 
 @register_rule(nn.RMSNorm, params=("weight",))
 def rms_norm(call: Call, grad_output: Tensor, strategy: str) -> dict[str, Form]:
     module = call.module
     x = call.args[0]
-    dims = len(module.normalized_shape)
+    # nn.RMSNorm's default eps is that of the input's dtype, not of the float32 copy.
     eps = module.eps if module.eps is not None else torch.finfo(x.dtype).eps
-    x = x.to(acc_dtype(x))
-    mean_square = x.square().mean(dim=tuple(range(-dims, 0)), keepdim=True)
-    return _scale_and_shift(call, grad_output, x * torch.rsqrt(mean_square + eps), dims)
+    x_hat = torch.rms_norm(x.to(acc_dtype(x)), module.normalized_shape, None, eps)
+    return _scale_and_shift(call, grad_output, x_hat, len(module.normalized_shape))
