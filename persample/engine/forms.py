@@ -74,6 +74,8 @@ def acc_dtype(*tensors: Tensor) -> torch.dtype:
 
 
 def _common(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+    if a.dtype == b.dtype:
+        return a, b
     dtype = torch.promote_types(a.dtype, b.dtype)
     return a.to(dtype), b.to(dtype)
 
@@ -84,12 +86,13 @@ def batched_dot(x: Tensor, y: Tensor) -> Tensor:
     return torch.bmm(x.reshape(B, 1, -1), y.reshape(B, -1, 1)).reshape(B)
 
 
-def _by_chunks(B: int, per_example: int, dot) -> Tensor:
-    """``dot(slice)`` over slices of the batch whose ``(b, T, T')`` intermediates fit ``_CHUNK_ELEMENTS``."""
+def _by_chunks(per_example: int, dot, *tensors: Tensor) -> Tensor:
+    """``dot(*tensors)`` over slices of the batch whose ``(b, T, T')`` intermediates fit ``_CHUNK_ELEMENTS``."""
+    B = tensors[0].shape[0]
     step = max(1, _CHUNK_ELEMENTS // max(1, per_example))
     if step >= B:
-        return dot(slice(None))
-    return torch.cat([dot(slice(i, i + step)) for i in range(0, B, step)])
+        return dot(*tensors)
+    return torch.cat([dot(*(t[i:i + step] for t in tensors)) for i in range(0, B, step)])
 
 
 def _dense_dense(x: Dense, y: Dense) -> Tensor:
@@ -115,42 +118,40 @@ def _dense_rows(x: Dense, y: Rows) -> Tensor:
 
 def _outer_outer(x: Outer, y: Outer) -> Tensor:
     acc = acc_dtype(x.G, y.G)
-    B, Tx, Ty = x.G.shape[0], x.G.shape[1], y.G.shape[1]
 
-    def dot(s: slice) -> Tensor:
-        gx, gy = _common(x.G[s], y.G[s])
-        ax, ay = _common(x.A[s], y.A[s])
+    def dot(gx: Tensor, gy: Tensor, ax: Tensor, ay: Tensor) -> Tensor:
+        gx, gy = _common(gx, gy)
+        ax, ay = _common(ax, ay)
         gg = torch.bmm(gx, gy.transpose(1, 2)).to(acc)
         aa = torch.bmm(ax, ay.transpose(1, 2)).to(acc)
         return batched_dot(gg, aa)
 
-    return _by_chunks(B, Tx * Ty, dot)
+    return _by_chunks(x.G.shape[1] * y.G.shape[1], dot, x.G, y.G, x.A, y.A)
 
 
 def _outer_rows(x: Outer, y: Rows) -> Tensor:
     # <G_b^T A_b, R_b> = sum_{s,t} G_b[s, i_t] <A_b[s], G'_b[t]>: the Outer gradient read at the looked-up rows.
     acc = acc_dtype(x.G, y.G)
-    B, Tx, Ty = x.G.shape[0], x.G.shape[1], y.G.shape[1]
+    Tx, Ty = x.G.shape[1], y.G.shape[1]
 
-    def dot(s: slice) -> Tensor:
-        picked = x.G[s].gather(2, y.index[s, None, :].expand(-1, Tx, Ty)).to(acc)
-        a, g = _common(x.A[s], y.G[s])
+    def dot(gx: Tensor, ax: Tensor, gy: Tensor, index: Tensor) -> Tensor:
+        picked = gx.gather(2, index[:, None, :].expand(-1, Tx, Ty)).to(acc)
+        a, g = _common(ax, gy)
         return batched_dot(picked, torch.bmm(a, g.transpose(1, 2)).to(acc))
 
-    return _by_chunks(B, Tx * Ty, dot)
+    return _by_chunks(Tx * Ty, dot, x.G, x.A, y.G, y.index)
 
 
 def _rows_rows(x: Rows, y: Rows) -> Tensor:
     # Only positions that looked up the same row interact.
     acc = acc_dtype(x.G, y.G)
-    B, Tx, Ty = x.G.shape[0], x.G.shape[1], y.G.shape[1]
 
-    def dot(s: slice) -> Tensor:
-        gx, gy = _common(x.G[s], y.G[s])
-        same = (x.index[s, :, None] == y.index[s, None, :]).to(acc)
+    def dot(gx: Tensor, gy: Tensor, ix: Tensor, iy: Tensor) -> Tensor:
+        gx, gy = _common(gx, gy)
+        same = (ix[:, :, None] == iy[:, None, :]).to(acc)
         return batched_dot(torch.bmm(gx, gy.transpose(1, 2)).to(acc), same)
 
-    return _by_chunks(B, Tx * Ty, dot)
+    return _by_chunks(x.G.shape[1] * y.G.shape[1], dot, x.G, y.G, x.index, y.index)
 
 
 _INNER = {
