@@ -170,7 +170,7 @@ def _fallback_hook(step: _Step, params: dict[str, nn.Parameter]):
 
 
 @contextmanager
-def _recording(plan: _Plan, step: _Step):
+def _recording(plan: _Plan, step: _Step, autocast: bool):
     """Hooks on the planned modules and trainable parameters frozen, for the duration of the forward."""
     params = {id(p): p for _, _, used in plan.modules for p in used.values()}
     handles = []
@@ -181,7 +181,7 @@ def _recording(plan: _Plan, step: _Step):
             if rule is None:
                 handles.append(module.register_forward_hook(_fallback_hook(step, used), with_kwargs=True))
                 continue
-            if rule.cast_input:
+            if autocast and rule.cast_input:
                 handles.append(module.register_forward_pre_hook(_cast_for_autocast))
             handles.append(module.register_forward_hook(_rule_hook(step, rule, used), with_kwargs=True))
         yield
@@ -293,7 +293,9 @@ class GhostClipping:
         first = args[0] if isinstance(args[0], Tensor) else None
         index_ndim = first.ndim if first is not None and not first.is_floating_point() else None
         step = _Step(batch_size, index_ndim, self.strategy)
-        with _recording(plan, step):
+        devices = {p.device.type for p in plan.trainable.values()}
+        autocast = any(torch.is_autocast_enabled(d) for d in devices)
+        with _recording(plan, step, autocast):
             output = self.model(*args)
         losses, output_grad = loss_and_output_grad(output, targets, ignore_index=self.ignore_index,
                                                    loss_fn=self.loss_fn)

@@ -53,8 +53,10 @@ def parameter_uses(model: nn.Module, forward: Callable[[], object], trainable: d
     for module in model.modules():
         handles.append(module.register_forward_pre_hook(enter))
         handles.append(module.register_forward_hook(leave))
+    cuda = sorted({p.device.index or 0 for p in trainable.values() if p.device.type == "cuda"})
     try:
-        with torch.no_grad(), _Recorder(trainable, stack, found):
+        # The extra forward must not advance the random streams (dropout) of the step that follows.
+        with torch.random.fork_rng(devices=cuda), torch.no_grad(), _Recorder(trainable, stack, found):
             forward()
     finally:
         for h in handles:
