@@ -5,6 +5,15 @@ A fused Triton cross-entropy that yields each example's loss and logit gradient 
 """
 
 from persample.cross_entropy import CrossEntropyLoss, cross_entropy, cross_entropy_with_grad
+from persample.engine import ClippedGradSum, GhostClipping, clipped_grad_sum, per_sample_grad_norms_fast
 
-__all__ = ["CrossEntropyLoss", "cross_entropy", "cross_entropy_with_grad"]
+__all__ = [
+    "ClippedGradSum",
+    "CrossEntropyLoss",
+    "GhostClipping",
+    "clipped_grad_sum",
+    "cross_entropy",
+    "cross_entropy_with_grad",
+    "per_sample_grad_norms_fast",
+]
 __version__ = "0.1.0"

@@ -33,7 +33,7 @@ from typing import Literal, NamedTuple
 
 import torch
 from torch import Tensor, nn
-from torch.utils._pytree import tree_flatten, tree_leaves, tree_unflatten
+from torch.utils._pytree import tree_flatten, tree_leaves, tree_map_only, tree_unflatten
 
 from persample.engine import layers  # noqa: F401  (registers the rules)
 from persample.engine.forms import Dense, Form, batched_dot, clipped_sum, inner
@@ -61,11 +61,23 @@ class ClippedGradSum(NamedTuple):
 
 
 @dataclass
+class _Hooked:
+    """A module whose calls the engine records: by its rule, or by the fallback (``rule`` None), for the
+    trainable parameters it uses. ``constant`` are the planned descendants that use some of the same
+    parameters: their uses have records of their own, so the fallback holds their outputs constant."""
+
+    module: nn.Module
+    rule: Rule | None
+    used: dict[str, nn.Parameter]
+    constant: list[nn.Module]
+
+
+@dataclass
 class _Plan:
     """Which modules to hook and with what, for one set of trainable parameters."""
 
     trainable: dict[str, nn.Parameter]
-    modules: list[tuple[nn.Module, Rule | None, dict[str, nn.Parameter]]]
+    modules: list[_Hooked]
 
 
 @dataclass
@@ -76,7 +88,7 @@ class _Step:
     index_ndim: int | None
     strategy: str
     forms: dict[nn.Parameter, list[Form]] = field(default_factory=dict)
-    fallbacks: list[tuple[Call, list]] = field(default_factory=list)
+    fallbacks: list[tuple[Call, list, list[nn.Module]]] = field(default_factory=list)
     packed: list[tuple[Tensor, list[nn.Parameter]]] = field(default_factory=list)
     anchors: dict[torch.device, Tensor] = field(default_factory=dict)
 
@@ -134,10 +146,9 @@ def _rule_hook(step: _Step, rule: Rule, params: dict[str, nn.Parameter]):
         if not isinstance(output, Tensor) or not args or not isinstance(args[0], Tensor):
             raise TypeError(f"{type(module).__name__} must take a tensor first and return a tensor, got "
                             f"{type(args[0]).__name__ if args else 'no input'} -> {type(output).__name__}")
-        x = args[0]
+        x = args[0].detach()
         shared = not step.is_batched(x)
-        if shared:
-            args = (x.expand(step.batch_size, *x.shape), *args[1:])
+        args = (x.expand(step.batch_size, *x.shape) if shared else x, *args[1:])
         call = Call(module, args, kwargs, params, _autocast_state(x))
         version = x._version
 
@@ -153,14 +164,15 @@ def _rule_hook(step: _Step, rule: Rule, params: dict[str, nn.Parameter]):
     return hook
 
 
-def _fallback_hook(step: _Step, params: dict[str, nn.Parameter]):
+def _fallback_hook(step: _Step, params: dict[str, nn.Parameter], constant: list[nn.Module]):
     def hook(module: nn.Module, args: tuple, kwargs: dict, output):
+        args, kwargs = tree_map_only(Tensor, Tensor.detach, (args, kwargs))
         first = next((v for v in tree_leaves((args, kwargs)) if isinstance(v, Tensor)), None)
         shared = first is None or not step.is_batched(first)
         leaves, spec = tree_flatten(output)
         grads: list[Tensor | None] = [None] * len(leaves)
         probe = first if first is not None else leaves[0]
-        step.fallbacks.append((Call(module, args, kwargs, params, _autocast_state(probe)), grads))
+        step.fallbacks.append((Call(module, args, kwargs, params, _autocast_state(probe)), grads, constant))
         for i, leaf in enumerate(leaves):
             if isinstance(leaf, Tensor) and leaf.is_floating_point():
                 leaves[i] = step.watch(leaf, shared, lambda g, i=i: grads.__setitem__(i, g))
@@ -172,18 +184,19 @@ def _fallback_hook(step: _Step, params: dict[str, nn.Parameter]):
 @contextmanager
 def _recording(plan: _Plan, step: _Step, autocast: bool):
     """Hooks on the planned modules and trainable parameters frozen, for the duration of the forward."""
-    params = {id(p): p for _, _, used in plan.modules for p in used.values()}
+    params = {id(p): p for h in plan.modules for p in h.used.values()}
     handles = []
     try:
         for p in params.values():
             p.requires_grad_(False)
-        for module, rule, used in plan.modules:
-            if rule is None:
-                handles.append(module.register_forward_hook(_fallback_hook(step, used), with_kwargs=True))
+        for h in plan.modules:
+            if h.rule is None:
+                hook = _fallback_hook(step, h.used, h.constant)
+                handles.append(h.module.register_forward_hook(hook, with_kwargs=True))
                 continue
-            if autocast and rule.cast_input:
-                handles.append(module.register_forward_pre_hook(_cast_for_autocast))
-            handles.append(module.register_forward_hook(_rule_hook(step, rule, used), with_kwargs=True))
+            if autocast and h.rule.cast_input:
+                handles.append(h.module.register_forward_pre_hook(_cast_for_autocast))
+            handles.append(h.module.register_forward_hook(_rule_hook(step, h.rule, h.used), with_kwargs=True))
         yield
     finally:
         for h in handles:
@@ -246,6 +259,7 @@ class GhostClipping:
         self.strategy = strategy
         self._plan: _Plan | None = None
 
+    @torch.no_grad()
     def clipped_grad_sum(self, inputs: Tensor | tuple, targets: Tensor) -> ClippedGradSum:
         """One step on a physical batch: ``model(inputs)`` (a tuple is unpacked into positional
         arguments), each example's loss against ``targets``, norms, and ``sum_b c_b grad_b``.
@@ -271,6 +285,7 @@ class GhostClipping:
         return ClippedGradSum({name: grads[p] if p in grads else torch.zeros_like(p)
                                for name, p in self._plan.trainable.items()}, norms, losses)
 
+    @torch.no_grad()
     def per_sample_grad_norms(self, inputs: Tensor | tuple, targets: Tensor) -> Tensor:
         """``(B,)`` each example's gradient norm over all trainable parameters, without clipping."""
         step, _ = self._backward(inputs, targets)
@@ -282,8 +297,13 @@ class GhostClipping:
                 id(p) for p in trainable.values()]:
             return self._plan
         uses = parameter_uses(self.model, lambda: self.model(*args), {id(p): p for p in trainable.values()})
-        modules = [(m, rule_for(m, set(used)), used) for m, used in uses.items()]
-        self._plan = _Plan(trainable, modules)
+        hooked = []
+        for module, used in uses.items():
+            ids = {id(p) for p in used.values()}
+            constant = [m for m in module.modules() if m is not module and m in uses
+                        and ids & {id(p) for p in uses[m].values()}]
+            hooked.append(_Hooked(module, rule_for(module, set(used)), used, constant))
+        self._plan = _Plan(trainable, hooked)
         return self._plan
 
     def _backward(self, inputs, targets) -> tuple[_Step, Tensor]:
@@ -295,7 +315,7 @@ class GhostClipping:
         step = _Step(batch_size, index_ndim, self.strategy)
         devices = {p.device.type for p in plan.trainable.values()}
         autocast = any(torch.is_autocast_enabled(d) for d in devices)
-        with _recording(plan, step, autocast):
+        with _recording(plan, step, autocast), torch.enable_grad():
             output = self.model(*args)
         losses, output_grad = loss_and_output_grad(output, targets, ignore_index=self.ignore_index,
                                                    loss_fn=self.loss_fn)
@@ -303,9 +323,9 @@ class GhostClipping:
             with torch.autocast(output.device.type, enabled=False):
                 torch.autograd.backward(output, output_grad)
         del output, output_grad
-        for call, grads in step.fallbacks:
+        for call, grads, constant in step.fallbacks:
             if any(g is not None for g in grads):
-                step.add(call, fallback.per_example_grads(call, grads, step.is_batched))
+                step.add(call, fallback.per_example_grads(call, grads, step.is_batched, constant))
         step.fallbacks.clear()
         step.pack_dense()
         return step, losses

@@ -34,10 +34,10 @@ def loss_and_output_grad(output: Tensor, targets: Tensor, *, ignore_index: int,
         leaf = output.detach().requires_grad_()
         with torch.enable_grad():
             losses = loss_fn(leaf, targets)
-        if not isinstance(losses, Tensor) or tuple(losses.shape) != (B,):
-            raise ValueError(f"loss_fn must return one loss per example, shape ({B},), got "
-                             f"{tuple(losses.shape) if isinstance(losses, Tensor) else type(losses).__name__}")
-        (grad,) = torch.autograd.grad(losses.sum(), leaf)
+            if not isinstance(losses, Tensor) or tuple(losses.shape) != (B,):
+                raise ValueError(f"loss_fn must return one loss per example, shape ({B},), got "
+                                 f"{tuple(losses.shape) if isinstance(losses, Tensor) else type(losses).__name__}")
+            (grad,) = torch.autograd.grad(losses.sum(), leaf)
         return losses.detach(), grad
     if output.ndim < 2:
         raise ValueError(f"logits must have shape (B, ..., V), got {tuple(output.shape)}")

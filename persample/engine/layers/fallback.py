@@ -11,18 +11,23 @@ from collections.abc import Callable
 from contextlib import nullcontext
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
-from torch.utils._pytree import tree_flatten, tree_unflatten
+from torch.utils._pytree import tree_flatten, tree_map_only, tree_unflatten
 
 from persample.engine.forms import Dense, Form
 from persample.engine.registry import Call
 
 
 def per_example_grads(call: Call, grad_outputs: list[Tensor | None], is_batched: Callable[[Tensor], bool],
-                      ) -> dict[str, Form]:
+                      constant: list[nn.Module] = ()) -> dict[str, Form]:
     """``{name: Dense (B, *shape)}`` for ``call.params``; ``grad_outputs`` follow the flattened outputs
-    (None for outputs that received no gradient)."""
+    (None for outputs that received no gradient).
+
+    The outputs of the submodules in ``constant`` are detached while the module re-runs: they use some of
+    the same parameters, and those uses are accounted for by their own records (a table looked up by an
+    ``nn.Embedding`` child and multiplied directly by its parent, as a hand-tied LM head does).
+    """
     leaves, spec = tree_flatten((call.args, call.kwargs))
     dims = [0 if isinstance(v, Tensor) and is_batched(v) else None for v in leaves]
     used = [i for i, g in enumerate(grad_outputs) if g is not None]
@@ -37,5 +42,14 @@ def per_example_grads(call: Call, grad_outputs: list[Tensor | None], is_batched:
                    else torch.float32) for i, g in zip(used, grads, strict=True))
 
     grads = [grad_outputs[i] for i in used]
-    per_example = vmap(grad(contribution), in_dims=(None, dims, 0))(params, leaves, grads)
+    handles = [m.register_forward_hook(_detached) for m in constant]
+    try:
+        per_example = vmap(grad(contribution), in_dims=(None, dims, 0))(params, leaves, grads)
+    finally:
+        for h in handles:
+            h.remove()
     return {name: Dense(g) for name, g in per_example.items()}
+
+
+def _detached(module: nn.Module, args: tuple, output):
+    return tree_map_only(Tensor, Tensor.detach, output)

@@ -1,9 +1,12 @@
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from persample.engine.layers import fallback
 from tests.engine.reference import assert_matches_reference
+
+pytestmark = pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")
 
 
 def squared_error(out, y):
