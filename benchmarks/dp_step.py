@@ -102,11 +102,16 @@ def adamw(model: nn.Module) -> torch.optim.Optimizer:
 
 
 def noisy_step(model: nn.Module, opt: torch.optim.Optimizer, summed: dict, batch: int) -> None:
-    """Gaussian noise on the clipped sums, average by the (expected) batch size, AdamW step."""
-    for name, p in model.named_parameters():
-        if name in summed:
-            g = summed[name]
-            p.grad = g.add_(torch.randn_like(g), alpha=NOISE_MULTIPLIER * MAX_GRAD_NORM).div_(batch)
+    """Gaussian noise on the clipped sums, average by the (expected) batch size, AdamW step: one ``randn``
+    for all parameters and ``foreach`` updates, so that the noise is a few kernels, not three per tensor."""
+    params = [p for name, p in model.named_parameters() if name in summed]
+    grads = [summed[name] for name, p in model.named_parameters() if name in summed]
+    noise = torch.randn(sum(g.numel() for g in grads), dtype=grads[0].dtype, device=grads[0].device)
+    noise = [n.view_as(g) for n, g in zip(noise.split([g.numel() for g in grads]), grads, strict=True)]
+    torch._foreach_add_(grads, noise, alpha=NOISE_MULTIPLIER * MAX_GRAD_NORM)
+    torch._foreach_div_(grads, batch)
+    for p, g in zip(params, grads, strict=True):
+        p.grad = g
     opt.step()
     opt.zero_grad(set_to_none=True)
 
