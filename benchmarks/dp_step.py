@@ -20,6 +20,7 @@ relative to the normal step. The table is printed and appended to ``benchmarks/R
 import argparse
 import copy
 import gc
+import shlex
 import statistics
 import subprocess
 import sys
@@ -342,7 +343,8 @@ def norm_check(cfg: Config, device: torch.device) -> str:
 # ---------------------------------------------------------------------------------------------------
 
 
-def environment(device: torch.device) -> str:
+def header(device: torch.device, quick: bool) -> str:
+    """The section title and the run's context, in the format of the other sections of RESULTS.md."""
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                 cwd=Path(__file__).parent, check=True).stdout.strip()
@@ -355,9 +357,32 @@ def environment(device: torch.device) -> str:
     except ImportError:
         opacus_version = "not installed"
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    date = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    return (f"{date}, {gpu}, commit {commit}, torch {torch.__version__}, opacus {opacus_version}, "
-            f"max_grad_norm={MAX_GRAD_NORM}, noise_multiplier={NOISE_MULTIPLIER}, AdamW")
+    date = datetime.now(timezone.utc).strftime("%Y-%m-%d")
+    command = shlex.join(["python", "benchmarks/dp_step.py", *sys.argv[1:]])
+    title = f"## dp_step{' (quick: a check of the script, not a measurement)' if quick else ''}"
+    return (f"{title} — {date} — {gpu} — commit {commit}\n\n`{command}`; torch {torch.__version__}, opacus "
+            f"{opacus_version}; max_grad_norm={MAX_GRAD_NORM}, noise_multiplier={NOISE_MULTIPLIER}, AdamW.")
+
+
+def targets(rows) -> list[str]:
+    """The issue's targets for the fast engine on the GPT models: <= 1.3x a normal step's time and <= 1.2x its
+    peak memory, faster than Opacus hooks and as lean as Opacus ghost clipping."""
+    lines = []
+    for (config, precision) in dict.fromkeys((r["config"], r["precision"]) for r in rows if "GPT" in r["config"]):
+        group = {r["variant"].split(" [")[0]: r for r in rows if (r["config"], r["precision"]) == (config, precision)}
+        fast, hooks, ghost = (group.get(v) for v in ("fast engine (GhostClipping)", "Opacus hooks",
+                                                      "Opacus ghost clipping"))
+        if fast is None or isinstance(fast["seconds"], str) or not fast["normal"] or fast["peak"] is None:
+            continue
+        normal_s, normal_peak = fast["normal"]
+        line = (f"{config}, {precision}: fast engine {fast['seconds'] / normal_s:.2f}x time (target <= 1.3x), "
+                f"{fast['peak'] / normal_peak:.2f}x memory (target <= 1.2x)")
+        if hooks and not isinstance(hooks["seconds"], str):
+            line += f"; {fast['seconds'] / hooks['seconds']:.2f}x the time of Opacus hooks"
+        if ghost and not isinstance(ghost["seconds"], str) and ghost["peak"]:
+            line += f"; {fast['peak'] / ghost['peak']:.2f}x the memory of Opacus ghost clipping"
+        lines.append(line)
+    return lines
 
 
 def table(rows, with_batch: bool) -> str:
@@ -426,8 +451,9 @@ def main() -> None:
                 shown = seconds if isinstance(seconds, str) else f"{seconds * 1e3:.1f} ms"
                 print(f"  {label}: {shown}" + (f", {peak / 2**30:.2f} GiB" if peak else ""), file=sys.stderr)
 
-    report = (f"## DP step ({'quick' if args.quick else 'full'})\n\n{environment(device)}\n\n"
-              f"{table(rows, args.max_batch)}\n\n" + "\n".join(f"- {c}" for c in checks) + "\n")
+    notes = targets(rows) + checks
+    report = (f"{header(device, args.quick)}\n\n{table(rows, args.max_batch)}\n\n"
+              + "\n".join(f"- {n}" for n in notes) + "\n")
     print(report)
     if not args.no_save:
         with open(args.results, "a") as f:
