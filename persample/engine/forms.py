@@ -73,11 +73,16 @@ def acc_dtype(*tensors: Tensor) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
+def _to(t: Tensor, dtype: torch.dtype) -> Tensor:
+    # The engine runs a few of these per layer and step; most are no-ops, which need no call into torch.
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def _common(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
     if a.dtype == b.dtype:
         return a, b
     dtype = torch.promote_types(a.dtype, b.dtype)
-    return a.to(dtype), b.to(dtype)
+    return _to(a, dtype), _to(b, dtype)
 
 
 def batched_dot(x: Tensor, y: Tensor) -> Tensor:
@@ -104,16 +109,16 @@ def _dense_outer(x: Dense, y: Outer) -> Tensor:
     # <D_b, G_b^T A_b> = sum_t G_b[t] . (D_b A_b[t])
     acc = acc_dtype(x.g, y.G)
     B, m = y.G.shape[0], y.G.shape[2]
-    D = x.g.reshape(B, m, -1).to(acc)
-    return batched_dot(torch.bmm(y.A.to(acc), D.transpose(1, 2)), y.G.to(acc))
+    D = _to(x.g.reshape(B, m, -1), acc)
+    return batched_dot(torch.bmm(_to(y.A, acc), D.transpose(1, 2)), _to(y.G, acc))
 
 
 def _dense_rows(x: Dense, y: Rows) -> Tensor:
     # <D_b, sum_t e_{i_t} G_b[t]^T> = sum_t D_b[i_t] . G_b[t]
     acc = acc_dtype(x.g, y.G)
     B, T, n = y.G.shape
-    picked = x.g.reshape(B, -1, n).to(acc).gather(1, y.index[:, :, None].expand(B, T, n))
-    return batched_dot(picked, y.G.to(acc))
+    picked = _to(x.g.reshape(B, -1, n), acc).gather(1, y.index[:, :, None].expand(B, T, n))
+    return batched_dot(picked, _to(y.G, acc))
 
 
 def _outer_outer(x: Outer, y: Outer) -> Tensor:
@@ -122,8 +127,8 @@ def _outer_outer(x: Outer, y: Outer) -> Tensor:
     def dot(gx: Tensor, gy: Tensor, ax: Tensor, ay: Tensor) -> Tensor:
         gx, gy = _common(gx, gy)
         ax, ay = _common(ax, ay)
-        gg = torch.bmm(gx, gy.transpose(1, 2)).to(acc)
-        aa = torch.bmm(ax, ay.transpose(1, 2)).to(acc)
+        gg = _to(torch.bmm(gx, gy.transpose(1, 2)), acc)
+        aa = _to(torch.bmm(ax, ay.transpose(1, 2)), acc)
         return batched_dot(gg, aa)
 
     return _by_chunks(x.G.shape[1] * y.G.shape[1], dot, x.G, y.G, x.A, y.A)
@@ -135,9 +140,9 @@ def _outer_rows(x: Outer, y: Rows) -> Tensor:
     Tx, Ty = x.G.shape[1], y.G.shape[1]
 
     def dot(gx: Tensor, ax: Tensor, gy: Tensor, index: Tensor) -> Tensor:
-        picked = gx.gather(2, index[:, None, :].expand(-1, Tx, Ty)).to(acc)
+        picked = _to(gx.gather(2, index[:, None, :].expand(-1, Tx, Ty)), acc)
         a, g = _common(ax, gy)
-        return batched_dot(picked, torch.bmm(a, g.transpose(1, 2)).to(acc))
+        return batched_dot(picked, _to(torch.bmm(a, g.transpose(1, 2)), acc))
 
     return _by_chunks(Tx * Ty, dot, x.G, x.A, y.G, y.index)
 
@@ -149,7 +154,7 @@ def _rows_rows(x: Rows, y: Rows) -> Tensor:
     def dot(gx: Tensor, gy: Tensor, ix: Tensor, iy: Tensor) -> Tensor:
         gx, gy = _common(gx, gy)
         same = (ix[:, :, None] == iy[:, None, :]).to(acc)
-        return batched_dot(torch.bmm(gx, gy.transpose(1, 2)).to(acc), same)
+        return batched_dot(_to(torch.bmm(gx, gy.transpose(1, 2)), acc), same)
 
     return _by_chunks(x.G.shape[1] * y.G.shape[1], dot, x.G, y.G, x.index, y.index)
 
@@ -175,15 +180,16 @@ def inner(x: Form, y: Form) -> Tensor:
 def clipped_sum(x: Form, c: Tensor, dtype: torch.dtype) -> Tensor:
     """``sum_b c_b grad_b(x)`` with ``c (B,)``, in the parameter's shape and ``dtype``."""
     if isinstance(x, Dense):
-        return (c.to(x.g.dtype) @ x.g.flatten(1)).reshape(x.g.shape[1:]).to(dtype)
+        return _to((_to(c, x.g.dtype) @ x.g.flatten(1)).view(x.g.shape[1:]), dtype)
+    c = c.view(-1, 1, 1)
     if isinstance(x, Outer):
         G, A = _common(x.G, x.A)
         # Scale whichever factor is smaller; the product is formed once for the whole batch.
         if G.shape[2] <= A.shape[2]:
-            G = G * c.to(G.dtype)[:, None, None]
+            G = G * _to(c, G.dtype)
         else:
-            A = A * c.to(A.dtype)[:, None, None]
-        return (G.flatten(0, 1).T @ A.flatten(0, 1)).reshape(x.shape).to(dtype)
+            A = A * _to(c, A.dtype)
+        return _to((G.flatten(0, 1).T @ A.flatten(0, 1)).view(x.shape), dtype)
     n = x.G.shape[2]
-    scaled = (x.G * c.to(x.G.dtype)[:, None, None]).reshape(-1, n).to(dtype)
+    scaled = _to((x.G * _to(c, x.G.dtype)).view(-1, n), dtype)
     return torch.zeros(x.shape, dtype=dtype, device=x.G.device).index_add_(0, x.index.reshape(-1), scaled)

@@ -78,6 +78,8 @@ class _Plan:
 
     trainable: dict[str, nn.Parameter]
     modules: list[_Hooked]
+    parameters: list[nn.Parameter]  # all of the model's, and their requires_grad flags when planned
+    flags: list[bool]
 
 
 @dataclass
@@ -274,7 +276,8 @@ class GhostClipping:
         for flat, params in step.packed:
             summed = factors.to(flat.dtype) @ flat
             for p, part in zip(params, summed.split([p.numel() for p in params]), strict=True):
-                grads[p] = part.view(p.shape).to(p.dtype)
+                part = part.view(p.shape)
+                grads[p] = part if part.dtype == p.dtype else part.to(p.dtype)
         step.packed.clear()
         for p in list(step.forms):
             forms = step.forms.pop(p)
@@ -292,10 +295,10 @@ class GhostClipping:
         return self._norms(step)
 
     def _plan_for(self, args: tuple) -> _Plan:
-        trainable = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
-        if self._plan is not None and [id(p) for p in self._plan.trainable.values()] == [
-                id(p) for p in trainable.values()]:
+        if self._plan is not None and [p.requires_grad for p in self._plan.parameters] == self._plan.flags:
             return self._plan
+        parameters = list(self.model.parameters())
+        trainable = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
         uses = parameter_uses(self.model, lambda: self.model(*args), {id(p): p for p in trainable.values()})
         hooked = []
         for module, used in uses.items():
@@ -303,7 +306,7 @@ class GhostClipping:
             constant = [m for m in module.modules() if m is not module and m in uses
                         and ids & {id(p) for p in uses[m].values()}]
             hooked.append(_Hooked(module, rule_for(module, set(used)), used, constant))
-        self._plan = _Plan(trainable, hooked)
+        self._plan = _Plan(trainable, hooked, parameters, [p.requires_grad for p in parameters])
         return self._plan
 
     def _backward(self, inputs, targets) -> tuple[_Step, Tensor]:

@@ -13,10 +13,9 @@ from persample.engine.registry import Call, register_rule
 
 @register_rule(nn.Linear, params=("weight", "bias"), cast_input=True)
 def linear(call: Call, grad_output: Tensor, strategy: str) -> dict[str, Form]:
-    x = call.args[0]
-    B = x.shape[0]
-    A = x.reshape(B, -1, x.shape[-1])
-    G = grad_output.reshape(B, -1, grad_output.shape[-1])
+    A, G = call.args[0], grad_output
+    if A.ndim != 3:
+        A, G = A.reshape(A.shape[0], -1, A.shape[-1]), G.reshape(G.shape[0], -1, G.shape[-1])
     forms: dict[str, Form] = {}
     if "weight" in call.params:
         forms["weight"] = outer_or_dense(G, A, call.module.weight.shape, strategy)
