@@ -144,14 +144,14 @@ def _cast_for_autocast(module: nn.Module, args: tuple):
 
 
 def _rule_hook(step: _Step, rule: Rule, params: dict[str, nn.Parameter]):
-    def hook(module: nn.Module, args: tuple, kwargs: dict, output):
+    def hook(module: nn.Module, args: tuple, output):
         if not isinstance(output, Tensor) or not args or not isinstance(args[0], Tensor):
             raise TypeError(f"{type(module).__name__} must take a tensor first and return a tensor, got "
                             f"{type(args[0]).__name__ if args else 'no input'} -> {type(output).__name__}")
         x = args[0].detach()
         shared = not step.is_batched(x)
         args = (x.expand(step.batch_size, *x.shape) if shared else x, *args[1:])
-        call = Call(module, args, kwargs, params, _autocast_state(x))
+        call = Call(module, args, {}, params, _autocast_state(x))
         version = x._version
 
         def on_grad(grad: Tensor) -> None:
@@ -198,7 +198,7 @@ def _recording(plan: _Plan, step: _Step, autocast: bool):
                 continue
             if autocast and h.rule.cast_input:
                 handles.append(h.module.register_forward_pre_hook(_cast_for_autocast))
-            handles.append(h.module.register_forward_hook(_rule_hook(step, h.rule, h.used), with_kwargs=True))
+            handles.append(h.module.register_forward_hook(_rule_hook(step, h.rule, h.used)))
         yield
     finally:
         for h in handles:

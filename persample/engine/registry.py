@@ -20,11 +20,11 @@ from persample.engine.forms import Form
 class Call:
     """One call of a module during the engine's forward.
 
-    ``args``/``kwargs`` are the inputs as the module saw them, with the batch dimension first (a call that
-    was shared by the whole batch, like a positional embedding of ``arange(T)``, has its first input
-    expanded to the batch). ``params`` are the trainable parameters the call uses, by their names
-    relative to ``module``. ``autocast`` is the ``(device_type, dtype)`` autocast was on during the call,
-    or None.
+    ``args``/``kwargs`` are the inputs as the module saw them (detached; ``kwargs`` only for the fallback),
+    with the batch dimension first (a call that was shared by the whole batch, like a positional embedding
+    of ``arange(T)``, has its first input expanded to the batch). ``params`` are the trainable parameters
+    the call uses, by their names relative to ``module``. ``autocast`` is the ``(device_type, dtype)``
+    autocast was on during the call, or None.
     """
 
     module: nn.Module
