@@ -218,3 +218,23 @@ def test_parameter_used_by_its_owner_outside_a_rule_is_exact():
             return self.emb(idx) @ self.emb.weight.T  # used in the root module's own forward: the fallback
 
     assert_matches_reference(TiedByHand().double(), torch.randint(0, 10, (3, 5)), torch.randint(0, 10, (3, 5)))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_cuda_matches_the_float64_reference(precision):
+    model = TinyGPT(d=16, layers=2)
+    idx, targets = tokens(T=12)
+    model64 = TinyGPT(d=16, layers=2).double()
+    model64.load_state_dict(model.state_dict())
+    norms, summed = norms_and_clipped_sum(per_example_grads(model64, idx, targets), 0.5)
+    model = model.cuda()
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=precision == "bf16"):
+        out = GhostClipping(model, max_grad_norm=0.5).clipped_grad_sum(idx.cuda(), targets.cuda())
+    tol = 1e-5 if precision == "fp32" else 3e-2
+    torch.testing.assert_close(out.norms.double().cpu(), norms, rtol=tol, atol=tol * float(norms.max()))
+    for name, expected in summed.items():
+        assert out.grads[name].dtype == torch.float32
+        error = float((out.grads[name].double().cpu() - expected).norm() / expected.norm())
+        assert error < (1e-5 if precision == "fp32" else 5e-2), name
