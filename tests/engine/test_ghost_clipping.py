@@ -187,12 +187,6 @@ def test_input_modified_in_place_after_the_call():
             torch.randn(3, 4), torch.zeros(3))
 
 
-def test_parameter_used_outside_its_module():
-    with pytest.raises(ValueError, match="does not own it"):
-        GhostClipping(_UsesForeignParameter(), max_grad_norm=1.0).clipped_grad_sum(
-            torch.randint(0, 10, (3, 5)), torch.randint(0, 10, (3, 5)))
-
-
 class _Projection(nn.Module):
     def forward(self, x, weight):
         return F.linear(x, weight)
@@ -206,6 +200,12 @@ class _UsesForeignParameter(nn.Module):
 
     def forward(self, idx):
         return self.project(self.emb(idx), self.emb.weight)
+
+
+def test_parameter_used_outside_its_module():
+    with pytest.raises(ValueError, match="does not own it"):
+        GhostClipping(_UsesForeignParameter(), max_grad_norm=1.0).clipped_grad_sum(
+            torch.randint(0, 10, (3, 5)), torch.randint(0, 10, (3, 5)))
 
 
 def test_parameter_used_by_its_owner_outside_a_rule_is_exact():
