@@ -9,6 +9,7 @@ from persample.clipping import clip_factors, clip_per_layer, clip_per_sample, pe
 from persample.cross_entropy import CrossEntropyLoss, cross_entropy, cross_entropy_with_grad
 from persample.data import PoissonSampler
 from persample.dp import DPOptimizer
+from persample.engine import ClippedGradSum, GhostClipping, clipped_grad_sum, per_sample_grad_norms_fast
 from persample.linear_cross_entropy import (
     HeadGradNorms,
     linear_cross_entropy,
@@ -19,8 +20,10 @@ from persample.opacus_interop import set_grad_sample
 from persample.per_sample_grads import per_sample_grad_norms, per_sample_grads
 
 __all__ = [
+    "ClippedGradSum",
     "CrossEntropyLoss",
     "DPOptimizer",
+    "GhostClipping",
     "HeadGradNorms",
     "PoissonSampler",
     "PrivacyAccountant",
@@ -28,6 +31,7 @@ __all__ = [
     "clip_factors",
     "clip_per_layer",
     "clip_per_sample",
+    "clipped_grad_sum",
     "cross_entropy",
     "cross_entropy_with_grad",
     "epsilon_for",
@@ -36,6 +40,7 @@ __all__ = [
     "linear_cross_entropy_head_grad_norms",
     "noise_multiplier_for",
     "per_sample_grad_norms",
+    "per_sample_grad_norms_fast",
     "per_sample_grads",
     "per_sample_norms",
     "set_grad_sample",

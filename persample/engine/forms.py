@@ -1,0 +1,195 @@
+"""Each example's gradient of one parameter, kept factored, and the two things the engine does with it.
+
+A layer rule describes each example's gradient of a parameter in one of three forms (``B`` examples,
+``T`` positions per example) instead of materializing it:
+
+* :class:`Dense` — ``g (B, *param_shape)`` in float32 (float64 for float64 models): materialized; for
+  small parameters (biases, norm scales) and for layers where materializing is cheaper than the factors
+  (``T * (m + n) >= m * n``).
+* :class:`Outer` — ``grad_b = G_b^T A_b`` with ``G (B, T, m)``, ``A (B, T, n)``: a Linear weight (or an
+  unfolded Conv2d weight) from its output gradients and its inputs.
+* :class:`Rows` — ``grad_b = sum_t e_{index[b, t]} G[b, t]^T`` with ``G (B, T, n)``, ``index (B, T)``: an
+  Embedding table, whose rows receive the output gradients of the positions that looked them up.
+
+:func:`inner` gives ``<grad_b(x), grad_b(y)>`` for every example without forming either gradient. With
+``x is y`` that is the squared norm; for two uses of one parameter (an embedding tied to the LM head, a
+module called twice) it is the cross term, since the example's gradient is the sum of the uses and
+``||u + v||^2 = ||u||^2 + ||v||^2 + 2 <u, v>``. The Outer·Outer product is the ghost norm
+``<A_b A'_b^T, G_b G'_b^T>`` (``T x T'`` matrices, no ``m x n`` one), Rows·Rows compares indices instead
+of forming one-hot rows, Outer·Rows gathers ``G[b, s, index[b, t]]``.
+
+:func:`clipped_sum` gives ``sum_b c_b grad_b`` in one matmul (Outer), one ``index_add`` (Rows) or one
+matrix-vector product (Dense): the clipped, summed gradient is formed once, not per example.
+
+Work on ``(B, T, T')`` intermediates is split along the batch so that one chunk stays under
+``_CHUNK_ELEMENTS`` elements.
+"""
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+_CHUNK_ELEMENTS = 1 << 26
+
+
+@dataclass
+class Dense:
+    g: Tensor  # (B, *param_shape)
+
+
+@dataclass
+class Outer:
+    G: Tensor  # (B, T, m)
+    A: Tensor  # (B, T, n)
+    shape: torch.Size  # the parameter's shape, with m * n elements
+
+
+@dataclass
+class Rows:
+    G: Tensor  # (B, T, n)
+    index: Tensor  # (B, T) int64 in [0, num_rows)
+    shape: torch.Size  # (num_rows, n)
+
+
+Form = Dense | Outer | Rows
+
+
+def outer_or_dense(G: Tensor, A: Tensor, shape: torch.Size, strategy: str) -> Form:
+    """The cheaper form of ``grad_b = G_b^T A_b``: the factors when ``T (m + n) < m n`` (ghost norm), else
+    the materialized ``(B, m, n)`` gradients, which then cost less memory and less time.
+
+    ``strategy`` ``"ghost"`` / ``"materialize"`` forces one of them (tests exercise both paths).
+    """
+    T, m, n = G.shape[1], G.shape[2], A.shape[2]
+    if strategy == "ghost" or (strategy == "auto" and T * (m + n) < m * n):
+        return Outer(G, A, shape)
+    g = torch.bmm(G.transpose(1, 2), A.to(G.dtype))
+    return Dense(g.reshape(G.shape[0], *shape).to(acc_dtype(G)))
+
+
+def acc_dtype(*tensors: Tensor) -> torch.dtype:
+    """float64 if any tensor is float64, else float32: the dtype of norms and of Dense forms."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def _to(t: Tensor, dtype: torch.dtype) -> Tensor:
+    # The engine runs a few of these per layer and step; most are no-ops, which need no call into torch.
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+def _common(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+    if a.dtype == b.dtype:
+        return a, b
+    dtype = torch.promote_types(a.dtype, b.dtype)
+    return _to(a, dtype), _to(b, dtype)
+
+
+def batched_dot(x: Tensor, y: Tensor) -> Tensor:
+    """``(B,)`` dot products of ``x[b]`` and ``y[b]`` (same shape and dtype), in one batched matmul."""
+    B = x.shape[0]
+    return torch.bmm(x.reshape(B, 1, -1), y.reshape(B, -1, 1)).reshape(B)
+
+
+def _by_chunks(per_example: int, dot, *tensors: Tensor) -> Tensor:
+    """``dot(*tensors)`` over slices of the batch whose ``(b, T, T')`` intermediates fit ``_CHUNK_ELEMENTS``."""
+    B = tensors[0].shape[0]
+    step = max(1, _CHUNK_ELEMENTS // max(1, per_example))
+    if step >= B:
+        return dot(*tensors)
+    return torch.cat([dot(*(t[i:i + step] for t in tensors)) for i in range(0, B, step)])
+
+
+def _dense_dense(x: Dense, y: Dense) -> Tensor:
+    a, b = _common(x.g, y.g)
+    return batched_dot(a, b)
+
+
+def _dense_outer(x: Dense, y: Outer) -> Tensor:
+    # <D_b, G_b^T A_b> = sum_t G_b[t] . (D_b A_b[t])
+    acc = acc_dtype(x.g, y.G)
+    B, m = y.G.shape[0], y.G.shape[2]
+    D = _to(x.g.reshape(B, m, -1), acc)
+    return batched_dot(torch.bmm(_to(y.A, acc), D.transpose(1, 2)), _to(y.G, acc))
+
+
+def _dense_rows(x: Dense, y: Rows) -> Tensor:
+    # <D_b, sum_t e_{i_t} G_b[t]^T> = sum_t D_b[i_t] . G_b[t]
+    acc = acc_dtype(x.g, y.G)
+    B, T, n = y.G.shape
+    picked = _to(x.g.reshape(B, -1, n), acc).gather(1, y.index[:, :, None].expand(B, T, n))
+    return batched_dot(picked, _to(y.G, acc))
+
+
+def _outer_outer(x: Outer, y: Outer) -> Tensor:
+    acc = acc_dtype(x.G, y.G)
+
+    def dot(gx: Tensor, gy: Tensor, ax: Tensor, ay: Tensor) -> Tensor:
+        gx, gy = _common(gx, gy)
+        ax, ay = _common(ax, ay)
+        gg = _to(torch.bmm(gx, gy.transpose(1, 2)), acc)
+        aa = _to(torch.bmm(ax, ay.transpose(1, 2)), acc)
+        return batched_dot(gg, aa)
+
+    return _by_chunks(x.G.shape[1] * y.G.shape[1], dot, x.G, y.G, x.A, y.A)
+
+
+def _outer_rows(x: Outer, y: Rows) -> Tensor:
+    # <G_b^T A_b, R_b> = sum_{s,t} G_b[s, i_t] <A_b[s], G'_b[t]>: the Outer gradient read at the looked-up rows.
+    acc = acc_dtype(x.G, y.G)
+    Tx, Ty = x.G.shape[1], y.G.shape[1]
+
+    def dot(gx: Tensor, ax: Tensor, gy: Tensor, index: Tensor) -> Tensor:
+        picked = _to(gx.gather(2, index[:, None, :].expand(-1, Tx, Ty)), acc)
+        a, g = _common(ax, gy)
+        return batched_dot(picked, _to(torch.bmm(a, g.transpose(1, 2)), acc))
+
+    return _by_chunks(Tx * Ty, dot, x.G, x.A, y.G, y.index)
+
+
+def _rows_rows(x: Rows, y: Rows) -> Tensor:
+    # Only positions that looked up the same row interact.
+    acc = acc_dtype(x.G, y.G)
+
+    def dot(gx: Tensor, gy: Tensor, ix: Tensor, iy: Tensor) -> Tensor:
+        gx, gy = _common(gx, gy)
+        same = (ix[:, :, None] == iy[:, None, :]).to(acc)
+        return batched_dot(_to(torch.bmm(gx, gy.transpose(1, 2)), acc), same)
+
+    return _by_chunks(x.G.shape[1] * y.G.shape[1], dot, x.G, y.G, x.index, y.index)
+
+
+_INNER = {
+    (Dense, Dense): _dense_dense,
+    (Dense, Outer): _dense_outer,
+    (Dense, Rows): _dense_rows,
+    (Outer, Outer): _outer_outer,
+    (Outer, Rows): _outer_rows,
+    (Rows, Rows): _rows_rows,
+}
+
+
+def inner(x: Form, y: Form) -> Tensor:
+    """``<grad_b(x), grad_b(y)>`` for each example: ``(B,)`` in float32 (float64 for float64 inputs)."""
+    rule = _INNER.get((type(x), type(y)))
+    if rule is not None:
+        return rule(x, y)
+    return _INNER[(type(y), type(x))](y, x)
+
+
+def clipped_sum(x: Form, c: Tensor, dtype: torch.dtype) -> Tensor:
+    """``sum_b c_b grad_b(x)`` with ``c (B,)``, in the parameter's shape and ``dtype``."""
+    if isinstance(x, Dense):
+        return _to((_to(c, x.g.dtype) @ x.g.flatten(1)).view(x.g.shape[1:]), dtype)
+    c = c.view(-1, 1, 1)
+    if isinstance(x, Outer):
+        G, A = _common(x.G, x.A)
+        # Scale whichever factor is smaller; the product is formed once for the whole batch.
+        if G.shape[2] <= A.shape[2]:
+            G = G * _to(c, G.dtype)
+        else:
+            A = A * _to(c, A.dtype)
+        return _to((G.flatten(0, 1).T @ A.flatten(0, 1)).view(x.shape), dtype)
+    n = x.G.shape[2]
+    scaled = _to((x.G * _to(c, x.G.dtype)).view(-1, n), dtype)
+    return torch.zeros(x.shape, dtype=dtype, device=x.G.device).index_add_(0, x.index.reshape(-1), scaled)

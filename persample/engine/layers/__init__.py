@@ -1,0 +1,5 @@
+"""The per-layer rules; importing this package registers them (see :mod:`persample.engine.registry`)."""
+
+from persample.engine.layers import conv2d, embedding, layernorm, linear
+
+__all__ = ["conv2d", "embedding", "layernorm", "linear"]

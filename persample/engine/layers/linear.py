@@ -1,0 +1,24 @@
+"""nn.Linear: ``y = x W^T + b`` on inputs ``(B, ..., n)``.
+
+Each example's weight gradient is ``G_b^T A_b`` over its positions (``A`` the inputs, ``G`` the output
+gradients, both flattened to ``(B, T, .)``): kept as factors (ghost norm) or materialized, whichever is
+cheaper (:func:`~persample.engine.forms.outer_or_dense`). The bias gradient is ``G_b`` summed over positions.
+"""
+
+from torch import Tensor, nn
+
+from persample.engine.forms import Dense, Form, acc_dtype, outer_or_dense
+from persample.engine.registry import Call, register_rule
+
+
+@register_rule(nn.Linear, params=("weight", "bias"), cast_input=True)
+def linear(call: Call, grad_output: Tensor, strategy: str) -> dict[str, Form]:
+    A, G = call.args[0], grad_output
+    if A.ndim != 3:
+        A, G = A.reshape(A.shape[0], -1, A.shape[-1]), G.reshape(G.shape[0], -1, G.shape[-1])
+    forms: dict[str, Form] = {}
+    if "weight" in call.params:
+        forms["weight"] = outer_or_dense(G, A, call.module.weight.shape, strategy)
+    if "bias" in call.params:
+        forms["bias"] = Dense(G.sum(1, dtype=acc_dtype(G)))
+    return forms

@@ -1,0 +1,72 @@
+"""The per-layer rules: one function per module type, registered with :func:`register_rule`.
+
+A rule turns one call of a module — the inputs it saw in the forward and the gradient of its output from
+the backward — into each example's gradient of the module's parameters, in the factored forms of
+:mod:`persample.engine.forms`. Adding a layer type is adding a file under ``persample/engine/layers/``
+with one decorated function. Modules of other types (and modules that use parameters a rule does not
+know) go to the ``torch.func`` fallback, :mod:`persample.engine.layers.fallback`.
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from persample.engine.forms import Form
+
+
+@dataclass
+class Call:
+    """One call of a module during the engine's forward.
+
+    ``args``/``kwargs`` are the inputs as the module saw them (detached; ``kwargs`` only for the fallback),
+    with the batch dimension first (a call that was shared by the whole batch, like a positional embedding
+    of ``arange(T)``, has its first input expanded to the batch). ``params`` are the trainable parameters
+    the call uses, by their names relative to ``module``. ``autocast`` is the ``(device_type, dtype)``
+    autocast was on during the call, or None.
+    """
+
+    module: nn.Module
+    args: tuple
+    kwargs: dict
+    params: dict[str, nn.Parameter]
+    autocast: tuple[str, torch.dtype] | None
+
+
+RuleFn = Callable[[Call, Tensor, str], dict[str, Form]]
+
+
+@dataclass(frozen=True)
+class Rule:
+    """``compute(call, grad_output, strategy) -> {param name: form}`` for the parameters in ``params``.
+
+    ``grad_output`` is ``(B, *output_shape)``; ``strategy`` is ``"auto"``, ``"ghost"`` or ``"materialize"``
+    (see :func:`persample.engine.forms.outer_or_dense`). With ``cast_input``, the engine casts the first
+    input to the autocast dtype before the call, so that the copy it keeps is the one the matmul uses.
+    """
+
+    compute: RuleFn
+    params: frozenset[str]
+    cast_input: bool
+
+
+RULES: dict[type[nn.Module], Rule] = {}
+
+
+def register_rule(*module_types: type[nn.Module], params: tuple[str, ...], cast_input: bool = False):
+    """Registers the decorated ``compute`` for exactly these module types (not their subclasses, which may
+    override ``forward``; those go to the fallback)."""
+
+    def decorate(compute: RuleFn) -> RuleFn:
+        for module_type in module_types:
+            RULES[module_type] = Rule(compute, frozenset(params), cast_input)
+        return compute
+
+    return decorate
+
+
+def rule_for(module: nn.Module, used: set[str]) -> Rule | None:
+    """The registered rule for ``module`` if it covers every parameter name in ``used``, else None."""
+    rule = RULES.get(type(module))
+    return rule if rule is not None and used <= rule.params else None

@@ -1,0 +1,240 @@
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import persample
+from persample.engine import GhostClipping, clipped_grad_sum, per_sample_grad_norms_fast
+from tests.engine.models import SmallCNN, TinyGPT
+from tests.engine.reference import assert_matches_reference, lm_loss, norms_and_clipped_sum, per_example_grads
+
+pytestmark = pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")
+# Read at import, before the autouse fixture sets it to 0: Triton decides at import whether to interpret.
+INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def tokens(B=4, T=6, vocab=24):
+    idx, targets = torch.randint(0, vocab, (B, T)), torch.randint(0, vocab, (B, T))
+    targets[1, :2] = -100
+    targets[2] = -100  # an example with no counted target: loss 0, gradient 0
+    return idx, targets
+
+
+@pytest.mark.parametrize("positions", ["arange", "expand"])
+@pytest.mark.parametrize("tied", [True, False])
+@pytest.mark.parametrize("norm", [nn.LayerNorm, nn.RMSNorm])
+@pytest.mark.parametrize("strategy", ["auto", "ghost", "materialize"])
+def test_gpt_matches_materialized_per_example_gradients(positions, tied, norm, strategy):
+    model = TinyGPT(positions=positions, tied=tied, norm=norm).double()
+    assert_matches_reference(model, *tokens(), strategy=strategy)
+
+
+@pytest.mark.parametrize("frozen", ["wte", "block", "head-and-norm"])
+def test_frozen_layers_are_skipped(frozen):
+    model = TinyGPT(layers=2, tied=frozen != "wte").double()
+    {"wte": model.wte, "block": model.blocks[0], "head-and-norm": nn.ModuleList([model.head, model.ln])}[
+        frozen].requires_grad_(False)
+    assert_matches_reference(model, *tokens())
+    names = set(GhostClipping(model, max_grad_norm=1.0).clipped_grad_sum(*tokens()).grads)
+    assert names == {n for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_cnn():
+    model = SmallCNN().double()
+    x, y = torch.randn(5, 3, 8, 8, dtype=torch.float64), torch.randint(0, 5, (5,))
+    assert_matches_reference(model, x, y)
+
+
+def test_float32_norms_within_1e5_of_float64():
+    model = TinyGPT(d=16, layers=2)
+    idx, targets = tokens(T=12)
+    model64 = TinyGPT(d=16, layers=2).double()
+    model64.load_state_dict(model.state_dict())
+    norms = GhostClipping(model, max_grad_norm=1.0).per_sample_grad_norms(idx, targets)
+    reference, _ = norms_and_clipped_sum(per_example_grads(model64, idx, targets), 1.0)
+    torch.testing.assert_close(norms.double(), reference, rtol=1e-5, atol=1e-5 * float(reference.max()))
+
+
+def test_bf16_autocast_is_close_to_float32():
+    model = TinyGPT(d=16, layers=2)
+    idx, targets = tokens(T=12)
+    engine = GhostClipping(model, max_grad_norm=0.5)
+    exact = engine.clipped_grad_sum(idx, targets)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = engine.clipped_grad_sum(idx, targets)
+    torch.testing.assert_close(mixed.norms, exact.norms, rtol=3e-2, atol=3e-2 * float(exact.norms.max()))
+    for name, g in exact.grads.items():
+        assert mixed.grads[name].dtype == torch.float32
+        assert float((mixed.grads[name] - g).norm() / g.norm()) < 5e-2, name
+
+
+def test_dp_step_equals_the_vmap_pipeline_with_the_same_noise():
+    """Clip, sum, add the same Gaussian noise, average by the expected batch size, take an SGD step."""
+    max_grad_norm, noise_multiplier, expected_batch_size, lr = 0.05, 1.1, 4.0, 0.5
+    idx, targets = tokens()
+    models = [TinyGPT(layers=2).double() for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    noise = {n: torch.randn_like(p) for n, p in models[0].named_parameters()}
+
+    def dp_step(model, summed):
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                p -= lr * (summed[name] + noise_multiplier * max_grad_norm * noise[name]) / expected_batch_size
+
+    _, summed = norms_and_clipped_sum(per_example_grads(models[0], idx, targets), max_grad_norm)
+    dp_step(models[0], summed)
+    dp_step(models[1], GhostClipping(models[1], max_grad_norm=max_grad_norm).clipped_grad_sum(idx, targets).grads)
+    for (name, a), b in zip(models[0].named_parameters(), models[1].parameters(), strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-12, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_losses_and_custom_loss_fn():
+    model = TinyGPT().double()
+    idx, targets = tokens()
+    out = GhostClipping(model, max_grad_norm=1.0).clipped_grad_sum(idx, targets)
+    torch.testing.assert_close(out.losses.double(), lm_loss(model(idx), targets), rtol=1e-6, atol=1e-9)
+    assert out.norms[2] == 0 and out.losses[2] == 0
+
+    def smoothed(output, y):
+        return torch.stack([F.cross_entropy(o, t, label_smoothing=0.1) for o, t in zip(output, y, strict=True)])
+
+    assert_matches_reference(model, idx, targets.clamp_min(0), loss_fn=smoothed)
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() or INTERPRETING),
+                    reason="needs a GPU or TRITON_INTERPRET=1 when the tests start (as in CI)")
+def test_the_fused_kernel_path(monkeypatch):
+    """The loss side through the Triton kernel (the interpreter on CPU)."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    model = TinyGPT(vocab=16).double()
+    assert_matches_reference(model, *tokens(B=3, T=4, vocab=16))
+
+
+def test_the_model_is_left_as_it_was():
+    model = TinyGPT()
+    model.wpe.requires_grad_(False)
+    idx, targets = tokens()
+    before = model(idx)
+    flags = [p.requires_grad for p in model.parameters()]
+    GhostClipping(model, max_grad_norm=1.0).clipped_grad_sum(idx, targets)
+    assert [p.requires_grad for p in model.parameters()] == flags
+    assert all(p.grad is None for p in model.parameters())
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+    torch.testing.assert_close(model(idx), before)
+
+
+def test_a_new_plan_when_the_trainable_set_changes():
+    model = TinyGPT().double()
+    engine = GhostClipping(model, max_grad_norm=1.0)
+    idx, targets = tokens()
+    assert len(engine.clipped_grad_sum(idx, targets).grads) == len(list(model.parameters()))
+    model.blocks.requires_grad_(False)
+    out = engine.clipped_grad_sum(idx, targets)
+    assert set(out.grads) == {"wte.weight", "wpe.weight", "ln.weight", "ln.bias"}
+    assert_matches_reference(model, idx, targets)
+
+
+def test_function_forms():
+    model = TinyGPT().double()
+    idx, targets = tokens()
+    engine = GhostClipping(model, max_grad_norm=0.1)
+    expected = engine.clipped_grad_sum(idx, targets)
+    out = clipped_grad_sum(model, idx, targets, max_grad_norm=0.1)
+    torch.testing.assert_close(out.norms, expected.norms)
+    torch.testing.assert_close(per_sample_grad_norms_fast(model, idx, targets), expected.norms)
+    torch.testing.assert_close(out.grads, expected.grads)
+    assert persample.GhostClipping is GhostClipping
+
+
+@pytest.mark.parametrize("kwargs, error", [
+    ({"max_grad_norm": 0.0}, ValueError),
+    ({"max_grad_norm": float("inf")}, ValueError),
+    ({"max_grad_norm": 1.0, "strategy": "fast"}, ValueError),
+    ({"max_grad_norm": 1.0, "loss_fn": 3}, TypeError),
+])
+def test_bad_arguments(kwargs, error):
+    with pytest.raises(error):
+        GhostClipping(TinyGPT(), **kwargs)
+    with pytest.raises(TypeError, match="nn.Module"):
+        GhostClipping(lambda x: x, max_grad_norm=1.0)
+
+
+def test_bad_targets_and_losses():
+    model = TinyGPT()
+    idx, targets = tokens()
+    with pytest.raises(ValueError, match="targets must have shape"):
+        GhostClipping(model, max_grad_norm=1.0).clipped_grad_sum(idx, targets[:, :3])
+    with pytest.raises(ValueError, match="one loss per example"):
+        GhostClipping(model, max_grad_norm=1.0, loss_fn=lambda o, y: o.sum()).clipped_grad_sum(idx, targets)
+
+
+def test_input_modified_in_place_after_the_call():
+    class InPlace(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+
+        def forward(self, x):
+            h = torch.tanh(x)
+            y = self.lin(h)
+            h.mul_(2)
+            return y + h
+
+    with pytest.raises(ValueError, match="modified in place"):
+        GhostClipping(InPlace(), max_grad_norm=1.0, loss_fn=lambda o, y: o.pow(2).sum(1)).clipped_grad_sum(
+            torch.randn(3, 4), torch.zeros(3))
+
+
+class _Projection(nn.Module):
+    def forward(self, x, weight):
+        return F.linear(x, weight)
+
+
+class _UsesForeignParameter(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(10, 4)
+        self.project = _Projection()
+
+    def forward(self, idx):
+        return self.project(self.emb(idx), self.emb.weight)
+
+
+def test_parameter_used_outside_its_module():
+    with pytest.raises(ValueError, match="does not own it"):
+        GhostClipping(_UsesForeignParameter(), max_grad_norm=1.0).clipped_grad_sum(
+            torch.randint(0, 10, (3, 5)), torch.randint(0, 10, (3, 5)))
+
+
+def test_parameter_used_by_its_owner_outside_a_rule_is_exact():
+    class TiedByHand(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(10, 4)
+
+        def forward(self, idx):
+            return self.emb(idx) @ self.emb.weight.T  # used in the root module's own forward: the fallback
+
+    assert_matches_reference(TiedByHand().double(), torch.randint(0, 10, (3, 5)), torch.randint(0, 10, (3, 5)))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_cuda_matches_the_float64_reference(precision):
+    model = TinyGPT(d=16, layers=2)
+    idx, targets = tokens(T=12)
+    model64 = TinyGPT(d=16, layers=2).double()
+    model64.load_state_dict(model.state_dict())
+    norms, summed = norms_and_clipped_sum(per_example_grads(model64, idx, targets), 0.5)
+    model = model.cuda()
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=precision == "bf16"):
+        out = GhostClipping(model, max_grad_norm=0.5).clipped_grad_sum(idx.cuda(), targets.cuda())
+    tol = 1e-5 if precision == "fp32" else 3e-2
+    torch.testing.assert_close(out.norms.double().cpu(), norms, rtol=tol, atol=tol * float(norms.max()))
+    for name, expected in summed.items():
+        assert out.grads[name].dtype == torch.float32
+        error = float((out.grads[name].double().cpu() - expected).norm() / expected.norm())
+        assert error < (1e-5 if precision == "fp32" else 5e-2), name
