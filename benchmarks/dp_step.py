@@ -20,6 +20,7 @@ relative to the normal step. The table is printed and appended to ``benchmarks/R
 import argparse
 import copy
 import gc
+import os
 import shlex
 import statistics
 import subprocess
@@ -348,8 +349,8 @@ def header(device: torch.device, quick: bool) -> str:
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                 cwd=Path(__file__).parent, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = "unknown"
+    except (OSError, subprocess.CalledProcessError):  # a copy without .git: the caller may name the commit
+        commit = os.environ.get("PERSAMPLE_COMMIT", "unknown")
     try:
         import opacus
 
