@@ -36,6 +36,8 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--accountant", choices=("rdp", "prv"), default=_DEFAULTS.accountant)
     train.add_argument("--lr", type=float, default=_DEFAULTS.lr, help="SGD learning rate (momentum 0.9)")
     train.add_argument("--no-dp", action="store_true", help="non-private baseline: no clipping, no noise")
+    train.add_argument("--engine", choices=("vmap", "fast"), default=_DEFAULTS.engine,
+                       help="per-sample clipping by torch.func vmap(grad) or by the fast ghost-clipping engine")
     train.add_argument("--secure-mode", action="store_true", help="draw the noise from the OS CSPRNG")
     train.add_argument("--out", default=_DEFAULTS.out, help="folder for the report and the histogram")
     train.add_argument("--seed", type=int, default=_DEFAULTS.seed)
@@ -56,8 +58,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         max_physical_batch_size=args.max_physical_batch_size, noise_multiplier=args.noise_multiplier,
         target_epsilon=None if args.noise_multiplier is not None else args.target_epsilon,
         max_grad_norm=args.max_grad_norm, delta=args.delta, accountant=args.accountant, lr=args.lr,
-        dp=not args.no_dp, secure_mode=args.secure_mode, out=args.out, seed=args.seed, device=args.device,
-        progress=args.progress)
+        dp=not args.no_dp, engine=args.engine, secure_mode=args.secure_mode, out=args.out, seed=args.seed,
+        device=args.device, progress=args.progress)
     try:
         train_digits(config)
     except ValueError as error:

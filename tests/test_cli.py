@@ -92,3 +92,12 @@ def test_interrupted_run_keeps_finished_epochs(tmp_path, monkeypatch, capsys):
     with open(tmp_path / "epochs.csv") as f:
         assert len(list(csv.DictReader(f))) == 1
     assert (tmp_path / "grad_norms.png").exists()
+
+
+def test_fast_engine_training(tmp_path, capsys):
+    # The same reduced run with the ghost-clipping engine instead of vmap: 2 epochs at epsilon 3.
+    assert main([*REDUCED, "--out", str(tmp_path), "--engine", "fast"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    accuracy = float(next(line for line in lines if line.startswith("test accuracy:")).split()[2])
+    assert accuracy >= MIN_ACCURACY
+    assert json.loads((tmp_path / "report.json").read_text())["config"]["engine"] == "fast"
