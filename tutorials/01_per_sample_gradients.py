@@ -305,15 +305,20 @@ methods["persample.per_sample_grads"] = lambda: persample.per_sample_grads(model
 #
 # Clipping needs each example's gradient **norm** before it needs the gradients. The fast engine computes
 # the norms from each layer's activations and output gradients, without materialising `(B, *shape)` per
-# parameter. Here we check its norms against those of the materialised gradients above.
+# parameter (`persample.GhostClipping`). Here we check its norms, and the clipped sum it forms in the same
+# backward, against those of the materialised gradients above.
 
 # %%
-if hasattr(persample, "per_sample_grad_norms"):
-    norms = persample.per_sample_grad_norms(model, x, y)
-    exact = flat(loop_grads).norm(dim=1)
-    difference = ((norms - exact).abs().max() / exact.max()).item()
-    print(f"largest norm difference, relative to the largest norm: {difference:.1e}")
-    methods["persample.per_sample_grad_norms (norms only)"] = lambda: persample.per_sample_grad_norms(model, x, y)
+engine = persample.GhostClipping(model, max_grad_norm=1.0)
+norms = engine.per_sample_grad_norms(x, y)
+exact = flat(loop_grads).norm(dim=1)
+difference = ((norms - exact).abs().max() / exact.max()).item()
+print(f"largest norm difference, relative to the largest norm: {difference:.1e}")
+clipped = engine.clipped_grad_sum(x, y).grads
+reference = persample.clip_per_sample(loop_grads, 1.0)
+print(f"clipped sum, max relative difference to the loop's: {max_difference(reference, clipped):.1e}")
+methods["persample.GhostClipping (norms only)"] = lambda: engine.per_sample_grad_norms(x, y)
+methods["persample.GhostClipping (clipped sum)"] = lambda: engine.clipped_grad_sum(x, y)
 
 # %% [markdown]
 # ## Timing
