@@ -106,10 +106,14 @@ def test_losses_and_custom_loss_fn():
 @pytest.mark.skipif(not (torch.cuda.is_available() or INTERPRETING),
                     reason="needs a GPU or TRITON_INTERPRET=1 when the tests start (as in CI)")
 def test_the_fused_kernel_path(monkeypatch):
-    """The loss side through the Triton kernel (the interpreter on CPU)."""
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    model = TinyGPT(vocab=16).double()
-    assert_matches_reference(model, *tokens(B=3, T=4, vocab=16))
+    """The loss side through the Triton kernel: compiled on a GPU, the interpreter on the CPU (Triton fixes
+    the mode when the kernels are first defined, so the CPU case needs TRITON_INTERPRET=1 from the start)."""
+    if torch.cuda.is_available():
+        model, (idx, targets) = TinyGPT(vocab=16).double().cuda(), (t.cuda() for t in tokens(B=3, T=4, vocab=16))
+    else:
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+        model, (idx, targets) = TinyGPT(vocab=16).double(), tokens(B=3, T=4, vocab=16)
+    assert_matches_reference(model, idx, targets)
 
 
 def test_the_model_is_left_as_it_was():
