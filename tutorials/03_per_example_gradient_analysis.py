@@ -170,6 +170,7 @@ plt.show()
 #
 # The clean examples that rank highest are digits the model gets wrong, several of them hard to read for a
 # person too:
+
 # %%
 with torch.no_grad():
     predicted = model(x_train).argmax(-1)
@@ -219,8 +220,8 @@ rows = [f"C = {max_grad_norm:g}, checkpoint after {checkpoint_epoch} epochs", ""
 display(Markdown("\n".join(rows)))
 
 # %% [markdown]
-# Before clipping, one example in ten supplies close to half of the gradient's mass and pulls the summed
-# gradient well away from the direction the clean examples agree on. Clipping caps every example at `C`;
+# Before clipping, one example in ten supplies close to half of the gradient's mass and turns the summed
+# gradient away from the direction the clean examples agree on. Clipping caps every example at `C`;
 # the flipped ones, all far above it, are cut the most, and their share drops to near their share of the
 # data. The smaller `C`, the more examples are clipped and the closer each one's voice is to equal:
 
