@@ -14,7 +14,7 @@
 # Differentially private SGD (DP-SGD, Abadi et al. 2016) trains a model so that what it learns depends
 # only a little on any single training example. "A little" has a number: a run is `(ε, δ)`-differentially
 # private if adding or removing one example changes the probability of any outcome of the training by a
-# factor of at most `e^ε`, except with probability `δ`. Every step does five things:
+# factor of at most `e^ε`, up to a small additive slack `δ`. Every step does five things:
 #
 # 1. **sample** a batch: every example joins independently with probability `q` (Poisson sampling);
 # 2. compute **each example's** gradient;
@@ -27,12 +27,12 @@
 # over the planned run. This tutorial does that on scikit-learn's handwritten digits for `ε` from 0.5 to 8,
 # and compares the private models with the same model trained without privacy.
 #
-# **On a CPU** persample's fused cross-entropy runs a PyTorch implementation of the same formulas, unless
-# `TRITON_INTERPRET=1` asks for the Triton kernel through Triton's interpreter — exact but far too slow to
-# train with. This tutorial therefore sets `TRITON_INTERPRET=0` on a CPU (the semantics are identical;
-# tutorial 4 runs the kernel itself). On a GPU the Triton kernel runs either way. It also runs PyTorch on a
-# single CPU thread: the model is so small that threads spend more time waiting for each other than
-# computing (several times slower with two, much worse when the cores are busy with other work).
+# **The model is tiny, so this tutorial runs on the CPU**, GPU or not. There persample's fused cross-entropy
+# runs a PyTorch implementation of the same formulas, unless `TRITON_INTERPRET=1` asks for the Triton kernel
+# through Triton's interpreter — exact but far too slow to train with. This tutorial therefore sets
+# `TRITON_INTERPRET=0` (the semantics are identical; tutorial 4 runs the kernel itself). It also runs
+# PyTorch on a single thread: threads would spend more time waiting for each other than computing (several
+# times slower with two, much worse when the cores are busy with other work).
 
 # %%
 import os
@@ -40,9 +40,8 @@ import time
 
 import torch
 
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "0"
-    torch.set_num_threads(1)
+os.environ["TRITON_INTERPRET"] = "0"
+torch.set_num_threads(1)
 
 import matplotlib.pyplot as plt
 from IPython.display import Markdown, display
@@ -154,7 +153,7 @@ print(f"norm of the clipped sum {signal:.1f}, norm of the noise {noise_norm:.1f}
 # other.
 #
 # `persample.DPOptimizer` is this chain around any PyTorch optimizer: `accumulate` takes the clipped sum of a
-# (physical) batch — `persample.clip_per_sample` computes steps 3 and 4's sum — and `step` adds the noise,
+# (physical) batch — `persample.clip_per_sample` does step 3 and the sum of step 4 — and `step` adds the noise,
 # divides, writes `p.grad`, steps the wrapped optimizer and records the step with the accountant. With the
 # same noise generator it produces exactly the update above:
 

@@ -22,21 +22,20 @@
 # 4. shows what clipping each example's gradient — the first step of DP-SGD — does to the flipped
 #    examples' influence, at one checkpoint and over a whole training run.
 #
-# **On a CPU** persample's fused cross-entropy runs a PyTorch implementation of the same formulas, unless
-# `TRITON_INTERPRET=1` asks for the Triton kernel through Triton's interpreter — exact but far too slow to
-# train with. This tutorial therefore sets `TRITON_INTERPRET=0` on a CPU (the semantics are identical;
-# tutorial 4 runs the kernel itself). On a GPU the Triton kernel runs either way. It also runs PyTorch on a
-# single CPU thread: the model is so small that threads spend more time waiting for each other than
-# computing (several times slower with two, much worse when the cores are busy with other work).
+# **The model is tiny, so this tutorial runs on the CPU**, GPU or not. There persample's fused cross-entropy
+# runs a PyTorch implementation of the same formulas, unless `TRITON_INTERPRET=1` asks for the Triton kernel
+# through Triton's interpreter — exact but far too slow to train with. This tutorial therefore sets
+# `TRITON_INTERPRET=0` (the semantics are identical; tutorial 4 runs the kernel itself). It also runs
+# PyTorch on a single thread: threads would spend more time waiting for each other than computing (several
+# times slower with two, much worse when the cores are busy with other work).
 
 # %%
 import os
 
 import torch
 
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "0"
-    torch.set_num_threads(1)
+os.environ["TRITON_INTERPRET"] = "0"
+torch.set_num_threads(1)
 
 import matplotlib.pyplot as plt
 import torch.nn.functional as F

@@ -117,7 +117,8 @@ print(f"{sum(p.numel() for p in random_init.parameters())} parameters")
 batch = public[:8]
 with torch.no_grad():
     original = random_init(batch, labels=batch).loss
-    handle = apply_fused_loss(random_init)
+handle = apply_fused_loss(random_init)
+with torch.no_grad():
     fused = random_init(batch, labels=batch).loss
 print(f"loss with transformers' ForCausalLMLoss {original.item():.6f}, with the fused loss {fused.item():.6f}")
 
@@ -126,7 +127,7 @@ def evaluate(model):
     """Mean loss per token on the held-out private sequences, and the accuracy on the determined tokens."""
     with torch.no_grad():
         output = model(private_test, labels=private_test)
-    # Position t predicts token t + 1; from token 2 on, the next token is determined.
+    # Position t predicts token t + 1; from token 2 on (0-based), the next token is determined.
     correct = output.logits[:, 1:-1].argmax(-1) == private_test[:, 2:]
     return output.loss.item(), correct.float().mean().item()
 
@@ -135,7 +136,8 @@ def evaluate(model):
 # ## Pretraining on the public task
 #
 # Ordinary training, no privacy: the public data can be used freely. The loss is the model's own, now
-# fused. We keep a copy of the pretrained weights as the starting point of every fine-tuning run.
+# fused (a deep copy of the model keeps the fused loss). Every fine-tuning run below starts from a copy of
+# the pretrained model.
 
 # %%
 def train_step(model, optimizer, sequences):
