@@ -23,7 +23,8 @@ Assumptions (as in Opacus): the batch dimension is first in every module input a
 whose first input has no batch dimension (``pos_emb(arange(T))``) is shared by the batch, and its output is
 expanded to ``(B, ...)`` — combine it with batched tensors by broadcasting, as ``x + pos_emb(arange(T))``
 does. Integer inputs with fewer dimensions than an integer model input count as unbatched even when their
-first size equals ``B``. Every use of a parameter must happen inside a module that owns it.
+first size equals ``B``; an integer input with a leading dimension of 1 (``arange(T)[None]``, transformers'
+``position_ids``) is shared the same way. Every use of a parameter must happen inside a module that owns it.
 """
 
 from collections.abc import Callable
@@ -99,12 +100,20 @@ class _Step:
             return False
         return x.is_floating_point() or self.index_ndim is None or x.ndim >= self.index_ndim
 
-    def watch(self, out: Tensor, shared: bool, on_grad: Callable[[Tensor], None]) -> Tensor:
+    def is_broadcast(self, x: Tensor) -> bool:
+        """An integer input with a batch dimension of 1 that broadcasts against the batch, like transformers'
+        ``position_ids = arange(T)[None]``: shared by the batch like ``arange(T)``."""
+        return (self.batch_size != 1 and not x.is_floating_point() and self.index_ndim is not None
+                and x.ndim == self.index_ndim and x.shape[0] == 1)
+
+    def watch(self, out: Tensor, shared: bool, on_grad: Callable[[Tensor], None], broadcast: bool = False) -> Tensor:
         if not out.requires_grad:
             anchor = self.anchors.get(out.device)
             if anchor is None:
                 anchor = self.anchors[out.device] = torch.zeros((), device=out.device, requires_grad=True)
             out = out + anchor
+        if broadcast:
+            out = out.squeeze(0)
         if shared:
             out = out.expand(self.batch_size, *out.shape)
         out.register_hook(on_grad)
@@ -149,6 +158,9 @@ def _rule_hook(step: _Step, rule: Rule, params: dict[str, nn.Parameter]):
             raise TypeError(f"{type(module).__name__} must take a tensor first and return a tensor, got "
                             f"{type(args[0]).__name__ if args else 'no input'} -> {type(output).__name__}")
         x = args[0].detach()
+        broadcast = step.is_broadcast(x)
+        if broadcast:
+            x = x.squeeze(0)
         shared = not step.is_batched(x)
         args = (x.expand(step.batch_size, *x.shape) if shared else x, *args[1:])
         call = Call(module, args, {}, params, _autocast_state(x))
@@ -161,7 +173,7 @@ def _rule_hook(step: _Step, rule: Rule, params: dict[str, nn.Parameter]):
             step.add(call, rule.compute(call, grad, step.strategy))
             call.args = call.kwargs = None
 
-        return step.watch(output, shared, on_grad)
+        return step.watch(output, shared, on_grad, broadcast)
 
     return hook
 

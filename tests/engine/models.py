@@ -25,7 +25,7 @@ class TinyGPT(nn.Module):
     """Token and positional embeddings, pre-norm blocks, final norm and an LM head tied to the token table.
 
     ``positions``: ``"arange"`` looks up ``arange(T)`` with no batch dimension, ``"expand"`` looks up
-    ``arange(T).expand(B, T)``.
+    ``arange(T).expand(B, T)``, ``"broadcast"`` looks up ``arange(T)[None]`` (transformers' position_ids).
     """
 
     def __init__(self, vocab: int = 24, d: int = 8, layers: int = 1, heads: int = 2, max_len: int = 16,
@@ -42,7 +42,8 @@ class TinyGPT(nn.Module):
     def forward(self, idx: Tensor) -> Tensor:
         B, T = idx.shape
         pos = torch.arange(T, device=idx.device)
-        x = self.wte(idx) + self.wpe(pos if self.positions == "arange" else pos.expand(B, T))
+        pos = {"arange": pos, "expand": pos.expand(B, T), "broadcast": pos[None]}[self.positions]
+        x = self.wte(idx) + self.wpe(pos)
         for block in self.blocks:
             x = block(x)
         return self.head(self.ln(x))

@@ -22,7 +22,7 @@ def tokens(B=4, T=6, vocab=24):
     return idx, targets
 
 
-@pytest.mark.parametrize("positions", ["arange", "expand"])
+@pytest.mark.parametrize("positions", ["arange", "expand", "broadcast"])
 @pytest.mark.parametrize("tied", [True, False])
 @pytest.mark.parametrize("norm", [nn.LayerNorm, nn.RMSNorm])
 @pytest.mark.parametrize("strategy", ["auto", "ghost", "materialize"])

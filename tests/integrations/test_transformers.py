@@ -244,19 +244,28 @@ class _Logits(torch.nn.Module):
         return self.model(ids).logits
 
 
-@pytest.mark.parametrize("name", ["llama", "qwen2"])
+@pytest.mark.parametrize("name", ["llama", "qwen2", "gpt2"])
 def test_dp_engine_covers_the_layers(name):
-    """GhostClipping on a tiny transformers LM (Linear, Embedding, RMSNorm, rotary attention) gives the same
-    per-sequence norms and clipped sum as the vmap pipeline. (GPT-2's Conv1D has no rule yet.)"""
+    """GhostClipping on a tiny transformers LM (Linear or GPT-2's Conv1D through the torch.func fallback,
+    Embedding incl. ``position_ids`` of shape (1, T), RMSNorm/LayerNorm, attention) gives the same
+    per-sequence norms and clipped sum as one backward per sequence."""
     import persample
 
     torch.manual_seed(0)
-    model = _Logits(CAUSAL[name]().double().eval())
+    config = {"llama": _llama_config, "qwen2": _qwen2_config, "gpt2": _gpt2_config}[name]()
+    config._attn_implementation = "eager"  # SDPA's CPU kernel has no vmap batching rule (the fallback needs one)
+    model_class = {"llama": transformers.LlamaForCausalLM, "qwen2": transformers.Qwen2ForCausalLM,
+                   "gpt2": transformers.GPT2LMHeadModel}[name]
+    model = _Logits(model_class(config).double().eval())
     ids = torch.randint(1, VOCAB, (B, T))
     targets = torch.cat([ids[:, 1:], torch.full((B, 1), -100)], 1)  # next token, none after the last
     targets[0, :3] = -100
     out = persample.GhostClipping(model, max_grad_norm=0.5).clipped_grad_sum(ids, targets)
-    grads = persample.per_sample_grads(model, ids, targets)
+    # Reference: one ordinary backward per example (GPT-2's forward does not run under vmap).
+    params = dict(model.named_parameters())
+    per_example = [torch.autograd.grad(F.cross_entropy(model(ids[b:b + 1])[0], targets[b], ignore_index=-100),
+                                       list(params.values())) for b in range(B)]
+    grads = {name: torch.stack([g[i] for g in per_example]) for i, name in enumerate(params)}
     torch.testing.assert_close(out.norms, persample.per_sample_norms(grads), rtol=1e-8, atol=1e-10)
     expected = persample.clip_per_sample(grads, 0.5)
     for key, value in expected.items():
