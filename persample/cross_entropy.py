@@ -110,10 +110,13 @@ def _options(ignore_index, label_smoothing, softcap, z_loss):
     return int(ignore_index), float(label_smoothing), float(softcap or 0.0), float(z_loss)
 
 
-def _mean_scale(logits2d, target, weight, ignore_index) -> Tensor:
-    """1 / (sum of target weights over counted rows), or 0 when nothing is counted; shape (1,)."""
+def _reduction_scale(scores2d, target, weight, ignore_index, reduction) -> Tensor:
+    """What the summed loss is multiplied by, shape (1,): for "mean" 1 / (sum of target weights over counted
+    rows), or 0 when nothing is counted; otherwise 1."""
+    acc = torch.float64 if scores2d.dtype == torch.float64 else torch.float32
+    if reduction != "mean":
+        return torch.ones(1, dtype=acc, device=scores2d.device)
     counted = target != ignore_index
-    acc = torch.float64 if logits2d.dtype == torch.float64 else torch.float32
     if weight is None:
         denom = counted.sum(dtype=acc)
     else:
@@ -160,18 +163,15 @@ def cross_entropy(
     options = _options(ignore_index, label_smoothing, softcap, z_loss)
     fast = not _transforms_active() and torch.is_grad_enabled() and logits.requires_grad
     if reduction != "none" and fast:
-        scale = (_mean_scale(logits2d, target1d, weight, ignore_index) if reduction == "mean"
-                 else torch.ones(1, dtype=torch.float32, device=logits.device))
+        scale = _reduction_scale(logits2d, target1d, weight, ignore_index, reduction)
         loss = _ops.fused_mean_sum(logits2d, target1d, weight, weight_sum, scale, *options)
     else:
         loss_rows, _ = _ops.differentiable_rows(logits2d, target1d, weight, weight_sum, *options)
         if reduction == "none":
             loss = loss_rows.reshape(shape).to(logits.dtype)
         else:
-            loss = loss_rows.sum()
-            if reduction == "mean":
-                loss = loss * _mean_scale(logits2d, target1d, weight, ignore_index)[0]
-            loss = loss.to(logits.dtype)
+            scale = _reduction_scale(logits2d, target1d, weight, ignore_index, reduction)
+            loss = (loss_rows.sum() * scale[0]).to(logits.dtype)
     return loss
 
 
@@ -197,18 +197,14 @@ def cross_entropy_with_grad(
     """
     logits2d, target1d, weight, weight_sum, shape = _check(
         logits, target, weight, ignore_index, reduction, label_smoothing, softcap, z_loss, mask)
-    if reduction == "mean":
-        scale = _mean_scale(logits2d, target1d, weight, ignore_index)
-    else:
-        scale = torch.ones(1, dtype=torch.float32, device=logits.device)
+    scale = _reduction_scale(logits2d, target1d, weight, ignore_index, reduction)
     loss_rows, _, grad = _ops.cross_entropy_with_grad(
         logits2d.detach(), target1d, weight, weight_sum, scale,
         *_options(ignore_index, label_smoothing, softcap, z_loss))
     grad = grad.reshape(logits.shape)
     if reduction == "none":
         return loss_rows.reshape(shape), grad
-    total = loss_rows.sum()
-    return (total * scale[0] if reduction == "mean" else total), grad
+    return loss_rows.sum() * scale[0], grad
 
 
 class CrossEntropyLoss(nn.Module):

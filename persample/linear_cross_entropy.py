@@ -20,8 +20,8 @@ from persample.cross_entropy import (
     Reduction,
     _check_options,
     _check_target,
-    _mean_scale,
     _options,
+    _reduction_scale,
     _transforms_active,
     cross_entropy,
 )
@@ -117,11 +117,7 @@ def linear_cross_entropy(
     grad_on = torch.is_grad_enabled()
     needs = _ops.Needs(grad_on and hidden.requires_grad, grad_on and weight.requires_grad,
                        grad_on and bias is not None and bias.requires_grad)
-    if reduction == "mean":
-        scale = _mean_scale(hidden2d, target1d, class_weight, ignore_index)
-    else:
-        acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-        scale = torch.ones(1, dtype=acc, device=hidden.device)
+    scale = _reduction_scale(hidden2d, target1d, class_weight, ignore_index, reduction)
     loss = _ops.linear_cross_entropy(
         hidden2d, weight, bias, target1d, class_weight, class_weight_sum, scale, reduction,
         chunk_size or _ops.default_chunk_size(N), needs, _options(ignore_index, label_smoothing, softcap, z_loss))
