@@ -22,11 +22,13 @@ cannot leak out. A target outside ``[0, V)`` that is not ``ignore_index`` yields
 for its row (argument checks upstream raise before that; this is the fallback inside traced code) and
 no memory outside the row is touched.
 
-Kernels (one program per row, the row streamed in blocks of ``BLOCK_V``):
-  * ``_cross_entropy_fwd_kernel`` — online max / sum-exp over the row, the loss, the log-sum-exp and,
-    with ``WITH_GRAD``, a second sweep (mostly from L2) that writes the gradient times a scale.
-  * ``_cross_entropy_bwd_kernel`` — the gradient alone from a saved log-sum-exp, one sweep, scaled per
-    row by an upstream gradient.
+Kernels:
+  * ``_cross_entropy_fwd_kernel`` — one program per row (or a persistent grid looping over rows): the max
+    and sum of exp over the row (online across blocks when the row is longer than one block), the loss,
+    the log-sum-exp and, with ``WITH_GRAD``, the gradient times a scale: from registers when the row fits
+    one block, else from a second sweep that mostly hits L2.
+  * ``_cross_entropy_bwd_kernel`` — the gradient alone from a saved log-sum-exp, scaled per row by an
+    upstream gradient: elementwise, one program per chunk of a row.
   * ``_scale_kernel`` — multiply a buffer in place by a device scalar, doing nothing when it is 1.
 """
 
@@ -135,10 +137,13 @@ def _cross_entropy_fwd_kernel(
     N, V, ignore_index, label_smoothing, softcap, z_loss,
     HAS_WEIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
     WITH_GRAD: tl.constexpr, SINGLE_BLOCK: tl.constexpr, BLOCK_V: tl.constexpr, ACC: tl.constexpr,
+    PREFETCH: tl.constexpr,
 ):
     # Persistent over rows: a grid sized to the machine keeps few rows in flight, so that the second
     # sweep over a row finds it in L2. With SINGLE_BLOCK (BLOCK_V >= V) the row is read once and stays
-    # in registers for the gradient.
+    # in registers for the gradient; with PREFETCH (SINGLE_BLOCK and a persistent grid) the load of the
+    # program's next row is issued before the reductions of this one, so memory stays busy while a
+    # program that holds a whole row (one per SM) reduces it. Prefetched ignored rows are never used.
     if WITH_GRAD:
         scale = tl.load(scale_ptr).to(ACC)
     else:
@@ -149,8 +154,18 @@ def _cross_entropy_fwd_kernel(
         weight_sum = V * 1.0
     eps_over_v = label_smoothing / V
     pid = tl.program_id(0).to(tl.int64)
-    for first in range(0, N, tl.num_programs(0)):
+    P = tl.num_programs(0)
+    offs0 = tl.arange(0, BLOCK_V)
+    if PREFETCH:
+        x_next = tl.load(x_ptr + pid * x_row_stride + offs0, mask=offs0 < tl.where(pid < N, V, 0),
+                         other=float("-inf"))
+    for first in range(0, N, P):
         row = first + pid
+        if PREFETCH:
+            x_raw = x_next
+            nrow = row + P
+            x_next = tl.load(x_ptr + nrow * x_row_stride + offs0, mask=offs0 < tl.where(nrow < N, V, 0),
+                             other=float("-inf"))
         if row < N:
             x_row_ptr = x_ptr + row * x_row_stride
             g_row_ptr = g_ptr + row * g_row_stride
@@ -161,7 +176,12 @@ def _cross_entropy_fwd_kernel(
                 if SINGLE_BLOCK:
                     offs = tl.arange(0, BLOCK_V)
                     in_row = offs < V
-                    s = _capped_block(x_row_ptr, offs, in_row, softcap, HAS_SOFTCAP, ACC)
+                    if PREFETCH:
+                        s = _softcap(x_raw.to(ACC), softcap, HAS_SOFTCAP)
+                        if HAS_SOFTCAP:
+                            s = tl.where(in_row, s, float("-inf"))
+                    else:
+                        s = _capped_block(x_row_ptr, offs, in_row, softcap, HAS_SOFTCAP, ACC)
                     m = tl.max(s, 0)
                     d = tl.sum(tl.exp(s - m), 0)
                     if HAS_SMOOTHING:
@@ -213,9 +233,14 @@ def _cross_entropy_bwd_kernel(
     x_ptr, x_row_stride, target_ptr, weight_ptr, weight_sum_ptr, lse_ptr, grad_ptr,
     g_ptr, g_row_stride,
     V, ignore_index, label_smoothing, softcap, z_loss,
-    HAS_WEIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BLOCK_V: tl.constexpr, ACC: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, CHUNKS: tl.constexpr, CHUNK: tl.constexpr,
+    ACC: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
+    # One program per chunk of a row: with the log-sum-exp known, the gradient is elementwise.
+    pid = tl.program_id(0).to(tl.int64)
+    row = pid // CHUNKS
+    offs = (pid % CHUNKS) * CHUNK + tl.arange(0, CHUNK)
+    in_row = offs < V
     g_row_ptr = g_ptr + row * g_row_stride
     t, counted, invalid, w_t = _row_target(target_ptr, weight_ptr, row, V, ignore_index, HAS_WEIGHT, ACC)
     if counted:
@@ -225,12 +250,16 @@ def _cross_entropy_bwd_kernel(
             weight_sum = V * 1.0
         lse = tl.load(lse_ptr + row).to(ACC)
         scale = tl.load(grad_ptr + row).to(ACC)
-        _row_gradient_sweep(
-            x_ptr + row * x_row_stride, g_row_ptr, weight_ptr, V, t, w_t, weight_sum, lse, scale,
-            label_smoothing, softcap, z_loss, HAS_WEIGHT, HAS_SOFTCAP, BLOCK_V, ACC,
-        )
+        eps_over_v = label_smoothing / V
+        coef = (1.0 - label_smoothing) * w_t + eps_over_v * weight_sum + 2.0 * z_loss * lse
+        x = tl.load(x_ptr + row * x_row_stride + offs, mask=in_row, other=0.0).to(ACC)
+        s = _softcap(x, softcap, HAS_SOFTCAP)
+        g = _gradient_block(s, offs, in_row, weight_ptr, t, lse, coef, eps_over_v, (1.0 - label_smoothing) * w_t,
+                            softcap, scale, HAS_WEIGHT, HAS_SOFTCAP, ACC)
+        tl.store(g_row_ptr + offs, g.to(g_ptr.dtype.element_ty), mask=in_row)
     else:
-        _fill_row(g_row_ptr, V, tl.where(invalid, float("nan"), 0.0), BLOCK_V)
+        fill = tl.full([CHUNK], 0.0, tl.float32) + tl.where(invalid, float("nan"), 0.0)
+        tl.store(g_row_ptr + offs, fill.to(g_ptr.dtype.element_ty), mask=in_row)
 
 
 @triton.jit
@@ -249,19 +278,30 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _launch_config(V: int, element_size: int) -> tuple[int, int, int]:
-    """(block over the vocabulary, warps per program, programs per multiprocessor; 0 = one per row).
+def _launch_config(V: int, element_size: int) -> tuple[int, int, int, bool]:
+    """For the forward: (block over the vocabulary, warps per program, programs per multiprocessor with
+    0 = one per row, prefetch of the next row).
 
     A row of up to 32768 half-precision (16384 fp32) logits is held in registers whole; longer rows are
-    streamed in blocks with a persistent grid. The interpreter gets small blocks so that tests at small V
-    still cross block boundaries. Tuned on an H100 with benchmarks/cross_entropy.py --sweep.
+    streamed in blocks. The interpreter gets small blocks so that tests at small V still cross block
+    boundaries. Tuned on an H100 with benchmarks/cross_entropy.py --sweep.
     """
     if _interpreting():
-        return min(triton.next_power_of_2(V), 64), 1, 0
+        return min(triton.next_power_of_2(V), 64), 1, 0, False
     block = triton.next_power_of_2(V)
     if block * element_size <= 65536:
-        return block, 4 if block <= 2048 else (8 if block <= 8192 else 32), 0 if block < 16384 else 2
-    return (16384, 32, 0) if element_size == 2 else (4096, 16, 0)
+        if block * element_size >= 32768:  # one program per SM, loading row i + 1 while it works on row i
+            return block, 32, 1, True
+        return block, 4 if block <= 2048 else 8, 0, False
+    return (16384, 32, 0, False) if element_size == 2 else (4096, 16, 0, False)
+
+
+def _bwd_config(V: int, element_size: int) -> tuple[int, int]:
+    """For the backward, which is elementwise once the log-sum-exp is known: (chunk of a row per program,
+    warps per program)."""
+    if _interpreting():
+        return min(triton.next_power_of_2(V), 64), 1
+    return min(triton.next_power_of_2(V), 4096), 4
 
 
 def _grid(N: int, device: torch.device, programs_per_sm: int) -> tuple[int]:
@@ -308,7 +348,7 @@ def cross_entropy_fwd(
         grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
     if N == 0:
         return loss, lse, grad if with_grad else None
-    block, num_warps, programs_per_sm = _launch_config(V, logits.element_size())
+    block, num_warps, programs_per_sm, prefetch = _launch_config(V, logits.element_size())
     _cross_entropy_fwd_kernel[_grid(N, logits.device, programs_per_sm)](
         logits, logits.stride(0), target, weight if weight is not None else logits,
         weight_sum if weight_sum is not None else loss, grad_scale if grad_scale is not None else loss,
@@ -316,6 +356,7 @@ def cross_entropy_fwd(
         N, V, ignore_index, label_smoothing, softcap, z_loss,
         HAS_WEIGHT=weight is not None, HAS_SOFTCAP=softcap > 0, HAS_SMOOTHING=label_smoothing > 0,
         WITH_GRAD=with_grad, SINGLE_BLOCK=block >= V, BLOCK_V=block, ACC=_acc_dtype(logits.dtype), num_warps=num_warps,
+        PREFETCH=prefetch and block >= V and programs_per_sm > 0,
     )
     return loss, lse, grad if with_grad else None
 
@@ -339,12 +380,13 @@ def cross_entropy_bwd(
     grad = out if out is not None else torch.empty_like(logits, memory_format=torch.contiguous_format)
     if N == 0:
         return grad
-    block, num_warps, _ = _launch_config(V, logits.element_size())
-    _cross_entropy_bwd_kernel[(N,)](
+    chunk, num_warps = _bwd_config(V, logits.element_size())
+    chunks = triton.cdiv(V, chunk)
+    _cross_entropy_bwd_kernel[(N * chunks,)](
         logits, logits.stride(0), target, weight if weight is not None else logits,
         weight_sum if weight_sum is not None else lse, lse, grad_rows, grad, grad.stride(0),
         V, ignore_index, label_smoothing, softcap, z_loss,
-        HAS_WEIGHT=weight is not None, HAS_SOFTCAP=softcap > 0, BLOCK_V=block,
+        HAS_WEIGHT=weight is not None, HAS_SOFTCAP=softcap > 0, CHUNKS=chunks, CHUNK=chunk,
         ACC=_acc_dtype(logits.dtype), num_warps=num_warps,
     )
     return grad

@@ -24,6 +24,7 @@ import os
 import torch
 
 from persample.kernels import cross_entropy as _kernels
+from persample.kernels import target_stats as _target_stats
 
 _LIB = "persample"
 
@@ -33,8 +34,14 @@ def transforms_active() -> bool:
     return torch.compiler.is_compiling() or torch._C._functorch.peek_interpreter_stack() is not None
 
 
-def _use_triton(t: torch.Tensor) -> bool:
+def use_triton(t: torch.Tensor) -> bool:
+    """Whether ``t`` runs the Triton kernels: CUDA, or any tensor when ``TRITON_INTERPRET=1``."""
     return t.is_cuda or os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def target_stats(target, V, weight, ignore_index, mean, acc):
+    """(scale (1,), status (2,) int64) from one kernel; see :mod:`persample.kernels.target_stats`."""
+    return _target_stats.target_stats(target, V, weight, ignore_index, mean, acc)
 
 
 def _acc(dtype: torch.dtype) -> torch.dtype:
@@ -99,7 +106,7 @@ def _forward_impl(logits, target, weight, weight_sum, grad_scale, ignore_index, 
                   z_loss, with_grad, out=None):
     """(loss, lse, grad or None); grad is ``grad_scale * dL/dlogits``, written to ``out`` when given (which
     may be ``logits`` itself)."""
-    if _use_triton(logits):
+    if use_triton(logits):
         return _kernels.cross_entropy_fwd(logits, target, weight, weight_sum, grad_scale, ignore_index,
                                           label_smoothing, softcap, z_loss, with_grad, out)
     loss, lse = _rows_torch(logits, target, weight, weight_sum, ignore_index, label_smoothing, softcap, z_loss)
@@ -113,7 +120,7 @@ def _forward_impl(logits, target, weight, weight_sum, grad_scale, ignore_index, 
 
 def _backward_impl(logits, target, weight, weight_sum, lse, grad_rows, ignore_index, label_smoothing, softcap,
                    z_loss, out=None):
-    if _use_triton(logits):
+    if use_triton(logits):
         return _kernels.cross_entropy_bwd(logits, target, weight, weight_sum, lse,
                                           grad_rows.to(lse.dtype).contiguous(), ignore_index,
                                           label_smoothing, softcap, z_loss, out)
@@ -123,7 +130,7 @@ def _backward_impl(logits, target, weight, weight_sum, lse, grad_rows, ignore_in
 
 
 def _scale_impl(grad: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    if _use_triton(grad):
+    if use_triton(grad):
         return _kernels.scale_(grad, scale)
     return grad.mul_(scale.to(grad.dtype))
 
@@ -237,6 +244,15 @@ class _CrossEntropyRowsBwd(torch.autograd.Function):
     def backward(ctx, grad):
         raise NotImplementedError("persample.cross_entropy does not support second derivatives "
                                   "(double backward, hessian, jacrev of grad)")
+
+
+def with_grad(logits, target, weight, weight_sum, grad_scale, ignore_index, label_smoothing, softcap, z_loss):
+    """(loss (N,), lse (N,), grad_scale * dL/dlogits (N, V)), not differentiable. Plain eager calls skip the
+    custom op's dispatcher (its Python overhead is a sizeable part of one call); transforms need the op."""
+    args = (logits, target, weight, weight_sum, grad_scale, ignore_index, label_smoothing, softcap, z_loss)
+    if transforms_active():
+        return cross_entropy_with_grad(*args)
+    return _forward_impl(*args, True)
 
 
 def differentiable_rows(logits, target, weight, weight_sum, ignore_index, label_smoothing, softcap, z_loss):

@@ -7,6 +7,8 @@ follow ``F.cross_entropy`` on the same arguments, with three additions — ``sof
 (PyTorch returns NaN).
 """
 
+import threading
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -40,9 +42,11 @@ def _check_options(reduction, label_smoothing, softcap, z_loss) -> None:
         raise ValueError(f"z_loss must be >= 0, got {z_loss}")
 
 
-def _check_target(target, V, device, weight, ignore_index, mask, weight_name="weight", scores_name="logits"):
+def _check_target(target, V, device, weight, ignore_index, mask, weight_name="weight", scores_name="logits",
+                  check_range=True):
     """Checks ``target``, the class ``weight`` (V,) and ``mask`` against scores with V classes on ``device``;
-    returns (target (N,) int64 with masked rows set to ``ignore_index``, weight_sum (1,) or None)."""
+    returns (target (N,) int64 with masked rows set to ``ignore_index``, weight_sum (1,) or None).
+    ``check_range=False`` leaves the range of the class indices to :func:`_check_target_range`."""
     if not isinstance(target, Tensor):
         raise TypeError(f"target must be a tensor, got {type(target).__name__}")
     if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
@@ -68,17 +72,69 @@ def _check_target(target, V, device, weight, ignore_index, mask, weight_name="we
     target = target.long()
     if mask is not None:
         target = torch.where(mask, target, ignore_index)
-    # A host sync on CUDA, placed before any kernel is queued: waiting here costs the GPU only the launch
-    # latency of what follows, where a check after the kernel would expose all the host work after it.
-    if not torch.compiler.is_compiling() and (concrete := _concrete(target)) is not None:
-        bad = (concrete != ignore_index) & ((concrete < 0) | (concrete >= V))
-        if bool(bad.any()):
-            value = int(concrete[bad].reshape(-1)[0])
-            raise ValueError(f"target contains class index {value}, outside [0, {V}) for {scores_name} with "
-                             f"V={V} classes (and not ignore_index={ignore_index})")
     weight_sum = weight.sum(dtype=torch.float32 if weight.dtype != torch.float64 else torch.float64).reshape(
         1) if weight is not None else None
-    return target.reshape(-1), weight_sum
+    target = target.reshape(-1)
+    if check_range:
+        _check_target_range(target, V, ignore_index, scores_name)
+    return target, weight_sum
+
+
+def _check_target_range(target: Tensor, V: int, ignore_index: int, scores_name: str = "logits") -> None:
+    """Raises ValueError for a class index outside ``[0, V)`` that is not ``ignore_index``.
+
+    A host sync on CUDA. Callers place it after the small ops that prepare a launch (they run on the GPU
+    while the host waits) and right before the kernel, which then has only its own launch latency exposed.
+    Skipped while tracing (no data), where the kernel's NaN rows are the fallback."""
+    if torch.compiler.is_compiling() or (concrete := _concrete(target)) is None:
+        return
+    bad = (concrete != ignore_index) & ((concrete < 0) | (concrete >= V))
+    if bool(bad.any()):
+        raise _out_of_range(int(concrete[bad].reshape(-1)[0]), V, ignore_index, scores_name)
+
+
+def _out_of_range(value: int, V: int, ignore_index: int, scores_name: str = "logits") -> ValueError:
+    return ValueError(f"target contains class index {value}, outside [0, {V}) for {scores_name} with V={V} "
+                      f"classes (and not ignore_index={ignore_index})")
+
+
+_pinned = threading.local()
+
+
+def _prepare(logits2d, target1d, weight, ignore_index, reduction) -> tuple[Tensor, Callable[[], None]]:
+    """The reduction's scale (1,) (see :func:`_reduction_scale`) and the target range check, returned as
+    ``(scale, finish)``: ``finish()`` raises ValueError for a class index outside ``[0, V)``.
+
+    On the kernel path (plain eager, CUDA or the interpreter) one small kernel computes the scale and the
+    check, its result is copied to pinned host memory behind a CUDA event, and ``finish()``, called right
+    after the main kernel is queued, waits for that event only: the GPU starts the main kernel without
+    waiting for the host, and a bad target still raises before anything is returned (the kernel writes
+    NaN rows for such targets and touches nothing outside them). Elsewhere: PyTorch ops and a plain check.
+    """
+    V = logits2d.shape[-1]
+    if _transforms_active() or not _ops.use_triton(logits2d):
+        scale = _reduction_scale(logits2d, target1d, weight, ignore_index, reduction)
+        _check_target_range(target1d, V, ignore_index)
+        return scale, lambda: None
+    scale, status = _ops.target_stats(target1d, V, weight, ignore_index, reduction == "mean",
+                                      torch.float64 if logits2d.dtype == torch.float64 else torch.float32)
+    done = None
+    if status.is_cuda:
+        host = getattr(_pinned, "status", None)
+        if host is None:
+            host = _pinned.status = torch.empty(2, dtype=torch.int64, pin_memory=True)
+        host.copy_(status, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        status = host
+
+    def finish() -> None:
+        if done is not None:
+            done.synchronize()
+        if status[0]:
+            raise _out_of_range(int(status[1]), V, ignore_index)
+
+    return scale, finish
 
 
 def _check(logits, target, weight, ignore_index, reduction, label_smoothing, softcap, z_loss, mask):
@@ -99,7 +155,7 @@ def _check(logits, target, weight, ignore_index, reduction, label_smoothing, sof
         raise ValueError("logits have zero classes (V == 0)")
     _check_options(reduction, label_smoothing, softcap, z_loss)
     shape = tuple(target.shape)
-    target1d, weight_sum = _check_target(target, V, logits.device, weight, ignore_index, mask)
+    target1d, weight_sum = _check_target(target, V, logits.device, weight, ignore_index, mask, check_range=False)
     logits2d = logits.reshape(-1, V)
     if logits2d.stride(-1) != 1:
         logits2d = logits2d.contiguous()
@@ -162,16 +218,16 @@ def cross_entropy(
         logits, target, weight, ignore_index, reduction, label_smoothing, softcap, z_loss, mask)
     options = _options(ignore_index, label_smoothing, softcap, z_loss)
     fast = not _transforms_active() and torch.is_grad_enabled() and logits.requires_grad
+    scale, finish = _prepare(logits2d, target1d, weight, ignore_index, reduction)
     if reduction != "none" and fast:
-        scale = _reduction_scale(logits2d, target1d, weight, ignore_index, reduction)
         loss = _ops.fused_mean_sum(logits2d, target1d, weight, weight_sum, scale, *options)
     else:
         loss_rows, _ = _ops.differentiable_rows(logits2d, target1d, weight, weight_sum, *options)
         if reduction == "none":
             loss = loss_rows.reshape(shape).to(logits.dtype)
         else:
-            scale = _reduction_scale(logits2d, target1d, weight, ignore_index, reduction)
             loss = (loss_rows.sum() * scale[0]).to(logits.dtype)
+    finish()
     return loss
 
 
@@ -197,10 +253,11 @@ def cross_entropy_with_grad(
     """
     logits2d, target1d, weight, weight_sum, shape = _check(
         logits, target, weight, ignore_index, reduction, label_smoothing, softcap, z_loss, mask)
-    scale = _reduction_scale(logits2d, target1d, weight, ignore_index, reduction)
-    loss_rows, _, grad = _ops.cross_entropy_with_grad(
+    scale, finish = _prepare(logits2d, target1d, weight, ignore_index, reduction)
+    loss_rows, _, grad = _ops.with_grad(
         logits2d.detach(), target1d, weight, weight_sum, scale,
         *_options(ignore_index, label_smoothing, softcap, z_loss))
+    finish()
     grad = grad.reshape(logits.shape)
     if reduction == "none":
         return loss_rows.reshape(shape), grad

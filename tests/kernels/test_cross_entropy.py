@@ -50,6 +50,28 @@ def test_fwd_with_grad(V, dtype, persistent, monkeypatch):
     assert lse[0] == 0 and loss[0] == 0 and (grad[0] == 0).all()
 
 
+@pytest.mark.parametrize("with_grad", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("V", [1, 37, 64])
+def test_fwd_prefetching_next_row(V, dtype, with_grad, monkeypatch):
+    # The configuration of rows that fill one block: a persistent grid, each program loading its next row
+    # while it reduces the current one (here 3 programs over 7 rows, some ignored, options on).
+    monkeypatch.setattr(kernels, "_launch_config", lambda V, size: (64, 1, 1, True))
+    monkeypatch.setattr(kernels, "_grid", lambda N, device, per_sm: (3,))
+    logits, target, w, w_sum = _inputs(7, V, dtype, weight=True)
+    target[4] = -100
+    logits[4] = float("nan")  # an ignored row, prefetched and never used
+    scale = torch.tensor([0.5], device=DEVICE)
+    opts = dict(label_smoothing=0.1, softcap=4.0, z_loss=1e-2)
+    loss, lse, grad = kernels.cross_entropy_fwd(logits, target, w, w_sum, scale if with_grad else None, -100,
+                                                0.1, 4.0, 1e-2, with_grad)
+    rows, ref_grad = _reference_rows_and_grad(logits, target, w, **opts)
+    assert rel_err(loss, rows) < 1e-5
+    if with_grad:
+        assert rel_err(grad, 0.5 * ref_grad) < (1e-5 if dtype == torch.float32 else 1e-2)
+        assert (grad[[0, 4]] == 0).all()
+
+
 @pytest.mark.parametrize("V", [1, 33, 130])
 def test_fwd_without_grad_matches(V):
     logits, target, _, _ = _inputs(4, V, torch.float32)
