@@ -266,12 +266,15 @@ def _cross_entropy_bwd_kernel(
 def _scale_kernel(x_ptr, scale_ptr, n, BLOCK: tl.constexpr, ACC: tl.constexpr):
     # The scale is read on the device, so a scale of exactly 1 (the usual loss.backward()) costs no
     # pass over the buffer and no host synchronisation.
+    # pass over the buffer and no host synchronisation. A persistent grid (programs loop over blocks)
+    # keeps that skip to one small wave of programs.
     scale = tl.load(scale_ptr).to(ACC)
     if scale != 1.0:
-        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        in_range = offs < n
-        x = tl.load(x_ptr + offs, mask=in_range).to(ACC)
-        tl.store(x_ptr + offs, (x * scale).to(x_ptr.dtype.element_ty), mask=in_range)
+        for start in range(tl.program_id(0).to(tl.int64) * BLOCK, n, tl.num_programs(0) * BLOCK):
+            offs = start + tl.arange(0, BLOCK)
+            in_range = offs < n
+            x = tl.load(x_ptr + offs, mask=in_range).to(ACC)
+            tl.store(x_ptr + offs, (x * scale).to(x_ptr.dtype.element_ty), mask=in_range)
 
 
 def _interpreting() -> bool:
@@ -301,7 +304,7 @@ def _bwd_config(V: int, element_size: int) -> tuple[int, int]:
     warps per program)."""
     if _interpreting():
         return min(triton.next_power_of_2(V), 64), 1
-    return min(triton.next_power_of_2(V), 4096), 4
+    return min(triton.next_power_of_2(V), 8192), 4
 
 
 def _grid(N: int, device: torch.device, programs_per_sm: int) -> tuple[int]:
@@ -397,5 +400,8 @@ def scale_(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     n = x.numel()
     if n:
         block = 1024 if _interpreting() else 8192
-        _scale_kernel[(triton.cdiv(n, block),)](x, scale, n, BLOCK=block, ACC=_acc_dtype(x.dtype), num_warps=8)
+        programs = triton.cdiv(n, block)
+        if x.is_cuda:
+            programs = min(programs, 4 * torch.cuda.get_device_properties(x.device).multi_processor_count)
+        _scale_kernel[(programs,)](x, scale, n, BLOCK=block, ACC=_acc_dtype(x.dtype), num_warps=8)
     return x
