@@ -209,9 +209,12 @@ class _CrossEntropyRows(torch.autograd.Function):
         ctx.save_for_backward(logits, target, weight, weight_sum, output[1])
         ctx.options = options
         ctx.mark_non_differentiable(output[1])
+        ctx.set_materialize_grads(False)  # no zeros for the lse's gradient, which is never used
 
     @staticmethod
     def backward(ctx, grad_loss, grad_lse):
+        if grad_loss is None:
+            return None, None, None, None, None, None, None, None
         logits, target, weight, weight_sum, lse = ctx.saved_tensors
         args = (logits, target, weight, weight_sum, lse, grad_loss, *ctx.options)
         if torch.compiler.is_compiling():
