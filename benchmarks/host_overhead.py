@@ -43,7 +43,7 @@ _NO_KERNEL = {
     "aten::flatten", "aten::view_as", "aten::numpy_T", "aten::matrix_H", "aten::set_", "aten::is_nonzero",
     "aten::item", "aten::_local_scalar_dense", "aten::contiguous", "aten::to", "aten::_to_copy",
     "aten::type_as", "aten::requires_grad_", "aten::_has_compatible_shallow_copy_type", "aten::size",
-    "aten::stride", "aten::dim", "aten::_nested_tensor_from_mask_left_aligned",
+    "aten::stride", "aten::dim", "aten::resolve_conj", "aten::resolve_neg", "aten::conj", "aten::_conj",
 }
 
 
@@ -129,7 +129,8 @@ def main() -> None:
                 print(f"\n## engine {precision} grad, 20 steps")
                 pstats.Stats(profiler).sort_stats("tottime").print_stats(args.cprofile)
     print(f"# {TINY.name}, CPU, 1 thread, torch {torch.__version__}\n")
-    print("| precision | what | normal ops | engine ops | ratio | normal ms | engine ms | ratio | normal aten | engine aten |")
+    print("| precision | what | normal ops | engine ops | ratio | normal ms | engine ms | ratio "
+          "| normal aten | engine aten |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for precision, kind, (n_ops, n_aten, n_ms), (e_ops, e_aten, e_ms) in rows:
         print(f"| {precision} | {kind} | {n_ops:.0f} | {e_ops:.0f} | {e_ops / n_ops:.2f}x | {n_ms:.2f} | {e_ms:.2f} "

@@ -28,7 +28,7 @@ first size equals ``B``; an integer input with a leading dimension of 1 (``arang
 """
 
 from collections.abc import Callable
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import Literal, NamedTuple
 
@@ -41,6 +41,7 @@ from persample.engine.forms import Dense, Form, batched_dot, clipped_sum, inner
 from persample.engine.layers import fallback
 from persample.engine.output_grad import loss_and_output_grad
 from persample.engine.registry import Call, Rule, rule_for
+from persample.engine.stacks import OuterStack, pop_stacks, stack_clipped_sums, stack_norms
 from persample.engine.uses import parameter_uses
 
 Strategy = Literal["auto", "ghost", "materialize"]
@@ -93,6 +94,7 @@ class _Step:
     forms: dict[nn.Parameter, list[Form]] = field(default_factory=dict)
     fallbacks: list[tuple[Call, list, list[nn.Module]]] = field(default_factory=list)
     packed: list[tuple[Tensor, list[nn.Parameter]]] = field(default_factory=list)
+    stacks: list[OuterStack] = field(default_factory=list)
     anchors: dict[torch.device, Tensor] = field(default_factory=dict)
 
     def is_batched(self, x: Tensor) -> bool:
@@ -219,6 +221,16 @@ def _recording(plan: _Plan, step: _Step, autocast: bool):
             p.requires_grad_(True)
 
 
+@contextmanager
+def _no_autocast(plan: _Plan):
+    """Autocast off for the norms and clipped sums: their factors already have the dtypes the step chose, and
+    autocast would cast float32 intermediates back to low precision (an op per matmul operand)."""
+    with ExitStack() as stack:
+        for device in {p.device.type for p in plan.trainable.values()}:
+            stack.enter_context(torch.autocast(device, enabled=False))
+        yield
+
+
 def _as_args(inputs) -> tuple:
     return inputs if isinstance(inputs, tuple) else (inputs,)
 
@@ -282,21 +294,10 @@ class GhostClipping:
         dtype. Hand ``grads`` and ``len(targets)`` to the DP optimizer, which adds the noise and averages.
         """
         step, losses = self._backward(inputs, targets)
-        norms = self._norms(step)
-        factors = (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
-        grads: dict[nn.Parameter, Tensor] = {}
-        for flat, params in step.packed:
-            summed = factors.to(flat.dtype) @ flat
-            for p, part in zip(params, summed.split([p.numel() for p in params]), strict=True):
-                part = part.view(p.shape)
-                grads[p] = part if part.dtype == p.dtype else part.to(p.dtype)
-        step.packed.clear()
-        for p in list(step.forms):
-            forms = step.forms.pop(p)
-            total = clipped_sum(forms.pop(), factors, p.dtype)
-            while forms:
-                total += clipped_sum(forms.pop(), factors, p.dtype)
-            grads[p] = total
+        with _no_autocast(self._plan):
+            norms = self._norms(step)
+            factors = (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
+            grads = self._clipped_sums(step, factors)
         return ClippedGradSum({name: grads[p] if p in grads else torch.zeros_like(p)
                                for name, p in self._plan.trainable.items()}, norms, losses)
 
@@ -304,7 +305,28 @@ class GhostClipping:
     def per_sample_grad_norms(self, inputs: Tensor | tuple, targets: Tensor) -> Tensor:
         """``(B,)`` each example's gradient norm over all trainable parameters, without clipping."""
         step, _ = self._backward(inputs, targets)
-        return self._norms(step)
+        with _no_autocast(self._plan):
+            return self._norms(step)
+
+    @staticmethod
+    def _clipped_sums(step: _Step, factors: Tensor) -> dict[nn.Parameter, Tensor]:
+        grads: dict[nn.Parameter, Tensor] = {}
+        for flat, params in step.packed:
+            summed = factors.to(flat.dtype) @ flat
+            for p, part in zip(params, summed.split([p.numel() for p in params]), strict=True):
+                part = part.view(p.shape)
+                grads[p] = part if part.dtype == p.dtype else part.to(p.dtype)
+        step.packed.clear()
+        while step.stacks:
+            stack = step.stacks.pop()
+            grads.update(zip(stack.params, stack_clipped_sums(stack, factors), strict=True))
+        for p in list(step.forms):
+            forms = step.forms.pop(p)
+            total = clipped_sum(forms.pop(), factors, p.dtype)
+            while forms:
+                total += clipped_sum(forms.pop(), factors, p.dtype)
+            grads[p] = total
+        return grads
 
     def _plan_for(self, args: tuple) -> _Plan:
         if self._plan is not None and [p.requires_grad for p in self._plan.parameters] == self._plan.flags:
@@ -343,12 +365,14 @@ class GhostClipping:
                 step.add(call, fallback.per_example_grads(call, grads, step.is_batched, constant))
         step.fallbacks.clear()
         step.pack_dense()
+        step.stacks = pop_stacks(step.forms)
         return step, losses
 
     def _norms(self, step: _Step) -> Tensor:
         params = list(self._plan.trainable.values())
         acc = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
         terms = [batched_dot(flat, flat).to(acc) for flat, _ in step.packed]
+        terms.extend(stack_norms(stack).to(acc) for stack in step.stacks)
         for forms in step.forms.values():
             for i, x in enumerate(forms):
                 terms.append(inner(x, x).to(acc))
