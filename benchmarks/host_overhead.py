@@ -67,8 +67,9 @@ def grad_steps(model, precision: str):
 
 def _kernels(event) -> int:
     """The launches an op stands for: a ``_foreach_`` op is one (a multi-tensor kernel on a GPU, a loop over
-    the tensors here), an op that calls no computing op is one, a composite is the sum of its parts."""
-    if event.name.startswith("aten::_foreach_"):
+    the tensors here), and so is a ``persample::`` op (a Triton kernel on a GPU, its PyTorch formulas here);
+    an op that calls no computing op is one, a composite is the sum of its parts."""
+    if event.name.startswith(("aten::_foreach_", "persample::")):
         return 1
     inner = sum(_kernels(c) for c in event.cpu_children)
     if inner == 0 and event.name.startswith("aten::") and event.name not in _NO_KERNEL:

@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_leaves, tree_map_only, tree_unflatten
 
 from persample.engine import layers  # noqa: F401  (registers the rules)
-from persample.engine.forms import Dense, Form, batched_dot, clipped_sum, inner
+from persample.engine.forms import Dense, Form, as_dense, batched_dot, clipped_sum, inner
 from persample.engine.layers import fallback
 from persample.engine.output_grad import loss_and_output_grad
 from persample.engine.registry import Call, Rule, rule_for
@@ -126,11 +126,12 @@ class _Step:
             self.forms.setdefault(call.params[name], []).append(form)
 
     def pack_dense(self) -> None:
-        """Concatenates the parameters whose one form is Dense (biases, norm scales, small layers) into
-        ``(B, K)`` blocks, one per dtype: their norms and clipped sums are then one op each, not a few per
-        parameter, which is most of the ops of a step."""
+        """Concatenates the parameters whose one form is Dense (after :func:`as_dense`: biases not stacked
+        with their weights, norm scales, small layers) into ``(B, K)`` blocks, one per dtype: their norms and
+        clipped sums are then one op each, not a few per parameter."""
         groups: dict[tuple[torch.dtype, torch.device], list[nn.Parameter]] = {}
         for p, forms in self.forms.items():
+            forms[:] = [as_dense(x) for x in forms]
             if len(forms) == 1 and isinstance(forms[0], Dense):
                 groups.setdefault((forms[0].g.dtype, forms[0].g.device), []).append(p)
         for params in groups.values():
@@ -318,8 +319,7 @@ class GhostClipping:
                 grads[p] = part if part.dtype == p.dtype else part.to(p.dtype)
         step.packed.clear()
         while step.stacks:
-            stack = step.stacks.pop()
-            grads.update(zip(stack.params, stack_clipped_sums(stack, factors), strict=True))
+            grads.update(stack_clipped_sums(step.stacks.pop(), factors))
         for p in list(step.forms):
             forms = step.forms.pop(p)
             total = clipped_sum(forms.pop(), factors, p.dtype)
@@ -364,8 +364,8 @@ class GhostClipping:
             if any(g is not None for g in grads):
                 step.add(call, fallback.per_example_grads(call, grads, step.is_batched, constant))
         step.fallbacks.clear()
-        step.pack_dense()
         step.stacks = pop_stacks(step.forms)
+        step.pack_dense()
         return step, losses
 
     def _norms(self, step: _Step) -> Tensor:
