@@ -1,6 +1,6 @@
 """Each example's gradient of one parameter, kept factored, and the two things the engine does with it.
 
-A layer rule describes each example's gradient of a parameter in one of three forms (``B`` examples,
+A layer rule describes each example's gradient of a parameter in one of four forms (``B`` examples,
 ``T`` positions per example) instead of materializing it:
 
 * :class:`Dense` — ``g (B, *param_shape)`` in float32 (float64 for float64 models): materialized; for
