@@ -9,8 +9,8 @@ layer, which is what a step of small kernels, bound by the host's launches, spen
 
 A bias whose one form is :class:`~persample.engine.forms.Summed` over its weight's ``G`` joins the stack:
 its gradient ``G_b^T 1`` is the weight's with inputs of ones, so the pair's squared norm is
-``<G_b G_b^T, A_b A_b^T + 1>`` (the ``+ 1`` inside the same batched matmul) and its clipped sum is the
-scaled ``G`` summed.
+``<G_b G_b^T, A_b A_b^T + 1>`` (the ``+ 1`` inside the same batched matmul) and its clipped sum is ``G``
+summed with the weights ``c_b`` (one reduction of the scaled ``G``, or one matrix-vector product).
 
 Stacking copies one group's factors at a time and the per-layer factors are released right after, so the
 extra memory is one group's factors, not the model's.
@@ -82,17 +82,19 @@ def stack_clipped_sums(stack: OuterStack, c: Tensor) -> dict[nn.Parameter, Tenso
     if G.dtype != A.dtype:
         dtype = torch.promote_types(G.dtype, A.dtype)
         G, A = G.to(dtype), A.to(dtype)
-    c = c.to(G.dtype).view(1, B, 1, 1)
-    # Scale G if it is the smaller factor or a bias needs it scaled; the products are formed once per batch.
-    if stack.biases is not None or G.shape[3] <= A.shape[3]:
-        G = G * c
+    c = c.to(G.dtype)
+    # Scale whichever factor is smaller (a copy of it); the products are formed once for the whole batch.
+    scale_G = G.shape[3] <= A.shape[3]
+    if scale_G:
+        G = G * c.view(1, B, 1, 1)
     else:
-        A = A * c
-    summed = {p: s.view(p.shape) for p, s in zip(
-        stack.params, _to_dtype(torch.bmm(G.view(L, B * T, -1).transpose(1, 2), A.view(L, B * T, -1)), stack.params),
-        strict=True)}
+        A = A * c.view(1, B, 1, 1)
+    G = G.view(L, B * T, -1)
+    weights = torch.bmm(G.transpose(1, 2), A.view(L, B * T, -1))
+    summed = {p: s.view(p.shape) for p, s in zip(stack.params, _to_dtype(weights, stack.params), strict=True)}
     if stack.biases is not None:
-        summed.update(zip(stack.biases, _to_dtype(G.sum((1, 2), dtype=acc_dtype(G)), stack.biases), strict=True))
+        biases = G.sum(1, dtype=acc_dtype(G)) if scale_G else c.repeat_interleave(T) @ G
+        summed.update(zip(stack.biases, _to_dtype(biases, stack.biases), strict=True))
     return summed
 
 
