@@ -17,7 +17,10 @@ One step, for a physical batch of ``B`` examples:
 4. **Norms and clipping**: the squared norm of example ``b`` sums ``<grad_b(x), grad_b(y)>`` over all pairs
    of forms of the same parameter (one form per use; pairs of different uses are the cross terms of a tied
    parameter), then ``c_b = min(1, max_grad_norm / (norm_b + 1e-6))`` and each parameter's
-   ``sum_b c_b grad_b`` is formed once per form, which is released right after (book-keeping).
+   ``sum_b c_b grad_b`` is formed once per form, which is released right after (book-keeping). Parameters
+   with one form each are batched so that the step's op count does not grow with the depth: same-shaped
+   Outer forms are stacked (:mod:`~persample.engine.stacks`), Dense ones concatenated. Autocast is off for
+   this part: the forms already have the dtypes the forward chose.
 
 Assumptions (as in Opacus): the batch dimension is first in every module input and output; a module call
 whose first input has no batch dimension (``pos_emb(arange(T))``) is shared by the batch, and its output is
@@ -255,8 +258,9 @@ class GhostClipping:
 
     Args:
         model: any module; its trainable parameters (``requires_grad``) are the ones clipped. Exact rules
-            for ``nn.Linear`` (any input rank), ``nn.Embedding``, ``nn.LayerNorm``, ``nn.RMSNorm`` and
-            ``nn.Conv2d``; other modules with parameters go through ``torch.func`` (exact, slower).
+            for ``nn.Linear`` (any input rank), ``nn.Embedding``, ``nn.LayerNorm``, ``nn.RMSNorm``,
+            ``nn.Conv2d`` and transformers' ``Conv1D``; other modules with parameters go through
+            ``torch.func`` (exact, slower).
         max_grad_norm: the clipping bound ``C`` (> 0): ``c_b = min(1, C / (norm_b + 1e-6))``.
         ignore_index: targets not counted in an example's mean loss (default loss only).
         loss_fn: ``loss_fn(output, targets) -> (B,)`` per-example losses instead of the default
