@@ -12,8 +12,8 @@ its gradient ``G_b^T 1`` is the weight's with inputs of ones, so the pair's squa
 ``<G_b G_b^T, A_b A_b^T + 1>`` (the ``+ 1`` inside the same batched matmul) and its clipped sum is ``G``
 summed with the weights ``c_b`` (one reduction of the scaled ``G``, or one matrix-vector product).
 
-Stacking copies one group's factors at a time and the per-layer factors are released right after, so the
-extra memory is one group's factors, not the model's.
+Stacking copies one factor of one group at a time and the per-layer factors are released right after, so
+the extra memory is one group's ``G`` or ``A``, not the model's factors.
 """
 
 from dataclasses import dataclass
@@ -52,8 +52,12 @@ def pop_stacks(forms: dict[nn.Parameter, list[Form]]) -> list[OuterStack]:
         biases = [bias_of[id(f.G)] for f in outers] if key[-1] else None
         for b in biases or ():
             del forms[b]
-        G, A = torch.stack([f.G for f in outers]), torch.stack([f.A for f in outers])
-        stacks.append(OuterStack(params, G, A, biases))
+        Gs, As = [f.G for f in outers], [f.A for f in outers]
+        del outers
+        # One factor at a time, each list dropped once stacked: the extra memory is one group's G or A.
+        G = torch.stack(Gs)
+        del Gs
+        stacks.append(OuterStack(params, G, torch.stack(As), biases))
     return stacks
 
 
