@@ -1,6 +1,6 @@
 """Each example's gradient of one parameter, kept factored, and the two things the engine does with it.
 
-A layer rule describes each example's gradient of a parameter in one of three forms (``B`` examples,
+A layer rule describes each example's gradient of a parameter in one of four forms (``B`` examples,
 ``T`` positions per example) instead of materializing it:
 
 * :class:`Dense` — ``g (B, *param_shape)`` in float32 (float64 for float64 models): materialized; for
@@ -10,6 +10,10 @@ A layer rule describes each example's gradient of a parameter in one of three fo
   unfolded Conv2d weight) from its output gradients and its inputs.
 * :class:`Rows` — ``grad_b = sum_t e_{index[b, t]} G[b, t]^T`` with ``G (B, T, n)``, ``index (B, T)``: an
   Embedding table, whose rows receive the output gradients of the positions that looked them up.
+* :class:`Summed` — ``grad_b = sum_t G[b, t]`` with ``G (B, T, m)``: a bias, kept unsummed until the end of
+  the backward, so that the biases of same-shaped layers are summed with their weights' stack
+  (:mod:`persample.engine.stacks`), not one op per layer. Otherwise it becomes :class:`Dense` by
+  :func:`as_dense`, which :func:`inner` and :func:`clipped_sum` apply first.
 
 :func:`inner` gives ``<grad_b(x), grad_b(y)>`` for every example without forming either gradient. With
 ``x is y`` that is the squared norm; for two uses of one parameter (an embedding tied to the LM head, a
@@ -52,7 +56,17 @@ class Rows:
     shape: torch.Size  # (num_rows, n)
 
 
-Form = Dense | Outer | Rows
+@dataclass
+class Summed:
+    G: Tensor  # (B, T, m): the gradients of the output positions that the bias was added to
+
+
+Form = Dense | Outer | Rows | Summed
+
+
+def as_dense(x: Form) -> Form:
+    """A :class:`Summed` form summed over its positions (float32, float64 for float64); other forms as they are."""
+    return Dense(x.G.sum(1, dtype=acc_dtype(x.G))) if isinstance(x, Summed) else x
 
 
 def outer_or_dense(G: Tensor, A: Tensor, shape: torch.Size, strategy: str) -> Form:
@@ -91,7 +105,7 @@ def batched_dot(x: Tensor, y: Tensor) -> Tensor:
     return torch.bmm(x.reshape(B, 1, -1), y.reshape(B, -1, 1)).reshape(B)
 
 
-def _by_chunks(per_example: int, dot, *tensors: Tensor) -> Tensor:
+def by_chunks(per_example: int, dot, *tensors: Tensor) -> Tensor:
     """``dot(*tensors)`` over slices of the batch whose ``(b, T, T')`` intermediates fit ``_CHUNK_ELEMENTS``."""
     B = tensors[0].shape[0]
     step = max(1, _CHUNK_ELEMENTS // max(1, per_example))
@@ -131,7 +145,7 @@ def _outer_outer(x: Outer, y: Outer) -> Tensor:
         aa = _to(torch.bmm(ax, ay.transpose(1, 2)), acc)
         return batched_dot(gg, aa)
 
-    return _by_chunks(x.G.shape[1] * y.G.shape[1], dot, x.G, y.G, x.A, y.A)
+    return by_chunks(x.G.shape[1] * y.G.shape[1], dot, x.G, y.G, x.A, y.A)
 
 
 def _outer_rows(x: Outer, y: Rows) -> Tensor:
@@ -144,7 +158,7 @@ def _outer_rows(x: Outer, y: Rows) -> Tensor:
         a, g = _common(ax, gy)
         return batched_dot(picked, _to(torch.bmm(a, g.transpose(1, 2)), acc))
 
-    return _by_chunks(Tx * Ty, dot, x.G, x.A, y.G, y.index)
+    return by_chunks(Tx * Ty, dot, x.G, x.A, y.G, y.index)
 
 
 def _rows_rows(x: Rows, y: Rows) -> Tensor:
@@ -156,7 +170,7 @@ def _rows_rows(x: Rows, y: Rows) -> Tensor:
         same = (ix[:, :, None] == iy[:, None, :]).to(acc)
         return batched_dot(_to(torch.bmm(gx, gy.transpose(1, 2)), acc), same)
 
-    return _by_chunks(x.G.shape[1] * y.G.shape[1], dot, x.G, y.G, x.index, y.index)
+    return by_chunks(x.G.shape[1] * y.G.shape[1], dot, x.G, y.G, x.index, y.index)
 
 
 _INNER = {
@@ -171,6 +185,7 @@ _INNER = {
 
 def inner(x: Form, y: Form) -> Tensor:
     """``<grad_b(x), grad_b(y)>`` for each example: ``(B,)`` in float32 (float64 for float64 inputs)."""
+    x, y = as_dense(x), as_dense(y)
     rule = _INNER.get((type(x), type(y)))
     if rule is not None:
         return rule(x, y)
@@ -179,6 +194,7 @@ def inner(x: Form, y: Form) -> Tensor:
 
 def clipped_sum(x: Form, c: Tensor, dtype: torch.dtype) -> Tensor:
     """``sum_b c_b grad_b(x)`` with ``c (B,)``, in the parameter's shape and ``dtype``."""
+    x = as_dense(x)
     if isinstance(x, Dense):
         return _to((_to(c, x.g.dtype) @ x.g.flatten(1)).view(x.g.shape[1:]), dtype)
     c = c.view(-1, 1, 1)

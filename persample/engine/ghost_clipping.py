@@ -17,7 +17,10 @@ One step, for a physical batch of ``B`` examples:
 4. **Norms and clipping**: the squared norm of example ``b`` sums ``<grad_b(x), grad_b(y)>`` over all pairs
    of forms of the same parameter (one form per use; pairs of different uses are the cross terms of a tied
    parameter), then ``c_b = min(1, max_grad_norm / (norm_b + 1e-6))`` and each parameter's
-   ``sum_b c_b grad_b`` is formed once per form, which is released right after (book-keeping).
+   ``sum_b c_b grad_b`` is formed once per form, which is released right after (book-keeping). Parameters
+   with one form each are batched so that the step's op count does not grow with the depth: same-shaped
+   Outer forms are stacked (:mod:`~persample.engine.stacks`), Dense ones concatenated. Autocast is off for
+   this part: the forms already have the dtypes the forward chose.
 
 Assumptions (as in Opacus): the batch dimension is first in every module input and output; a module call
 whose first input has no batch dimension (``pos_emb(arange(T))``) is shared by the batch, and its output is
@@ -28,7 +31,7 @@ first size equals ``B``; an integer input with a leading dimension of 1 (``arang
 """
 
 from collections.abc import Callable
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import Literal, NamedTuple
 
@@ -37,10 +40,11 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_leaves, tree_map_only, tree_unflatten
 
 from persample.engine import layers  # noqa: F401  (registers the rules)
-from persample.engine.forms import Dense, Form, batched_dot, clipped_sum, inner
+from persample.engine.forms import Dense, Form, as_dense, batched_dot, clipped_sum, inner
 from persample.engine.layers import fallback
 from persample.engine.output_grad import loss_and_output_grad
 from persample.engine.registry import Call, Rule, rule_for
+from persample.engine.stacks import OuterStack, pop_stacks, stack_clipped_sums, stack_norms
 from persample.engine.uses import parameter_uses
 
 Strategy = Literal["auto", "ghost", "materialize"]
@@ -93,6 +97,7 @@ class _Step:
     forms: dict[nn.Parameter, list[Form]] = field(default_factory=dict)
     fallbacks: list[tuple[Call, list, list[nn.Module]]] = field(default_factory=list)
     packed: list[tuple[Tensor, list[nn.Parameter]]] = field(default_factory=list)
+    stacks: list[OuterStack] = field(default_factory=list)
     anchors: dict[torch.device, Tensor] = field(default_factory=dict)
 
     def is_batched(self, x: Tensor) -> bool:
@@ -124,11 +129,12 @@ class _Step:
             self.forms.setdefault(call.params[name], []).append(form)
 
     def pack_dense(self) -> None:
-        """Concatenates the parameters whose one form is Dense (biases, norm scales, small layers) into
-        ``(B, K)`` blocks, one per dtype: their norms and clipped sums are then one op each, not a few per
-        parameter, which is most of the ops of a step."""
+        """Concatenates the parameters whose one form is Dense (after :func:`as_dense`: biases not stacked
+        with their weights, norm scales, small layers) into ``(B, K)`` blocks, one per dtype: their norms and
+        clipped sums are then one op each, not a few per parameter."""
         groups: dict[tuple[torch.dtype, torch.device], list[nn.Parameter]] = {}
         for p, forms in self.forms.items():
+            forms[:] = [as_dense(x) for x in forms]
             if len(forms) == 1 and isinstance(forms[0], Dense):
                 groups.setdefault((forms[0].g.dtype, forms[0].g.device), []).append(p)
         for params in groups.values():
@@ -219,6 +225,16 @@ def _recording(plan: _Plan, step: _Step, autocast: bool):
             p.requires_grad_(True)
 
 
+@contextmanager
+def _no_autocast(plan: _Plan):
+    """Autocast off for the norms and clipped sums: their factors already have the dtypes the step chose, and
+    autocast would cast float32 intermediates back to low precision (an op per matmul operand)."""
+    with ExitStack() as stack:
+        for device in {p.device.type for p in plan.trainable.values()}:
+            stack.enter_context(torch.autocast(device, enabled=False))
+        yield
+
+
 def _as_args(inputs) -> tuple:
     return inputs if isinstance(inputs, tuple) else (inputs,)
 
@@ -242,8 +258,9 @@ class GhostClipping:
 
     Args:
         model: any module; its trainable parameters (``requires_grad``) are the ones clipped. Exact rules
-            for ``nn.Linear`` (any input rank), ``nn.Embedding``, ``nn.LayerNorm``, ``nn.RMSNorm`` and
-            ``nn.Conv2d``; other modules with parameters go through ``torch.func`` (exact, slower).
+            for ``nn.Linear`` (any input rank), ``nn.Embedding``, ``nn.LayerNorm``, ``nn.RMSNorm``,
+            ``nn.Conv2d`` and transformers' ``Conv1D``; other modules with parameters go through
+            ``torch.func`` (exact, slower).
         max_grad_norm: the clipping bound ``C`` (> 0): ``c_b = min(1, C / (norm_b + 1e-6))``.
         ignore_index: targets not counted in an example's mean loss (default loss only).
         loss_fn: ``loss_fn(output, targets) -> (B,)`` per-example losses instead of the default
@@ -282,21 +299,10 @@ class GhostClipping:
         dtype. Hand ``grads`` and ``len(targets)`` to the DP optimizer, which adds the noise and averages.
         """
         step, losses = self._backward(inputs, targets)
-        norms = self._norms(step)
-        factors = (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
-        grads: dict[nn.Parameter, Tensor] = {}
-        for flat, params in step.packed:
-            summed = factors.to(flat.dtype) @ flat
-            for p, part in zip(params, summed.split([p.numel() for p in params]), strict=True):
-                part = part.view(p.shape)
-                grads[p] = part if part.dtype == p.dtype else part.to(p.dtype)
-        step.packed.clear()
-        for p in list(step.forms):
-            forms = step.forms.pop(p)
-            total = clipped_sum(forms.pop(), factors, p.dtype)
-            while forms:
-                total += clipped_sum(forms.pop(), factors, p.dtype)
-            grads[p] = total
+        with _no_autocast(self._plan):
+            norms = self._norms(step)
+            factors = (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
+            grads = self._clipped_sums(step, factors)
         return ClippedGradSum({name: grads[p] if p in grads else torch.zeros_like(p)
                                for name, p in self._plan.trainable.items()}, norms, losses)
 
@@ -304,7 +310,27 @@ class GhostClipping:
     def per_sample_grad_norms(self, inputs: Tensor | tuple, targets: Tensor) -> Tensor:
         """``(B,)`` each example's gradient norm over all trainable parameters, without clipping."""
         step, _ = self._backward(inputs, targets)
-        return self._norms(step)
+        with _no_autocast(self._plan):
+            return self._norms(step)
+
+    @staticmethod
+    def _clipped_sums(step: _Step, factors: Tensor) -> dict[nn.Parameter, Tensor]:
+        grads: dict[nn.Parameter, Tensor] = {}
+        for flat, params in step.packed:
+            summed = factors.to(flat.dtype) @ flat
+            for p, part in zip(params, summed.split([p.numel() for p in params]), strict=True):
+                part = part.view(p.shape)
+                grads[p] = part if part.dtype == p.dtype else part.to(p.dtype)
+        step.packed.clear()
+        while step.stacks:
+            grads.update(stack_clipped_sums(step.stacks.pop(), factors))
+        for p in list(step.forms):
+            forms = step.forms.pop(p)
+            total = clipped_sum(forms.pop(), factors, p.dtype)
+            while forms:
+                total += clipped_sum(forms.pop(), factors, p.dtype)
+            grads[p] = total
+        return grads
 
     def _plan_for(self, args: tuple) -> _Plan:
         if self._plan is not None and [p.requires_grad for p in self._plan.parameters] == self._plan.flags:
@@ -342,6 +368,7 @@ class GhostClipping:
             if any(g is not None for g in grads):
                 step.add(call, fallback.per_example_grads(call, grads, step.is_batched, constant))
         step.fallbacks.clear()
+        step.stacks = pop_stacks(step.forms)
         step.pack_dense()
         return step, losses
 
@@ -349,6 +376,7 @@ class GhostClipping:
         params = list(self._plan.trainable.values())
         acc = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
         terms = [batched_dot(flat, flat).to(acc) for flat, _ in step.packed]
+        terms.extend(stack_norms(stack).to(acc) for stack in step.stacks)
         for forms in step.forms.values():
             for i, x in enumerate(forms):
                 terms.append(inner(x, x).to(acc))

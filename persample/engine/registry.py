@@ -51,12 +51,13 @@ class Rule:
     cast_input: bool
 
 
-RULES: dict[type[nn.Module], Rule] = {}
+RULES: dict[type[nn.Module] | str, Rule] = {}
 
 
-def register_rule(*module_types: type[nn.Module], params: tuple[str, ...], cast_input: bool = False):
+def register_rule(*module_types: type[nn.Module] | str, params: tuple[str, ...], cast_input: bool = False):
     """Registers the decorated ``compute`` for exactly these module types (not their subclasses, which may
-    override ``forward``; those go to the fallback)."""
+    override ``forward``; those go to the fallback). A type of an optional dependency is named by its import
+    path (``"transformers.pytorch_utils.Conv1D"``), so that registering it imports nothing."""
 
     def decorate(compute: RuleFn) -> RuleFn:
         for module_type in module_types:
@@ -68,5 +69,6 @@ def register_rule(*module_types: type[nn.Module], params: tuple[str, ...], cast_
 
 def rule_for(module: nn.Module, used: set[str]) -> Rule | None:
     """The registered rule for ``module`` if it covers every parameter name in ``used``, else None."""
-    rule = RULES.get(type(module))
+    cls = type(module)
+    rule = RULES.get(cls) or RULES.get(f"{cls.__module__}.{cls.__qualname__}")
     return rule if rule is not None and used <= rule.params else None

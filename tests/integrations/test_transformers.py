@@ -246,9 +246,9 @@ class _Logits(torch.nn.Module):
 
 @pytest.mark.parametrize("name", ["llama", "qwen2", "gpt2"])
 def test_dp_engine_covers_the_layers(name):
-    """GhostClipping on a tiny transformers LM (Linear or GPT-2's Conv1D through the torch.func fallback,
-    Embedding incl. ``position_ids`` of shape (1, T), RMSNorm/LayerNorm, attention) gives the same
-    per-sequence norms and clipped sum as one backward per sequence."""
+    """GhostClipping on a tiny transformers LM (Linear or GPT-2's Conv1D, Embedding incl. ``position_ids`` of
+    shape (1, T), RMSNorm/LayerNorm, attention) gives the same per-sequence norms and clipped sum as one
+    backward per sequence."""
     import persample
 
     torch.manual_seed(0)

@@ -2,12 +2,14 @@
 
 Each example's weight gradient is ``G_b^T A_b`` over its positions (``A`` the inputs, ``G`` the output
 gradients, both flattened to ``(B, T, .)``): kept as factors (ghost norm) or materialized, whichever is
-cheaper (:func:`~persample.engine.forms.outer_or_dense`). The bias gradient is ``G_b`` summed over positions.
+cheaper (:func:`~persample.engine.forms.outer_or_dense`). The bias gradient is ``G_b`` summed over positions;
+next to factors, which keep ``G`` anyway, it is left unsummed (:class:`~persample.engine.forms.Summed`), so
+that the biases of same-shaped layers are summed in one op with their weights' stack.
 """
 
 from torch import Tensor, nn
 
-from persample.engine.forms import Dense, Form, acc_dtype, outer_or_dense
+from persample.engine.forms import Form, Outer, Summed, as_dense, outer_or_dense
 from persample.engine.registry import Call, register_rule
 
 
@@ -20,5 +22,6 @@ def linear(call: Call, grad_output: Tensor, strategy: str) -> dict[str, Form]:
     if "weight" in call.params:
         forms["weight"] = outer_or_dense(G, A, call.module.weight.shape, strategy)
     if "bias" in call.params:
-        forms["bias"] = Dense(G.sum(1, dtype=acc_dtype(G)))
+        bias = Summed(G)
+        forms["bias"] = bias if isinstance(forms.get("weight"), Outer) else as_dense(bias)
     return forms

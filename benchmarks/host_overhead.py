@@ -1,0 +1,142 @@
+"""The host side of a DP step, on the CPU: how many ops and how much Python a normal step and the fast
+engine's step cost on a tiny model of the benchmark's structure, where the arithmetic is negligible.
+
+    python benchmarks/host_overhead.py                 # GPT d=64 L=12 V=256 B=4 T=16, fp32 and bf16 autocast
+    python benchmarks/host_overhead.py --cprofile 25   # also the engine's 25 costliest Python functions
+
+On a GPU a step of small kernels is bound by the host: each op is one launch and a few microseconds of
+Python and dispatch. Here each CPU aten op that computes (a leaf of the op tree that is not a view or an
+allocation) stands for one kernel launch. Two steps are compared: ``grad`` — forward and backward
+(``loss.backward()`` against ``GhostClipping.clipped_grad_sum``), and ``step`` — the whole DP step of
+``dp_step.py`` (the normal one with AdamW; the engine's with noise and AdamW). Times are medians of
+``time.perf_counter`` over single-threaded steps. Prints a table; CPU runs are not appended to RESULTS.md.
+"""
+
+import argparse
+import cProfile
+import pstats
+import statistics
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from dp_step import Config, build_model, fast_step, make_batch, normal_step  # noqa: E402
+
+import persample  # noqa: E402
+
+TINY = Config("GPT d=64 L=12 V=256 B=4 T=16", "gpt", batch=4, seq=16, vocab=256, d=64, layers=12, heads=2)
+
+# Ops that launch no kernel on a GPU: views, metadata and allocations.
+_NO_KERNEL = {
+    "aten::view", "aten::reshape", "aten::_reshape_alias", "aten::_unsafe_view", "aten::as_strided",
+    "aten::expand", "aten::expand_as", "aten::transpose", "aten::t", "aten::permute", "aten::squeeze",
+    "aten::unsqueeze", "aten::select", "aten::slice", "aten::split", "aten::split_with_sizes", "aten::unbind",
+    "aten::chunk", "aten::narrow", "aten::detach", "aten::detach_", "aten::alias", "aten::empty",
+    "aten::empty_strided", "aten::empty_like", "aten::resize_", "aten::lift_fresh", "aten::result_type",
+    "aten::flatten", "aten::view_as", "aten::numpy_T", "aten::matrix_H", "aten::set_", "aten::is_nonzero",
+    "aten::item", "aten::_local_scalar_dense", "aten::contiguous", "aten::to", "aten::_to_copy",
+    "aten::type_as", "aten::requires_grad_", "aten::_has_compatible_shallow_copy_type", "aten::size",
+    "aten::stride", "aten::dim", "aten::resolve_conj", "aten::resolve_neg", "aten::conj", "aten::_conj",
+}
+
+
+def grad_steps(model, precision: str):
+    """``(normal, engine)``: forward and backward only, no optimizer."""
+    amp = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
+    engine = persample.GhostClipping(model, max_grad_norm=1.0)
+
+    def normal(x, y):
+        with amp:
+            loss = F.cross_entropy(model(x).flatten(0, -2), y.flatten())
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+
+    def fast(x, y):
+        with amp:
+            engine.clipped_grad_sum(x, y)
+
+    return normal, fast
+
+
+def _kernels(event) -> int:
+    """The launches an op stands for: a ``_foreach_`` op is one (a multi-tensor kernel on a GPU, a loop over
+    the tensors here), and so is a ``persample::`` op (a Triton kernel on a GPU, its PyTorch formulas here);
+    an op that calls no computing op is one, a composite is the sum of its parts."""
+    if event.name.startswith(("aten::_foreach_", "persample::")):
+        return 1
+    inner = sum(_kernels(c) for c in event.cpu_children)
+    if inner == 0 and event.name.startswith("aten::") and event.name not in _NO_KERNEL:
+        return 1
+    return inner
+
+
+def count_ops(step, x, y, iters: int) -> tuple[float, float]:
+    """``(kernel ops, all aten ops)`` per step."""
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(iters):
+            step(x, y)
+    events = prof.events()
+    kernels = sum(_kernels(e) for e in events if e.cpu_parent is None)
+    return kernels / iters, sum(e.name.startswith("aten::") for e in events) / iters
+
+
+def time_ms(steps, x, y, iters: int) -> list[float]:
+    """Median ms per step of each step, timed in turns so that a change in the machine's load hits all."""
+    times = [[] for _ in steps]
+    for _ in range(iters):
+        for step, spent in zip(steps, times, strict=True):
+            start = time.perf_counter()
+            step(x, y)
+            spent.append((time.perf_counter() - start) * 1e3)
+    return [statistics.median(t) for t in times]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--iters", type=int, default=50)
+    parser.add_argument("--cprofile", type=int, default=0, help="print the engine's N costliest functions")
+    parser.add_argument("--precision", choices=("fp32", "bf16", "both"), default="both")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    x, y = make_batch(TINY, TINY.batch, torch.device("cpu"))
+    precisions = ("fp32", "bf16") if args.precision == "both" else (args.precision,)
+    rows = []
+    for precision in precisions:
+        for kind in ("grad", "step"):
+            if kind == "grad":
+                steps = grad_steps(build_model(TINY), precision)
+            else:
+                steps = tuple(make(build_model(TINY), torch.device("cpu"), precision, TINY.batch)
+                              for make in (normal_step, fast_step))
+            for step in steps:
+                for _ in range(5):
+                    step(x, y)
+            ops = [count_ops(step, x, y, 5) for step in steps]
+            ms = time_ms(steps, x, y, args.iters)
+            rows.append((precision, kind, *((*o, t) for o, t in zip(ops, ms, strict=True))))
+            if args.cprofile and kind == "grad":
+                profiler = cProfile.Profile()
+                profiler.enable()
+                for _ in range(20):
+                    steps[1](x, y)
+                profiler.disable()
+                print(f"\n## engine {precision} grad, 20 steps")
+                pstats.Stats(profiler).sort_stats("tottime").print_stats(args.cprofile)
+    print(f"# {TINY.name}, CPU, 1 thread, torch {torch.__version__}\n")
+    print("| precision | what | normal ops | engine ops | ratio | normal ms | engine ms | ratio "
+          "| normal aten | engine aten |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for precision, kind, (n_ops, n_aten, n_ms), (e_ops, e_aten, e_ms) in rows:
+        print(f"| {precision} | {kind} | {n_ops:.0f} | {e_ops:.0f} | {e_ops / n_ops:.2f}x | {n_ms:.2f} | {e_ms:.2f} "
+              f"| {e_ms / n_ms:.2f}x | {n_aten:.0f} | {e_aten:.0f} |")
+
+
+if __name__ == "__main__":
+    main()

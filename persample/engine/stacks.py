@@ -1,0 +1,110 @@
+"""Same-shaped layers in one op each: the norms and clipped sums of a group of Outer forms.
+
+A transformer's blocks repeat the same layers: every block's ``qkv`` has factors of the same shapes, and so
+do its ``proj``, ``fc`` and ``fc2``. The Outer forms of ``L`` such parameters (each parameter's one form)
+are stacked into ``G (L, B, T, m)`` and ``A (L, B, T, n)``; then each example's squared norms summed over
+the group are one ghost-norm pass over ``L * B`` examples, and the ``L`` clipped sums
+``sum_b c_b G_lb^T A_lb`` one batched matmul. That is a handful of ops per group instead of a handful per
+layer, which is what a step of small kernels, bound by the host's launches, spends its time on.
+
+A bias whose one form is :class:`~persample.engine.forms.Summed` over its weight's ``G`` joins the stack:
+its gradient ``G_b^T 1`` is the weight's with inputs of ones, so the pair's squared norm is
+``<G_b G_b^T, A_b A_b^T + 1>`` (the ``+ 1`` inside the same batched matmul) and its clipped sum is ``G``
+summed with the weights ``c_b`` (one reduction of the scaled ``G``, or one matrix-vector product).
+
+Stacking copies one factor of one group at a time and the per-layer factors are released right after, so
+the extra memory is one group's ``G`` or ``A``, not the model's factors.
+"""
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from persample.engine.forms import Form, Outer, Summed, acc_dtype, batched_dot, by_chunks
+
+
+@dataclass
+class OuterStack:
+    """The Outer forms of ``params`` (one each), stacked: ``G (L, B, T, m)``, ``A (L, B, T, n)``; with
+    ``biases``, the parameters whose one form is the Summed ``G`` of the same layer."""
+
+    params: list[nn.Parameter]
+    G: Tensor
+    A: Tensor
+    biases: list[nn.Parameter] | None
+
+
+def pop_stacks(forms: dict[nn.Parameter, list[Form]]) -> list[OuterStack]:
+    """Takes out of ``forms`` the parameters whose one form is an Outer with the factor shapes and dtypes of
+    at least one other such parameter (and their layers' Summed biases), and returns them stacked by group."""
+    bias_of = {id(fs[0].G): p for p, fs in forms.items() if len(fs) == 1 and isinstance(fs[0], Summed)}
+    groups: dict[tuple, list[nn.Parameter]] = {}
+    for p, fs in forms.items():
+        if len(fs) == 1 and isinstance(fs[0], Outer):
+            G, A = fs[0].G, fs[0].A
+            groups.setdefault((G.shape, A.shape, G.dtype, A.dtype, G.device, id(G) in bias_of), []).append(p)
+    stacks = []
+    for key, params in groups.items():
+        if len(params) < 2:
+            continue
+        outers = [forms.pop(p)[0] for p in params]
+        biases = [bias_of[id(f.G)] for f in outers] if key[-1] else None
+        for b in biases or ():
+            del forms[b]
+        Gs, As = [f.G for f in outers], [f.A for f in outers]
+        del outers
+        # One factor at a time, each list dropped once stacked: the extra memory is one group's G or A.
+        G = torch.stack(Gs)
+        del Gs
+        stacks.append(OuterStack(params, G, torch.stack(As), biases))
+    return stacks
+
+
+def stack_norms(stack: OuterStack) -> Tensor:
+    """``(B,)`` each example's squared norm summed over the group's parameters (float32, float64 for float64)."""
+    L, B = stack.G.shape[:2]
+    acc = acc_dtype(stack.G, stack.A)
+
+    def dot(G: Tensor, A: Tensor) -> Tensor:
+        gg = torch.bmm(G, G.transpose(1, 2)).to(acc)
+        if stack.biases is None:
+            aa = torch.bmm(A, A.transpose(1, 2))
+        else:
+            aa = torch.baddbmm(A.new_ones(()), A, A.transpose(1, 2))
+        return batched_dot(gg, aa.to(acc))
+
+    T = stack.G.shape[2]
+    return by_chunks(T * T, dot, stack.G.flatten(0, 1), stack.A.flatten(0, 1)).view(L, B).sum(0)
+
+
+def stack_clipped_sums(stack: OuterStack, c: Tensor) -> dict[nn.Parameter, Tensor]:
+    """``{parameter: sum_b c_b grad_b}`` for the group's parameters (and biases), in their shapes and dtypes;
+    ``c (B,)``."""
+    G, A = stack.G, stack.A
+    L, B, T = G.shape[:3]
+    if G.dtype != A.dtype:
+        dtype = torch.promote_types(G.dtype, A.dtype)
+        G, A = G.to(dtype), A.to(dtype)
+    c = c.to(G.dtype)
+    # Scale whichever factor is smaller (a copy of it); the products are formed once for the whole batch.
+    scale_G = G.shape[3] <= A.shape[3]
+    if scale_G:
+        G = G * c.view(1, B, 1, 1)
+    else:
+        A = A * c.view(1, B, 1, 1)
+    G = G.view(L, B * T, -1)
+    weights = torch.bmm(G.transpose(1, 2), A.view(L, B * T, -1))
+    summed = {p: s.view(p.shape) for p, s in zip(stack.params, _to_dtype(weights, stack.params), strict=True)}
+    if stack.biases is not None:
+        biases = G.sum(1, dtype=acc_dtype(G)) if scale_G else c.repeat_interleave(T) @ G
+        summed.update(zip(stack.biases, _to_dtype(biases, stack.biases), strict=True))
+    return summed
+
+
+def _to_dtype(stacked: Tensor, params: list[nn.Parameter]) -> list[Tensor]:
+    """``stacked[l]`` in ``params[l]``'s dtype: one cast for the stack when they share it."""
+    dtype = params[0].dtype
+    if all(p.dtype == dtype for p in params):
+        stacked = stacked.to(dtype)
+    return [s.to(p.dtype) for s, p in zip(stacked, params, strict=True)]

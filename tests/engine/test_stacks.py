@@ -1,0 +1,98 @@
+import pytest
+import torch
+from torch import nn
+
+from persample.engine import GhostClipping, forms, stacks
+from persample.engine.forms import Outer, Summed, inner
+from persample.engine.stacks import pop_stacks, stack_clipped_sums, stack_norms
+from tests.engine.models import TinyGPT
+from tests.engine.reference import assert_matches_reference
+
+pytestmark = pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")
+B, T, M, N = 3, 5, 4, 6
+
+
+def layer(bias: bool, dtype=torch.float64):
+    """An Outer weight form and, with ``bias``, the Summed bias form over the same ``G``, and their parameters."""
+    G, A = torch.randn(B, T, M, dtype=dtype), torch.randn(B, T, N, dtype=dtype)
+    found = {nn.Parameter(torch.zeros(M, N, dtype=dtype)): [Outer(G, A, torch.Size([M, N]))]}
+    if bias:
+        found[nn.Parameter(torch.zeros(M, dtype=dtype))] = [Summed(G)]
+    return found
+
+
+def materialize(form) -> torch.Tensor:
+    if isinstance(form, Summed):
+        return form.G.sum(1)
+    return torch.einsum("btm,btn->bmn", form.G, form.A)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("chunked", [False, True])
+def test_stacked_norms_and_clipped_sums_equal_per_layer(bias, chunked, monkeypatch):
+    if chunked:
+        monkeypatch.setattr(forms, "_CHUNK_ELEMENTS", 1)  # one example of one layer per chunk
+    found = {}
+    for _ in range(3):
+        found.update(layer(bias))
+    per_layer = {p: fs[0] for p, fs in found.items()}
+    (stack,) = pop_stacks(found)
+    assert not found and len(stack.params) == 3 and (stack.biases is not None) == bias
+    expected_norms = sum(inner(x, x) for x in per_layer.values())
+    torch.testing.assert_close(stack_norms(stack), expected_norms, rtol=1e-12, atol=1e-12)
+    c = torch.rand(B, dtype=torch.float64)
+    summed = stack_clipped_sums(stack, c)
+    assert set(summed) == set(per_layer)
+    for p, x in per_layer.items():
+        assert summed[p].shape == p.shape and summed[p].dtype == p.dtype
+        torch.testing.assert_close(summed[p], torch.einsum("b,b...->...", c, materialize(x)), rtol=1e-12, atol=1e-12)
+
+
+def test_what_is_not_stacked():
+    """A lone shape, a parameter with two forms and layers with and without a bias are left as they are or
+    stacked apart."""
+    with_bias, without = layer(True), layer(False)
+    lone = {nn.Parameter(torch.zeros(2, 2, dtype=torch.float64)): [Outer(torch.randn(B, T, 2, dtype=torch.float64),
+                                                                          torch.randn(B, T, 2, dtype=torch.float64),
+                                                                          torch.Size([2, 2]))]}
+    twice = layer(False)
+    (p, fs), = twice.items()
+    fs.append(fs[0])
+    found = {**with_bias, **layer(True), **without, **layer(False), **lone, **twice}
+    kept = set(lone) | set(twice)
+    result = pop_stacks(found)
+    assert set(found) == kept and len(result) == 2
+    assert sorted(s.biases is not None for s in result) == [False, True]
+
+
+def test_mixed_dtypes_give_float32_norms():
+    found = {}
+    for _ in range(2):
+        found.update(layer(True, torch.bfloat16))
+    for p in found:
+        p.data = p.data.float()
+    (stack,) = pop_stacks(found)
+    assert stack_norms(stack).dtype == torch.float32
+    assert all(g.dtype == torch.float32 for g in stack_clipped_sums(stack, torch.rand(B)).values())
+
+
+@pytest.mark.parametrize("strategy", ["auto", "ghost"])
+@pytest.mark.parametrize("frozen_bias", [False, True])
+def test_gpt_with_stacked_blocks_matches_the_reference(strategy, frozen_bias):
+    model = TinyGPT(layers=3).double()
+    if frozen_bias:  # one block's fc has no bias form: its weight stacks apart from the others
+        model.blocks[1].fc.bias.requires_grad_(False)
+    idx, targets = torch.randint(0, 24, (4, 6)), torch.randint(0, 24, (4, 6))
+    assert_matches_reference(model, idx, targets, strategy=strategy)
+
+
+def test_stacks_are_used_on_a_gpt(monkeypatch):
+    calls = []
+    monkeypatch.setattr("persample.engine.ghost_clipping.pop_stacks",
+                        lambda found: calls.append(result := stacks.pop_stacks(found)) or result)
+    model = TinyGPT(layers=3).double()
+    GhostClipping(model, max_grad_norm=1.0, strategy="ghost").per_sample_grad_norms(
+        torch.randint(0, 24, (4, 6)), torch.randint(0, 24, (4, 6)))
+    # qkv, proj, fc and fc2 of the three blocks: four groups of three, each with its biases.
+    assert sorted(len(s.params) for s in calls[0]) == [3, 3, 3, 3]
+    assert all(s.biases is not None for s in calls[0])
