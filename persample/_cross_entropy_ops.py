@@ -19,6 +19,7 @@ backward multiplies it in place by the upstream scalar, which the kernel skips w
 needs in-place state, which transforms cannot batch or trace, hence the two paths.
 """
 
+import contextlib
 import os
 
 import torch
@@ -39,9 +40,18 @@ def use_triton(t: torch.Tensor) -> bool:
     return t.is_cuda or os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def _on_device_of(t: torch.Tensor):
+    """Triton launches on the current CUDA device: make it ``t``'s when it is another one (a model on cuda:1
+    while cuda:0 is current)."""
+    if t.is_cuda and t.device.index != torch.cuda.current_device():
+        return torch.cuda.device(t.device)
+    return contextlib.nullcontext()
+
+
 def target_stats(target, V, weight, ignore_index, mean, acc):
     """(scale (1,), status (2,) int64) from one kernel; see :mod:`persample.kernels.target_stats`."""
-    return _target_stats.target_stats(target, V, weight, ignore_index, mean, acc)
+    with _on_device_of(target):
+        return _target_stats.target_stats(target, V, weight, ignore_index, mean, acc)
 
 
 def _acc(dtype: torch.dtype) -> torch.dtype:
@@ -107,8 +117,9 @@ def _forward_impl(logits, target, weight, weight_sum, grad_scale, ignore_index, 
     """(loss, lse, grad or None); grad is ``grad_scale * dL/dlogits``, written to ``out`` when given (which
     may be ``logits`` itself)."""
     if use_triton(logits):
-        return _kernels.cross_entropy_fwd(logits, target, weight, weight_sum, grad_scale, ignore_index,
-                                          label_smoothing, softcap, z_loss, with_grad, out)
+        with _on_device_of(logits):
+            return _kernels.cross_entropy_fwd(logits, target, weight, weight_sum, grad_scale, ignore_index,
+                                              label_smoothing, softcap, z_loss, with_grad, out)
     loss, lse = _rows_torch(logits, target, weight, weight_sum, ignore_index, label_smoothing, softcap, z_loss)
     if not with_grad:
         return loss, lse, None
@@ -121,9 +132,10 @@ def _forward_impl(logits, target, weight, weight_sum, grad_scale, ignore_index, 
 def _backward_impl(logits, target, weight, weight_sum, lse, grad_rows, ignore_index, label_smoothing, softcap,
                    z_loss, out=None):
     if use_triton(logits):
-        return _kernels.cross_entropy_bwd(logits, target, weight, weight_sum, lse,
-                                          grad_rows.to(lse.dtype).contiguous(), ignore_index,
-                                          label_smoothing, softcap, z_loss, out)
+        with _on_device_of(logits):
+            return _kernels.cross_entropy_bwd(logits, target, weight, weight_sum, lse,
+                                              grad_rows.to(lse.dtype).contiguous(), ignore_index,
+                                              label_smoothing, softcap, z_loss, out)
     grad = _grad_torch(logits, target, weight, weight_sum, lse, grad_rows, ignore_index, label_smoothing,
                        softcap, z_loss)
     return grad if out is None else out.copy_(grad)
@@ -131,7 +143,8 @@ def _backward_impl(logits, target, weight, weight_sum, lse, grad_rows, ignore_in
 
 def _scale_impl(grad: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     if use_triton(grad):
-        return _kernels.scale_(grad, scale)
+        with _on_device_of(grad):
+            return _kernels.scale_(grad, scale)
     return grad.mul_(scale.to(grad.dtype))
 
 

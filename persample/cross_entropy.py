@@ -125,7 +125,7 @@ def _prepare(logits2d, target1d, weight, ignore_index, reduction) -> tuple[Tenso
             host = _pinned.status = torch.empty(2, dtype=torch.int64, pin_memory=True)
         host.copy_(status, non_blocking=True)
         done = torch.cuda.Event()
-        done.record()
+        done.record(torch.cuda.current_stream(status.device))  # the copy's stream, whatever device is current
         status = host
 
     def finish() -> None:
