@@ -45,7 +45,7 @@ from persample.engine.forms import Dense, Form, as_dense, batched_dot, clipped_s
 from persample.engine.layers import fallback
 from persample.engine.output_grad import loss_and_output_grad
 from persample.engine.registry import Call, Rule, rule_for
-from persample.engine.stacks import OuterStack, pop_stacks, stack_clipped_sums, stack_norms
+from persample.engine.stacks import OuterStack, as_parameters, pop_stacks, stack_clipped_sums, stack_norms
 from persample.engine.uses import parameter_uses
 
 Strategy = Literal["auto", "ghost", "materialize"]
@@ -332,9 +332,7 @@ class GhostClipping:
         grads: dict[nn.Parameter, Tensor] = {}
         for flat, params in step.packed:
             summed = factors.to(flat.dtype) @ flat
-            for p, part in zip(params, summed.split([p.numel() for p in params]), strict=True):
-                part = part.view(p.shape)
-                grads[p] = part if part.dtype == p.dtype else part.to(p.dtype)
+            grads.update(zip(params, as_parameters(summed, params, [p.numel() for p in params]), strict=True))
         step.packed.clear()
         while step.stacks:
             grads.update(stack_clipped_sums(step.stacks.pop(), factors))
