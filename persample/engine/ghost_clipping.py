@@ -3,11 +3,12 @@
 One step, for a physical batch of ``B`` examples:
 
 1. **Forward** with hooks on the modules that use trainable parameters (found once by
-   :func:`~persample.engine.uses.parameter_uses`). Each call keeps its inputs; each output gets a tensor
-   hook for its gradient. The trainable parameters are set to ``requires_grad=False`` for the forward, so
+   :func:`~persample.engine.uses.parameter_uses`; one global hook looks each called module up in the plan).
+   Each call keeps its inputs; each output's gradient is caught by a pre-hook on the autograd node that
+   receives it. The trainable parameters are set to ``requires_grad=False`` for the forward, so
    the autograd graph reaches the activations only: the backward computes no parameter gradient (the
    weight-gradient matmuls are done once, clipped, in step 4) and saves no extra copy of anything. An
-   output that then requires no gradient (the first layer) gets ``+ 0`` from a scalar leaf, so the
+   output that then has no autograd node (the first layer) gets ``+ 0`` from a scalar leaf, so the
    backward still reaches it.
 2. **Loss side**: each example's loss and ``d loss_b / d output`` in one pass
    (:func:`~persample.engine.output_grad.loss_and_output_grad`).
