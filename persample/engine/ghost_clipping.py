@@ -3,11 +3,12 @@
 One step, for a physical batch of ``B`` examples:
 
 1. **Forward** with hooks on the modules that use trainable parameters (found once by
-   :func:`~persample.engine.uses.parameter_uses`). Each call keeps its inputs; each output gets a tensor
-   hook for its gradient. The trainable parameters are set to ``requires_grad=False`` for the forward, so
+   :func:`~persample.engine.uses.parameter_uses`; one global hook looks each called module up in the plan).
+   Each call keeps its inputs; each output's gradient is caught by a pre-hook on the autograd node that
+   receives it. The trainable parameters are set to ``requires_grad=False`` for the forward, so
    the autograd graph reaches the activations only: the backward computes no parameter gradient (the
    weight-gradient matmuls are done once, clipped, in step 4) and saves no extra copy of anything. An
-   output that then requires no gradient (the first layer) gets ``+ 0`` from a scalar leaf, so the
+   output that then has no autograd node (the first layer) gets ``+ 0`` from a scalar leaf, so the
    backward still reaches it.
 2. **Loss side**: each example's loss and ``d loss_b / d output`` in one pass
    (:func:`~persample.engine.output_grad.loss_and_output_grad`).
@@ -37,6 +38,7 @@ from typing import Literal, NamedTuple
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
 from torch.utils._pytree import tree_flatten, tree_leaves, tree_map_only, tree_unflatten
 
 from persample.engine import layers  # noqa: F401  (registers the rules)
@@ -44,7 +46,7 @@ from persample.engine.forms import Dense, Form, as_dense, batched_dot, clipped_s
 from persample.engine.layers import fallback
 from persample.engine.output_grad import loss_and_output_grad
 from persample.engine.registry import Call, Rule, rule_for
-from persample.engine.stacks import OuterStack, pop_stacks, stack_clipped_sums, stack_norms
+from persample.engine.stacks import OuterStack, as_parameters, pop_stacks, stack_clipped_sums, stack_norms
 from persample.engine.uses import parameter_uses
 
 Strategy = Literal["auto", "ghost", "materialize"]
@@ -82,7 +84,8 @@ class _Plan:
     """Which modules to hook and with what, for one set of trainable parameters."""
 
     trainable: dict[str, nn.Parameter]
-    modules: list[_Hooked]
+    modules: dict[nn.Module, _Hooked]
+    used: list[nn.Parameter]  # the parameters the hooked modules use, each once
     parameters: list[nn.Parameter]  # all of the model's, and their requires_grad flags when planned
     flags: list[bool]
 
@@ -112,7 +115,8 @@ class _Step:
                 and x.ndim == self.index_ndim and x.shape[0] == 1)
 
     def watch(self, out: Tensor, shared: bool, on_grad: Callable[[Tensor], None], broadcast: bool = False) -> Tensor:
-        if not out.requires_grad:
+        if out.grad_fn is None:
+            # No node to hook (frozen parameters only, or a leaf): ``+ 0`` from a scalar leaf makes one.
             anchor = self.anchors.get(out.device)
             if anchor is None:
                 anchor = self.anchors[out.device] = torch.zeros((), device=out.device, requires_grad=True)
@@ -121,7 +125,10 @@ class _Step:
             out = out.squeeze(0)
         if shared:
             out = out.expand(self.batch_size, *out.shape)
-        out.register_hook(on_grad)
+        # A pre-hook on the node that receives the output's gradient does what a tensor hook does (which
+        # registers one there) without the tensor hook's Python book-keeping, a few microseconds per call.
+        index = out.output_nr
+        out.grad_fn.register_prehook(lambda grads: None if grads[index] is None else on_grad(grads[index]))
         return out
 
     def add(self, call: Call, forms: dict[str, Form]) -> None:
@@ -147,7 +154,7 @@ def _autocast_state(x: Tensor) -> tuple[str, torch.dtype] | None:
     return (device, torch.get_autocast_dtype(device)) if torch.is_autocast_enabled(device) else None
 
 
-def _cast_for_autocast(module: nn.Module, args: tuple):
+def _cast_for_autocast(args: tuple):
     """Casts the first input as autocast would inside the op, so the copy the engine keeps is that one."""
     x = args[0] if args else None
     if not isinstance(x, Tensor) or not x.is_floating_point() or x.dtype == torch.float64:
@@ -158,70 +165,78 @@ def _cast_for_autocast(module: nn.Module, args: tuple):
     return (x.to(state[1]), *args[1:])
 
 
-def _rule_hook(step: _Step, rule: Rule, params: dict[str, nn.Parameter]):
-    def hook(module: nn.Module, args: tuple, output):
-        if not isinstance(output, Tensor) or not args or not isinstance(args[0], Tensor):
-            raise TypeError(f"{type(module).__name__} must take a tensor first and return a tensor, got "
-                            f"{type(args[0]).__name__ if args else 'no input'} -> {type(output).__name__}")
-        x = args[0].detach()
-        broadcast = step.is_broadcast(x)
-        if broadcast:
-            x = x.squeeze(0)
-        shared = not step.is_batched(x)
-        args = (x.expand(step.batch_size, *x.shape) if shared else x, *args[1:])
-        call = Call(module, args, {}, params, _autocast_state(x))
-        version = x._version
+def _record_rule(step: _Step, hooked: _Hooked, module: nn.Module, args: tuple, output) -> Tensor:
+    if not isinstance(output, Tensor) or not args or not isinstance(args[0], Tensor):
+        raise TypeError(f"{type(module).__name__} must take a tensor first and return a tensor, got "
+                        f"{type(args[0]).__name__ if args else 'no input'} -> {type(output).__name__}")
+    x = args[0].detach()
+    broadcast = step.is_broadcast(x)
+    if broadcast:
+        x = x.squeeze(0)
+    shared = not step.is_batched(x)
+    call = Call(module, (x.expand(step.batch_size, *x.shape) if shared else x, *args[1:]), {}, hooked.used,
+                _autocast_state(x))
+    rule, version = hooked.rule, x._version
 
-        def on_grad(grad: Tensor) -> None:
-            if x._version != version:
-                raise ValueError(f"the input of {type(module).__name__} was modified in place after the call; the "
-                                 "engine needs it unchanged to form per-example gradients")
-            step.add(call, rule.compute(call, grad, step.strategy))
-            call.args = call.kwargs = None
+    def on_grad(grad: Tensor) -> None:
+        if x._version != version:
+            raise ValueError(f"the input of {type(module).__name__} was modified in place after the call; the "
+                             "engine needs it unchanged to form per-example gradients")
+        step.add(call, rule.compute(call, grad, step.strategy))
+        call.args = call.kwargs = None
 
-        return step.watch(output, shared, on_grad, broadcast)
-
-    return hook
+    return step.watch(output, shared, on_grad, broadcast)
 
 
-def _fallback_hook(step: _Step, params: dict[str, nn.Parameter], constant: list[nn.Module]):
-    def hook(module: nn.Module, args: tuple, kwargs: dict, output):
-        args, kwargs = tree_map_only(Tensor, Tensor.detach, (args, kwargs))
-        first = next((v for v in tree_leaves((args, kwargs)) if isinstance(v, Tensor)), None)
-        shared = first is None or not step.is_batched(first)
-        leaves, spec = tree_flatten(output)
-        grads: list[Tensor | None] = [None] * len(leaves)
-        probe = first if first is not None else leaves[0]
-        step.fallbacks.append((Call(module, args, kwargs, params, _autocast_state(probe)), grads, constant))
-        for i, leaf in enumerate(leaves):
-            if isinstance(leaf, Tensor) and leaf.is_floating_point():
-                leaves[i] = step.watch(leaf, shared, lambda g, i=i: grads.__setitem__(i, g))
-        return tree_unflatten(leaves, spec)
-
-    return hook
+def _record_fallback(step: _Step, hooked: _Hooked, module: nn.Module, args: tuple, kwargs: dict, output):
+    args, kwargs = tree_map_only(Tensor, Tensor.detach, (args, kwargs))
+    first = next((v for v in tree_leaves((args, kwargs)) if isinstance(v, Tensor)), None)
+    shared = first is None or not step.is_batched(first)
+    leaves, spec = tree_flatten(output)
+    grads: list[Tensor | None] = [None] * len(leaves)
+    probe = first if first is not None else leaves[0]
+    step.fallbacks.append((Call(module, args, kwargs, hooked.used, _autocast_state(probe)), grads, hooked.constant))
+    for i, leaf in enumerate(leaves):
+        if isinstance(leaf, Tensor) and leaf.is_floating_point():
+            leaves[i] = step.watch(leaf, shared, lambda g, i=i: grads.__setitem__(i, g))
+    return tree_unflatten(leaves, spec)
 
 
 @contextmanager
 def _recording(plan: _Plan, step: _Step, autocast: bool):
-    """Hooks on the planned modules and trainable parameters frozen, for the duration of the forward."""
-    params = {id(p): p for h in plan.modules for p in h.used.values()}
+    """The engine's hooks and the trainable parameters frozen, for the duration of the forward.
+
+    One global forward hook (and, under autocast, one pre-hook) looks each called module up in the plan: a step
+    registers two hooks, not one or two per module, each a few microseconds of Python to add and remove.
+    """
+    modules = plan.modules
+
+    def cast(module: nn.Module, args: tuple):
+        hooked = modules.get(module)
+        if hooked is not None and hooked.rule is not None and hooked.rule.cast_input:
+            return _cast_for_autocast(args)
+        return None
+
+    def record(module: nn.Module, args: tuple, kwargs: dict, output):
+        hooked = modules.get(module)
+        if hooked is None:
+            return None
+        if hooked.rule is None:
+            return _record_fallback(step, hooked, module, args, kwargs, output)
+        return _record_rule(step, hooked, module, args, output)
+
     handles = []
     try:
-        for p in params.values():
+        for p in plan.used:
             p.requires_grad_(False)
-        for h in plan.modules:
-            if h.rule is None:
-                hook = _fallback_hook(step, h.used, h.constant)
-                handles.append(h.module.register_forward_hook(hook, with_kwargs=True))
-                continue
-            if autocast and h.rule.cast_input:
-                handles.append(h.module.register_forward_pre_hook(_cast_for_autocast))
-            handles.append(h.module.register_forward_hook(_rule_hook(step, h.rule, h.used)))
+        if autocast:
+            handles.append(register_module_forward_pre_hook(cast))
+        handles.append(register_module_forward_hook(record, with_kwargs=True))
         yield
     finally:
         for h in handles:
             h.remove()
-        for p in params.values():
+        for p in plan.used:
             p.requires_grad_(True)
 
 
@@ -318,9 +333,7 @@ class GhostClipping:
         grads: dict[nn.Parameter, Tensor] = {}
         for flat, params in step.packed:
             summed = factors.to(flat.dtype) @ flat
-            for p, part in zip(params, summed.split([p.numel() for p in params]), strict=True):
-                part = part.view(p.shape)
-                grads[p] = part if part.dtype == p.dtype else part.to(p.dtype)
+            grads.update(zip(params, as_parameters(summed, params, [p.numel() for p in params]), strict=True))
         step.packed.clear()
         while step.stacks:
             grads.update(stack_clipped_sums(step.stacks.pop(), factors))
@@ -338,13 +351,14 @@ class GhostClipping:
         parameters = list(self.model.parameters())
         trainable = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
         uses = parameter_uses(self.model, lambda: self.model(*args), {id(p): p for p in trainable.values()})
-        hooked = []
+        hooked = {}
         for module, used in uses.items():
             ids = {id(p) for p in used.values()}
             constant = [m for m in module.modules() if m is not module and m in uses
                         and ids & {id(p) for p in uses[m].values()}]
-            hooked.append(_Hooked(module, rule_for(module, set(used)), used, constant))
-        self._plan = _Plan(trainable, hooked, parameters, [p.requires_grad for p in parameters])
+            hooked[module] = _Hooked(module, rule_for(module, set(used)), used, constant)
+        used = list({id(p): p for h in hooked.values() for p in h.used.values()}.values())
+        self._plan = _Plan(trainable, hooked, used, parameters, [p.requires_grad for p in parameters])
         return self._plan
 
     def _backward(self, inputs, targets) -> tuple[_Step, Tensor]:

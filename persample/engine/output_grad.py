@@ -46,7 +46,8 @@ def loss_and_output_grad(output: Tensor, targets: Tensor, *, ignore_index: int,
                          f"class dimension), got {tuple(getattr(targets, 'shape', ())) or type(targets).__name__}")
     rows, grad = cross_entropy_with_grad(output, targets, ignore_index=ignore_index, reduction="none")
     counted = (targets != ignore_index).reshape(B, -1).sum(1, dtype=rows.dtype)
-    scale = torch.where(counted > 0, 1.0 / counted.clamp_min(1), 0.0)
+    # An example with no counted target has loss rows and gradient rows of 0 already: any scale keeps them 0.
+    scale = counted.clamp_min(1).reciprocal()
     losses = rows.reshape(B, -1).sum(1) * scale
     grad.mul_(scale.to(grad.dtype).reshape(B, *([1] * (grad.ndim - 1))))
     return losses, grad

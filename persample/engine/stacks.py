@@ -95,16 +95,24 @@ def stack_clipped_sums(stack: OuterStack, c: Tensor) -> dict[nn.Parameter, Tenso
         A = A * c.view(1, B, 1, 1)
     G = G.view(L, B * T, -1)
     weights = torch.bmm(G.transpose(1, 2), A.view(L, B * T, -1))
-    summed = {p: s.view(p.shape) for p, s in zip(stack.params, _to_dtype(weights, stack.params), strict=True)}
+    summed = dict(zip(stack.params, as_parameters(weights, stack.params), strict=True))
     if stack.biases is not None:
         biases = G.sum(1, dtype=acc_dtype(G)) if scale_G else c.repeat_interleave(T) @ G
-        summed.update(zip(stack.biases, _to_dtype(biases, stack.biases), strict=True))
+        summed.update(zip(stack.biases, as_parameters(biases, stack.biases), strict=True))
     return summed
 
 
-def _to_dtype(stacked: Tensor, params: list[nn.Parameter]) -> list[Tensor]:
-    """``stacked[l]`` in ``params[l]``'s dtype: one cast for the stack when they share it."""
+def as_parameters(stacked: Tensor, params: list[nn.Parameter], sizes: list[int] | None = None) -> list[Tensor]:
+    """``stacked`` unbound (or split into ``sizes`` along its one dimension), part ``l`` in ``params[l]``'s shape
+    and dtype: one cast for all parts when the parameters share a dtype, and no view or cast of a part that needs
+    none (each is a few microseconds, for every parameter of every step)."""
     dtype = params[0].dtype
-    if all(p.dtype == dtype for p in params):
+    if stacked.dtype != dtype and all(p.dtype == dtype for p in params):
         stacked = stacked.to(dtype)
-    return [s.to(p.dtype) for s, p in zip(stacked, params, strict=True)]
+    parts = stacked.unbind() if sizes is None else stacked.split(sizes)
+    out = []
+    for part, p in zip(parts, params, strict=True):
+        if part.dtype != p.dtype:
+            part = part.to(p.dtype)
+        out.append(part if part.shape == p.shape else part.view(p.shape))
+    return out

@@ -129,6 +129,36 @@ def test_the_model_is_left_as_it_was():
     torch.testing.assert_close(model(idx), before)
 
 
+def test_no_global_hooks_are_left_after_a_step_or_a_failing_forward():
+    from torch.nn.modules import module as nn_module
+
+    def left() -> bool:
+        return bool(nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks)
+
+    assert not left()
+    idx, targets = tokens()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        GhostClipping(TinyGPT(), max_grad_norm=1.0).clipped_grad_sum(idx, targets)
+    assert not left()
+
+    class FailsAfterPlanning(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.calls, self.linear = 0, nn.Linear(3, 5)
+
+        def forward(self, x):
+            self.calls += 1
+            y = self.linear(x)
+            if self.calls > 1:
+                raise RuntimeError("forward failed")
+            return y
+
+    model = FailsAfterPlanning()
+    with pytest.raises(RuntimeError, match="forward failed"):
+        GhostClipping(model, max_grad_norm=1.0).clipped_grad_sum(torch.randn(2, 3), torch.zeros(2, dtype=torch.long))
+    assert not left() and all(p.requires_grad for p in model.parameters())
+
+
 def test_a_new_plan_when_the_trainable_set_changes():
     model = TinyGPT().double()
     engine = GhostClipping(model, max_grad_norm=1.0)
