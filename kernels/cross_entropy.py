@@ -19,8 +19,8 @@ This is ``F.cross_entropy``'s per-row term (its weighted mean then divides the s
 and the softcap chains in ``ds_j/dx_j = 1 - (s_j / c)^2``. A row whose target equals ``ignore_index``
 is not counted: its loss and gradient are exactly 0 and its logits are never read, so -inf or NaN there
 cannot leak out. A target outside ``[0, V)`` that is not ``ignore_index`` yields NaN loss and gradient
-for its row (argument checks upstream raise before that; this is the fallback inside traced code) and
-no memory outside the row is touched.
+for its row and no memory outside the row is touched (eager callers then raise, from the check in
+``target_stats.py``; inside traced code the NaN row is what remains).
 
 Kernels:
   * ``_cross_entropy_fwd_kernel`` — one program per row (or a persistent grid looping over rows): the max
