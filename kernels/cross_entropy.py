@@ -17,7 +17,7 @@ This is ``F.cross_entropy``'s per-row term (its weighted mean then divides the s
               - (eps / V) * w_j - (1 - eps) * w_t * [j == t]
 
 and the softcap chains in ``ds_j/dx_j = 1 - (s_j / c)^2``. A row whose target equals ``ignore_index``
-is not counted: its loss and gradient are exactly 0 and its logits are never read, so -inf or NaN there
+is not counted: its loss and gradient are exactly 0 and its logits are never used, so -inf or NaN there
 cannot leak out. A target outside ``[0, V)`` that is not ``ignore_index`` yields NaN loss and gradient
 for its row and no memory outside the row is touched (eager callers then raise, from the check in
 ``target_stats.py``; inside traced code the NaN row is what remains).
