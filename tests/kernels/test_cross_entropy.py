@@ -72,6 +72,24 @@ def test_fwd_prefetching_next_row(V, dtype, with_grad, monkeypatch):
         assert (grad[[0, 4]] == 0).all()
 
 
+@pytest.mark.skipif(not CUDA, reason="the GPU's launch configuration for rows of 8193-32768 half logits")
+@pytest.mark.parametrize("with_grad", [False, True])
+def test_fwd_prefetching_default_config_on_cuda(with_grad):
+    # The default configuration at this V prefetches: 300 rows over one program per SM, NaN ignored rows.
+    V = 20000
+    assert kernels._launch_config(V, 2)[3]
+    logits, target, _, _ = _inputs(300, V, torch.bfloat16)
+    target[::7] = -100
+    logits[::7] = float("nan")
+    loss, _, grad = kernels.cross_entropy_fwd(logits, target, None, None, torch.ones(1, device=DEVICE), -100,
+                                              0.0, 0.0, 0.0, with_grad)
+    rows, ref_grad = _reference_rows_and_grad(logits, target, None)
+    assert rel_err(loss, rows) < 1e-5
+    if with_grad:
+        assert rel_err(grad, ref_grad) < 1e-2
+        assert (grad[::7] == 0).all()
+
+
 @pytest.mark.parametrize("V", [1, 33, 130])
 def test_fwd_without_grad_matches(V):
     logits, target, _, _ = _inputs(4, V, torch.float32)
