@@ -50,10 +50,14 @@ def _softcap(x, softcap, HAS_SOFTCAP: tl.constexpr):
 
 @triton.jit
 def _gradient_block(
-    s, offs, in_row, weight_ptr, t, lse, coef, eps_over_v, on_target, softcap, scale,
+    s, offs, in_row, weight_ptr, t, w_t, weight_sum, lse, V, label_smoothing, z_loss, softcap, scale,
     HAS_WEIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, ACC: tl.constexpr,
 ):
-    """scale * dL/dx over one block of a counted row, from its capped logits ``s``."""
+    """scale * dL/dx over one block of a counted row, from its capped logits ``s`` (the formula in the module
+    docstring)."""
+    eps_over_v = label_smoothing / V
+    on_target = (1.0 - label_smoothing) * w_t
+    coef = on_target + eps_over_v * weight_sum + 2.0 * z_loss * lse
     g = tl.exp(s - lse) * coef
     if HAS_WEIGHT:
         w = tl.load(weight_ptr + offs, mask=in_row, other=0.0).to(ACC)
@@ -74,16 +78,13 @@ def _row_gradient_sweep(
     HAS_WEIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BLOCK_V: tl.constexpr, ACC: tl.constexpr,
 ):
     """Writes scale * dL/dx for one counted row, reading its logits once."""
-    eps_over_v = label_smoothing / V
-    coef = (1.0 - label_smoothing) * w_t + eps_over_v * weight_sum + 2.0 * z_loss * lse
-    on_target = (1.0 - label_smoothing) * w_t
     for start in range(0, V, BLOCK_V):
         offs = start + tl.arange(0, BLOCK_V)
         in_row = offs < V
         x = tl.load(x_row_ptr + offs, mask=in_row, other=0.0).to(ACC)
         s = _softcap(x, softcap, HAS_SOFTCAP)
-        g = _gradient_block(s, offs, in_row, weight_ptr, t, lse, coef, eps_over_v, on_target, softcap, scale,
-                            HAS_WEIGHT, HAS_SOFTCAP, ACC)
+        g = _gradient_block(s, offs, in_row, weight_ptr, t, w_t, weight_sum, lse, V, label_smoothing, z_loss,
+                            softcap, scale, HAS_WEIGHT, HAS_SOFTCAP, ACC)
         tl.store(g_row_ptr + offs, g.to(g_row_ptr.dtype.element_ty), mask=in_row)
 
 
@@ -112,13 +113,18 @@ def _row_target(target_ptr, weight_ptr, row, V, ignore_index, HAS_WEIGHT: tl.con
 
 
 @triton.jit
-def _capped_block(x_row_ptr, offs, in_row, softcap, HAS_SOFTCAP: tl.constexpr, ACC: tl.constexpr):
-    """Loads one block of a row and applies the softcap; padding lanes are -inf."""
-    x = tl.load(x_row_ptr + offs, mask=in_row, other=float("-inf")).to(ACC)
-    s = _softcap(x, softcap, HAS_SOFTCAP)
+def _capped(x, in_row, softcap, HAS_SOFTCAP: tl.constexpr, ACC: tl.constexpr):
+    """The softcap over a loaded block whose padding lanes hold -inf; they stay -inf."""
+    s = _softcap(x.to(ACC), softcap, HAS_SOFTCAP)
     if HAS_SOFTCAP:  # the padding's -inf became -softcap
         s = tl.where(in_row, s, float("-inf"))
     return s
+
+
+@triton.jit
+def _capped_block(x_row_ptr, offs, in_row, softcap, HAS_SOFTCAP: tl.constexpr, ACC: tl.constexpr):
+    """Loads one block of a row and applies the softcap; padding lanes are -inf."""
+    return _capped(tl.load(x_row_ptr + offs, mask=in_row, other=float("-inf")), in_row, softcap, HAS_SOFTCAP, ACC)
 
 
 @triton.jit
@@ -174,12 +180,10 @@ def _cross_entropy_fwd_kernel(
                 # Sweep 1: max and sum of exp over the row (online across blocks), and sum_j w_j s_j.
                 ws = tl.full([], 0.0, ACC)
                 if SINGLE_BLOCK:
-                    offs = tl.arange(0, BLOCK_V)
+                    offs = offs0
                     in_row = offs < V
                     if PREFETCH:
-                        s = _softcap(x_raw.to(ACC), softcap, HAS_SOFTCAP)
-                        if HAS_SOFTCAP:
-                            s = tl.where(in_row, s, float("-inf"))
+                        s = _capped(x_raw, in_row, softcap, HAS_SOFTCAP, ACC)
                     else:
                         s = _capped_block(x_row_ptr, offs, in_row, softcap, HAS_SOFTCAP, ACC)
                     m = tl.max(s, 0)
@@ -209,10 +213,8 @@ def _cross_entropy_fwd_kernel(
 
                 if WITH_GRAD:
                     if SINGLE_BLOCK:
-                        coef = (1.0 - label_smoothing) * w_t + eps_over_v * weight_sum + 2.0 * z_loss * lse
-                        g = _gradient_block(s, offs, in_row, weight_ptr, t, lse, coef, eps_over_v,
-                                            (1.0 - label_smoothing) * w_t, softcap, scale, HAS_WEIGHT, HAS_SOFTCAP,
-                                            ACC)
+                        g = _gradient_block(s, offs, in_row, weight_ptr, t, w_t, weight_sum, lse, V,
+                                            label_smoothing, z_loss, softcap, scale, HAS_WEIGHT, HAS_SOFTCAP, ACC)
                         tl.store(g_row_ptr + offs, g.to(g_row_ptr.dtype.element_ty), mask=in_row)
                     else:
                         # Sweep 2: the row was just read, so this re-read mostly hits L2.
@@ -250,11 +252,9 @@ def _cross_entropy_bwd_kernel(
             weight_sum = V * 1.0
         lse = tl.load(lse_ptr + row).to(ACC)
         scale = tl.load(grad_ptr + row).to(ACC)
-        eps_over_v = label_smoothing / V
-        coef = (1.0 - label_smoothing) * w_t + eps_over_v * weight_sum + 2.0 * z_loss * lse
         x = tl.load(x_ptr + row * x_row_stride + offs, mask=in_row, other=0.0).to(ACC)
         s = _softcap(x, softcap, HAS_SOFTCAP)
-        g = _gradient_block(s, offs, in_row, weight_ptr, t, lse, coef, eps_over_v, (1.0 - label_smoothing) * w_t,
+        g = _gradient_block(s, offs, in_row, weight_ptr, t, w_t, weight_sum, lse, V, label_smoothing, z_loss,
                             softcap, scale, HAS_WEIGHT, HAS_SOFTCAP, ACC)
         tl.store(g_row_ptr + offs, g.to(g_ptr.dtype.element_ty), mask=in_row)
     else:
@@ -265,7 +265,6 @@ def _cross_entropy_bwd_kernel(
 @triton.jit
 def _scale_kernel(x_ptr, scale_ptr, n, BLOCK: tl.constexpr, ACC: tl.constexpr):
     # The scale is read on the device, so a scale of exactly 1 (the usual loss.backward()) costs no
-    # pass over the buffer and no host synchronisation.
     # pass over the buffer and no host synchronisation. A persistent grid (programs loop over blocks)
     # keeps that skip to one small wave of programs.
     scale = tl.load(scale_ptr).to(ACC)
