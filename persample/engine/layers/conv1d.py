@@ -9,20 +9,11 @@ rule is registered by the class's import path, and only a model that holds a ``C
 
 from torch import Tensor
 
-from persample.engine.forms import Form, Outer, Summed, as_dense, outer_or_dense
+from persample.engine.forms import Form
+from persample.engine.layers.linear import affine_forms
 from persample.engine.registry import Call, register_rule
 
 
 @register_rule("transformers.pytorch_utils.Conv1D", params=("weight", "bias"), cast_input=True)
 def conv1d(call: Call, grad_output: Tensor, strategy: str) -> dict[str, Form]:
-    A, G = call.args[0], grad_output
-    if A.ndim != 3:
-        A, G = A.reshape(A.shape[0], -1, A.shape[-1]), G.reshape(G.shape[0], -1, G.shape[-1])
-    forms: dict[str, Form] = {}
-    if "weight" in call.params:
-        forms["weight"] = outer_or_dense(A, G, call.module.weight.shape, strategy)
-    if "bias" in call.params:
-        # Unsummed only next to factors, which hold G anyway; it is then summed once, packed with the others.
-        bias = Summed(G)
-        forms["bias"] = bias if isinstance(forms.get("weight"), Outer) else as_dense(bias)
-    return forms
+    return affine_forms(call, grad_output, strategy, weight_transposed=True)

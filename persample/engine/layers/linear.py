@@ -13,15 +13,21 @@ from persample.engine.forms import Form, Outer, Summed, as_dense, outer_or_dense
 from persample.engine.registry import Call, register_rule
 
 
-@register_rule(nn.Linear, params=("weight", "bias"), cast_input=True)
-def linear(call: Call, grad_output: Tensor, strategy: str) -> dict[str, Form]:
+def affine_forms(call: Call, grad_output: Tensor, strategy: str, weight_transposed: bool) -> dict[str, Form]:
+    """The forms of ``y = x W^T + b`` (``weight_transposed``: ``y = x W + b``, W stored as (in, out))."""
     A, G = call.args[0], grad_output
     if A.ndim != 3:
         A, G = A.reshape(A.shape[0], -1, A.shape[-1]), G.reshape(G.shape[0], -1, G.shape[-1])
     forms: dict[str, Form] = {}
     if "weight" in call.params:
-        forms["weight"] = outer_or_dense(G, A, call.module.weight.shape, strategy)
+        left, right = (A, G) if weight_transposed else (G, A)
+        forms["weight"] = outer_or_dense(left, right, call.module.weight.shape, strategy)
     if "bias" in call.params:
         bias = Summed(G)
         forms["bias"] = bias if isinstance(forms.get("weight"), Outer) else as_dense(bias)
     return forms
+
+
+@register_rule(nn.Linear, params=("weight", "bias"), cast_input=True)
+def linear(call: Call, grad_output: Tensor, strategy: str) -> dict[str, Form]:
+    return affine_forms(call, grad_output, strategy, weight_transposed=False)
