@@ -101,9 +101,11 @@ def _out_of_range(value: int, V: int, ignore_index: int, scores_name: str = "log
 _pinned = threading.local()
 
 
-def _prepare(logits2d, target1d, weight, ignore_index, reduction) -> tuple[Tensor, Callable[[], None]]:
+def _prepare(scores2d, V, target1d, weight, ignore_index, reduction,
+             scores_name="logits") -> tuple[Tensor, Callable[[], None]]:
     """The reduction's scale (1,) (see :func:`_reduction_scale`) and the target range check, returned as
-    ``(scale, finish)``: ``finish()`` raises ValueError for a class index outside ``[0, V)``.
+    ``(scale, finish)``: ``finish()`` raises ValueError for a class index outside ``[0, V)``. ``scores2d``
+    (the logits, or the hidden states of a fused head) gives the device and the accumulation dtype.
 
     On the kernel path (plain eager, CUDA or the interpreter) one small kernel computes the scale and the
     check, its result is copied to pinned host memory behind a CUDA event, and ``finish()``, called right
@@ -111,13 +113,12 @@ def _prepare(logits2d, target1d, weight, ignore_index, reduction) -> tuple[Tenso
     waiting for the host, and a bad target still raises before anything is returned (the kernel writes
     NaN rows for such targets and touches nothing outside them). Elsewhere: PyTorch ops and a plain check.
     """
-    V = logits2d.shape[-1]
-    if _transforms_active() or not _ops.use_triton(logits2d):
-        scale = _reduction_scale(logits2d, target1d, weight, ignore_index, reduction)
-        _check_target_range(target1d, V, ignore_index)
+    if _transforms_active() or not _ops.use_triton(scores2d):
+        scale = _reduction_scale(scores2d, target1d, weight, ignore_index, reduction)
+        _check_target_range(target1d, V, ignore_index, scores_name)
         return scale, lambda: None
     scale, status = _ops.target_stats(target1d, V, weight, ignore_index, reduction == "mean",
-                                      torch.float64 if logits2d.dtype == torch.float64 else torch.float32)
+                                      torch.float64 if scores2d.dtype == torch.float64 else torch.float32)
     done = None
     if status.is_cuda:
         host = getattr(_pinned, "status", None)
@@ -132,7 +133,7 @@ def _prepare(logits2d, target1d, weight, ignore_index, reduction) -> tuple[Tenso
         if done is not None:
             done.synchronize()
         if status[0]:
-            raise _out_of_range(int(status[1]), V, ignore_index)
+            raise _out_of_range(int(status[1]), V, ignore_index, scores_name)
 
     return scale, finish
 
@@ -218,7 +219,7 @@ def cross_entropy(
         logits, target, weight, ignore_index, reduction, label_smoothing, softcap, z_loss, mask)
     options = _options(ignore_index, label_smoothing, softcap, z_loss)
     fast = not _transforms_active() and torch.is_grad_enabled() and logits.requires_grad
-    scale, finish = _prepare(logits2d, target1d, weight, ignore_index, reduction)
+    scale, finish = _prepare(logits2d, logits2d.shape[-1], target1d, weight, ignore_index, reduction)
     if reduction != "none" and fast:
         loss = _ops.fused_mean_sum(logits2d, target1d, weight, weight_sum, scale, *options)
     else:
@@ -253,7 +254,7 @@ def cross_entropy_with_grad(
     """
     logits2d, target1d, weight, weight_sum, shape = _check(
         logits, target, weight, ignore_index, reduction, label_smoothing, softcap, z_loss, mask)
-    scale, finish = _prepare(logits2d, target1d, weight, ignore_index, reduction)
+    scale, finish = _prepare(logits2d, logits2d.shape[-1], target1d, weight, ignore_index, reduction)
     loss_rows, _, grad = _ops.with_grad(
         logits2d.detach(), target1d, weight, weight_sum, scale,
         *_options(ignore_index, label_smoothing, softcap, z_loss))

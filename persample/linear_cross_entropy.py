@@ -21,7 +21,7 @@ from persample.cross_entropy import (
     _check_options,
     _check_target,
     _options,
-    _reduction_scale,
+    _prepare,
     _transforms_active,
     cross_entropy,
 )
@@ -111,16 +111,17 @@ def linear_cross_entropy(
                              mask=mask)
     shape = tuple(target.shape) if isinstance(target, Tensor) else None
     target1d, class_weight_sum = _check_target(target, V, hidden.device, class_weight, ignore_index, mask,
-                                               weight_name="class_weight", scores_name="hidden")
+                                               weight_name="class_weight", scores_name="hidden", check_range=False)
     hidden2d = hidden.reshape(-1, hidden.shape[-1])
     N = hidden2d.shape[0]
     grad_on = torch.is_grad_enabled()
     needs = _ops.Needs(grad_on and hidden.requires_grad, grad_on and weight.requires_grad,
                        grad_on and bias is not None and bias.requires_grad)
-    scale = _reduction_scale(hidden2d, target1d, class_weight, ignore_index, reduction)
+    scale, finish = _prepare(hidden2d, V, target1d, class_weight, ignore_index, reduction, scores_name="hidden")
     loss = _ops.linear_cross_entropy(
         hidden2d, weight, bias, target1d, class_weight, class_weight_sum, scale, reduction,
         chunk_size or _ops.default_chunk_size(N), needs, _options(ignore_index, label_smoothing, softcap, z_loss))
+    finish()
     return loss.reshape(shape) if reduction == "none" else loss
 
 
