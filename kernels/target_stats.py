@@ -13,11 +13,11 @@ program walks the targets in blocks, so sums come in a fixed order (reproducible
 the targets are a tiny fraction of the logits' size.
 """
 
-import os
-
 import torch
 import triton
 import triton.language as tl
+
+from .cross_entropy import _acc_dtype, _interpreting
 
 
 @triton.jit
@@ -57,10 +57,10 @@ def target_stats(
     see the module docstring."""
     scale = torch.empty(1, dtype=acc, device=target.device)
     status = torch.empty(2, dtype=torch.int64, device=target.device)
-    block = 64 if os.environ.get("TRITON_INTERPRET", "0") == "1" else 2048
+    block = 64 if _interpreting() else 2048
     _target_stats_kernel[(1,)](
         target, weight if weight is not None else scale, scale, status, target.numel(), V, ignore_index,
         HAS_WEIGHT=weight is not None, MEAN=mean, BLOCK=block,
-        ACC=tl.float64 if acc == torch.float64 else tl.float32, num_warps=8,
+        ACC=_acc_dtype(acc), num_warps=8,
     )
     return scale, status
