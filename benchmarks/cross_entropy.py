@@ -147,7 +147,7 @@ def sweep(x, target, reps):
                     except Exception as exc:
                         print(f"  sweep forward {config}: {type(exc).__name__}", flush=True)
     kernels._launch_config = fwd_default
-    _, lse, _ = kernels.cross_entropy_fwd(x, target, None, None, None, -100, 0.0, 0.0, 0.0, False)
+    _, lse, _, _ = kernels.cross_entropy_fwd(x, target, None, None, None, -100, 0.0, 0.0, 0.0, False)
     upstream = torch.rand(x.shape[0], device=x.device)
     for chunk in (1024, 2048, 4096, 8192):
         for warps in (2, 4, 8):

@@ -26,17 +26,18 @@ Kernels:
   * ``_cross_entropy_fwd_kernel`` — one program per row (or a persistent grid looping over rows): the max
     and sum of exp over the row (online across blocks when the row is longer than one block), the loss,
     the log-sum-exp and, with ``WITH_GRAD``, the gradient times a scale: from registers when the row fits
-    one block, else from a second sweep that mostly hits L2.
+    one block, else from a second sweep that mostly hits L2. With ``REDUCE`` the last program to finish
+    also writes the scaled sum of the rows' losses (the mean or sum reduction, without another launch).
   * ``_cross_entropy_bwd_kernel`` — the gradient alone from a saved log-sum-exp, scaled per row by an
     upstream gradient: elementwise, one program per chunk of a row.
   * ``_scale_kernel`` — multiply a buffer in place by a device scalar, doing nothing when it is 1.
 """
 
-import os
-
 import torch
 import triton
 import triton.language as tl
+
+from .launch import interpreting, launch
 
 
 @triton.jit
@@ -77,15 +78,20 @@ def _row_gradient_sweep(
     label_smoothing, softcap, z_loss,
     HAS_WEIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BLOCK_V: tl.constexpr, ACC: tl.constexpr,
 ):
-    """Writes scale * dL/dx for one counted row, reading its logits once."""
-    for start in range(0, V, BLOCK_V):
-        offs = start + tl.arange(0, BLOCK_V)
+    """Writes scale * dL/dx for one counted row, reading its logits once more.
+
+    The first sweep went left to right, so the row's last blocks are the likeliest to be still in L2: this
+    sweep goes right to left, and marks what it reads and writes as first to evict, since neither is read
+    again in this kernel."""
+    blocks = tl.cdiv(V, BLOCK_V)
+    for i in range(0, blocks):
+        offs = (blocks - 1 - i) * BLOCK_V + tl.arange(0, BLOCK_V)
         in_row = offs < V
-        x = tl.load(x_row_ptr + offs, mask=in_row, other=0.0).to(ACC)
+        x = tl.load(x_row_ptr + offs, mask=in_row, other=0.0, eviction_policy="evict_first").to(ACC)
         s = _softcap(x, softcap, HAS_SOFTCAP)
         g = _gradient_block(s, offs, in_row, weight_ptr, t, w_t, weight_sum, lse, V, label_smoothing, z_loss,
                             softcap, scale, HAS_WEIGHT, HAS_SOFTCAP, ACC)
-        tl.store(g_row_ptr + offs, g.to(g_row_ptr.dtype.element_ty), mask=in_row)
+        tl.store(g_row_ptr + offs, g.to(g_row_ptr.dtype.element_ty), mask=in_row, eviction_policy="evict_first")
 
 
 @triton.jit
@@ -122,9 +128,15 @@ def _capped(x, in_row, softcap, HAS_SOFTCAP: tl.constexpr, ACC: tl.constexpr):
 
 
 @triton.jit
-def _capped_block(x_row_ptr, offs, in_row, softcap, HAS_SOFTCAP: tl.constexpr, ACC: tl.constexpr):
-    """Loads one block of a row and applies the softcap; padding lanes are -inf."""
-    return _capped(tl.load(x_row_ptr + offs, mask=in_row, other=float("-inf")), in_row, softcap, HAS_SOFTCAP, ACC)
+def _capped_block(x_row_ptr, offs, in_row, softcap, HAS_SOFTCAP: tl.constexpr, ACC: tl.constexpr,
+                  KEEP: tl.constexpr):
+    """Loads one block of a row and applies the softcap; padding lanes are -inf. ``KEEP`` asks L2 to keep the
+    block over other data (the row is about to be read again)."""
+    if KEEP:
+        x = tl.load(x_row_ptr + offs, mask=in_row, other=float("-inf"), eviction_policy="evict_last")
+    else:
+        x = tl.load(x_row_ptr + offs, mask=in_row, other=float("-inf"))
+    return _capped(x, in_row, softcap, HAS_SOFTCAP, ACC)
 
 
 @triton.jit
@@ -139,18 +151,18 @@ def _smoothing_block(s, offs, in_row, weight_ptr, HAS_WEIGHT: tl.constexpr, ACC:
 @triton.jit
 def _cross_entropy_fwd_kernel(
     x_ptr, x_row_stride, target_ptr, weight_ptr, weight_sum_ptr, scale_ptr,
-    loss_ptr, lse_ptr, g_ptr, g_row_stride,
+    loss_ptr, lse_ptr, g_ptr, g_row_stride, reduced_ptr, ticket_ptr,
     N, V, ignore_index, label_smoothing, softcap, z_loss,
     HAS_WEIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
     WITH_GRAD: tl.constexpr, SINGLE_BLOCK: tl.constexpr, BLOCK_V: tl.constexpr, ACC: tl.constexpr,
-    PREFETCH: tl.constexpr,
+    PREFETCH: tl.constexpr, REDUCE: tl.constexpr, REDUCE_BLOCK: tl.constexpr,
 ):
     # Persistent over rows: a grid sized to the machine keeps few rows in flight, so that the second
     # sweep over a row finds it in L2. With SINGLE_BLOCK (BLOCK_V >= V) the row is read once and stays
     # in registers for the gradient; with PREFETCH (SINGLE_BLOCK and a persistent grid) the load of the
     # program's next row is issued before the reductions of this one, so memory stays busy while a
     # program that holds a whole row (one per SM) reduces it. Prefetched ignored rows are never used.
-    if WITH_GRAD:
+    if WITH_GRAD or REDUCE:
         scale = tl.load(scale_ptr).to(ACC)
     else:
         scale = tl.full([], 1.0, ACC)
@@ -185,7 +197,7 @@ def _cross_entropy_fwd_kernel(
                     if PREFETCH:
                         s = _capped(x_raw, in_row, softcap, HAS_SOFTCAP, ACC)
                     else:
-                        s = _capped_block(x_row_ptr, offs, in_row, softcap, HAS_SOFTCAP, ACC)
+                        s = _capped_block(x_row_ptr, offs, in_row, softcap, HAS_SOFTCAP, ACC, False)
                     m = tl.max(s, 0)
                     d = tl.sum(tl.exp(s - m), 0)
                     if HAS_SMOOTHING:
@@ -196,7 +208,7 @@ def _cross_entropy_fwd_kernel(
                     for start in range(0, V, BLOCK_V):
                         offs = start + tl.arange(0, BLOCK_V)
                         in_row = offs < V
-                        s = _capped_block(x_row_ptr, offs, in_row, softcap, HAS_SOFTCAP, ACC)
+                        s = _capped_block(x_row_ptr, offs, in_row, softcap, HAS_SOFTCAP, ACC, WITH_GRAD)
                         m_new = tl.maximum(m, tl.max(s, 0))
                         d = d * tl.exp(m - m_new) + tl.sum(tl.exp(s - m_new), 0)
                         m = m_new
@@ -215,7 +227,8 @@ def _cross_entropy_fwd_kernel(
                     if SINGLE_BLOCK:
                         g = _gradient_block(s, offs, in_row, weight_ptr, t, w_t, weight_sum, lse, V,
                                             label_smoothing, z_loss, softcap, scale, HAS_WEIGHT, HAS_SOFTCAP, ACC)
-                        tl.store(g_row_ptr + offs, g.to(g_row_ptr.dtype.element_ty), mask=in_row)
+                        tl.store(g_row_ptr + offs, g.to(g_row_ptr.dtype.element_ty), mask=in_row,
+                                 eviction_policy="evict_first")
                     else:
                         # Sweep 2: the row was just read, so this re-read mostly hits L2.
                         _row_gradient_sweep(
@@ -229,10 +242,21 @@ def _cross_entropy_fwd_kernel(
                 if WITH_GRAD:
                     _fill_row(g_row_ptr, V, fill, BLOCK_V)
 
+    if REDUCE:
+        # The last program to finish writes scale * sum of the rows' losses, summed in a fixed order
+        # (reproducible, unlike float atomics). Its ticket is an acquire-release atomic, which makes every
+        # other program's loss stores, made before their own tickets, visible to its loads.
+        if tl.atomic_add(ticket_ptr, 1) == P - 1:
+            total = tl.zeros([REDUCE_BLOCK], ACC)
+            for start in range(0, N, REDUCE_BLOCK):
+                offs = start + tl.arange(0, REDUCE_BLOCK)
+                total += tl.load(loss_ptr + offs, mask=offs < N, other=0.0).to(ACC)
+            tl.store(reduced_ptr, (tl.sum(total, 0) * scale).to(reduced_ptr.dtype.element_ty))
+
 
 @triton.jit
 def _cross_entropy_bwd_kernel(
-    x_ptr, x_row_stride, target_ptr, weight_ptr, weight_sum_ptr, lse_ptr, grad_ptr,
+    x_ptr, x_row_stride, target_ptr, weight_ptr, weight_sum_ptr, lse_ptr, grad_ptr, grad_stride,
     g_ptr, g_row_stride,
     V, ignore_index, label_smoothing, softcap, z_loss,
     HAS_WEIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, CHUNKS: tl.constexpr, CHUNK: tl.constexpr,
@@ -251,7 +275,7 @@ def _cross_entropy_bwd_kernel(
         else:
             weight_sum = V * 1.0
         lse = tl.load(lse_ptr + row).to(ACC)
-        scale = tl.load(grad_ptr + row).to(ACC)
+        scale = tl.load(grad_ptr + row * grad_stride).to(ACC)
         x = tl.load(x_ptr + row * x_row_stride + offs, mask=in_row, other=0.0).to(ACC)
         s = _softcap(x, softcap, HAS_SOFTCAP)
         g = _gradient_block(s, offs, in_row, weight_ptr, t, w_t, weight_sum, lse, V, label_smoothing, z_loss,
@@ -276,41 +300,50 @@ def _scale_kernel(x_ptr, scale_ptr, n, BLOCK: tl.constexpr, ACC: tl.constexpr):
             tl.store(x_ptr + offs, (x * scale).to(x_ptr.dtype.element_ty), mask=in_range)
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def _launch_config(V: int, element_size: int) -> tuple[int, int, int, bool]:
     """For the forward: (block over the vocabulary, warps per program, programs per multiprocessor with
     0 = one per row, prefetch of the next row).
 
     A row of up to 32768 half-precision (16384 fp32) logits is held in registers whole; longer rows are
-    streamed in blocks. The interpreter gets small blocks so that tests at small V still cross block
-    boundaries. Tuned on an H100 with benchmarks/cross_entropy.py --sweep.
+    streamed in blocks, with 8192-element blocks of 16 warps up to V = 65536 half-precision logits and
+    16384-element blocks of 32 warps beyond. The interpreter gets small blocks so that tests at small V still
+    cross block boundaries. Tuned on an H100 with benchmarks/cross_entropy.py --sweep.
     """
-    if _interpreting():
+    if interpreting():
         return min(triton.next_power_of_2(V), 64), 1, 0, False
     block = triton.next_power_of_2(V)
     if block * element_size <= 65536:
         if block * element_size >= 32768:  # one program per SM, loading row i + 1 while it works on row i
             return block, 32, 1, True
         return block, 4 if block <= 2048 else 8, 0, False
-    return (16384, 32, 0, False) if element_size == 2 else (4096, 16, 0, False)
+    if element_size == 2 and V <= 65536:
+        return 8192, 16, 0, False
+    return 16384, 32, 0, False
 
 
 def _bwd_config(V: int, element_size: int) -> tuple[int, int]:
     """For the backward, which is elementwise once the log-sum-exp is known: (chunk of a row per program,
     warps per program)."""
-    if _interpreting():
+    if interpreting():
         return min(triton.next_power_of_2(V), 64), 1
     return min(triton.next_power_of_2(V), 8192), 4
+
+
+_sm_counts: dict[int, int] = {}
+
+
+def _sm_count(device: torch.device) -> int:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    sms = _sm_counts.get(index)
+    if sms is None:
+        sms = _sm_counts[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return sms
 
 
 def _grid(N: int, device: torch.device, programs_per_sm: int) -> tuple[int]:
     if programs_per_sm == 0 or device.type != "cuda":
         return (N,)
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return (min(N, sms * programs_per_sm),)
+    return (min(N, _sm_count(device) * programs_per_sm),)
 
 
 def _acc_dtype(dtype: torch.dtype):
@@ -329,18 +362,27 @@ def cross_entropy_fwd(
     z_loss: float,
     with_grad: bool,
     out: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Per-row loss and log-sum-exp, and (``with_grad``) ``grad_scale * dL/dlogits``.
+    reduce_ticket: torch.Tensor | None = None,
+    loss_dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Per-row loss and log-sum-exp, ``grad_scale * dL/dlogits`` (``with_grad``) and ``grad_scale * sum of the
+    losses`` (``reduce_ticket``).
 
     logits: (N, V) with unit stride over V; target: (N,) int64; weight: (V,) or None; weight_sum and
-    grad_scale: one-element tensors (grad_scale may be None when not ``with_grad``); softcap: 0 for none.
-    ``out``: (N, V) buffer for the gradient with unit stride over V; it may be ``logits`` itself, since each
-    program reads every element of its row before writing it. Returns loss (N,) and lse (N,) in float32
-    (float64 for float64 logits) and the gradient (N, V) in the logits' dtype, or None.
+    grad_scale: one-element tensors (grad_scale may be None when neither the gradient nor the reduction is
+    asked for); softcap: 0 for none. ``out``: (N, V) buffer for the gradient with unit stride over V; it may
+    be ``logits`` itself, since each program reads every element of its row before writing it.
+    ``reduce_ticket``: a one-element int64 tensor holding 0, used up by the call (see ``REDUCE``).
+    ``loss_dtype``: of the per-row loss, float32 (float64 for float64 logits) by default.
+    Returns loss (N,), lse (N,) in float32 (float64 for float64 logits), the gradient (N, V) in the logits'
+    dtype or None, and the reduced loss (a 0-dim tensor in the logits' dtype) or None.
     """
     N, V = logits.shape
     acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    loss = torch.empty(N, dtype=acc, device=logits.device)
+    reduce = reduce_ticket is not None
+    if reduce and loss_dtype not in (None, acc):
+        raise ValueError("the reduced loss sums rows kept in the accumulation dtype")
+    loss = torch.empty(N, dtype=loss_dtype or acc, device=logits.device)
     lse = torch.empty(N, dtype=acc, device=logits.device)
     if not with_grad:
         grad = loss
@@ -348,19 +390,25 @@ def cross_entropy_fwd(
         grad = out
     else:
         grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
+    reduced = torch.empty((), dtype=logits.dtype, device=logits.device) if reduce else None
     if N == 0:
-        return loss, lse, grad if with_grad else None
+        if reduce:
+            reduced.zero_()
+        return loss, lse, grad if with_grad else None, reduced
     block, num_warps, programs_per_sm, prefetch = _launch_config(V, logits.element_size())
-    _cross_entropy_fwd_kernel[_grid(N, logits.device, programs_per_sm)](
+    launch(
+        _cross_entropy_fwd_kernel, _grid(N, logits.device, programs_per_sm),
         logits, logits.stride(0), target, weight if weight is not None else logits,
         weight_sum if weight_sum is not None else loss, grad_scale if grad_scale is not None else loss,
         loss, lse, grad, grad.stride(0) if with_grad else 0,
+        reduced if reduce else loss, reduce_ticket if reduce else target,
         N, V, ignore_index, label_smoothing, softcap, z_loss,
         HAS_WEIGHT=weight is not None, HAS_SOFTCAP=softcap > 0, HAS_SMOOTHING=label_smoothing > 0,
-        WITH_GRAD=with_grad, SINGLE_BLOCK=block >= V, BLOCK_V=block, ACC=_acc_dtype(logits.dtype), num_warps=num_warps,
-        PREFETCH=prefetch and block >= V and programs_per_sm > 0,
+        WITH_GRAD=with_grad, SINGLE_BLOCK=block >= V, BLOCK_V=block, ACC=_acc_dtype(logits.dtype),
+        PREFETCH=prefetch and block >= V and programs_per_sm > 0, REDUCE=reduce,
+        REDUCE_BLOCK=64 if interpreting() else 1024, num_warps=num_warps,
     )
-    return loss, lse, grad if with_grad else None
+    return loss, lse, grad if with_grad else None, reduced
 
 
 def cross_entropy_bwd(
@@ -376,17 +424,19 @@ def cross_entropy_bwd(
     z_loss: float,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``grad_rows[:, None] * dL/dlogits`` (N, V) in the logits' dtype, from the saved ``lse`` (N,), written to
-    ``out`` when given (which may be ``logits`` itself, as in :func:`cross_entropy_fwd`)."""
+    """``grad_rows[:, None] * dL/dlogits`` (N, V) in the logits' dtype, from the saved ``lse`` (N,) and the
+    upstream gradient ``grad_rows`` (N,) of any floating dtype and stride, written to ``out`` when given (which
+    may be ``logits`` itself, as in :func:`cross_entropy_fwd`)."""
     N, V = logits.shape
     grad = out if out is not None else torch.empty_like(logits, memory_format=torch.contiguous_format)
     if N == 0:
         return grad
     chunk, num_warps = _bwd_config(V, logits.element_size())
     chunks = triton.cdiv(V, chunk)
-    _cross_entropy_bwd_kernel[(N * chunks,)](
+    launch(
+        _cross_entropy_bwd_kernel, (N * chunks,),
         logits, logits.stride(0), target, weight if weight is not None else logits,
-        weight_sum if weight_sum is not None else lse, lse, grad_rows, grad, grad.stride(0),
+        weight_sum if weight_sum is not None else lse, lse, grad_rows, grad_rows.stride(0), grad, grad.stride(0),
         V, ignore_index, label_smoothing, softcap, z_loss,
         HAS_WEIGHT=weight is not None, HAS_SOFTCAP=softcap > 0, CHUNKS=chunks, CHUNK=chunk,
         ACC=_acc_dtype(logits.dtype), num_warps=num_warps,
@@ -398,9 +448,9 @@ def scale_(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """``x *= scale`` in place for a contiguous ``x`` and a one-element ``scale``; free when scale == 1."""
     n = x.numel()
     if n:
-        block = 1024 if _interpreting() else 8192
+        block = 1024 if interpreting() else 8192
         programs = triton.cdiv(n, block)
         if x.is_cuda:
-            programs = min(programs, 4 * torch.cuda.get_device_properties(x.device).multi_processor_count)
-        _scale_kernel[(programs,)](x, scale, n, BLOCK=block, ACC=_acc_dtype(x.dtype), num_warps=8)
+            programs = min(programs, 4 * _sm_count(x.device))
+        launch(_scale_kernel, (programs,), x, scale, n, BLOCK=block, ACC=_acc_dtype(x.dtype), num_warps=8)
     return x

@@ -7,6 +7,7 @@ For targets ``t`` (N,) against V classes, with class weights ``w`` (all ones wit
     bad_i     = t_i != ignore_index and not 0 <= t_i < V
     scale     = 1 / sum_{counted i} w_{t_i}    for reduction="mean" (0 when nothing is counted), else 1
     status    = (1, t_j) for the first j with bad_j, or (0, 0) when there is none
+    ticket    = 0, a counter for the main kernel's final reduction (see ``REDUCE`` in cross_entropy.py)
 
 This replaces a dozen small PyTorch ops, each a launch the host would wait on before the main kernel. One
 program walks the targets in blocks, so sums come in a fixed order (reproducible) and no atomics are needed;
@@ -17,7 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .cross_entropy import _acc_dtype, _interpreting
+from .cross_entropy import _acc_dtype
+from .launch import interpreting, launch
 
 
 @triton.jit
@@ -48,19 +50,20 @@ def _target_stats_kernel(
     has_bad = first_bad < N
     tl.store(status_ptr, has_bad.to(tl.int64))
     tl.store(status_ptr + 1, tl.load(target_ptr + tl.where(has_bad, first_bad, 0), mask=has_bad, other=0))
+    tl.store(status_ptr + 2, 0)
 
 
 def target_stats(
     target: torch.Tensor, V: int, weight: torch.Tensor | None, ignore_index: int, mean: bool, acc: torch.dtype
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(scale (1,) in ``acc``, status (2,) int64) for ``target`` (N,) int64 and ``weight`` (V,) or None;
-    see the module docstring."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(scale (1,) in ``acc``, status (2,) int64, ticket (1,) int64) for ``target`` (N,) int64 and ``weight``
+    (V,) or None; see the module docstring."""
     scale = torch.empty(1, dtype=acc, device=target.device)
-    status = torch.empty(2, dtype=torch.int64, device=target.device)
-    block = 64 if _interpreting() else 2048
-    _target_stats_kernel[(1,)](
+    status = torch.empty(3, dtype=torch.int64, device=target.device)
+    launch(
+        _target_stats_kernel, (1,),
         target, weight if weight is not None else scale, scale, status, target.numel(), V, ignore_index,
-        HAS_WEIGHT=weight is not None, MEAN=mean, BLOCK=block,
-        ACC=_acc_dtype(acc), num_warps=8,
+        HAS_WEIGHT=weight is not None, MEAN=mean, BLOCK=64 if interpreting() else 2048, ACC=_acc_dtype(acc),
+        num_warps=8,
     )
-    return scale, status
+    return scale, status[:2], status[2:]

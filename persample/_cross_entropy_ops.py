@@ -15,16 +15,18 @@ PyTorch.
 
 Outside torch.func transforms and torch.compile, ``reduction="mean"``/``"sum"`` take a faster path,
 :class:`_FusedMeanSum`: the forward kernel already writes the gradient (scaled by 1/denominator) and the
-backward multiplies it in place by the upstream scalar, which the kernel skips when it is exactly 1. That
-needs in-place state, which transforms cannot batch or trace, hence the two paths.
+reduced loss, and the backward multiplies the gradient in place by the upstream scalar, which the kernel
+skips when it is exactly 1. That needs in-place state, which transforms cannot batch or trace, hence the
+two paths. ``reduction="none"`` has an eager path too, :class:`_FusedNone`, which saves the casts and
+reshapes around the kernels.
 """
 
 import contextlib
-import os
 
 import torch
 
 from persample.kernels import cross_entropy as _kernels
+from persample.kernels import launch as _launch
 from persample.kernels import target_stats as _target_stats
 
 _LIB = "persample"
@@ -37,7 +39,7 @@ def transforms_active() -> bool:
 
 def use_triton(t: torch.Tensor) -> bool:
     """Whether ``t`` runs the Triton kernels: CUDA, or any tensor when ``TRITON_INTERPRET=1``."""
-    return t.is_cuda or os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return t.is_cuda or _launch.interpreting()
 
 
 def _on_device_of(t: torch.Tensor):
@@ -49,7 +51,8 @@ def _on_device_of(t: torch.Tensor):
 
 
 def target_stats(target, V, weight, ignore_index, mean, acc):
-    """(scale (1,), status (2,) int64) from one kernel; see :mod:`persample.kernels.target_stats`."""
+    """(scale (1,), status (2,) int64, ticket (1,) int64) from one kernel; see
+    :mod:`persample.kernels.target_stats`."""
     with _on_device_of(target):
         return _target_stats.target_stats(target, V, weight, ignore_index, mean, acc)
 
@@ -119,7 +122,7 @@ def _forward_impl(logits, target, weight, weight_sum, grad_scale, ignore_index, 
     if use_triton(logits):
         with _on_device_of(logits):
             return _kernels.cross_entropy_fwd(logits, target, weight, weight_sum, grad_scale, ignore_index,
-                                              label_smoothing, softcap, z_loss, with_grad, out)
+                                              label_smoothing, softcap, z_loss, with_grad, out)[:3]
     loss, lse = _rows_torch(logits, target, weight, weight_sum, ignore_index, label_smoothing, softcap, z_loss)
     if not with_grad:
         return loss, lse, None
@@ -131,10 +134,9 @@ def _forward_impl(logits, target, weight, weight_sum, grad_scale, ignore_index, 
 
 def _backward_impl(logits, target, weight, weight_sum, lse, grad_rows, ignore_index, label_smoothing, softcap,
                    z_loss, out=None):
-    if use_triton(logits):
+    if use_triton(logits):  # the kernel reads grad_rows in its own dtype and strides
         with _on_device_of(logits):
-            return _kernels.cross_entropy_bwd(logits, target, weight, weight_sum, lse,
-                                              grad_rows.to(lse.dtype).contiguous(), ignore_index,
+            return _kernels.cross_entropy_bwd(logits, target, weight, weight_sum, lse, grad_rows, ignore_index,
                                               label_smoothing, softcap, z_loss, out)
     grad = _grad_torch(logits, target, weight, weight_sum, lse, grad_rows, ignore_index, label_smoothing,
                        softcap, z_loss)
@@ -323,27 +325,70 @@ torch.library.register_vmap(cross_entropy_with_grad, _rowwise_vmap(cross_entropy
 
 class _FusedMeanSum(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, target, weight, weight_sum, scale, ignore_index, label_smoothing, softcap,
+    def forward(ctx, logits, target, weight, weight_sum, scale, ticket, ignore_index, label_smoothing, softcap,
                 z_loss):
-        loss_rows, lse, grad = _forward_impl(logits, target, weight, weight_sum, scale, ignore_index,
-                                             label_smoothing, softcap, z_loss, True)
+        options = (ignore_index, label_smoothing, softcap, z_loss)
+        if ticket is not None:  # the kernel also reduces the rows' losses (see _prepare)
+            with _on_device_of(logits):
+                _, lse, grad, loss = _kernels.cross_entropy_fwd(logits, target, weight, weight_sum, scale, *options,
+                                                                True, reduce_ticket=ticket)
+        else:
+            loss_rows, lse, grad = _forward_impl(logits, target, weight, weight_sum, scale, *options, True)
+            loss = (loss_rows.sum() * scale[0]).to(logits.dtype)
         ctx.save_for_backward(scale, logits, target, weight, weight_sum, lse)
-        ctx.options = (ignore_index, label_smoothing, softcap, z_loss)
+        ctx.options = options
         ctx.grad = grad  # handed out by the first backward, then dropped
-        return (loss_rows.sum() * scale[0]).to(logits.dtype)
+        return loss
 
     @staticmethod
     def backward(ctx, grad_output):
         scale, logits, target, weight, weight_sum, lse = ctx.saved_tensors
         if ctx.grad is not None:
             grad, ctx.grad = ctx.grad, None
-            return _scale_impl(grad, grad_output.reshape(1)), *([None] * 8)
+            return _scale_impl(grad, grad_output.reshape(1)), *([None] * 9)
         # A second backward through the same graph (retain_graph=True): the buffer above already went
         # out as a gradient, so recompute from the logits instead of scaling it twice.
         grad_rows = (grad_output.to(scale.dtype) * scale).expand(lse.shape)
-        return _backward_impl(logits, target, weight, weight_sum, lse, grad_rows, *ctx.options), *([None] * 8)
+        return _backward_impl(logits, target, weight, weight_sum, lse, grad_rows, *ctx.options), *([None] * 9)
 
 
-def fused_mean_sum(logits, target, weight, weight_sum, scale, ignore_index, label_smoothing, softcap, z_loss):
-    return _FusedMeanSum.apply(logits, target, weight, weight_sum, scale, ignore_index, label_smoothing,
+def fused_mean_sum(logits, target, weight, weight_sum, scale, ticket, ignore_index, label_smoothing, softcap,
+                   z_loss):
+    """The scalar ``scale * sum of the rows' losses``, in the logits' dtype, differentiable w.r.t. ``logits``.
+    ``ticket``: from :func:`persample.cross_entropy._prepare` (None off the kernel path)."""
+    return _FusedMeanSum.apply(logits, target, weight, weight_sum, scale, ticket, ignore_index, label_smoothing,
                                softcap, z_loss)
+
+
+class _FusedNone(torch.autograd.Function):
+    """``reduction="none"`` in plain eager: the kernel writes each row's loss in the logits' dtype and the
+    backward reads the upstream gradient in whatever dtype and strides it comes, so no cast or copy runs
+    around the two kernels (each would be one more launch, and one more autograd node)."""
+
+    @staticmethod
+    def forward(ctx, logits, target, weight, weight_sum, shape, ignore_index, label_smoothing, softcap, z_loss):
+        options = (ignore_index, label_smoothing, softcap, z_loss)
+        if use_triton(logits):
+            with _on_device_of(logits):
+                loss, lse, _, _ = _kernels.cross_entropy_fwd(logits, target, weight, weight_sum, None, *options,
+                                                             False, loss_dtype=logits.dtype)
+        else:
+            loss, lse = _rows_torch(logits, target, weight, weight_sum, *options)
+            loss = loss.to(logits.dtype)
+        ctx.save_for_backward(logits, target, weight, weight_sum, lse)
+        ctx.options = options
+        return loss.reshape(shape)
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        logits, target, weight, weight_sum, lse = ctx.saved_tensors
+        args = (logits, target, weight, weight_sum, lse, grad_loss.reshape(-1), *ctx.options)
+        # With create_graph=True, through the Function that refuses a second derivative.
+        grad = _CrossEntropyRowsBwd.apply(*args) if torch.is_grad_enabled() else _backward_impl(*args)
+        return grad, *([None] * 8)
+
+
+def fused_none(logits, target, weight, weight_sum, shape, ignore_index, label_smoothing, softcap, z_loss):
+    """Each row's loss, shaped ``shape`` and in the logits' dtype, differentiable w.r.t. ``logits``."""
+    return _FusedNone.apply(logits, target, weight, weight_sum, shape, ignore_index, label_smoothing, softcap,
+                            z_loss)

@@ -102,22 +102,25 @@ _pinned = threading.local()
 
 
 def _prepare(scores2d, V, target1d, weight, ignore_index, reduction,
-             scores_name="logits") -> tuple[Tensor, Callable[[], None]]:
+             scores_name="logits") -> tuple[Tensor, Tensor | None, Callable[[], None]]:
     """The reduction's scale (1,) (see :func:`_reduction_scale`) and the target range check, returned as
-    ``(scale, finish)``: ``finish()`` raises ValueError for a class index outside ``[0, V)``. ``scores2d``
-    (the logits, or the hidden states of a fused head) gives the device and the accumulation dtype.
+    ``(scale, ticket, finish)``: ``finish()`` raises ValueError for a class index outside ``[0, V)``.
+    ``scores2d`` (the logits, or the hidden states of a fused head) gives the device and the accumulation
+    dtype.
 
     On the kernel path (plain eager, CUDA or the interpreter) one small kernel computes the scale and the
     check, its result is copied to pinned host memory behind a CUDA event, and ``finish()``, called right
     after the main kernel is queued, waits for that event only: the GPU starts the main kernel without
     waiting for the host, and a bad target still raises before anything is returned (the kernel writes
-    NaN rows for such targets and touches nothing outside them). Elsewhere: PyTorch ops and a plain check.
+    NaN rows for such targets and touches nothing outside them). The same kernel zeroes ``ticket`` (1,)
+    int64, with which the main kernel can reduce the loss itself. Elsewhere: PyTorch ops, a plain check and
+    no ticket.
     """
     if _transforms_active() or not _ops.use_triton(scores2d):
         scale = _reduction_scale(scores2d, target1d, weight, ignore_index, reduction)
         _check_target_range(target1d, V, ignore_index, scores_name)
-        return scale, lambda: None
-    scale, status = _ops.target_stats(target1d, V, weight, ignore_index, reduction == "mean",
+        return scale, None, lambda: None
+    scale, status, ticket = _ops.target_stats(target1d, V, weight, ignore_index, reduction == "mean",
                                       torch.float64 if scores2d.dtype == torch.float64 else torch.float32)
     done = None
     if status.is_cuda:
@@ -135,7 +138,7 @@ def _prepare(scores2d, V, target1d, weight, ignore_index, reduction,
         if status[0]:
             raise _out_of_range(int(status[1]), V, ignore_index, scores_name)
 
-    return scale, finish
+    return scale, ticket, finish
 
 
 def _check(logits, target, weight, ignore_index, reduction, label_smoothing, softcap, z_loss, mask):
@@ -219,9 +222,11 @@ def cross_entropy(
         logits, target, weight, ignore_index, reduction, label_smoothing, softcap, z_loss, mask)
     options = _options(ignore_index, label_smoothing, softcap, z_loss)
     fast = not _transforms_active() and torch.is_grad_enabled() and logits.requires_grad
-    scale, finish = _prepare(logits2d, logits2d.shape[-1], target1d, weight, ignore_index, reduction)
-    if reduction != "none" and fast:
-        loss = _ops.fused_mean_sum(logits2d, target1d, weight, weight_sum, scale, *options)
+    scale, ticket, finish = _prepare(logits2d, logits2d.shape[-1], target1d, weight, ignore_index, reduction)
+    if fast and reduction == "none":
+        loss = _ops.fused_none(logits2d, target1d, weight, weight_sum, shape, *options)
+    elif fast:
+        loss = _ops.fused_mean_sum(logits2d, target1d, weight, weight_sum, scale, ticket, *options)
     else:
         loss_rows, _ = _ops.differentiable_rows(logits2d, target1d, weight, weight_sum, *options)
         if reduction == "none":
@@ -254,7 +259,7 @@ def cross_entropy_with_grad(
     """
     logits2d, target1d, weight, weight_sum, shape = _check(
         logits, target, weight, ignore_index, reduction, label_smoothing, softcap, z_loss, mask)
-    scale, finish = _prepare(logits2d, logits2d.shape[-1], target1d, weight, ignore_index, reduction)
+    scale, _, finish = _prepare(logits2d, logits2d.shape[-1], target1d, weight, ignore_index, reduction)
     loss_rows, _, grad = _ops.with_grad(
         logits2d.detach(), target1d, weight, weight_sum, scale,
         *_options(ignore_index, label_smoothing, softcap, z_loss))

@@ -195,6 +195,28 @@ def test_second_backward_with_retain_graph():
     assert rel_err(g2, 3 * ref) < 1e-5
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_none_with_an_expanded_upstream_and_a_second_backward(dtype, device):
+    # loss.sum().backward() hands the per-row loss an expanded (stride 0) upstream gradient.
+    x = torch.randn(3, 4, 70, device=device, dtype=dtype, requires_grad=True)
+    t = torch.randint(0, 70, (3, 4), device=device)
+    t[0, 1] = -100
+    loss = persample.cross_entropy(x, t, reduction="none")
+    (g1,) = torch.autograd.grad(loss.sum(), x, retain_graph=True)
+    (g2,) = torch.autograd.grad((loss * 2).sum(), x)
+    ref = torch.func.grad(lambda x: cross_entropy_reference(x, t, reduction="sum"))(x.detach().double())
+    assert rel_err(g1, ref) < TOL[dtype] and rel_err(g2, 2 * ref) < TOL[dtype]
+
+
+def test_none_second_derivative_raises():
+    x = torch.randn(4, 9, requires_grad=True)
+    t = torch.randint(0, 9, (4,))
+    (g,) = torch.autograd.grad(persample.cross_entropy(x, t, reduction="none").sum(), x, create_graph=True)
+    with pytest.raises(NotImplementedError, match="second derivatives"):
+        g.sum().backward()
+
+
 def test_no_grad_forward():
     logits, target, _ = make_inputs((5, 37), torch.float32, "cpu", {})
     with torch.no_grad():

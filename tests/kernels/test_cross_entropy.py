@@ -39,7 +39,7 @@ def test_fwd_with_grad(V, dtype, persistent, monkeypatch):
     logits, target, w, w_sum = _inputs(5, V, dtype, weight=True)
     scale = torch.tensor([0.37], device=DEVICE)
     opts = dict(label_smoothing=0.1, softcap=4.0, z_loss=1e-2)
-    loss, lse, grad = kernels.cross_entropy_fwd(logits, target, w, w_sum, scale, -100, 0.1, 4.0, 1e-2, True)
+    loss, lse, grad, _ = kernels.cross_entropy_fwd(logits, target, w, w_sum, scale, -100, 0.1, 4.0, 1e-2, True)
     rows, ref_grad = _reference_rows_and_grad(logits, target, w, **opts)
     tol = 1e-5 if dtype == torch.float32 else 1e-2
     assert rel_err(loss, rows) < 1e-5
@@ -63,7 +63,7 @@ def test_fwd_prefetching_next_row(V, dtype, with_grad, monkeypatch):
     logits[4] = float("nan")  # an ignored row, prefetched and never used
     scale = torch.tensor([0.5], device=DEVICE)
     opts = dict(label_smoothing=0.1, softcap=4.0, z_loss=1e-2)
-    loss, lse, grad = kernels.cross_entropy_fwd(logits, target, w, w_sum, scale if with_grad else None, -100,
+    loss, lse, grad, _ = kernels.cross_entropy_fwd(logits, target, w, w_sum, scale if with_grad else None, -100,
                                                 0.1, 4.0, 1e-2, with_grad)
     rows, ref_grad = _reference_rows_and_grad(logits, target, w, **opts)
     assert rel_err(loss, rows) < 1e-5
@@ -81,7 +81,7 @@ def test_fwd_prefetching_default_config_on_cuda(with_grad):
     logits, target, _, _ = _inputs(300, V, torch.bfloat16)
     target[::7] = -100
     logits[::7] = float("nan")
-    loss, _, grad = kernels.cross_entropy_fwd(logits, target, None, None, torch.ones(1, device=DEVICE), -100,
+    loss, _, grad, _ = kernels.cross_entropy_fwd(logits, target, None, None, torch.ones(1, device=DEVICE), -100,
                                               0.0, 0.0, 0.0, with_grad)
     rows, ref_grad = _reference_rows_and_grad(logits, target, None)
     assert rel_err(loss, rows) < 1e-5
@@ -93,7 +93,7 @@ def test_fwd_prefetching_default_config_on_cuda(with_grad):
 @pytest.mark.parametrize("V", [1, 33, 130])
 def test_fwd_without_grad_matches(V):
     logits, target, _, _ = _inputs(4, V, torch.float32)
-    loss, lse, grad = kernels.cross_entropy_fwd(logits, target, None, None, None, -100, 0.0, 0.0, 0.0, False)
+    loss, lse, grad, _ = kernels.cross_entropy_fwd(logits, target, None, None, None, -100, 0.0, 0.0, 0.0, False)
     rows, _ = _reference_rows_and_grad(logits, target, None)
     assert grad is None
     assert rel_err(loss, rows) < 1e-6
@@ -103,7 +103,7 @@ def test_fwd_without_grad_matches(V):
 @pytest.mark.parametrize("V", [2, 130])
 def test_bwd_per_row_upstream(V, dtype):
     logits, target, w, w_sum = _inputs(6, V, dtype, weight=True)
-    _, lse, _ = kernels.cross_entropy_fwd(logits, target, w, w_sum, None, -100, 0.2, 0.0, 0.0, False)
+    _, lse, _, _ = kernels.cross_entropy_fwd(logits, target, w, w_sum, None, -100, 0.2, 0.0, 0.0, False)
     upstream = torch.rand(6, device=DEVICE) + 0.5
     grad = kernels.cross_entropy_bwd(logits, target, w, w_sum, lse, upstream, -100, 0.2, 0.0, 0.0)
     x = logits.double().requires_grad_()
@@ -116,7 +116,7 @@ def test_bwd_per_row_upstream(V, dtype):
 def test_invalid_target_row_is_nan_and_others_untouched():
     logits, target, _, _ = _inputs(4, 20, torch.float32)
     target[2] = 57
-    loss, _, grad = kernels.cross_entropy_fwd(logits, target, None, None, torch.ones(1, device=DEVICE), -100,
+    loss, _, grad, _ = kernels.cross_entropy_fwd(logits, target, None, None, torch.ones(1, device=DEVICE), -100,
                                               0.0, 0.0, 0.0, True)
     assert torch.isnan(loss[2]) and torch.isnan(grad[2]).all()
     good = torch.tensor([1, 3])
@@ -137,3 +137,58 @@ def test_scale_in_place(value, n):
         assert torch.equal(x, expected)  # the skipped pass leaves the buffer bit-identical
     else:  # one bf16 rounding apart at most (the interpreter's bf16 rounding differs from torch's)
         torch.testing.assert_close(x.float(), expected.float(), rtol=8e-3, atol=0)
+
+
+@pytest.mark.parametrize("grid", [None, 2, 3])  # one program per row, or a persistent grid of 2 or 3 programs
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("N", [1, 7, 150])  # 150 rows: three of the interpreter's reduction blocks
+def test_fwd_reduces_the_loss(N, dtype, grid, monkeypatch):
+    # REDUCE: the last program to finish writes scale * sum of the rows' losses, in the logits' dtype.
+    if grid is not None:
+        monkeypatch.setattr(kernels, "_grid", lambda N, device, per_sm: (min(N, grid),))
+    logits, target, w, w_sum = _inputs(N, 37, dtype, weight=True)
+    scale = torch.tensor([0.3], device=DEVICE)
+    ticket = torch.zeros(1, dtype=torch.int64, device=DEVICE)
+    loss, _, grad, reduced = kernels.cross_entropy_fwd(logits, target, w, w_sum, scale, -100, 0.1, 0.0, 0.0, True,
+                                                       reduce_ticket=ticket)
+    rows, ref_grad = _reference_rows_and_grad(logits, target, w, label_smoothing=0.1)
+    assert reduced.shape == () and reduced.dtype == dtype
+    assert rel_err(reduced, 0.3 * rows.sum()) < (1e-5 if dtype == torch.float32 else 1e-2)
+    assert rel_err(grad, 0.3 * ref_grad) < (1e-5 if dtype == torch.float32 else 1e-2)
+    assert rel_err(loss, rows) < 1e-5
+
+
+def test_fwd_loss_in_the_logits_dtype():
+    logits, target, _, _ = _inputs(9, 130, torch.bfloat16)
+    loss, lse, _, _ = kernels.cross_entropy_fwd(logits, target, None, None, None, -100, 0.0, 0.0, 0.0, False,
+                                                loss_dtype=torch.bfloat16)
+    rows, _ = _reference_rows_and_grad(logits, target, None)
+    assert loss.dtype == torch.bfloat16 and lse.dtype == torch.float32
+    assert rel_err(loss, rows) < 1e-2 and loss[0] == 0
+
+
+@pytest.mark.parametrize("upstream", ["expanded", "strided"])
+def test_bwd_reads_upstream_in_its_own_dtype_and_stride(upstream):
+    logits, target, _, _ = _inputs(5, 70, torch.float32)
+    _, lse, _, _ = kernels.cross_entropy_fwd(logits, target, None, None, None, -100, 0.0, 0.0, 0.0, False)
+    if upstream == "expanded":  # what loss.sum().backward() hands down: one value, stride 0
+        grad_rows = torch.tensor([0.75], device=DEVICE, dtype=torch.bfloat16).expand(5)
+    else:
+        grad_rows = torch.rand(10, device=DEVICE, dtype=torch.bfloat16)[::2]
+    grad = kernels.cross_entropy_bwd(logits, target, None, None, lse, grad_rows, -100, 0.0, 0.0, 0.0)
+    x = logits.double().requires_grad_()
+    cross_entropy_reference(x, target, reduction="none").backward(grad_rows.double())
+    assert rel_err(grad, x.grad) < 1e-5
+
+
+def test_relaunch_with_other_alignment_and_sizes():
+    # The launch cache keys on what Triton specializes on: a view starting 2 bytes into its buffer, and
+    # sizes either side of a multiple of 16, must each get a kernel compiled for them.
+    base, target, _, _ = _inputs(6, 48, torch.bfloat16)
+    for logits in (base[:, :32], base[:, 1:33], base[:, 1:34], base[1:, 2:35]):
+        t = target[: logits.shape[0]].clamp(max=logits.shape[1] - 1)
+        loss, _, grad, _ = kernels.cross_entropy_fwd(logits, t, None, None, torch.ones(1, device=DEVICE), -100,
+                                                     0.0, 0.0, 0.0, True)
+        rows, ref_grad = _reference_rows_and_grad(logits, t, None)
+        assert rel_err(loss, rows) < 1e-5
+        assert rel_err(grad, ref_grad) < 1e-2

@@ -30,23 +30,24 @@ def test_scale_and_status(N, mean, weighted):
     target = torch.randint(0, V, (N,), generator=g)
     target[::4] = -100
     weight = torch.rand(V, generator=g, dtype=torch.float64).float() + 0.1 if weighted else None
-    scale, status = kernels.target_stats(target.to(DEVICE), V, None if weight is None else weight.to(DEVICE), -100,
-                                         mean, torch.float32)
+    scale, status, ticket = kernels.target_stats(target.to(DEVICE), V, None if weight is None else weight.to(DEVICE),
+                                                 -100, mean, torch.float32)
     expected_scale, expected_status = _expected(target, V, weight, -100, mean)
     assert scale.item() == pytest.approx(expected_scale, rel=1e-6)
     assert tuple(status.tolist()) == expected_status
+    assert ticket.tolist() == [0]
 
 
 @pytest.mark.parametrize("bad", [11, 12345, -1, -7])
 def test_first_bad_target_is_reported(bad):
     target = torch.tensor([3] * 70 + [bad, 99, -100, 2])  # the first bad one sits in the second block
-    scale, status = kernels.target_stats(target.to(DEVICE), 11, None, -100, True, torch.float32)
+    scale, status, _ = kernels.target_stats(target.to(DEVICE), 11, None, -100, True, torch.float32)
     assert tuple(status.tolist()) == (1, bad)
     assert scale.item() == pytest.approx(1 / 71)  # the bad rows (bad and 99) are not counted
 
 
 def test_all_ignored_mean_scale_is_zero():
     target = torch.full((9,), 5)
-    scale, status = kernels.target_stats(target.to(DEVICE), 8, None, 5, True, torch.float64)
+    scale, status, _ = kernels.target_stats(target.to(DEVICE), 8, None, 5, True, torch.float64)
     assert scale.dtype == torch.float64 and scale.item() == 0.0
     assert tuple(status.tolist()) == (0, 0)
