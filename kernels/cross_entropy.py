@@ -300,6 +300,15 @@ def _scale_kernel(x_ptr, scale_ptr, n, BLOCK: tl.constexpr, ACC: tl.constexpr):
             tl.store(x_ptr + offs, (x * scale).to(x_ptr.dtype.element_ty), mask=in_range)
 
 
+def _next_power_of_2(n: int) -> int:
+    # triton.next_power_of_2 and triton.cdiv are jitted functions: a few µs of host time per call.
+    return 1 << (n - 1).bit_length()
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
 def _launch_config(V: int, element_size: int) -> tuple[int, int, int, bool]:
     """For the forward: (block over the vocabulary, warps per program, programs per multiprocessor with
     0 = one per row, prefetch of the next row).
@@ -310,8 +319,8 @@ def _launch_config(V: int, element_size: int) -> tuple[int, int, int, bool]:
     cross block boundaries. Tuned on an H100 with benchmarks/cross_entropy.py --sweep.
     """
     if interpreting():
-        return min(triton.next_power_of_2(V), 64), 1, 0, False
-    block = triton.next_power_of_2(V)
+        return min(_next_power_of_2(V), 64), 1, 0, False
+    block = _next_power_of_2(V)
     if block * element_size <= 65536:
         if block * element_size >= 32768:  # one program per SM, loading row i + 1 while it works on row i
             return block, 32, 1, True
@@ -325,8 +334,8 @@ def _bwd_config(V: int, element_size: int) -> tuple[int, int]:
     """For the backward, which is elementwise once the log-sum-exp is known: (chunk of a row per program,
     warps per program)."""
     if interpreting():
-        return min(triton.next_power_of_2(V), 64), 1
-    return min(triton.next_power_of_2(V), 8192), 4
+        return min(_next_power_of_2(V), 64), 1
+    return min(_next_power_of_2(V), 8192), 4
 
 
 _sm_counts: dict[int, int] = {}
@@ -382,6 +391,11 @@ def cross_entropy_fwd(
     reduce = reduce_ticket is not None
     if reduce and loss_dtype not in (None, acc):
         raise ValueError("the reduced loss sums rows kept in the accumulation dtype")
+    block, num_warps, programs_per_sm, prefetch = _launch_config(V, logits.element_size())
+    grid = _grid(N, logits.device, programs_per_sm)
+    # The kernel reduces only on a persistent grid: with a program per row, every program's ticket would
+    # wait for all of its gradient stores, which costs more than the PyTorch ops below.
+    reduce_in_kernel = reduce and grid[0] < N
     loss = torch.empty(N, dtype=loss_dtype or acc, device=logits.device)
     lse = torch.empty(N, dtype=acc, device=logits.device)
     if not with_grad:
@@ -390,24 +404,24 @@ def cross_entropy_fwd(
         grad = out
     else:
         grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
-    reduced = torch.empty((), dtype=logits.dtype, device=logits.device) if reduce else None
+    reduced = torch.empty((), dtype=logits.dtype, device=logits.device) if reduce_in_kernel else None
     if N == 0:
-        if reduce:
-            reduced.zero_()
+        reduced = torch.zeros((), dtype=logits.dtype, device=logits.device) if reduce else None
         return loss, lse, grad if with_grad else None, reduced
-    block, num_warps, programs_per_sm, prefetch = _launch_config(V, logits.element_size())
     launch(
-        _cross_entropy_fwd_kernel, _grid(N, logits.device, programs_per_sm),
+        _cross_entropy_fwd_kernel, grid,
         logits, logits.stride(0), target, weight if weight is not None else logits,
         weight_sum if weight_sum is not None else loss, grad_scale if grad_scale is not None else loss,
         loss, lse, grad, grad.stride(0) if with_grad else 0,
-        reduced if reduce else loss, reduce_ticket if reduce else target,
+        reduced if reduce_in_kernel else loss, reduce_ticket if reduce_in_kernel else target,
         N, V, ignore_index, label_smoothing, softcap, z_loss,
         HAS_WEIGHT=weight is not None, HAS_SOFTCAP=softcap > 0, HAS_SMOOTHING=label_smoothing > 0,
         WITH_GRAD=with_grad, SINGLE_BLOCK=block >= V, BLOCK_V=block, ACC=_acc_dtype(logits.dtype),
-        PREFETCH=prefetch and block >= V and programs_per_sm > 0, REDUCE=reduce,
-        REDUCE_BLOCK=64 if interpreting() else 1024, num_warps=num_warps,
+        PREFETCH=prefetch and block >= V and programs_per_sm > 0, REDUCE=reduce_in_kernel,
+        REDUCE_BLOCK=64 if block <= 64 else 1024, num_warps=num_warps,
     )
+    if reduce and not reduce_in_kernel:
+        reduced = (loss.sum() * grad_scale[0]).to(logits.dtype)
     return loss, lse, grad if with_grad else None, reduced
 
 
@@ -432,7 +446,7 @@ def cross_entropy_bwd(
     if N == 0:
         return grad
     chunk, num_warps = _bwd_config(V, logits.element_size())
-    chunks = triton.cdiv(V, chunk)
+    chunks = _cdiv(V, chunk)
     launch(
         _cross_entropy_bwd_kernel, (N * chunks,),
         logits, logits.stride(0), target, weight if weight is not None else logits,
@@ -449,7 +463,7 @@ def scale_(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     n = x.numel()
     if n:
         block = 1024 if interpreting() else 8192
-        programs = triton.cdiv(n, block)
+        programs = _cdiv(n, block)
         if x.is_cuda:
             programs = min(programs, 4 * _sm_count(x.device))
         launch(_scale_kernel, (programs,), x, scale, n, BLOCK=block, ACC=_acc_dtype(x.dtype), num_warps=8)

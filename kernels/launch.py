@@ -7,13 +7,14 @@ lent H100 machines that costs about 30 µs of host time per launch, against abou
 compiled kernel itself, and the cross-entropy launches two or three kernels per training step.
 
 :func:`launch` keeps its own cache from a key that holds everything Triton specializes on (and a little
-more, which only costs an extra compilation), so a hit launches the compiled kernel directly. Under the
-interpreter it calls the kernel the ordinary way.
+more, which only costs an extra compilation), so a hit launches the compiled kernel directly. A kernel
+that Triton's interpreter runs (``TRITON_INTERPRET=1`` when it was defined) is called the ordinary way.
 """
 
 import os
 
 import torch
+from triton.runtime.jit import JITFunction
 
 _compiled: dict[tuple, tuple] = {}
 
@@ -40,7 +41,7 @@ def launch(kernel, grid: tuple[int, ...], *args, num_warps: int, **constexprs) -
     """``kernel[grid](*args, num_warps=num_warps, **constexprs)``, on the current CUDA device and stream.
 
     ``args`` are the kernel's leading parameters, in order; ``constexprs`` name all the others."""
-    if interpreting():
+    if not isinstance(kernel, JITFunction):
         kernel[grid](*args, num_warps=num_warps, **constexprs)
         return
     key = (kernel, torch.cuda.current_device(), num_warps, *constexprs.items(), *map(_arg_key, args))

@@ -121,22 +121,25 @@ def _prepare(scores2d, V, target1d, weight, ignore_index, reduction,
         _check_target_range(target1d, V, ignore_index, scores_name)
         return scale, None, lambda: None
     scale, status, ticket = _ops.target_stats(target1d, V, weight, ignore_index, reduction == "mean",
-                                      torch.float64 if scores2d.dtype == torch.float64 else torch.float32)
+                                              torch.float64 if scores2d.dtype == torch.float64 else torch.float32)
     done = None
     if status.is_cuda:
         host = getattr(_pinned, "status", None)
-        if host is None:
-            host = _pinned.status = torch.empty(2, dtype=torch.int64, pin_memory=True)
-        host.copy_(status, non_blocking=True)
+        if host is None:  # with a NumPy view, reading it back costs no tensor indexing
+            buffer = torch.empty(2, dtype=torch.int64, pin_memory=True)
+            host = _pinned.status = buffer, buffer.numpy()
+        host[0].copy_(status, non_blocking=True)
         done = torch.cuda.Event()
         done.record(torch.cuda.current_stream(status.device))  # the copy's stream, whatever device is current
-        status = host
+        values = host[1]
+    else:
+        values = status.numpy()
 
     def finish() -> None:
         if done is not None:
             done.synchronize()
-        if status[0]:
-            raise _out_of_range(int(status[1]), V, ignore_index, scores_name)
+        if values[0]:
+            raise _out_of_range(int(values[1]), V, ignore_index, scores_name)
 
     return scale, ticket, finish
 
