@@ -50,3 +50,15 @@ def assert_matches_reference(model: nn.Module, inputs: Tensor, targets: Tensor, 
         scale = float(expected.abs().max()) or 1.0
         torch.testing.assert_close(out.grads[name].to(expected.dtype), expected, rtol=rtol, atol=rtol * scale,
                                    msg=lambda m, name=name: f"{name}: {m}")
+
+
+def assert_autocast_close_to_float32(engine, inputs: Tensor, targets: Tensor) -> None:
+    """Under CPU bf16 autocast the engine's norms and clipped sums stay close to its float32 ones (bf16
+    tolerances), and the sums keep the float32 parameters' dtype."""
+    exact = engine.clipped_grad_sum(inputs, targets)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = engine.clipped_grad_sum(inputs, targets)
+    torch.testing.assert_close(mixed.norms, exact.norms, rtol=3e-2, atol=3e-2 * float(exact.norms.max()))
+    for name, g in exact.grads.items():
+        assert mixed.grads[name].dtype == torch.float32
+        assert float((mixed.grads[name] - g).norm() / g.norm()) < 5e-2, name
