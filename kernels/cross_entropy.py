@@ -404,10 +404,10 @@ def cross_entropy_fwd(
         grad = out
     else:
         grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
-    reduced = torch.empty((), dtype=logits.dtype, device=logits.device) if reduce_in_kernel else None
     if N == 0:
         reduced = torch.zeros((), dtype=logits.dtype, device=logits.device) if reduce else None
         return loss, lse, grad if with_grad else None, reduced
+    reduced = torch.empty((), dtype=logits.dtype, device=logits.device) if reduce_in_kernel else None
     launch(
         _cross_entropy_fwd_kernel, grid,
         logits, logits.stride(0), target, weight if weight is not None else logits,
