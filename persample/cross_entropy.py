@@ -122,12 +122,16 @@ def _prepare(scores2d, V, target1d, weight, ignore_index, reduction,
         return scale, None, lambda: None
     scale, status, ticket = _ops.target_stats(target1d, V, weight, ignore_index, reduction == "mean",
                                               torch.float64 if scores2d.dtype == torch.float64 else torch.float32)
-    done = None
+    done = host = None
     if status.is_cuda:
-        host = getattr(_pinned, "status", None)
-        if host is None:  # with a NumPy view, reading it back costs no tensor indexing
+        free = _pinned.__dict__.setdefault("free", [])
+        # Pinned buffers are reused (allocating one costs more than a call), each by one pending check at a time.
+        # A NumPy view reads it back without tensor indexing.
+        if free:
+            host = free.pop()
+        else:
             buffer = torch.empty(2, dtype=torch.int64, pin_memory=True)
-            host = _pinned.status = buffer, buffer.numpy()
+            host = buffer, buffer.numpy()
         host[0].copy_(status, non_blocking=True)
         done = torch.cuda.Event()
         done.record(torch.cuda.current_stream(status.device))  # the copy's stream, whatever device is current
@@ -138,8 +142,11 @@ def _prepare(scores2d, V, target1d, weight, ignore_index, reduction,
     def finish() -> None:
         if done is not None:
             done.synchronize()
-        if values[0]:
-            raise _out_of_range(int(values[1]), V, ignore_index, scores_name)
+        bad, value = int(values[0]), int(values[1])
+        if host is not None:
+            free.append(host)
+        if bad:
+            raise _out_of_range(value, V, ignore_index, scores_name)
 
     return scale, ticket, finish
 
@@ -260,17 +267,31 @@ def cross_entropy_with_grad(
     arguments and semantics as :func:`cross_entropy`; the loss is float32 (float64 for float64 logits),
     the gradient has the logits' dtype. Both results are detached.
     """
+    loss, grad, finish = with_grad_check_later(
+        logits, target, weight=weight, ignore_index=ignore_index, reduction=reduction,
+        label_smoothing=label_smoothing, softcap=softcap, z_loss=z_loss, mask=mask)
+    finish()
+    return loss, grad
+
+
+def with_grad_check_later(logits: Tensor, target: Tensor, *, weight: Tensor | None, ignore_index: int,
+                          reduction: Reduction, label_smoothing: float, softcap: float | None, z_loss: float,
+                          mask: Tensor | None) -> tuple[Tensor, Tensor, Callable[[], None]]:
+    """:func:`cross_entropy_with_grad`, plus ``finish()``, which raises the ValueError of an out-of-range
+    target: the caller queues more work on the results first and calls ``finish()`` before it hands anything
+    back. On CUDA, ``finish()`` waits for the small check kernel only; called once the rest of a training
+    step is queued, it finds that kernel long done, so the host never waits for the GPU mid-step. Until then,
+    the rows of a bad target hold NaN (the kernel touches nothing outside them)."""
     logits2d, target1d, weight, weight_sum, shape = _check(
         logits, target, weight, ignore_index, reduction, label_smoothing, softcap, z_loss, mask)
     scale, _, finish = _prepare(logits2d, logits2d.shape[-1], target1d, weight, ignore_index, reduction)
     loss_rows, _, grad = _ops.with_grad(
         logits2d.detach(), target1d, weight, weight_sum, scale,
         *_options(ignore_index, label_smoothing, softcap, z_loss))
-    finish()
     grad = grad.reshape(logits.shape)
     if reduction == "none":
-        return loss_rows.reshape(shape), grad
-    return loss_rows.sum() * scale[0], grad
+        return loss_rows.reshape(shape), grad, finish
+    return loss_rows.sum() * scale[0], grad, finish
 
 
 class CrossEntropyLoss(nn.Module):

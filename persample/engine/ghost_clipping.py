@@ -11,7 +11,9 @@ One step, for a physical batch of ``B`` examples:
    output that then has no autograd node (the first layer) gets ``+ 0`` from a scalar leaf, so the
    backward still reaches it.
 2. **Loss side**: each example's loss and ``d loss_b / d output`` in one pass
-   (:func:`~persample.engine.output_grad.loss_and_output_grad`).
+   (:func:`~persample.engine.output_grad.loss_and_output_grad`). The check that every target is in range
+   waits for the GPU; it runs at the end of the step, when it finds the check's small kernel long done,
+   and still raises before anything is returned.
 3. **Backward** from the output with those gradients. When a module's output gradient arrives, its rule
    (:mod:`persample.engine.layers`) turns the saved inputs and the gradient into each example's parameter
    gradients in factored form (:mod:`persample.engine.forms`); the inputs are released.
@@ -313,20 +315,23 @@ class GhostClipping:
         Call it inside ``torch.autocast`` for mixed precision; the gradients come back in the parameters'
         dtype. Hand ``grads`` and ``len(targets)`` to the DP optimizer, which adds the noise and averages.
         """
-        step, losses = self._backward(inputs, targets)
+        step, losses, finish = self._backward(inputs, targets)
         with _no_autocast(self._plan):
             norms = self._norms(step)
             factors = (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
             grads = self._clipped_sums(step, factors)
+        finish()
         return ClippedGradSum({name: grads[p] if p in grads else torch.zeros_like(p)
                                for name, p in self._plan.trainable.items()}, norms, losses)
 
     @torch.no_grad()
     def per_sample_grad_norms(self, inputs: Tensor | tuple, targets: Tensor) -> Tensor:
         """``(B,)`` each example's gradient norm over all trainable parameters, without clipping."""
-        step, _ = self._backward(inputs, targets)
+        step, _, finish = self._backward(inputs, targets)
         with _no_autocast(self._plan):
-            return self._norms(step)
+            norms = self._norms(step)
+        finish()
+        return norms
 
     @staticmethod
     def _clipped_sums(step: _Step, factors: Tensor) -> dict[nn.Parameter, Tensor]:
@@ -361,7 +366,9 @@ class GhostClipping:
         self._plan = _Plan(trainable, hooked, used, parameters, [p.requires_grad for p in parameters])
         return self._plan
 
-    def _backward(self, inputs, targets) -> tuple[_Step, Tensor]:
+    def _backward(self, inputs, targets) -> tuple[_Step, Tensor, Callable[[], None]]:
+        """The recorded step, the losses and ``finish()``, the target check: the caller queues the rest of
+        the step first (see :func:`~persample.engine.output_grad.loss_and_output_grad`)."""
         args = _as_args(inputs)
         batch_size = _batch_size(args)
         plan = self._plan_for(args)
@@ -372,8 +379,8 @@ class GhostClipping:
         autocast = any(torch.is_autocast_enabled(d) for d in devices)
         with _recording(plan, step, autocast), torch.enable_grad():
             output = self.model(*args)
-        losses, output_grad = loss_and_output_grad(output, targets, ignore_index=self.ignore_index,
-                                                   loss_fn=self.loss_fn)
+        losses, output_grad, finish = loss_and_output_grad(output, targets, ignore_index=self.ignore_index,
+                                                           loss_fn=self.loss_fn)
         if output.requires_grad:
             with torch.autocast(output.device.type, enabled=False):
                 torch.autograd.backward(output, output_grad)
@@ -384,7 +391,7 @@ class GhostClipping:
         step.fallbacks.clear()
         step.stacks = pop_stacks(step.forms)
         step.pack_dense()
-        return step, losses
+        return step, losses, finish
 
     def _norms(self, step: _Step) -> Tensor:
         params = list(self._plan.trainable.values())

@@ -15,12 +15,17 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from persample.cross_entropy import cross_entropy_with_grad
+from persample.cross_entropy import with_grad_check_later
 
 
 def loss_and_output_grad(output: Tensor, targets: Tensor, *, ignore_index: int,
-                         loss_fn: Callable[[Tensor, Tensor], Tensor] | None) -> tuple[Tensor, Tensor]:
-    """``(losses (B,), d sum_b loss_b / d output)``; the gradient has the output's shape and dtype.
+                         loss_fn: Callable[[Tensor, Tensor], Tensor] | None,
+                         ) -> tuple[Tensor, Tensor, Callable[[], None]]:
+    """``(losses (B,), d sum_b loss_b / d output, finish)``; the gradient has the output's shape and dtype.
+
+    ``finish()`` raises the ValueError of a target outside ``[0, V)``; call it once the step's remaining work is
+    queued (see :func:`persample.cross_entropy.with_grad_check_later`): on CUDA the check then costs the host no
+    wait for the GPU. Until then the rows of such a target hold NaN.
 
     Raises:
         TypeError: the output is not a floating-point tensor.
@@ -38,16 +43,22 @@ def loss_and_output_grad(output: Tensor, targets: Tensor, *, ignore_index: int,
                 raise ValueError(f"loss_fn must return one loss per example, shape ({B},), got "
                                  f"{tuple(losses.shape) if isinstance(losses, Tensor) else type(losses).__name__}")
             (grad,) = torch.autograd.grad(losses.sum(), leaf)
-        return losses.detach(), grad
+        return losses.detach(), grad, _nothing
     if output.ndim < 2:
         raise ValueError(f"logits must have shape (B, ..., V), got {tuple(output.shape)}")
     if not isinstance(targets, Tensor) or tuple(targets.shape) != tuple(output.shape[:-1]):
         raise ValueError(f"targets must have shape {tuple(output.shape[:-1])} (the logits' shape without the "
                          f"class dimension), got {tuple(getattr(targets, 'shape', ())) or type(targets).__name__}")
-    rows, grad = cross_entropy_with_grad(output, targets, ignore_index=ignore_index, reduction="none")
+    rows, grad, finish = with_grad_check_later(output, targets, weight=None, ignore_index=ignore_index,
+                                               reduction="none", label_smoothing=0.0, softcap=None, z_loss=0.0,
+                                               mask=None)
     counted = (targets != ignore_index).reshape(B, -1).sum(1, dtype=rows.dtype)
     # An example with no counted target has loss rows and gradient rows of 0 already: any scale keeps them 0.
     scale = counted.clamp_min(1).reciprocal()
     losses = rows.reshape(B, -1).sum(1) * scale
     grad.mul_(scale.to(grad.dtype).reshape(B, *([1] * (grad.ndim - 1))))
-    return losses, grad
+    return losses, grad, finish
+
+
+def _nothing() -> None:
+    pass

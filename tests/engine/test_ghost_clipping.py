@@ -105,15 +105,40 @@ def test_losses_and_custom_loss_fn():
 
 @pytest.mark.skipif(not (torch.cuda.is_available() or INTERPRETING),
                     reason="needs a GPU or TRITON_INTERPRET=1 when the tests start (as in CI)")
-def test_the_fused_kernel_path(monkeypatch):
-    """The loss side through the Triton kernel: compiled on a GPU, the interpreter on the CPU (Triton fixes
-    the mode when the kernels are first defined, so the CPU case needs TRITON_INTERPRET=1 from the start)."""
+@pytest.mark.parametrize("norm", [nn.LayerNorm, nn.RMSNorm])
+def test_the_triton_kernel_path(monkeypatch, norm):
+    """The loss side and the norm layers' rule through their Triton kernels: compiled on a GPU, the interpreter
+    on the CPU (Triton fixes the mode when the kernels are first defined, so the CPU case needs
+    TRITON_INTERPRET=1 from the start)."""
     if torch.cuda.is_available():
-        model, (idx, targets) = TinyGPT(vocab=16).double().cuda(), (t.cuda() for t in tokens(B=3, T=4, vocab=16))
+        model = TinyGPT(vocab=16, norm=norm).double().cuda()
+        idx, targets = (t.cuda() for t in tokens(B=3, T=4, vocab=16))
     else:
         monkeypatch.setenv("TRITON_INTERPRET", "1")
-        model, (idx, targets) = TinyGPT(vocab=16).double(), tokens(B=3, T=4, vocab=16)
+        model, (idx, targets) = TinyGPT(vocab=16, norm=norm).double(), tokens(B=3, T=4, vocab=16)
     assert_matches_reference(model, idx, targets)
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() or INTERPRETING),
+                    reason="needs a GPU or TRITON_INTERPRET=1 when the tests start (as in CI)")
+@pytest.mark.parametrize("method", ["clipped_grad_sum", "per_sample_grad_norms"])
+def test_an_out_of_range_target_raises_on_the_kernel_path_and_the_engine_stays_usable(monkeypatch, method):
+    """The kernel path checks the targets after the step's work is queued (no mid-step wait for the GPU): the
+    call still raises before it returns anything, and the next step is exact."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    model = TinyGPT(vocab=16).double().to(device)
+    idx, targets = (t.to(device) for t in tokens(B=3, T=4, vocab=16))
+    engine = GhostClipping(model, max_grad_norm=1.0)
+    for bad in (16, -3):
+        wrong = targets.clone()
+        wrong[1, 3] = bad
+        with pytest.raises(ValueError, match=f"class index {bad}, outside \\[0, 16\\)"):
+            getattr(engine, method)(idx, wrong)
+    assert_matches_reference(model, idx, targets)
+    torch.testing.assert_close(engine.per_sample_grad_norms(idx, targets),
+                               GhostClipping(model, max_grad_norm=1.0).per_sample_grad_norms(idx, targets))
 
 
 def test_the_model_is_left_as_it_was():
@@ -202,6 +227,9 @@ def test_bad_targets_and_losses():
         GhostClipping(model, max_grad_norm=1.0).clipped_grad_sum(idx, targets[:, :3])
     with pytest.raises(ValueError, match="one loss per example"):
         GhostClipping(model, max_grad_norm=1.0, loss_fn=lambda o, y: o.sum()).clipped_grad_sum(idx, targets)
+    targets[0, 0] = 24
+    with pytest.raises(ValueError, match="class index 24, outside"):
+        GhostClipping(model, max_grad_norm=1.0).clipped_grad_sum(idx, targets)
 
 
 def test_input_modified_in_place_after_the_call():

@@ -13,7 +13,8 @@ def test_per_example_mean_losses_and_gradients(shape, dtype):
     targets[0] = -100  # nothing counted
     if len(shape) > 2:
         targets[1].view(-1)[:2] = -100
-    losses, grad = loss_and_output_grad(logits, targets, ignore_index=-100, loss_fn=None)
+    losses, grad, finish = loss_and_output_grad(logits, targets, ignore_index=-100, loss_fn=None)
+    finish()
     reference = logits.double().requires_grad_()
     expected = lm_loss(reference, targets)
     (expected_grad,) = torch.autograd.grad(expected.sum(), reference)
@@ -27,7 +28,9 @@ def test_per_example_mean_losses_and_gradients(shape, dtype):
 def test_custom_loss_fn():
     out = torch.randn(3, 4, dtype=torch.float64)
     y = torch.randn(3, 4, dtype=torch.float64)
-    losses, grad = loss_and_output_grad(out, y, ignore_index=-100, loss_fn=lambda o, t: (o - t).pow(2).sum(1))
+    losses, grad, finish = loss_and_output_grad(out, y, ignore_index=-100,
+                                                loss_fn=lambda o, t: (o - t).pow(2).sum(1))
+    finish()
     torch.testing.assert_close(losses, (out - y).pow(2).sum(1))
     torch.testing.assert_close(grad, 2 * (out - y))
 
@@ -43,3 +46,12 @@ def test_errors(output, targets, loss_fn, error, match):
                              loss_fn=loss_fn)
     with pytest.raises(TypeError, match="floating-point tensor"):
         loss_and_output_grad((torch.randn(3, 4),), torch.zeros(3, dtype=torch.long), ignore_index=-100, loss_fn=None)
+
+
+@pytest.mark.parametrize("bad", [7, -2])
+def test_an_out_of_range_target_raises_by_finish(bad):
+    targets = torch.randint(0, 7, (4, 5))
+    targets[2, 1] = bad
+    with pytest.raises(ValueError, match=f"class index {bad}, outside"):
+        _, _, finish = loss_and_output_grad(torch.randn(4, 5, 7), targets, ignore_index=-100, loss_fn=None)
+        finish()

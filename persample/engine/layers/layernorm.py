@@ -1,42 +1,56 @@
 """nn.LayerNorm and nn.RMSNorm: an elementwise scale (and shift) of the normalized input ``x_hat``.
 
 Each example's gradients are materialized (they are as small as the parameters): ``sum G * x_hat`` for the
-scale and ``sum G`` for the shift, summed over the positions between the batch and the normalized dims.
-``x_hat`` is recomputed from the saved input in float32 (float64 for float64 inputs), in one kernel.
+scale and ``sum G`` for the shift, summed over the positions between the batch and the normalized dims, in
+float32 (float64 for float64 inputs). On the Triton path (CUDA, or ``TRITON_INTERPRET=1``) one kernel
+recomputes ``x_hat`` from the saved input and forms both sums
+(:mod:`persample.kernels.norm_affine_grads`); elsewhere PyTorch ops do the same.
 """
+
+import math
 
 import torch
 from torch import Tensor, nn
 
 from persample.engine.forms import Dense, Form, acc_dtype
 from persample.engine.registry import Call, register_rule
+from persample.kernels import launch as _launch
+from persample.kernels import norm_affine_grads as _kernel
 
 
-def _scale_and_shift(call: Call, grad_output: Tensor, x_hat: Tensor, dims: int) -> dict[str, Form]:
-    G = grad_output.to(x_hat.dtype)
-    positions = tuple(range(1, G.ndim - dims))
+def _forms(call: Call, grad_output: Tensor, eps: float, center: bool) -> dict[str, Form]:
+    x = call.args[0]
+    shape = tuple(call.module.normalized_shape)
+    dims, D = len(shape), math.prod(shape)
+    B = x.shape[0]
+    if (x.is_cuda or _launch.interpreting()) and D <= _kernel.MAX_FEATURES:
+        sums = _kernel.norm_affine_grads(x.reshape(B, -1, D), grad_output.reshape(B, -1, D), eps, center)
+        d_scale, d_shift = sums[0].view(B, *shape), sums[1].view(B, *shape)
+    else:
+        acc = acc_dtype(x)
+        if center:
+            x_hat = torch.native_layer_norm(x.to(acc), shape, None, None, eps)[0]
+        else:
+            x_hat = torch.rms_norm(x.to(acc), shape, None, eps)
+        G = grad_output.to(x_hat.dtype)
+        positions = tuple(range(1, G.ndim - dims))
+        d_scale = (G * x_hat).sum(positions) if positions else G * x_hat
+        d_shift = G.sum(positions) if positions else G
     forms: dict[str, Form] = {}
     if "weight" in call.params:
-        gw = G * x_hat
-        forms["weight"] = Dense(gw.sum(positions) if positions else gw)
+        forms["weight"] = Dense(d_scale)
     if "bias" in call.params:
-        forms["bias"] = Dense(G.sum(positions) if positions else G)
+        forms["bias"] = Dense(d_shift)
     return forms
 
 
 @register_rule(nn.LayerNorm, params=("weight", "bias"))
 def layer_norm(call: Call, grad_output: Tensor, strategy: str) -> dict[str, Form]:
-    module = call.module
-    x = call.args[0]
-    x_hat = torch.native_layer_norm(x.to(acc_dtype(x)), module.normalized_shape, None, None, module.eps)[0]
-    return _scale_and_shift(call, grad_output, x_hat, len(module.normalized_shape))
+    return _forms(call, grad_output, call.module.eps, center=True)
 
 
 @register_rule(nn.RMSNorm, params=("weight",))
 def rms_norm(call: Call, grad_output: Tensor, strategy: str) -> dict[str, Form]:
-    module = call.module
-    x = call.args[0]
     # nn.RMSNorm's default eps is that of the input's dtype, not of the float32 copy.
-    eps = module.eps if module.eps is not None else torch.finfo(x.dtype).eps
-    x_hat = torch.rms_norm(x.to(acc_dtype(x)), module.normalized_shape, None, eps)
-    return _scale_and_shift(call, grad_output, x_hat, len(module.normalized_shape))
+    eps = call.module.eps if call.module.eps is not None else torch.finfo(call.args[0].dtype).eps
+    return _forms(call, grad_output, eps, center=False)

@@ -1,8 +1,13 @@
+import os
+
 import pytest
 import torch
 from torch import nn
 
 from tests.engine.reference import assert_matches_reference
+
+# Read at import, before the engine tests' autouse fixture sets it to 0 (Triton fixes the mode at import).
+INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def squared_error(out, y):
@@ -27,18 +32,33 @@ NORMS = {
 }
 
 
+@pytest.fixture(params=["pytorch", "triton"])
+def device(request, monkeypatch):
+    """Where the rule runs: its PyTorch ops, or its Triton kernel (compiled on a GPU, else the interpreter)."""
+    if request.param == "pytorch":
+        return "cpu"
+    if torch.cuda.is_available():
+        return "cuda"
+    if not INTERPRETING:
+        pytest.skip("needs a GPU or TRITON_INTERPRET=1 when the tests start (as in CI)")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    return "cpu"
+
+
 @pytest.mark.parametrize("norm", list(NORMS))
 @pytest.mark.parametrize("shape", [(5, 3, 6), (5, 2, 3, 6)], ids=["3d", "4d"])
-def test_norm_scales(norm, shape):
-    model = Normed(NORMS[norm](), 6).double()
+def test_norm_scales(norm, shape, device):
+    model = Normed(NORMS[norm](), 6).double().to(device)
     with torch.no_grad():
         for p in model.norm.parameters():
             p.normal_()  # not the all-ones / all-zeros initialization
-    x, y = torch.randn(*shape, dtype=torch.float64), torch.randn(*shape, dtype=torch.float64)
+    x = torch.randn(*shape, dtype=torch.float64, device=device)
+    y = torch.randn(*shape, dtype=torch.float64, device=device)
     assert_matches_reference(model, x, y, loss_fn=squared_error)
 
 
-def test_norm_on_2d_input():
-    model = Normed(nn.LayerNorm(6), 6).double()
-    x, y = torch.randn(5, 6, dtype=torch.float64), torch.randn(5, 6, dtype=torch.float64)
+def test_norm_on_2d_input(device):
+    model = Normed(nn.LayerNorm(6), 6).double().to(device)
+    x = torch.randn(5, 6, dtype=torch.float64, device=device)
+    y = torch.randn(5, 6, dtype=torch.float64, device=device)
     assert_matches_reference(model, x, y, loss_fn=squared_error)

@@ -1,0 +1,89 @@
+r"""Each example's gradients of a LayerNorm's or RMSNorm's elementwise scale and shift, in one kernel.
+
+For inputs ``x`` and output gradients ``g``, both ``(B, P, D)`` (``B`` examples, ``P`` positions each, rows of
+``D`` normalized features), with ``x_hat`` the normalized row:
+
+    LayerNorm:  x_hat = (x - mean(x)) / sqrt(var(x) + eps)      (biased variance, as nn.LayerNorm)
+    RMSNorm:    x_hat = x / sqrt(mean(x^2) + eps)
+    d scale_b = sum_p g[b, p] * x_hat[b, p]        d shift_b = sum_p g[b, p]
+
+Written with PyTorch ops that is a cast, the normalization, a cast of ``g``, a product and two sums: six
+launches per norm layer and step, where a step of small layers is bound by the host's launches. Here each
+program recomputes the statistics of its rows in registers and accumulates both sums over a run of
+positions of one example, in float32 (float64 for float64 inputs). A grid of ``B`` programs leaves most of
+a large GPU idle when ``B`` is small, so the positions are split into ``C`` runs; the ``C`` partial sums are
+added by one more op.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from .cross_entropy import _cdiv, _next_power_of_2, _sm_count
+from .launch import interpreting, launch
+
+MAX_FEATURES = 16384  # one row in registers; wider rows take the PyTorch path
+
+
+@triton.jit
+def _norm_affine_grads_kernel(
+    x_ptr, g_ptr, out_ptr, B, P, D, rows_per_program, eps,
+    x_stride_b, x_stride_p, g_stride_b, g_stride_p,
+    CENTER: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr,
+):
+    b = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1)
+    cols = tl.arange(0, BLOCK_D)
+    in_row = cols < D
+    d_scale = tl.zeros([BLOCK_D], ACC)
+    d_shift = tl.zeros([BLOCK_D], ACC)
+    start = c * rows_per_program
+    stop = tl.minimum(start + rows_per_program, P)
+    for p in range(start, stop):
+        # Load one row of x and recompute its statistics (masked columns are 0 and stay out of the sums).
+        x = tl.load(x_ptr + b * x_stride_b + p * x_stride_p + cols, mask=in_row, other=0.0).to(ACC)
+        if CENTER:
+            x = tl.where(in_row, x - tl.sum(x, 0) / D, 0.0)
+        x_hat = x / tl.sqrt(tl.sum(x * x, 0) / D + eps)
+        # Accumulate the two per-example sums over this program's positions.
+        g = tl.load(g_ptr + b * g_stride_b + p * g_stride_p + cols, mask=in_row, other=0.0).to(ACC)
+        d_scale += g * x_hat
+        d_shift += g
+    # Store this run's partial sums at out[c, 0, b] and out[c, 1, b].
+    scale_at = out_ptr + ((c * 2) * B + b) * D + cols
+    tl.store(scale_at, d_scale, mask=in_row)
+    tl.store(scale_at + B * D, d_shift, mask=in_row)
+
+
+def _runs(B: int, P: int, device: torch.device) -> int:
+    """How many runs of positions per example: enough programs for two waves of the GPU's SMs."""
+    return max(1, min(P, _cdiv(2 * _sm_count(device), B))) if device.type == "cuda" else 1
+
+
+def norm_affine_grads(x: torch.Tensor, g: torch.Tensor, eps: float, center: bool,
+                      runs: int | None = None) -> torch.Tensor:
+    """``(2, B, D)``: each example's gradient of the scale (``[0]``) and of the shift (``[1]``), in float32
+    (float64 for float64 inputs), for ``x`` and ``g`` of shape ``(B, P, D)`` with ``D <= MAX_FEATURES``.
+
+    ``center``: LayerNorm (subtract the row mean) or RMSNorm. ``runs``: positions per example are split into
+    this many programs (default: enough for the GPU; tests set it).
+    """
+    B, P, D = x.shape
+    acc = torch.float64 if torch.float64 in (x.dtype, g.dtype) else torch.float32
+    if B == 0 or P == 0 or D == 0:
+        return torch.zeros(2, B, D, dtype=acc, device=x.device)
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    if g.stride(-1) != 1:
+        g = g.contiguous()
+    rows_per_program = _cdiv(P, min(P, runs or _runs(B, P, x.device)))
+    runs = _cdiv(P, rows_per_program)
+    out = torch.empty(runs, 2, B, D, dtype=acc, device=x.device)
+    launch(
+        _norm_affine_grads_kernel, (B, runs),
+        x, g, out, B, P, D, rows_per_program, float(eps),
+        x.stride(0), x.stride(1), g.stride(0), g.stride(1),
+        CENTER=center, BLOCK_D=max(16, _next_power_of_2(D)), ACC=tl.float64 if acc == torch.float64 else tl.float32,
+        num_warps=1 if interpreting() else (4 if D <= 2048 else 8),
+    )
+    return out[0] if runs == 1 else out.sum(0)
