@@ -103,11 +103,12 @@ def adamw(model: nn.Module) -> torch.optim.Optimizer:
     return torch.optim.AdamW(model.parameters(), lr=LR, foreach=True)
 
 
-def noisy_step(model: nn.Module, opt: torch.optim.Optimizer, summed: dict, batch: int) -> None:
+def noisy_step(named: list[tuple[str, nn.Parameter]], opt: torch.optim.Optimizer, summed: dict, batch: int) -> None:
     """Gaussian noise on the clipped sums, average by the (expected) batch size, AdamW step: one ``randn``
-    for all parameters and ``foreach`` updates, so that the noise is a few kernels, not three per tensor."""
-    params = [p for name, p in model.named_parameters() if name in summed]
-    grads = [summed[name] for name, p in model.named_parameters() if name in summed]
+    for all parameters and ``foreach`` updates, so that the noise is a few kernels, not three per tensor.
+    ``named`` is ``list(model.named_parameters())``, listed once per run rather than walked every step."""
+    params = [p for name, p in named if name in summed]
+    grads = [summed[name] for name, p in named if name in summed]
     noise = torch.randn(sum(g.numel() for g in grads), dtype=grads[0].dtype, device=grads[0].device)
     noise = [n.view_as(g) for n, g in zip(noise.split([g.numel() for g in grads]), grads, strict=True)]
     torch._foreach_add_(grads, noise, alpha=NOISE_MULTIPLIER * MAX_GRAD_NORM)
@@ -144,8 +145,9 @@ def vmap_step(model, device, precision, batch):
     """The per-sample pipeline: ``persample.per_sample_grads`` when present (issue 3), else the same
     ``functional_call`` + ``vmap(grad)`` recipe spelled here; then clip, sum, noise."""
     opt = adamw(model)
+    named = list(model.named_parameters())
     pipeline = getattr(persample, "per_sample_grads", None)
-    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    names = [n for n, p in named if p.requires_grad]
 
     def one_loss(params, x, y):
         logits = functional_call(model, params, (x.unsqueeze(0),))
@@ -163,19 +165,20 @@ def vmap_step(model, device, precision, batch):
         factors = (MAX_GRAD_NORM / (norms + 1e-6)).clamp(max=1.0)
         summed = {n: torch.einsum("b,b...->...", factors.to(g.dtype), g).to(torch.float32) for n, g in grads.items()}
         del grads
-        noisy_step(model, opt, summed, batch)
+        noisy_step(named, opt, summed, batch)
 
     return step
 
 
 def fast_step(model, device, precision, batch):
     opt = adamw(model)
+    named = list(model.named_parameters())
     engine = persample.GhostClipping(model, max_grad_norm=MAX_GRAD_NORM)
 
     def step(x, y):
         with autocast(device, precision):
             out = engine.clipped_grad_sum(x, y)
-        noisy_step(model, opt, out.grads, batch)
+        noisy_step(named, opt, out.grads, batch)
 
     return step
 

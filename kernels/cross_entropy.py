@@ -421,7 +421,7 @@ def cross_entropy_fwd(
         REDUCE_BLOCK=64 if block <= 64 else 1024, num_warps=num_warps,
     )
     if reduce and not reduce_in_kernel:
-        reduced = (loss.sum() * grad_scale[0]).to(logits.dtype)
+        reduced = torch.dot(loss, grad_scale.expand(N)).to(logits.dtype)  # one launch (two in low precision)
     return loss, lse, grad if with_grad else None, reduced
 
 

@@ -44,11 +44,14 @@ def launch(kernel, grid: tuple[int, ...], *args, num_warps: int, **constexprs) -
     if not isinstance(kernel, JITFunction):
         kernel[grid](*args, num_warps=num_warps, **constexprs)
         return
-    key = (kernel, torch.cuda.current_device(), num_warps, *constexprs.items(), *map(_arg_key, args))
+    device = torch._C._cuda_getDevice()  # torch.cuda.current_device() without its Python wrapper
+    key = (kernel, device, num_warps, *constexprs.items(), *map(_arg_key, args))
     entry = _compiled.get(key)
     if entry is None:
         compiled = kernel[grid](*args, num_warps=num_warps, **constexprs)
         _compiled[key] = compiled, kernel.arg_names[len(args):]
         return
     compiled, names = entry
-    compiled[(*grid, 1, 1)[:3]](*args, *(constexprs[name] for name in names))  # takes exactly 3 grid dims
+    # The runner takes exactly 3 grid dims; given the stream, it skips looking up the device again.
+    compiled[(*grid, 1, 1)[:3]](*args, *(constexprs[name] for name in names),
+                                stream=torch._C._cuda_getCurrentRawStream(device))

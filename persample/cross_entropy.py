@@ -122,26 +122,26 @@ def _prepare(scores2d, V, target1d, weight, ignore_index, reduction,
         return scale, None, lambda: None
     scale, status, ticket = _ops.target_stats(target1d, V, weight, ignore_index, reduction == "mean",
                                               torch.float64 if scores2d.dtype == torch.float64 else torch.float32)
-    done = host = None
+    host = None
     if status.is_cuda:
-        free = _pinned.__dict__.setdefault("free", [])
-        # Pinned buffers are reused (allocating one costs more than a call), each by one pending check at a time.
-        # A NumPy view reads it back without tensor indexing.
+        # A pinned buffer and its event are reused (creating them costs more than a call), each by one pending
+        # check at a time, on one device (an event records on its device only). A NumPy view reads the buffer
+        # back without tensor indexing.
+        free = _pinned.__dict__.setdefault("free", {}).setdefault(status.device.index, [])
         if free:
             host = free.pop()
         else:
             buffer = torch.empty(2, dtype=torch.int64, pin_memory=True)
-            host = buffer, buffer.numpy()
+            host = buffer, buffer.numpy(), torch.cuda.Event()
         host[0].copy_(status, non_blocking=True)
-        done = torch.cuda.Event()
-        done.record(torch.cuda.current_stream(status.device))  # the copy's stream, whatever device is current
+        host[2].record(torch.cuda.current_stream(status.device))  # the copy's stream, whatever device is current
         values = host[1]
     else:
         values = status.numpy()
 
     def finish() -> None:
-        if done is not None:
-            done.synchronize()
+        if host is not None:
+            host[2].synchronize()
         bad, value = int(values[0]), int(values[1])
         if host is not None:
             free.append(host)
