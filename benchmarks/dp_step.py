@@ -4,6 +4,7 @@ clipping), on GPT-style language models in fp32 and bf16 autocast and on a small
 
     python benchmarks/dp_step.py                 # CUDA, the real sizes (about 5 minutes on an H100)
     python benchmarks/dp_step.py --max-batch     # also the largest batch each fits (doubling search)
+    python benchmarks/dp_step.py --models 1      # only GPT-2-small (indices into the model list)
     python benchmarks/dp_step.py --quick         # tiny sizes, runs anywhere (a check of the script)
 
 Every DP variant clips each example's gradient (the loss of an example is its mean cross-entropy over its
@@ -419,6 +420,8 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS), metavar="VARIANT")
+    parser.add_argument("--models", type=int, nargs="+", metavar="INDEX",
+                        help="which models, by index into the list above (default: all)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--max-batch", action="store_true", help="also search the largest batch that fits")
@@ -431,6 +434,8 @@ def main() -> None:
 
     device = torch.device(args.device)
     configs = QUICK if args.quick else FULL
+    if args.models is not None:
+        configs = [configs[i] for i in args.models]
     if args.quick:
         args.warmup, args.iters = min(args.warmup, 1), min(args.iters, 2)
     deadline = time.perf_counter() + args.max_batch_budget_s

@@ -176,8 +176,9 @@ def _record_rule(step: _Step, hooked: _Hooked, module: nn.Module, args: tuple, o
     if broadcast:
         x = x.squeeze(0)
     shared = not step.is_batched(x)
-    call = Call(module, (x.expand(step.batch_size, *x.shape) if shared else x, *args[1:]), {}, hooked.used,
-                _autocast_state(x))
+    # The rules need no autocast state (only the fallback replays a call): not looking it up saves two calls
+    # into torch per hooked call.
+    call = Call(module, (x.expand(step.batch_size, *x.shape) if shared else x, *args[1:]), {}, hooked.used, None)
     rule, version = hooked.rule, x._version
 
     def on_grad(grad: Tensor) -> None:

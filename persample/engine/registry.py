@@ -24,7 +24,8 @@ class Call:
     with the batch dimension first (a call that was shared by the whole batch, like a positional embedding
     of ``arange(T)``, has its first input expanded to the batch). ``params`` are the trainable parameters
     the call uses, by their names relative to ``module``. ``autocast`` is the ``(device_type, dtype)``
-    autocast was on during the call, or None.
+    autocast was on during the call, or None; it is recorded for the fallback, which replays the call (rules
+    get None).
     """
 
     module: nn.Module
