@@ -173,10 +173,10 @@ def vmap_step(model, device, precision, batch):
     return step
 
 
-def fast_step(model, device, precision, batch):
+def fast_step(model, device, precision, batch, cuda_graph=False):
     opt = adamw(model)
     named = list(model.named_parameters())
-    engine = persample.GhostClipping(model, max_grad_norm=MAX_GRAD_NORM)
+    engine = persample.GhostClipping(model, max_grad_norm=MAX_GRAD_NORM, cuda_graph=cuda_graph)
 
     def step(x, y):
         with autocast(device, precision):
@@ -229,10 +229,13 @@ VARIANTS = {
     "normal step, persample.cross_entropy": lambda m, d, p, b: normal_step(m, d, p, b, fused=True),
     "vmap pipeline": vmap_step,
     "fast engine (GhostClipping)": fast_step,
+    "fast engine, cuda_graph=True": lambda m, d, p, b: fast_step(m, d, p, b, cuda_graph=True),
     "Opacus hooks": lambda m, d, p, b: opacus_step(m, d, p, b, "hooks"),
     "Opacus functorch": lambda m, d, p, b: opacus_step(m, d, p, b, "functorch"),
     "Opacus ghost clipping": lambda m, d, p, b: opacus_step(m, d, p, b, "ghost"),
 }
+
+FAST_VARIANTS = ("fast engine (GhostClipping)", "fast engine, cuda_graph=True")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -286,22 +289,24 @@ def time_step(step, x, y, device: torch.device) -> float:
     return start.elapsed_time(end) / 1e3
 
 
-def paired_ratio(cfg, device, precision, warmup: int, rounds: int) -> tuple[float, float, float]:
-    """(median of the per-round ratios fast engine / normal step, lowest, highest): both steps built side by
-    side and timed in alternation, one step each per round, so that a change in the host's speed during the run
-    (on the lent machines it can change by half within minutes) hits both alike."""
-    steps = [make(build_model(cfg).to(device), device, precision, cfg.batch) for make in (normal_step, fast_step)]
+def paired_ratios(cfg, device, precision, variants: list[str], warmup: int, rounds: int) -> dict:
+    """``{variant: (median of the per-round ratios variant / normal step, lowest, highest)}``: the steps built
+    side by side and timed in alternation, one step each per round, so that a change in the host's speed during
+    the run (on the lent machines it can change by half within minutes) hits all alike."""
+    names = ["normal step", *variants]
+    steps = [VARIANTS[name](build_model(cfg).to(device), device, precision, cfg.batch) for name in names]
     x, y = make_batch(cfg, cfg.batch, device)
     for step in steps:
         for _ in range(warmup):
             step(x, y)
-    ratios = []
+    ratios = {name: [] for name in variants}
     for _ in range(rounds):
-        normal, fast = (time_step(step, x, y, device) for step in steps)
-        ratios.append(fast / normal)
+        normal, *others = (time_step(step, x, y, device) for step in steps)
+        for name, seconds in zip(variants, others, strict=True):
+            ratios[name].append(seconds / normal)
     del steps
     release(device)
-    return statistics.median(ratios), min(ratios), max(ratios)
+    return {name: (statistics.median(r), min(r), max(r)) for name, r in ratios.items()}
 
 
 def layout_label(layout: tuple[str, bool]) -> str:
@@ -394,25 +399,26 @@ def header(device: torch.device, quick: bool) -> str:
 def targets(rows, paired: dict) -> list[str]:
     """The issue's targets for the fast engine on the GPT models: <= 1.3x a normal step's time and <= 1.2x its
     peak memory, faster than Opacus hooks and as lean as Opacus ghost clipping. ``paired``: ``{(config,
-    precision): (median, lowest, highest)}`` from :func:`paired_ratio`."""
+    precision): {variant: (median, lowest, highest)}}`` from :func:`paired_ratios`."""
     lines = []
     for (config, precision) in dict.fromkeys((r["config"], r["precision"]) for r in rows if "GPT" in r["config"]):
         group = {r["variant"].split(" [")[0]: r for r in rows if (r["config"], r["precision"]) == (config, precision)}
-        fast, hooks, ghost = (group.get(v) for v in ("fast engine (GhostClipping)", "Opacus hooks",
-                                                      "Opacus ghost clipping"))
-        if fast is None or isinstance(fast["seconds"], str) or not fast["normal"] or fast["peak"] is None:
-            continue
-        normal_s, normal_peak = fast["normal"]
-        line = f"{config}, {precision}: fast engine {fast['seconds'] / normal_s:.2f}x time"
-        if (config, precision) in paired:
-            median, low, high = paired[(config, precision)]
-            line += f" ({median:.2f}x in alternation with the normal step, {low:.2f}-{high:.2f})"
-        line += f" (target <= 1.3x), {fast['peak'] / normal_peak:.2f}x memory (target <= 1.2x)"
-        if hooks and not isinstance(hooks["seconds"], str):
-            line += f"; {fast['seconds'] / hooks['seconds']:.2f}x the time of Opacus hooks"
-        if ghost and not isinstance(ghost["seconds"], str) and ghost["peak"]:
-            line += f"; {fast['peak'] / ghost['peak']:.2f}x the memory of Opacus ghost clipping"
-        lines.append(line)
+        hooks, ghost = group.get("Opacus hooks"), group.get("Opacus ghost clipping")
+        for variant in FAST_VARIANTS:
+            fast = group.get(variant)
+            if fast is None or isinstance(fast["seconds"], str) or not fast["normal"] or fast["peak"] is None:
+                continue
+            normal_s, normal_peak = fast["normal"]
+            line = f"{config}, {precision}: {variant} {fast['seconds'] / normal_s:.2f}x time"
+            if variant in paired.get((config, precision), {}):
+                median, low, high = paired[(config, precision)][variant]
+                line += f" ({median:.2f}x in alternation with the normal step, {low:.2f}-{high:.2f})"
+            line += f" (target <= 1.3x), {fast['peak'] / normal_peak:.2f}x memory (target <= 1.2x)"
+            if hooks and not isinstance(hooks["seconds"], str):
+                line += f"; {fast['seconds'] / hooks['seconds']:.2f}x the time of Opacus hooks"
+            if ghost and not isinstance(ghost["seconds"], str) and ghost["peak"]:
+                line += f"; {fast['peak'] / ghost['peak']:.2f}x the memory of Opacus ghost clipping"
+            lines.append(line)
     return lines
 
 
@@ -487,9 +493,10 @@ def main() -> None:
                 rows.append(row)
                 shown = seconds if isinstance(seconds, str) else f"{seconds * 1e3:.1f} ms"
                 print(f"  {label}: {shown}" + (f", {peak / 2**30:.2f} GiB" if peak else ""), file=sys.stderr)
-            if (cfg.kind == "gpt" and args.paired_rounds and "normal step" in args.variants
-                    and "fast engine (GhostClipping)" in args.variants):
-                paired[(cfg.name, precision)] = paired_ratio(cfg, device, precision, args.warmup, args.paired_rounds)
+            fast = [v for v in FAST_VARIANTS if v in args.variants]
+            if cfg.kind == "gpt" and args.paired_rounds and "normal step" in args.variants and fast:
+                paired[(cfg.name, precision)] = paired_ratios(cfg, device, precision, fast, args.warmup,
+                                                              args.paired_rounds)
 
     notes = targets(rows, paired) + checks
     report = (f"{header(device, args.quick)}\n\n{table(rows, args.max_batch)}\n\n"

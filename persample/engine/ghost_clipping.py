@@ -45,6 +45,7 @@ from torch.utils._pytree import tree_flatten, tree_leaves, tree_map_only, tree_u
 
 from persample.engine import layers  # noqa: F401  (registers the rules)
 from persample.engine.forms import Dense, Form, as_dense, batched_dot, clipped_sum, inner
+from persample.engine.graphed import GraphedPost
 from persample.engine.layers import fallback
 from persample.engine.output_grad import loss_and_output_grad
 from persample.engine.registry import Call, Rule, rule_for
@@ -285,6 +286,11 @@ class GhostClipping:
             cross-entropy (mean over each example's counted targets, from the fused kernel).
         strategy: ``"auto"`` picks per layer between ghost norms and materialized per-example gradients by
             cost; ``"ghost"`` / ``"materialize"`` force one (for tests and measurements).
+        cuda_graph: on CUDA, run the part after the backward (norms and clipped sums, about a hundred small
+            ops) as a CUDA graph captured once per set of shapes (:mod:`persample.engine.graphed`): for fixed
+            physical batches, where a step of small layers waits on the host. The returned ``grads`` and
+            ``norms`` are then overwritten by the next call with the same shapes, and the factors' size stays
+            allocated between steps.
 
     Raises:
         TypeError: ``model`` is not an ``nn.Module`` or ``loss_fn`` is not callable.
@@ -292,7 +298,8 @@ class GhostClipping:
     """
 
     def __init__(self, model: nn.Module, *, max_grad_norm: float, ignore_index: int = -100,
-                 loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None, strategy: Strategy = "auto"):
+                 loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None, strategy: Strategy = "auto",
+                 cuda_graph: bool = False):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         if not (isinstance(max_grad_norm, int | float) and 0 < max_grad_norm < float("inf")):
@@ -307,6 +314,7 @@ class GhostClipping:
         self.loss_fn = loss_fn
         self.strategy = strategy
         self._plan: _Plan | None = None
+        self._graphed = GraphedPost(self._norms_and_clipped_sums) if cuda_graph else None
 
     @torch.no_grad()
     def clipped_grad_sum(self, inputs: Tensor | tuple, targets: Tensor) -> ClippedGradSum:
@@ -318,9 +326,10 @@ class GhostClipping:
         """
         step, losses, finish = self._backward(inputs, targets)
         with _no_autocast(self._plan):
-            norms = self._norms(step)
-            factors = (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
-            grads = self._clipped_sums(step, factors)
+            if self._graphed is not None and losses.is_cuda:
+                norms, grads = self._graphed(step)
+            else:
+                norms, grads = self._norms_and_clipped_sums(step)
         finish()
         return ClippedGradSum({name: grads[p] if p in grads else torch.zeros_like(p)
                                for name, p in self._plan.trainable.items()}, norms, losses)
@@ -333,6 +342,11 @@ class GhostClipping:
             norms = self._norms(step)
         finish()
         return norms
+
+    def _norms_and_clipped_sums(self, step: _Step) -> tuple[Tensor, dict[nn.Parameter, Tensor]]:
+        norms = self._norms(step)
+        factors = (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
+        return norms, self._clipped_sums(step, factors)
 
     @staticmethod
     def _clipped_sums(step: _Step, factors: Tensor) -> dict[nn.Parameter, Tensor]:

@@ -302,6 +302,48 @@ def test_cuda_matches_the_float64_reference(precision):
         assert error < (1e-5 if precision == "fp32" else 5e-2), name
 
 
+@pytest.mark.parametrize("tied", [True, False])
+def test_graphed_step_structure_round_trip(tied):
+    """The CUDA-graph path's view of a step (persample.engine.graphed): every factor tensor is found once, and
+    a step rebuilt from copies of them gives the same norms and clipped sums (checked on the CPU)."""
+    from persample.engine.graphed import _flatten
+
+    model = TinyGPT(layers=2, tied=tied).double()
+    engine = GhostClipping(model, max_grad_norm=0.5)
+    idx, targets = tokens()
+    step, _, finish = engine._backward(idx, targets)
+    finish()
+    tensors, signature, rebuild = _flatten(step)
+    assert len({id(t) for t in tensors}) == len(tensors) > 0
+    assert _flatten(rebuild([t.clone() for t in tensors]))[1] == signature
+    norms, grads = engine._norms_and_clipped_sums(rebuild([t.clone() for t in tensors]))
+    expected_norms, expected = engine._norms_and_clipped_sums(step)
+    torch.testing.assert_close(norms, expected_norms, rtol=1e-12, atol=0)
+    assert grads.keys() == expected.keys()
+    for p, g in expected.items():
+        torch.testing.assert_close(grads[p], g, rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_cuda_graph_matches_eager(precision):
+    """cuda_graph=True replays a captured post-backward with each step's data, captures a new shape anew and
+    keeps the last two: the same norms and clipped sums as the eager engine, step after step."""
+    model = TinyGPT(d=16, layers=2).cuda()
+    eager = GhostClipping(model, max_grad_norm=0.5)
+    graphed = GhostClipping(model, max_grad_norm=0.5, cuda_graph=True)
+    for B in (4, 4, 3, 4, 5):
+        idx, targets = (t.cuda() for t in tokens(B=B, T=12))
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            expected = eager.clipped_grad_sum(idx, targets)
+            out = graphed.clipped_grad_sum(idx, targets)
+        torch.testing.assert_close(out.norms, expected.norms, rtol=1e-5, atol=1e-6)
+        for name, g in expected.grads.items():
+            torch.testing.assert_close(out.grads[name], g, rtol=1e-5, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
+    assert len(graphed._graphed._captured) == 2
+
+
 def test_dp_optimizer_step_engine_equals_vmap_pipeline(monkeypatch):
     """The same DP-SGD step through persample.DPOptimizer, once fed by the vmap pipeline
     (per_sample_grads + clip_per_sample) and once by the engine, with the same noise generator seed: the
