@@ -493,11 +493,15 @@ def main() -> None:
                 rows.append(row)
                 shown = seconds if isinstance(seconds, str) else f"{seconds * 1e3:.1f} ms"
                 print(f"  {label}: {shown}" + (f", {peak / 2**30:.2f} GiB" if peak else ""), file=sys.stderr)
-            fast = [v for v in FAST_VARIANTS if v in args.variants]
-            if cfg.kind == "gpt" and args.paired_rounds and "normal step" in args.variants and fast:
+
+    # After every table row, so that the side-by-side steps (CUDA graphs' pools included) weigh on no row's
+    # peak memory.
+    fast = [v for v in FAST_VARIANTS if v in args.variants]
+    if args.paired_rounds and "normal step" in args.variants and fast:
+        for cfg in configs:
+            for precision in args.precisions if cfg.kind == "gpt" else ():
                 paired[(cfg.name, precision)] = paired_ratios(cfg, device, precision, fast, args.warmup,
                                                               args.paired_rounds)
-
     notes = targets(rows, paired) + checks
     report = (f"{header(device, args.quick)}\n\n{table(rows, args.max_batch)}\n\n"
               + "\n".join(f"- {n}" for n in notes) + "\n")
