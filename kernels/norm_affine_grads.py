@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .cross_entropy import _cdiv, _next_power_of_2, _sm_count
+from .cross_entropy import _acc_dtype, _cdiv, _next_power_of_2, _sm_count
 from .launch import interpreting, launch
 
 MAX_FEATURES = 16384  # one row in registers; wider rows take the PyTorch path
@@ -83,7 +83,7 @@ def norm_affine_grads(x: torch.Tensor, g: torch.Tensor, eps: float, center: bool
         _norm_affine_grads_kernel, (B, runs),
         x, g, out, B, P, D, rows_per_program, float(eps),
         x.stride(0), x.stride(1), g.stride(0), g.stride(1),
-        CENTER=center, BLOCK_D=max(16, _next_power_of_2(D)), ACC=tl.float64 if acc == torch.float64 else tl.float32,
+        CENTER=center, BLOCK_D=max(16, _next_power_of_2(D)), ACC=_acc_dtype(acc),
         num_warps=1 if interpreting() else (4 if D <= 2048 else 8),
     )
     return out[0] if runs == 1 else out.sum(0)

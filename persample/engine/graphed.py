@@ -20,15 +20,19 @@ overwrites them. The static inputs stay allocated between steps: the factors' si
 import copy
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
 
-from persample.engine.forms import Dense, Outer, Rows, Summed
+from persample.engine.forms import Dense, Outer, Rows
 from persample.engine.stacks import OuterStack
 
 Post = Callable[[object], tuple[Tensor, dict]]
+
+
+# The tensor fields of each form a step holds after the backward (Summed forms are Dense by then).
+_TENSOR_FIELDS = {Dense: ("g",), Outer: ("G", "A"), Rows: ("G", "index"), OuterStack: ("G", "A")}
 
 
 def _flatten(step) -> tuple[list[Tensor], tuple, Callable[[list[Tensor]], object]]:
@@ -37,50 +41,34 @@ def _flatten(step) -> tuple[list[Tensor], tuple, Callable[[list[Tensor]], object
     tensors: list[Tensor] = []
     signature: list = [step.batch_size]
 
-    def take(t: Tensor) -> int:
+    def place(t: Tensor) -> int:
         tensors.append(t)
         signature.append((tuple(t.shape), t.dtype, t.device))
         return len(tensors) - 1
 
-    packed = [(take(flat), params) for flat, params in step.packed]
-    signature.append(tuple(tuple(id(p) for p in params) for _, params in step.packed))
-    stacks = []
-    for s in step.stacks:
-        stacks.append((s, take(s.G), take(s.A)))
-        signature.append((tuple(id(p) for p in s.params), None if s.biases is None else tuple(map(id, s.biases))))
+    def take(obj) -> tuple:
+        """``obj`` and its tensor fields' places in ``tensors``; its other fields go into the signature."""
+        places = [(name, place(getattr(obj, name))) for name in _TENSOR_FIELDS[type(obj)]]
+        signature.append((type(obj), getattr(obj, "shape", None), tuple(map(id, getattr(obj, "params", ()))),
+                          None if getattr(obj, "biases", None) is None else tuple(map(id, obj.biases))))
+        return obj, places
+
+    packed = [(place(flat), params) for flat, params in step.packed]
+    signature.append(tuple(tuple(map(id, params)) for _, params in step.packed))
+    stacks = [take(s) for s in step.stacks]
     forms = []
     for p, fs in step.forms.items():
-        parts = []
-        for f in fs:
-            if isinstance(f, Dense):
-                parts.append((Dense, take(f.g)))
-            elif isinstance(f, Outer):
-                parts.append((Outer, take(f.G), take(f.A), f.shape))
-            elif isinstance(f, Rows):
-                parts.append((Rows, take(f.G), take(f.index), f.shape))
-            else:
-                parts.append((Summed, take(f.G)))
-        forms.append((p, parts))
-        signature.append((id(p), tuple((kind, *rest[2:]) if kind in (Outer, Rows) else (kind,)
-                                       for kind, *rest in parts)))
+        signature.append(id(p))
+        forms.append((p, [take(f) for f in fs]))
 
     def rebuild(new: list[Tensor]):
+        def made(obj, places):
+            return replace(obj, **{name: new[i] for name, i in places})
+
         out = copy.copy(step)
         out.packed = [(new[i], params) for i, params in packed]
-        out.stacks = [OuterStack(s.params, new[g], new[a], s.biases) for s, g, a in stacks]
-        out.forms = {}
-        for p, parts in forms:
-            made = []
-            for kind, *rest in parts:
-                if kind is Dense:
-                    made.append(Dense(new[rest[0]]))
-                elif kind is Outer:
-                    made.append(Outer(new[rest[0]], new[rest[1]], rest[2]))
-                elif kind is Rows:
-                    made.append(Rows(new[rest[0]], new[rest[1]], rest[2]))
-                else:
-                    made.append(Summed(new[rest[0]]))
-            out.forms[p] = made
+        out.stacks = [made(*s) for s in stacks]
+        out.forms = {p: [made(*f) for f in fs] for p, fs in forms}
         return out
 
     return tensors, tuple(signature), rebuild

@@ -1,5 +1,3 @@
-import os
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -17,8 +15,6 @@ from tests.engine.reference import (
 )
 
 pytestmark = pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")
-# Read at import, before the autouse fixture sets it to 0: Triton decides at import whether to interpret.
-INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def tokens(B=4, T=6, vocab=24):
@@ -103,31 +99,20 @@ def test_losses_and_custom_loss_fn():
     assert_matches_reference(model, idx, targets.clamp_min(0), loss_fn=smoothed)
 
 
-@pytest.mark.skipif(not (torch.cuda.is_available() or INTERPRETING),
-                    reason="needs a GPU or TRITON_INTERPRET=1 when the tests start (as in CI)")
 @pytest.mark.parametrize("norm", [nn.LayerNorm, nn.RMSNorm])
-def test_the_triton_kernel_path(monkeypatch, norm):
+def test_the_triton_kernel_path(triton_device, norm):
     """The loss side and the norm layers' rule through their Triton kernels: compiled on a GPU, the interpreter
-    on the CPU (Triton fixes the mode when the kernels are first defined, so the CPU case needs
-    TRITON_INTERPRET=1 from the start)."""
-    if torch.cuda.is_available():
-        model = TinyGPT(vocab=16, norm=norm).double().cuda()
-        idx, targets = (t.cuda() for t in tokens(B=3, T=4, vocab=16))
-    else:
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
-        model, (idx, targets) = TinyGPT(vocab=16, norm=norm).double(), tokens(B=3, T=4, vocab=16)
+    on the CPU."""
+    model = TinyGPT(vocab=16, norm=norm).double().to(triton_device)
+    idx, targets = (t.to(triton_device) for t in tokens(B=3, T=4, vocab=16))
     assert_matches_reference(model, idx, targets)
 
 
-@pytest.mark.skipif(not (torch.cuda.is_available() or INTERPRETING),
-                    reason="needs a GPU or TRITON_INTERPRET=1 when the tests start (as in CI)")
 @pytest.mark.parametrize("method", ["clipped_grad_sum", "per_sample_grad_norms"])
-def test_an_out_of_range_target_raises_on_the_kernel_path_and_the_engine_stays_usable(monkeypatch, method):
+def test_an_out_of_range_target_raises_on_the_kernel_path_and_the_engine_stays_usable(triton_device, method):
     """The kernel path checks the targets after the step's work is queued (no mid-step wait for the GPU): the
     call still raises before it returns anything, and the next step is exact."""
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cpu":
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    device = triton_device
     model = TinyGPT(vocab=16).double().to(device)
     idx, targets = (t.to(device) for t in tokens(B=3, T=4, vocab=16))
     engine = GhostClipping(model, max_grad_norm=1.0)

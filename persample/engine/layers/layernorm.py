@@ -12,9 +12,9 @@ import math
 import torch
 from torch import Tensor, nn
 
+from persample._cross_entropy_ops import use_triton
 from persample.engine.forms import Dense, Form, acc_dtype
 from persample.engine.registry import Call, register_rule
-from persample.kernels import launch as _launch
 from persample.kernels import norm_affine_grads as _kernel
 
 
@@ -23,7 +23,7 @@ def _forms(call: Call, grad_output: Tensor, eps: float, center: bool) -> dict[st
     shape = tuple(call.module.normalized_shape)
     dims, D = len(shape), math.prod(shape)
     B = x.shape[0]
-    if (x.is_cuda or _launch.interpreting()) and D <= _kernel.MAX_FEATURES:
+    if use_triton(x) and D <= _kernel.MAX_FEATURES:
         sums = _kernel.norm_affine_grads(x.reshape(B, -1, D), grad_output.reshape(B, -1, D), eps, center)
         d_scale, d_shift = sums[0].view(B, *shape), sums[1].view(B, *shape)
     else:

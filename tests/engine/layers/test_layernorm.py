@@ -1,13 +1,8 @@
-import os
-
 import pytest
 import torch
 from torch import nn
 
 from tests.engine.reference import assert_matches_reference
-
-# Read at import, before the engine tests' autouse fixture sets it to 0 (Triton fixes the mode at import).
-INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def squared_error(out, y):
@@ -33,16 +28,9 @@ NORMS = {
 
 
 @pytest.fixture(params=["pytorch", "triton"])
-def device(request, monkeypatch):
-    """Where the rule runs: its PyTorch ops, or its Triton kernel (compiled on a GPU, else the interpreter)."""
-    if request.param == "pytorch":
-        return "cpu"
-    if torch.cuda.is_available():
-        return "cuda"
-    if not INTERPRETING:
-        pytest.skip("needs a GPU or TRITON_INTERPRET=1 when the tests start (as in CI)")
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    return "cpu"
+def device(request) -> str:
+    """Where the rule runs: its PyTorch ops, or its Triton kernel (see ``triton_device``)."""
+    return "cpu" if request.param == "pytorch" else request.getfixturevalue("triton_device")
 
 
 @pytest.mark.parametrize("norm", list(NORMS))
