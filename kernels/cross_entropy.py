@@ -25,8 +25,9 @@ for its row and no memory outside the row is touched (eager callers then raise, 
 Kernels:
   * ``_cross_entropy_fwd_kernel`` — one program per row (or a persistent grid looping over rows): the max
     and sum of exp over the row (online across blocks when the row is longer than one block), the loss,
-    the log-sum-exp and, with ``WITH_GRAD``, the gradient times a scale: from registers when the row fits
-    one block, else from a second sweep that mostly hits L2. With ``REDUCE`` the last program to finish
+    the log-sum-exp and, with ``WITH_GRAD``, the gradient times a scale (one for all rows, or with
+    ``ROW_SCALE`` one per row): from registers when the row fits one block, else from a second sweep that
+    mostly hits L2. With ``REDUCE`` the last program to finish
     also writes the scaled sum of the rows' losses (the mean or sum reduction, without another launch).
   * ``_cross_entropy_bwd_kernel`` — the gradient alone from a saved log-sum-exp, scaled per row by an
     upstream gradient: elementwise, one program per chunk of a row.
@@ -155,7 +156,7 @@ def _cross_entropy_fwd_kernel(
     N, V, ignore_index, label_smoothing, softcap, z_loss,
     HAS_WEIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
     WITH_GRAD: tl.constexpr, SINGLE_BLOCK: tl.constexpr, BLOCK_V: tl.constexpr, ACC: tl.constexpr,
-    PREFETCH: tl.constexpr, REDUCE: tl.constexpr, REDUCE_BLOCK: tl.constexpr,
+    PREFETCH: tl.constexpr, REDUCE: tl.constexpr, REDUCE_BLOCK: tl.constexpr, ROW_SCALE: tl.constexpr,
 ):
     # Persistent over rows: a grid sized to the machine keeps few rows in flight, so that the second
     # sweep over a row finds it in L2. With SINGLE_BLOCK (BLOCK_V >= V) the row is read once and stays
@@ -224,15 +225,19 @@ def _cross_entropy_fwd_kernel(
                 tl.store(lse_ptr + row, lse)
 
                 if WITH_GRAD:
+                    row_scale = scale
+                    if ROW_SCALE:
+                        row_scale = tl.load(scale_ptr + row).to(ACC)
                     if SINGLE_BLOCK:
                         g = _gradient_block(s, offs, in_row, weight_ptr, t, w_t, weight_sum, lse, V,
-                                            label_smoothing, z_loss, softcap, scale, HAS_WEIGHT, HAS_SOFTCAP, ACC)
+                                            label_smoothing, z_loss, softcap, row_scale, HAS_WEIGHT, HAS_SOFTCAP,
+                                            ACC)
                         tl.store(g_row_ptr + offs, g.to(g_row_ptr.dtype.element_ty), mask=in_row,
                                  eviction_policy="evict_first")
                     else:
                         # Sweep 2: the row was just read, so this re-read mostly hits L2.
                         _row_gradient_sweep(
-                            x_row_ptr, g_row_ptr, weight_ptr, V, t, w_t, weight_sum, lse, scale,
+                            x_row_ptr, g_row_ptr, weight_ptr, V, t, w_t, weight_sum, lse, row_scale,
                             label_smoothing, softcap, z_loss, HAS_WEIGHT, HAS_SOFTCAP, BLOCK_V, ACC,
                         )
             else:
@@ -377,9 +382,9 @@ def cross_entropy_fwd(
     """Per-row loss and log-sum-exp, ``grad_scale * dL/dlogits`` (``with_grad``) and ``grad_scale * sum of the
     losses`` (``reduce_ticket``).
 
-    logits: (N, V) with unit stride over V; target: (N,) int64; weight: (V,) or None; weight_sum and
-    grad_scale: one-element tensors (grad_scale may be None when neither the gradient nor the reduction is
-    asked for); softcap: 0 for none. ``out``: (N, V) buffer for the gradient with unit stride over V; it may
+    logits: (N, V) with unit stride over V; target: (N,) int64; weight: (V,) or None; weight_sum: a one-element
+    tensor; grad_scale: one element, or one per row (N,) contiguous that scales each row's gradient (not with
+    ``reduce_ticket``), or None when neither the gradient nor the reduction is asked for; softcap: 0 for none. ``out``: (N, V) buffer for the gradient with unit stride over V; it may
     be ``logits`` itself, since each program reads every element of its row before writing it.
     ``reduce_ticket``: a one-element int64 tensor holding 0, used up by the call (see ``REDUCE``).
     ``loss_dtype``: of the per-row loss, float32 (float64 for float64 logits) by default.
@@ -391,6 +396,10 @@ def cross_entropy_fwd(
     reduce = reduce_ticket is not None
     if reduce and loss_dtype not in (None, acc):
         raise ValueError("the reduced loss sums rows kept in the accumulation dtype")
+    row_scale = grad_scale is not None and grad_scale.numel() != 1
+    if row_scale and (reduce or grad_scale.shape != (N,)):
+        raise ValueError(f"grad_scale must have one element, or one per row ({N},) without a reduction; got "
+                         f"{tuple(grad_scale.shape)}")
     block, num_warps, programs_per_sm, prefetch = _launch_config(V, logits.element_size())
     grid = _grid(N, logits.device, programs_per_sm)
     # The kernel reduces only on a persistent grid: with a program per row, every program's ticket would
@@ -418,7 +427,7 @@ def cross_entropy_fwd(
         HAS_WEIGHT=weight is not None, HAS_SOFTCAP=softcap > 0, HAS_SMOOTHING=label_smoothing > 0,
         WITH_GRAD=with_grad, SINGLE_BLOCK=block >= V, BLOCK_V=block, ACC=_acc_dtype(logits.dtype),
         PREFETCH=prefetch and block >= V and programs_per_sm > 0, REDUCE=reduce_in_kernel,
-        REDUCE_BLOCK=64 if block <= 64 else 1024, num_warps=num_warps,
+        REDUCE_BLOCK=64 if block <= 64 else 1024, ROW_SCALE=row_scale, num_warps=num_warps,
     )
     if reduce and not reduce_in_kernel:
         reduced = torch.dot(loss, grad_scale.expand(N)).to(logits.dtype)  # one launch (two in low precision)

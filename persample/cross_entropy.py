@@ -276,18 +276,33 @@ def cross_entropy_with_grad(
 
 def with_grad_check_later(logits: Tensor, target: Tensor, *, weight: Tensor | None, ignore_index: int,
                           reduction: Reduction, label_smoothing: float, softcap: float | None, z_loss: float,
-                          mask: Tensor | None) -> tuple[Tensor, Tensor, Callable[[], None]]:
+                          mask: Tensor | None, row_scale: Tensor | None = None,
+                          ) -> tuple[Tensor, Tensor, Callable[[], None]]:
     """:func:`cross_entropy_with_grad`, plus ``finish()``, which raises the ValueError of an out-of-range
     target: the caller queues more work on the results first and calls ``finish()`` before it hands anything
     back. On CUDA, ``finish()`` waits for the small check kernel only; called once the rest of a training
     step is queued, it finds that kernel long done, so the host never waits for the GPU mid-step. Until then,
-    the rows of a bad target hold NaN (the kernel touches nothing outside them)."""
+    the rows of a bad target hold NaN (the kernel touches nothing outside them).
+
+    ``row_scale`` (``reduction="none"`` only): a tensor of the target's shape (or broadcastable to it) that
+    multiplies each row's gradient, inside the kernel (no extra pass over the gradient); the losses are
+    not scaled."""
     logits2d, target1d, weight, weight_sum, shape = _check(
         logits, target, weight, ignore_index, reduction, label_smoothing, softcap, z_loss, mask)
     scale, _, finish = _prepare(logits2d, logits2d.shape[-1], target1d, weight, ignore_index, reduction)
+    scale_after = None
+    if row_scale is not None:
+        if reduction != "none":
+            raise ValueError(f"row_scale needs reduction='none', got {reduction!r}")
+        rows = row_scale.to(scale.dtype).expand(shape).reshape(-1)
+        # Under transforms the op batches rows and a per-row scale would not follow them: scale afterwards.
+        scale_after = rows if _transforms_active() else None
+        scale = scale if scale_after is not None else rows.contiguous()
     loss_rows, _, grad = _ops.with_grad(
         logits2d.detach(), target1d, weight, weight_sum, scale,
         *_options(ignore_index, label_smoothing, softcap, z_loss))
+    if scale_after is not None:
+        grad = grad * scale_after.to(grad.dtype)[:, None]
     grad = grad.reshape(logits.shape)
     if reduction == "none":
         return loss_rows.reshape(shape), grad, finish

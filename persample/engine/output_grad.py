@@ -49,14 +49,15 @@ def loss_and_output_grad(output: Tensor, targets: Tensor, *, ignore_index: int,
     if not isinstance(targets, Tensor) or tuple(targets.shape) != tuple(output.shape[:-1]):
         raise ValueError(f"targets must have shape {tuple(output.shape[:-1])} (the logits' shape without the "
                          f"class dimension), got {tuple(getattr(targets, 'shape', ())) or type(targets).__name__}")
-    rows, grad, finish = with_grad_check_later(output, targets, weight=None, ignore_index=ignore_index,
-                                               reduction="none", label_smoothing=0.0, softcap=None, z_loss=0.0,
-                                               mask=None)
-    counted = (targets != ignore_index).reshape(B, -1).sum(1, dtype=rows.dtype)
+    acc = torch.float64 if output.dtype == torch.float64 else torch.float32
+    counted = (targets != ignore_index).reshape(B, -1).sum(1, dtype=acc)
     # An example with no counted target has loss rows and gradient rows of 0 already: any scale keeps them 0.
     scale = counted.clamp_min(1).reciprocal()
+    # The kernel scales each row's gradient by its example's 1 / count_b as it writes it.
+    rows, grad, finish = with_grad_check_later(output, targets, weight=None, ignore_index=ignore_index,
+                                               reduction="none", label_smoothing=0.0, softcap=None, z_loss=0.0,
+                                               mask=None, row_scale=scale.view(B, *([1] * (targets.ndim - 1))))
     losses = rows.reshape(B, -1).sum(1) * scale
-    grad.mul_(scale.to(grad.dtype).reshape(B, *([1] * (grad.ndim - 1))))
     return losses, grad, finish
 
 

@@ -27,11 +27,13 @@ def materialize(form) -> torch.Tensor:
     return torch.einsum("btm,btn->bmn", form.G, form.A)
 
 
+@pytest.mark.parametrize("splits", [1, 3])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("chunked", [False, True])
-def test_stacked_norms_and_clipped_sums_equal_per_layer(bias, chunked, monkeypatch):
+def test_stacked_norms_and_clipped_sums_equal_per_layer(bias, chunked, splits, monkeypatch):
     if chunked:
         monkeypatch.setattr(forms, "_CHUNK_ELEMENTS", 1)  # one example of one layer per chunk
+    monkeypatch.setattr(stacks, "_k_splits", lambda *args: splits)  # the summed products split over B * T
     found = {}
     for _ in range(3):
         found.update(layer(bias))
@@ -46,6 +48,20 @@ def test_stacked_norms_and_clipped_sums_equal_per_layer(bias, chunked, monkeypat
     for p, x in per_layer.items():
         assert summed[p].shape == p.shape and summed[p].dtype == p.dtype
         torch.testing.assert_close(summed[p], torch.einsum("b,b...->...", c, materialize(x)), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("splits", [1, 2, 4])
+def test_summed_outer_split_over_the_long_dimension(splits):
+    G, A = torch.randn(3, 8, 5, dtype=torch.float64), torch.randn(3, 8, 7, dtype=torch.float64)
+    torch.testing.assert_close(stacks.summed_outer(G, A, splits), torch.einsum("lkm,lkn->lmn", G, A))
+
+
+def test_k_splits_only_for_few_output_tiles_in_full_precision():
+    assert stacks._k_splits(4, 1152, 384, 4096, torch.float32) == 2  # 108 tiles
+    assert stacks._k_splits(4, 384, 384, 4096, torch.float32) == 4  # 36 tiles
+    assert stacks._k_splits(12, 768, 768, 4096, torch.float32) == 1  # 432 tiles: enough
+    assert stacks._k_splits(4, 1152, 384, 4096, torch.bfloat16) == 1
+    assert stacks._k_splits(4, 384, 384, 600, torch.float32) == 1  # chunks would be too short
 
 
 def test_what_is_not_stacked():

@@ -50,6 +50,32 @@ def test_fwd_with_grad(V, dtype, persistent, monkeypatch):
     assert lse[0] == 0 and loss[0] == 0 and (grad[0] == 0).all()
 
 
+@pytest.mark.parametrize("block", [None, 32])
+@pytest.mark.parametrize("persistent", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("V", [1, 33, 130])
+def test_fwd_per_row_scale(V, dtype, persistent, block, monkeypatch):
+    # A scale per row multiplies that row's gradient only, in one block or across blocks (block=32 < V).
+    if persistent:
+        monkeypatch.setattr(kernels, "_grid", lambda N, device, per_sm: (2,))
+    if block is not None:
+        monkeypatch.setattr(kernels, "_launch_config", lambda V, size: (block, 1, 0, False))
+    logits, target, w, w_sum = _inputs(6, V, dtype, weight=True)
+    scale = torch.tensor([0.5, 2.0, -1.5, 0.0, 3.0, 0.25], device=DEVICE)
+    loss, lse, grad, _ = kernels.cross_entropy_fwd(logits, target, w, w_sum, scale, -100, 0.1, 4.0, 1e-2, True)
+    rows, ref_grad = _reference_rows_and_grad(logits, target, w, label_smoothing=0.1, softcap=4.0, z_loss=1e-2)
+    assert rel_err(loss, rows) < 1e-5  # the losses are not scaled
+    assert rel_err(grad, scale.double()[:, None] * ref_grad) < (1e-5 if dtype == torch.float32 else 1e-2)
+    assert (grad[3] == 0).all() and (grad[0] == 0).all()
+
+
+def test_fwd_per_row_scale_of_the_wrong_length_raises():
+    logits, target, _, _ = _inputs(4, 8, torch.float32)
+    with pytest.raises(ValueError, match=r"one per row \(4,\)"):
+        kernels.cross_entropy_fwd(logits, target, None, None, torch.ones(3, device=DEVICE), -100, 0.0, 0.0, 0.0,
+                                  True)
+
+
 @pytest.mark.parametrize("with_grad", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("V", [1, 37, 64])
