@@ -384,8 +384,9 @@ def cross_entropy_fwd(
 
     logits: (N, V) with unit stride over V; target: (N,) int64; weight: (V,) or None; weight_sum: a one-element
     tensor; grad_scale: one element, or one per row (N,) contiguous that scales each row's gradient (not with
-    ``reduce_ticket``), or None when neither the gradient nor the reduction is asked for; softcap: 0 for none. ``out``: (N, V) buffer for the gradient with unit stride over V; it may
-    be ``logits`` itself, since each program reads every element of its row before writing it.
+    ``reduce_ticket``), or None when neither the gradient nor the reduction is asked for; softcap: 0 for none.
+    ``out``: (N, V) buffer for the gradient with unit stride over V; it may be ``logits`` itself, since each
+    program reads every element of its row before writing it.
     ``reduce_ticket``: a one-element int64 tensor holding 0, used up by the call (see ``REDUCE``).
     ``loss_dtype``: of the per-row loss, float32 (float64 for float64 logits) by default.
     Returns loss (N,), lse (N,) in float32 (float64 for float64 logits), the gradient (N, V) in the logits'
