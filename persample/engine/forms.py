@@ -29,6 +29,7 @@ Work on ``(B, T, T')`` intermediates is split along the batch so that one chunk 
 ``_CHUNK_ELEMENTS`` elements.
 """
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -87,6 +88,28 @@ def acc_dtype(*tensors: Tensor) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
+@functools.cache
+def _gemm_out_dtype() -> bool:
+    """Whether this PyTorch's GEMMs take ``out_dtype`` (low-precision inputs, float32 output; CUDA only)."""
+    x = torch.empty(1, 1, 1, dtype=torch.bfloat16, device="meta")
+    try:
+        torch.bmm(x, x, out_dtype=torch.float32)
+    except (TypeError, RuntimeError, NotImplementedError):
+        return False
+    return True
+
+
+def bmm_acc(x: Tensor, y: Tensor, acc: torch.dtype, plus_one: bool = False) -> Tensor:
+    """``x @ y`` (batched), plus 1 everywhere with ``plus_one``, in the accumulation dtype ``acc``. On CUDA,
+    float16/bfloat16 inputs come out of the GEMM in float32 directly: the product is not rounded to the inputs'
+    dtype first, and no cast is launched (the engine runs several of these per layer group and step). Elsewhere
+    the product is cast."""
+    one = x.new_ones(()) if plus_one else None
+    if x.is_cuda and acc == torch.float32 and x.dtype in (torch.float16, torch.bfloat16) and _gemm_out_dtype():
+        return torch.bmm(x, y, out_dtype=acc) if one is None else torch.baddbmm(one, x, y, out_dtype=acc)
+    return _to(torch.bmm(x, y) if one is None else torch.baddbmm(one, x, y), acc)
+
+
 def _to(t: Tensor, dtype: torch.dtype) -> Tensor:
     # The engine runs a few of these per layer and step; most are no-ops, which need no call into torch.
     return t if t.dtype == dtype else t.to(dtype)
@@ -141,9 +164,7 @@ def _outer_outer(x: Outer, y: Outer) -> Tensor:
     def dot(gx: Tensor, gy: Tensor, ax: Tensor, ay: Tensor) -> Tensor:
         gx, gy = _common(gx, gy)
         ax, ay = _common(ax, ay)
-        gg = _to(torch.bmm(gx, gy.transpose(1, 2)), acc)
-        aa = _to(torch.bmm(ax, ay.transpose(1, 2)), acc)
-        return batched_dot(gg, aa)
+        return batched_dot(bmm_acc(gx, gy.transpose(1, 2), acc), bmm_acc(ax, ay.transpose(1, 2), acc))
 
     return by_chunks(x.G.shape[1] * y.G.shape[1], dot, x.G, y.G, x.A, y.A)
 
@@ -156,7 +177,7 @@ def _outer_rows(x: Outer, y: Rows) -> Tensor:
     def dot(gx: Tensor, ax: Tensor, gy: Tensor, index: Tensor) -> Tensor:
         picked = _to(gx.gather(2, index[:, None, :].expand(-1, Tx, Ty)), acc)
         a, g = _common(ax, gy)
-        return batched_dot(picked, _to(torch.bmm(a, g.transpose(1, 2)), acc))
+        return batched_dot(picked, bmm_acc(a, g.transpose(1, 2), acc))
 
     return by_chunks(Tx * Ty, dot, x.G, x.A, y.G, y.index)
 
@@ -168,7 +189,7 @@ def _rows_rows(x: Rows, y: Rows) -> Tensor:
     def dot(gx: Tensor, gy: Tensor, ix: Tensor, iy: Tensor) -> Tensor:
         gx, gy = _common(gx, gy)
         same = (ix[:, :, None] == iy[:, None, :]).to(acc)
-        return batched_dot(_to(torch.bmm(gx, gy.transpose(1, 2)), acc), same)
+        return batched_dot(bmm_acc(gx, gy.transpose(1, 2), acc), same)
 
     return by_chunks(x.G.shape[1] * y.G.shape[1], dot, x.G, y.G, x.index, y.index)
 
@@ -205,7 +226,7 @@ def clipped_sum(x: Form, c: Tensor, dtype: torch.dtype) -> Tensor:
             G = G * _to(c, G.dtype)
         else:
             A = A * _to(c, A.dtype)
-        return _to((G.flatten(0, 1).T @ A.flatten(0, 1)).view(x.shape), dtype)
+        return bmm_acc(G.flatten(0, 1).T[None], A.flatten(0, 1)[None], dtype).view(x.shape)
     n = x.G.shape[2]
     scaled = _to((x.G * _to(c, x.G.dtype)).view(-1, n), dtype)
     return torch.zeros(x.shape, dtype=dtype, device=x.G.device).index_add_(0, x.index.reshape(-1), scaled)

@@ -411,16 +411,17 @@ class GhostClipping:
     def _norms(self, step: _Step) -> Tensor:
         params = list(self._plan.trainable.values())
         acc = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
-        terms = [batched_dot(flat, flat).to(acc) for flat, _ in step.packed]
+        # Rows of (k, B) squared-norm terms, summed in one op.
+        terms = [batched_dot(flat, flat).to(acc)[None] for flat, _ in step.packed]
         terms.extend(stack_norms(stack).to(acc) for stack in step.stacks)
         for forms in step.forms.values():
             for i, x in enumerate(forms):
-                terms.append(inner(x, x).to(acc))
-                terms.extend(2 * inner(x, y).to(acc) for y in forms[i + 1:])
+                terms.append(inner(x, x).to(acc)[None])
+                terms.extend(2 * inner(x, y).to(acc)[None] for y in forms[i + 1:])
         if not terms:
             device = params[0].device if params else torch.device("cpu")
             return torch.zeros(step.batch_size, dtype=acc, device=device)
-        return torch.stack(terms).sum(0).clamp_min(0).sqrt()
+        return torch.cat(terms).sum(0).clamp_min(0).sqrt()
 
 
 def clipped_grad_sum(model: nn.Module, inputs: Tensor | tuple, targets: Tensor, *, max_grad_norm: float,

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from persample.engine.forms import Form, Outer, Summed, acc_dtype, batched_dot, by_chunks
+from persample.engine.forms import Form, Outer, Summed, acc_dtype, batched_dot, bmm_acc, by_chunks
 
 
 @dataclass
@@ -62,20 +62,17 @@ def pop_stacks(forms: dict[nn.Parameter, list[Form]]) -> list[OuterStack]:
 
 
 def stack_norms(stack: OuterStack) -> Tensor:
-    """``(B,)`` each example's squared norm summed over the group's parameters (float32, float64 for float64)."""
+    """``(L, B)`` each example's squared norm of each of the group's ``L`` layers, its bias included (float32,
+    float64 for float64): the caller sums them with the other terms in one op."""
     L, B = stack.G.shape[:2]
     acc = acc_dtype(stack.G, stack.A)
 
     def dot(G: Tensor, A: Tensor) -> Tensor:
-        gg = torch.bmm(G, G.transpose(1, 2)).to(acc)
-        if stack.biases is None:
-            aa = torch.bmm(A, A.transpose(1, 2))
-        else:
-            aa = torch.baddbmm(A.new_ones(()), A, A.transpose(1, 2))
-        return batched_dot(gg, aa.to(acc))
+        aa = bmm_acc(A, A.transpose(1, 2), acc, plus_one=stack.biases is not None)
+        return batched_dot(bmm_acc(G, G.transpose(1, 2), acc), aa)
 
     T = stack.G.shape[2]
-    return by_chunks(T * T, dot, stack.G.flatten(0, 1), stack.A.flatten(0, 1)).view(L, B).sum(0)
+    return by_chunks(T * T, dot, stack.G.flatten(0, 1), stack.A.flatten(0, 1)).view(L, B)
 
 
 def stack_clipped_sums(stack: OuterStack, c: Tensor) -> dict[nn.Parameter, Tensor]:
@@ -94,7 +91,7 @@ def stack_clipped_sums(stack: OuterStack, c: Tensor) -> dict[nn.Parameter, Tenso
     else:
         A = A * c.view(1, B, 1, 1)
     G = G.view(L, B * T, -1)
-    weights = summed_outer(G, A.view(L, B * T, -1))
+    weights = summed_outer(G, A.view(L, B * T, -1), dtype=stack.params[0].dtype)
     summed = dict(zip(stack.params, as_parameters(weights, stack.params), strict=True))
     if stack.biases is not None:
         biases = G.sum(1, dtype=acc_dtype(G)) if scale_G else c.repeat_interleave(T) @ G
@@ -102,8 +99,10 @@ def stack_clipped_sums(stack: OuterStack, c: Tensor) -> dict[nn.Parameter, Tenso
     return summed
 
 
-def summed_outer(G: Tensor, A: Tensor, splits: int | None = None) -> Tensor:
-    """``(L, m, n)``: ``G[l]^T A[l]`` for ``G (L, K, m)``, ``A (L, K, n)``, summed over the long dimension ``K``.
+def summed_outer(G: Tensor, A: Tensor, splits: int | None = None, dtype: torch.dtype | None = None) -> Tensor:
+    """``(L, m, n)``: ``G[l]^T A[l]`` for ``G (L, K, m)``, ``A (L, K, n)``, summed over the long dimension ``K``; in
+    ``dtype`` (default ``G``'s; float32 from low-precision factors comes straight out of the GEMM, see
+    :func:`~persample.engine.forms.bmm_acc`).
 
     cuBLAS does not split the inner dimension of a batched GEMM: with few output tiles and a long ``K`` (a
     4-layer group of a small model, ``K = B * T``) it runs on a fraction of the SMs. In float32/float64, where
@@ -114,10 +113,11 @@ def summed_outer(G: Tensor, A: Tensor, splits: int | None = None) -> Tensor:
     L, K, m = G.shape
     if splits is None:
         splits = _k_splits(L, m, A.shape[2], K, G.dtype)
+    dtype = dtype or G.dtype
     if splits == 1:
-        return torch.bmm(G.transpose(1, 2), A)
+        return bmm_acc(G.transpose(1, 2), A, dtype)
     parts = torch.bmm(G.reshape(L * splits, K // splits, m).transpose(1, 2), A.reshape(L * splits, K // splits, -1))
-    return parts.view(L, splits, m, -1).sum(1)
+    return parts.view(L, splits, m, -1).sum(1, dtype=dtype)
 
 
 def _k_splits(L: int, m: int, n: int, K: int, dtype: torch.dtype) -> int:

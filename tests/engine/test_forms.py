@@ -79,3 +79,20 @@ def test_mixed_precision_factors_give_float32_norms():
     assert inner(x, x).dtype == torch.float32 and inner(x, y).dtype == torch.float32
     expected = (materialize(x).double() * materialize(y).double()).flatten(1).sum(1)
     torch.testing.assert_close(inner(x, y).double(), expected, rtol=2e-2, atol=2e-2 * float(expected.abs().max()))
+
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("plus_one", [False, True])
+def test_bmm_acc_gives_the_product_in_the_accumulation_dtype(plus_one, dtype, device):
+    x = torch.randn(3, 7, 33, dtype=torch.float64).to(device, dtype)
+    y = torch.randn(3, 33, 5, dtype=torch.float64).to(device, dtype)
+    out = forms.bmm_acc(x, y, torch.float32, plus_one=plus_one)
+    expected = torch.bmm(x.double(), y.double()) + (1.0 if plus_one else 0.0)
+    assert out.dtype == torch.float32
+    # On CUDA low precision comes out of the GEMM unrounded; elsewhere the product is rounded, then cast.
+    tol = 1e-5 if dtype == torch.float32 or device == "cuda" else 2e-2
+    torch.testing.assert_close(out.double(), expected, rtol=tol, atol=tol * expected.abs().max().item())
