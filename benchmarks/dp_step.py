@@ -145,6 +145,42 @@ def normal_step(model, device, precision, batch, fused=False):
     return step
 
 
+def graphed_normal_step(model, device, precision, batch):
+    """The normal step with its forward and backward captured once in a CUDA graph and replayed (PyTorch's
+    partial-network capture: the gradients are the graph's static tensors, the AdamW step runs eagerly): the
+    like-for-like baseline of the engine's ``cuda_graph="step"``."""
+    opt = adamw(model)
+    captured = {}
+
+    def forward_backward(x, y):
+        # No autocast cache: its casts would be allocated and freed inside the capture.
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16", cache_enabled=False):
+            loss = F.cross_entropy(model(x).flatten(0, -2), y.flatten())
+        loss.backward()
+
+    def step(x, y):
+        if not captured:
+            static = x.clone(), y.clone()
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    opt.zero_grad(set_to_none=True)
+                    forward_backward(*static)
+            torch.cuda.current_stream().wait_stream(side)
+            opt.zero_grad(set_to_none=True)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                forward_backward(*static)
+            captured.update(graph=graph, static=static)
+        for buffer, value in zip(captured["static"], (x, y), strict=True):
+            buffer.copy_(value)
+        captured["graph"].replay()
+        opt.step()  # no zero_grad: the replay writes the gradients anew
+
+    return step
+
+
 def vmap_step(model, device, precision, batch):
     """The per-sample pipeline: ``persample.per_sample_grads`` when present (issue 3), else the same
     ``functional_call`` + ``vmap(grad)`` recipe spelled here; then clip, sum, noise."""
@@ -174,7 +210,7 @@ def vmap_step(model, device, precision, batch):
     return step
 
 
-def fast_step(model, device, precision, batch, cuda_graph=False):
+def fast_step(model, device, precision, batch, cuda_graph=None):
     opt = adamw(model)
     named = list(model.named_parameters())
     engine = persample.GhostClipping(model, max_grad_norm=MAX_GRAD_NORM, cuda_graph=cuda_graph)
@@ -230,13 +266,18 @@ VARIANTS = {
     "normal step, persample.cross_entropy": lambda m, d, p, b: normal_step(m, d, p, b, fused=True),
     "vmap pipeline": vmap_step,
     "fast engine (GhostClipping)": fast_step,
-    "fast engine, cuda_graph=True": lambda m, d, p, b: fast_step(m, d, p, b, cuda_graph=True),
+    "fast engine, cuda_graph='post'": lambda m, d, p, b: fast_step(m, d, p, b, cuda_graph="post"),
+    "normal step, CUDA graph": graphed_normal_step,
+    "fast engine, cuda_graph='step'": lambda m, d, p, b: fast_step(m, d, p, b, cuda_graph="step"),
     "Opacus hooks": lambda m, d, p, b: opacus_step(m, d, p, b, "hooks"),
     "Opacus functorch": lambda m, d, p, b: opacus_step(m, d, p, b, "functorch"),
     "Opacus ghost clipping": lambda m, d, p, b: opacus_step(m, d, p, b, "ghost"),
 }
 
-FAST_VARIANTS = ("fast engine (GhostClipping)", "fast engine, cuda_graph=True")
+FAST_VARIANTS = ("fast engine (GhostClipping)", "fast engine, cuda_graph='post'", "fast engine, cuda_graph='step'")
+# Variants that run only on CUDA, and the like-for-like baseline of a fast variant besides the normal step.
+CUDA_ONLY = ("normal step, CUDA graph", "fast engine, cuda_graph='step'")
+BASELINES = {"fast engine, cuda_graph='step'": "normal step, CUDA graph"}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -297,27 +338,30 @@ BURST = 5  # steps back to back per round of the alternating timing
 
 
 def paired_ratios(cfg, device, precision, variants: list[str], warmup: int, rounds: int) -> dict:
-    """``{variant: ((median, lowest, highest) of the per-round ratios variant / normal step for one step from an
-    idle GPU, the same for BURST steps back to back)}``: the steps built side by side and timed in alternation,
-    so that a change in the host's speed during the run (on the lent machines it can change by half within
-    minutes) hits all alike. One step from an idle GPU exposes all of a step's host time that the GPU does not
-    cover; back to back, as in a training loop, the host's work on a step's start overlaps the GPU's on the
-    previous step's end."""
-    names = ["normal step", *variants]
-    steps = [VARIANTS[name](build_model(cfg).to(device), device, precision, cfg.batch) for name in names]
+    """``{(variant, reference): ((median, lowest, highest) of the per-round ratios variant / reference for one step
+    from an idle GPU, the same for BURST steps back to back)}``, with the normal step as the reference of every
+    variant and, for a variant in BASELINES, its baseline too. The steps are built side by side and timed in
+    alternation, so that a change in the host's speed during the run (on the lent machines it can change by half
+    within minutes) hits all alike. One step from an idle GPU exposes all of a step's host time that the GPU
+    does not cover; back to back, as in a training loop, the host's work on a step's start overlaps the GPU's on
+    the previous step's end."""
+    names = list(dict.fromkeys(["normal step", *variants]))
+    steps = {name: VARIANTS[name](build_model(cfg).to(device), device, precision, cfg.batch) for name in names}
     x, y = make_batch(cfg, cfg.batch, device)
-    for step in steps:
+    for step in steps.values():
         for _ in range(warmup):
             step(x, y)
-    ratios = {name: ([], []) for name in variants}
+    pairs = [(v, "normal step") for v in variants if v != "normal step"]
+    pairs += [(v, BASELINES[v]) for v in variants if BASELINES.get(v) in steps]
+    ratios = {pair: ([], []) for pair in pairs}
     for _ in range(rounds):
         for kind, burst in enumerate((1, BURST)):
-            normal, *others = (time_step(step, x, y, device, burst) for step in steps)
-            for name, seconds in zip(variants, others, strict=True):
-                ratios[name][kind].append(seconds / normal)
+            seconds = {name: time_step(step, x, y, device, burst) for name, step in steps.items()}
+            for variant, reference in pairs:
+                ratios[(variant, reference)][kind].append(seconds[variant] / seconds[reference])
     del steps
     release(device)
-    return {name: tuple((statistics.median(r), min(r), max(r)) for r in kinds) for name, kinds in ratios.items()}
+    return {pair: tuple((statistics.median(r), min(r), max(r)) for r in kinds) for pair, kinds in ratios.items()}
 
 
 def layout_label(layout: tuple[str, bool]) -> str:
@@ -407,6 +451,12 @@ def header(device: torch.device, quick: bool) -> str:
             f"{opacus_version}; max_grad_norm={MAX_GRAD_NORM}, noise_multiplier={NOISE_MULTIPLIER}, AdamW.")
 
 
+def alternation(ratios: tuple, reference: str) -> str:
+    (median, low, high), (burst, burst_low, burst_high) = ratios
+    return (f"in alternation with {reference}: {median:.2f}x one step from idle, {low:.2f}-{high:.2f}; "
+            f"{burst:.2f}x {BURST} steps back to back, {burst_low:.2f}-{burst_high:.2f}")
+
+
 def targets(rows, paired: dict) -> list[str]:
     """The issue's targets for the fast engine on the GPT models: <= 1.3x a normal step's time and <= 1.2x its
     peak memory, faster than Opacus hooks and as lean as Opacus ghost clipping. ``paired``: ``{(config,
@@ -421,11 +471,16 @@ def targets(rows, paired: dict) -> list[str]:
                 continue
             normal_s, normal_peak = fast["normal"]
             line = f"{config}, {precision}: {variant} {fast['seconds'] / normal_s:.2f}x time"
-            if variant in paired.get((config, precision), {}):
-                (median, low, high), (burst, burst_low, burst_high) = paired[(config, precision)][variant]
-                line += (f" (in alternation with the normal step: {median:.2f}x one step from idle, {low:.2f}-"
-                         f"{high:.2f}; {burst:.2f}x {BURST} steps back to back, {burst_low:.2f}-{burst_high:.2f})")
+            measured = paired.get((config, precision), {})
+            if (variant, "normal step") in measured:
+                line += f" ({alternation(measured[(variant, 'normal step')], 'the normal step')})"
             line += f" (target <= 1.3x), {fast['peak'] / normal_peak:.2f}x memory (target <= 1.2x)"
+            baseline = group.get(BASELINES.get(variant))
+            if baseline and not isinstance(baseline["seconds"], str) and baseline["peak"]:
+                line += f"; against the {baseline['variant']}: {fast['seconds'] / baseline['seconds']:.2f}x time"
+                if (variant, baseline["variant"]) in measured:
+                    line += f" ({alternation(measured[(variant, baseline['variant'])], 'it')})"
+                line += f" and {fast['peak'] / baseline['peak']:.2f}x memory"
             if hooks and not isinstance(hooks["seconds"], str):
                 line += f"; {fast['seconds'] / hooks['seconds']:.2f}x the time of Opacus hooks"
             if ghost and not isinstance(ghost["seconds"], str) and ghost["peak"]:
@@ -494,6 +549,10 @@ def main() -> None:
             normal = None
             print(f"{cfg.name}, {precision}", file=sys.stderr)
             for variant in args.variants:
+                if variant in CUDA_ONLY and device.type != "cuda":
+                    rows.append(dict(config=cfg.name, precision=precision, variant=variant, seconds="CUDA only",
+                                     peak=None, normal=normal))
+                    continue
                 label, layout, seconds, peak = measure(cfg, variant, device, precision, args.warmup, args.iters)
                 if variant == "normal step" and not isinstance(seconds, str):
                     normal = (seconds, peak)
@@ -509,6 +568,9 @@ def main() -> None:
     # After every table row, so that the side-by-side steps (CUDA graphs' pools included) weigh on no row's
     # peak memory.
     fast = [v for v in FAST_VARIANTS if v in args.variants]
+    fast += [BASELINES[v] for v in fast if BASELINES.get(v) in args.variants]
+    if device.type != "cuda":
+        fast = [v for v in fast if v not in CUDA_ONLY]
     if args.paired_rounds and "normal step" in args.variants and fast:
         for cfg in configs:
             for precision in args.precisions if cfg.kind == "gpt" else ():

@@ -122,6 +122,10 @@ def _prepare(scores2d, V, target1d, weight, ignore_index, reduction,
         return scale, None, lambda: None
     scale, status, ticket = _ops.target_stats(target1d, V, weight, ignore_index, reduction == "mean",
                                               torch.float64 if scores2d.dtype == torch.float64 else torch.float32)
+    if status.is_cuda and torch.cuda.is_current_stream_capturing():
+        # A CUDA graph being captured cannot wait or copy to a pinned buffer: as under torch.compile, a bad
+        # target's rows hold NaN, and whoever replays the graph checks the targets (see engine/graphed.py).
+        return scale, ticket, lambda: None
     host = None
     if status.is_cuda:
         # A pinned buffer and its event are reused (creating them costs more than a call), each by one pending
@@ -149,6 +153,15 @@ def _prepare(scores2d, V, target1d, weight, ignore_index, reduction,
             raise _out_of_range(value, V, ignore_index, scores_name)
 
     return scale, ticket, finish
+
+
+def check_targets_later(target: Tensor, V: int, ignore_index: int) -> Callable[[], None]:
+    """``finish()`` raising the ValueError of a class index in ``target`` (any shape, integer) outside ``[0, V)``
+    that is not ``ignore_index``: on CUDA one small kernel now and, in ``finish()``, a wait for that kernel only
+    (see :func:`_prepare`), so the caller can queue more work in between."""
+    target1d = target.reshape(-1).long()
+    # The targets stand in for the scores: _prepare takes only their device from them here.
+    return _prepare(target1d, V, target1d, None, ignore_index, "none")[2]
 
 
 def _check(logits, target, weight, ignore_index, reduction, label_smoothing, softcap, z_loss, mask):

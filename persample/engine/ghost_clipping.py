@@ -43,9 +43,10 @@ from torch import Tensor, nn
 from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
 from torch.utils._pytree import tree_flatten, tree_leaves, tree_map_only, tree_unflatten
 
+from persample.cross_entropy import check_targets_later
 from persample.engine import layers  # noqa: F401  (registers the rules)
 from persample.engine.forms import Dense, Form, as_dense, batched_dot, clipped_sum, inner
-from persample.engine.graphed import GraphedPost
+from persample.engine.graphed import GraphedPost, GraphedStep
 from persample.engine.layers import fallback
 from persample.engine.output_grad import loss_and_output_grad
 from persample.engine.registry import Call, Rule, rule_for
@@ -100,6 +101,7 @@ class _Step:
     batch_size: int
     index_ndim: int | None
     strategy: str
+    classes: int | None = None  # what the default loss's targets index, once the output is known
     forms: dict[nn.Parameter, list[Form]] = field(default_factory=dict)
     fallbacks: list[tuple[Call, list, list[nn.Module]]] = field(default_factory=list)
     packed: list[tuple[Tensor, list[nn.Parameter]]] = field(default_factory=list)
@@ -258,6 +260,10 @@ def _as_args(inputs) -> tuple:
     return inputs if isinstance(inputs, tuple) else (inputs,)
 
 
+def _all_cuda(args: tuple, targets: Tensor) -> bool:
+    return all(v.is_cuda for v in tree_leaves((args, targets)) if isinstance(v, Tensor))
+
+
 def _batch_size(inputs) -> int:
     first = next((v for v in tree_leaves(inputs) if isinstance(v, Tensor)), None)
     if first is None or first.ndim == 0 or first.shape[0] == 0:
@@ -286,20 +292,23 @@ class GhostClipping:
             cross-entropy (mean over each example's counted targets, from the fused kernel).
         strategy: ``"auto"`` picks per layer between ghost norms and materialized per-example gradients by
             cost; ``"ghost"`` / ``"materialize"`` force one (for tests and measurements).
-        cuda_graph: on CUDA, run the part after the backward (norms and clipped sums, about a hundred small
-            ops) as a CUDA graph captured once per set of shapes (:mod:`persample.engine.graphed`): for fixed
-            physical batches, where a step of small layers waits on the host. The returned ``grads`` and
-            ``norms`` are then overwritten by the next call with the same shapes, and the factors' size stays
-            allocated between steps.
+        cuda_graph: on CUDA, for fixed physical batches, where a step of small layers waits on the host's
+            Python and launches (:mod:`persample.engine.graphed`). ``"post"``: the part after the backward
+            (norms and clipped sums, about a hundred small ops) runs as a CUDA graph captured once per set of
+            shapes; the factors' size stays allocated between steps. ``"step"``: the whole step (forward,
+            backward and all) is captured and replayed; the model's forward must be capturable, and the step's
+            memory stays in the graph's pool between steps. Either way the returned tensors are overwritten by
+            the next call with the same shapes. ``None`` (default): eager.
 
     Raises:
         TypeError: ``model`` is not an ``nn.Module`` or ``loss_fn`` is not callable.
-        ValueError: ``max_grad_norm`` is not a positive finite number, or an unknown ``strategy``.
+        ValueError: ``max_grad_norm`` is not a positive finite number, or an unknown ``strategy`` or
+            ``cuda_graph``.
     """
 
     def __init__(self, model: nn.Module, *, max_grad_norm: float, ignore_index: int = -100,
                  loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None, strategy: Strategy = "auto",
-                 cuda_graph: bool = False):
+                 cuda_graph: Literal["post", "step"] | None = None):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         if not (isinstance(max_grad_norm, int | float) and 0 < max_grad_norm < float("inf")):
@@ -308,13 +317,17 @@ class GhostClipping:
             raise TypeError(f"loss_fn must be callable or None, got {type(loss_fn).__name__}")
         if strategy not in _STRATEGIES:
             raise ValueError(f"strategy must be one of {_STRATEGIES}, got {strategy!r}")
+        if cuda_graph not in (None, "post", "step"):
+            raise ValueError(f"cuda_graph must be None, 'post' or 'step', got {cuda_graph!r}")
         self.model = model
         self.max_grad_norm = float(max_grad_norm)
         self.ignore_index = ignore_index
         self.loss_fn = loss_fn
         self.strategy = strategy
         self._plan: _Plan | None = None
-        self._graphed = GraphedPost(self._norms_and_clipped_sums) if cuda_graph else None
+        self._graphed = GraphedPost(self._norms_and_clipped_sums) if cuda_graph == "post" else None
+        self._graphed_step = GraphedStep(self._step, self._check_targets, self._graph_state) \
+            if cuda_graph == "step" else None
 
     @torch.no_grad()
     def clipped_grad_sum(self, inputs: Tensor | tuple, targets: Tensor) -> ClippedGradSum:
@@ -324,15 +337,35 @@ class GhostClipping:
         Call it inside ``torch.autocast`` for mixed precision; the gradients come back in the parameters'
         dtype. Hand ``grads`` and ``len(targets)`` to the DP optimizer, which adds the noise and averages.
         """
-        step, losses, finish = self._backward(inputs, targets)
+        args = _as_args(inputs)
+        if self._graphed_step is not None and _all_cuda(args, targets):
+            return self._graphed_step(args, targets)
+        result, finish, _ = self._step(args, targets)
+        finish()
+        return result
+
+    def _step(self, args: tuple, targets: Tensor) -> tuple[ClippedGradSum, Callable[[], None], int | None]:
+        """One step, before its target check: ``(result, finish, classes)`` (see :class:`GraphedStep`)."""
+        step, losses, finish = self._backward(args, targets)
         with _no_autocast(self._plan):
             if self._graphed is not None and losses.is_cuda:
                 norms, grads = self._graphed(step)
             else:
                 norms, grads = self._norms_and_clipped_sums(step)
-        finish()
-        return ClippedGradSum({name: grads[p] if p in grads else torch.zeros_like(p)
-                               for name, p in self._plan.trainable.items()}, norms, losses)
+        result = ClippedGradSum({name: grads[p] if p in grads else torch.zeros_like(p)
+                                 for name, p in self._plan.trainable.items()}, norms, losses)
+        return result, finish, step.classes
+
+    def _check_targets(self, targets: Tensor, classes: int | None) -> Callable[[], None]:
+        if classes is None:  # a custom loss checks its own targets
+            return lambda: None
+        return check_targets_later(targets, classes, self.ignore_index)
+
+    def _graph_state(self) -> tuple:
+        """What a captured step depends on besides its inputs' shapes: autocast, training mode (dropout) and
+        which parameters are trainable."""
+        autocast = torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda")
+        return autocast, self.model.training, tuple(p.requires_grad for p in self.model.parameters())
 
     @torch.no_grad()
     def per_sample_grad_norms(self, inputs: Tensor | tuple, targets: Tensor) -> Tensor:
@@ -396,6 +429,7 @@ class GhostClipping:
             output = self.model(*args)
         losses, output_grad, finish = loss_and_output_grad(output, targets, ignore_index=self.ignore_index,
                                                            loss_fn=self.loss_fn)
+        step.classes = output.shape[-1] if self.loss_fn is None else None
         if output.requires_grad:
             with torch.autocast(output.device.type, enabled=False):
                 torch.autograd.backward(output, output_grad)

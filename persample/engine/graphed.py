@@ -1,5 +1,7 @@
-"""The engine's post-backward — norms, clipping factors and clipped sums — captured once in a CUDA graph and
-replayed (``GhostClipping(..., cuda_graph=True)``).
+"""The engine through CUDA graphs: its post-backward (``GhostClipping(..., cuda_graph="post")``, :class:`GraphedPost`)
+or its whole step (``cuda_graph="step"``, :class:`GraphedStep`), captured once per set of shapes and replayed.
+
+**The post-backward** — norms, clipping factors and clipped sums:
 
 After the backward, a step holds each parameter's per-example gradient in factored form (the stacks, the packed
 Dense block and the remaining forms) and runs about a hundred small ops on them. On a GPU each op is a launch
@@ -15,6 +17,20 @@ every step, the ops can be captured in a CUDA graph once and replayed with one l
 
 The norms and clipped sums come back in the graph's static output buffers: the next call with the same shapes
 overwrites them. The static inputs stay allocated between steps: the factors' size in extra memory.
+
+**The whole step** — forward with the engine's hooks, loss side, backward, post-backward — for a step of small
+layers, where the host's Python and launches take longer than the GPU's work:
+
+1. The inputs and targets are copied into static buffers, the step runs twice eagerly on a side stream (warm-up:
+   kernels compiled, a bad target raises here) and once under capture. Hooks and rules run during the capture
+   only; the parameters are read in place at every replay, so optimizer updates between steps are seen.
+2. Replay: the target check's small kernel runs eagerly on the call's own targets (the graph cannot wait for
+   it), the inputs are copied in, the graph is replayed, and the check is waited for before returning.
+
+Everything the step allocates lives in the graph's private memory pool between replays (about a step's peak),
+and its results are overwritten by the next replay with the same shapes. The model must be capturable: no host
+synchronization, no data-dependent shapes or control flow in its forward. Dropout draws new numbers each replay
+(PyTorch advances the CUDA generator's offset per replay).
 """
 
 import copy
@@ -24,6 +40,7 @@ from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from persample.engine.forms import Dense, Outer, Rows
 from persample.engine.stacks import OuterStack
@@ -120,3 +137,71 @@ class GraphedPost:
         with torch.cuda.graph(graph):
             norms, grads = self.post(rebuild(inputs))
         return _Captured(graph, inputs, norms, grads)
+
+
+Step = Callable[[tuple, Tensor], tuple[object, Callable[[], None], int | None]]
+Check = Callable[[Tensor, int | None], Callable[[], None]]
+
+
+@dataclass
+class _CapturedStep:
+    graph: torch.cuda.CUDAGraph
+    inputs: list[Tensor]
+    result: object
+    classes: int | None
+
+
+class GraphedStep:
+    """``graphed(args, targets) -> result``: ``step`` through CUDA graphs, one per signature of its inputs (see
+    the module docstring).
+
+    ``step(args, targets) -> (result, finish, classes)`` is one engine step: eager, or under capture, where it
+    must not synchronize; ``finish()`` raises for bad targets (a no-op under capture); ``classes`` is the
+    number of classes the targets index (None with a custom loss). ``check(targets, classes) -> finish`` is
+    the target check run eagerly around each replay. ``state()`` is anything else the captured work depends on
+    (autocast, training mode, which parameters are trainable), compared at every call.
+    """
+
+    def __init__(self, step: Step, check: Check, state: Callable[[], tuple], keep: int = 2):
+        self.step = step
+        self.check = check
+        self.state = state
+        self.keep = keep
+        self._captured: OrderedDict[tuple, _CapturedStep] = OrderedDict()
+
+    def __call__(self, args: tuple, targets: Tensor):
+        leaves, spec = tree_flatten((args, targets))
+        tensors = [v for v in leaves if isinstance(v, Tensor)]
+        others = tuple(v for v in leaves if not isinstance(v, Tensor))
+        signature = (spec, others, tuple((t.shape, t.dtype, t.device) for t in tensors), self.state())
+        captured = self._captured.get(signature)
+        if captured is None:
+            captured = self._capture(leaves, spec)
+            self._captured[signature] = captured
+            while len(self._captured) > self.keep:
+                self._captured.popitem(last=False)
+            finish = None
+        else:
+            self._captured.move_to_end(signature)
+            finish = self.check(targets, captured.classes)
+            torch._foreach_copy_(captured.inputs, tensors)
+        captured.graph.replay()
+        if finish is not None:
+            finish()
+        return captured.result
+
+    def _capture(self, leaves: list, spec) -> _CapturedStep:
+        static = [v.clone() if isinstance(v, Tensor) else v for v in leaves]
+        args, targets = tree_unflatten(static, spec)
+        current = torch.cuda.current_stream()
+        side = torch.cuda.Stream()
+        side.wait_stream(current)
+        with torch.cuda.stream(side):
+            for _ in range(2):  # warm-up, off the capture: compiles, allocates workspaces, checks the targets
+                _, finish, _ = self.step(args, targets)
+                finish()
+        current.wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            result, _, classes = self.step(args, targets)
+        return _CapturedStep(graph, [v for v in static if isinstance(v, Tensor)], result, classes)

@@ -311,22 +311,60 @@ def test_graphed_step_structure_round_trip(tied):
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("mode", ["post", "step"])
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_cuda_graph_matches_eager(precision):
-    """cuda_graph=True replays a captured post-backward with each step's data, captures a new shape anew and
-    keeps the last two: the same norms and clipped sums as the eager engine, step after step."""
+def test_cuda_graph_matches_eager(precision, mode):
+    """cuda_graph replays a captured post-backward (or whole step) with each step's data, captures a new shape
+    anew and keeps the last two: the same losses, norms and clipped sums as the eager engine, step after step,
+    while the parameters change in place between steps as an optimizer changes them."""
     model = TinyGPT(d=16, layers=2).cuda()
     eager = GhostClipping(model, max_grad_norm=0.5)
-    graphed = GhostClipping(model, max_grad_norm=0.5, cuda_graph=True)
-    for B in (4, 4, 3, 4, 5):
+    graphed = GhostClipping(model, max_grad_norm=0.5, cuda_graph=mode)
+    for B in (4, 4, 3, 4, 5, 4):
         idx, targets = (t.cuda() for t in tokens(B=B, T=12))
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=precision == "bf16"):
             expected = eager.clipped_grad_sum(idx, targets)
             out = graphed.clipped_grad_sum(idx, targets)
+        torch.testing.assert_close(out.losses, expected.losses, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(out.norms, expected.norms, rtol=1e-5, atol=1e-6)
         for name, g in expected.grads.items():
             torch.testing.assert_close(out.grads[name], g, rtol=1e-5, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
-    assert len(graphed._graphed._captured) == 2
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                p.sub_(0.1 * expected.grads[name])
+    captured = graphed._graphed if mode == "post" else graphed._graphed_step
+    assert len(captured._captured) == 2
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_graph_step_raises_for_a_bad_target_and_stays_usable():
+    """A target outside [0, V) raises ValueError on a replayed step too (checked around the replay), and the
+    next step with good targets is exact."""
+    model = TinyGPT(d=16, layers=2).cuda()
+    eager = GhostClipping(model, max_grad_norm=0.5)
+    graphed = GhostClipping(model, max_grad_norm=0.5, cuda_graph="step")
+    idx, targets = (t.cuda() for t in tokens(B=4, T=12))
+    graphed.clipped_grad_sum(idx, targets)  # captured
+    bad = targets.clone()
+    bad[3, 5] = 24
+    with pytest.raises(ValueError, match="class index 24"):
+        graphed.clipped_grad_sum(idx, bad)
+    out, expected = graphed.clipped_grad_sum(idx, targets), eager.clipped_grad_sum(idx, targets)
+    torch.testing.assert_close(out.norms, expected.norms, rtol=1e-5, atol=1e-6)
+
+
+def test_cuda_graph_step_on_the_cpu_runs_eagerly():
+    model = TinyGPT(layers=2).double()
+    idx, targets = tokens()
+    out = GhostClipping(model, max_grad_norm=0.5, cuda_graph="step").clipped_grad_sum(idx, targets)
+    expected = GhostClipping(model, max_grad_norm=0.5).clipped_grad_sum(idx, targets)
+    torch.testing.assert_close(out.norms, expected.norms, rtol=1e-12, atol=0)
+
+
+def test_cuda_graph_option_is_checked():
+    with pytest.raises(ValueError, match="cuda_graph must be None, 'post' or 'step'"):
+        GhostClipping(TinyGPT(layers=1), max_grad_norm=1.0, cuda_graph=True)
 
 
 def test_dp_optimizer_step_engine_equals_vmap_pipeline(monkeypatch):
