@@ -438,8 +438,12 @@ class GhostClipping:
             if any(g is not None for g in grads):
                 step.add(call, fallback.per_example_grads(call, grads, step.is_batched, constant))
         step.fallbacks.clear()
-        step.stacks = pop_stacks(step.forms)
-        step.pack_dense()
+        # Stacking and packing trade copies for fewer launches. Under CUDA graph capture launches cost nothing
+        # at replay, and the graph's pool did not reuse the memory the copies free within the step (measured:
+        # 1.8 GiB more on GPT-2-small in fp32). The forms are then reduced one parameter at a time.
+        if not (losses.is_cuda and torch.cuda.is_current_stream_capturing()):
+            step.stacks = pop_stacks(step.forms)
+            step.pack_dense()
         return step, losses, finish
 
     def _norms(self, step: _Step) -> Tensor:
