@@ -306,7 +306,10 @@ def failure(error: BaseException) -> str:
 
 def run_once(cfg, variant, layout, device, precision, batch, warmup, iters):
     """(median seconds per step, (peak bytes allocated, peak bytes reserved) or None); raises what the variant
-    raises."""
+    raises. The peaks count from what was held before the variant started: an earlier variant's CUDA graph
+    leaves memory behind that no later one should be charged for (cuBLAS keeps the workspace it allocated in
+    the graph's pool during the capture)."""
+    held = (torch.cuda.memory_allocated(), torch.cuda.memory_reserved()) if device.type == "cuda" else None
     base = build_model(cfg, layout)
     model = copy.deepcopy(base).to(device)
     del base
@@ -319,7 +322,9 @@ def run_once(cfg, variant, layout, device, precision, batch, warmup, iters):
         torch.cuda.reset_peak_memory_stats()
     times = [time_step(step, x, y, device) for _ in range(iters)]
     # Reserved as well: a CUDA graph's pool stays reserved between replays, its blocks not counted as allocated.
-    peak = (torch.cuda.max_memory_allocated(), torch.cuda.max_memory_reserved()) if device.type == "cuda" else None
+    peak = None
+    if device.type == "cuda":
+        peak = (torch.cuda.max_memory_allocated() - held[0], torch.cuda.max_memory_reserved() - held[1])
     return statistics.median(times), peak
 
 
