@@ -176,7 +176,6 @@ def graphed_normal_step(model, device, precision, batch):
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
                 forward_backward(*static)
-            torch.cuda.empty_cache()  # the warm-up's memory, as the engine's cuda_graph does
             captured.update(graph=graph, static=static)
         for buffer, value in zip(captured["static"], (x, y), strict=True):
             buffer.copy_(value)

@@ -22,8 +22,7 @@ overwrites them. The static inputs stay allocated between steps: the factors' si
 layers, where the host's Python and launches take longer than the GPU's work:
 
 1. The inputs and targets are copied into static buffers, the step runs twice eagerly on a side stream (warm-up:
-   kernels compiled, a bad target raises here) and once under capture; the warm-up's cached memory is then
-   handed back to the driver (``torch.cuda.empty_cache``). Hooks and rules run during the capture
+   kernels compiled, a bad target raises here) and once under capture. Hooks and rules run during the capture
    only; the parameters are read in place at every replay, so optimizer updates between steps are seen.
 2. Replay: the target check's small kernel runs eagerly on the call's own targets (the graph cannot wait for
    it), the inputs are copied in, the graph is replayed, and the check is waited for before returning.
@@ -137,7 +136,6 @@ class GraphedPost:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             norms, grads = self.post(rebuild(inputs))
-        torch.cuda.empty_cache()  # the warm-up's memory, cached for the side stream (see GraphedStep._capture)
         return _Captured(graph, inputs, norms, grads)
 
 
@@ -206,7 +204,4 @@ class GraphedStep:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             result, _, classes = self.step(args, targets)
-        # The warm-up's memory stays cached for the side stream, which nothing uses again: about a step's peak
-        # held twice (once there, once in the graph's pool) unless it is handed back.
-        torch.cuda.empty_cache()
         return _CapturedStep(graph, [v for v in static if isinstance(v, Tensor)], result, classes)
