@@ -325,7 +325,7 @@ class GhostClipping:
         self.loss_fn = loss_fn
         self.strategy = strategy
         self._plan: _Plan | None = None
-        self._graphed = GraphedPost(self._norms_and_clipped_sums) if cuda_graph == "post" else None
+        self._graphed = GraphedPost(self._norms_and_clipped_sums, self._graph_state) if cuda_graph == "post" else None
         self._graphed_step = GraphedStep(self._step, self._check_targets, self._graph_state) \
             if cuda_graph == "step" else None
 
@@ -362,10 +362,11 @@ class GhostClipping:
         return check_targets_later(targets, classes, self.ignore_index)
 
     def _graph_state(self) -> tuple:
-        """What a captured step depends on besides its inputs' shapes: autocast, training mode (dropout) and
-        which parameters are trainable."""
+        """What a captured graph depends on besides its inputs' shapes, baked in at capture: the engine's
+        settings, autocast, training mode (dropout) and which parameters are trainable."""
         autocast = torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda")
-        return autocast, self.model.training, tuple(p.requires_grad for p in self.model.parameters())
+        return (self.max_grad_norm, self.ignore_index, self.strategy, autocast, self.model.training,
+                tuple(p.requires_grad for p in self.model.parameters()))
 
     @torch.no_grad()
     def per_sample_grad_norms(self, inputs: Tensor | tuple, targets: Tensor) -> Tensor:

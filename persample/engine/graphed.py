@@ -101,15 +101,18 @@ class _Captured:
 
 class GraphedPost:
     """``post(step) -> (norms, grads)`` through CUDA graphs, one per signature of the step (see the module
-    docstring). ``post`` must only read the step's tensors, launch no host sync and use no random numbers."""
+    docstring). ``post`` must only read the step's tensors, launch no host sync and use no random numbers;
+    ``state()`` is what else it depends on (the clipping bound), compared at every call."""
 
-    def __init__(self, post: Post, keep: int = 2):
+    def __init__(self, post: Post, state: Callable[[], tuple] = tuple, keep: int = 2):
         self.post = post
+        self.state = state
         self.keep = keep
         self._captured: OrderedDict[tuple, _Captured] = OrderedDict()
 
     def __call__(self, step) -> tuple[Tensor, dict]:
         tensors, signature, rebuild = _flatten(step)
+        signature = (signature, self.state())
         captured = self._captured.get(signature)
         if captured is None:
             captured = self._capture(tensors, rebuild)

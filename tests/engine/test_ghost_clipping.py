@@ -360,6 +360,22 @@ def test_cuda_graph_matches_eager(precision, mode, monkeypatch):
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("mode", ["post", "step"])
+def test_cuda_graph_follows_a_changed_clipping_bound(mode):
+    """max_grad_norm is baked into a captured graph: changing it between steps captures anew."""
+    model = TinyGPT(d=16, layers=2).cuda()
+    graphed = GhostClipping(model, max_grad_norm=0.5, cuda_graph=mode)
+    idx, targets = (t.cuda() for t in tokens(B=4, T=12))
+    graphed.clipped_grad_sum(idx, targets)
+    graphed.max_grad_norm = 0.05
+    out = graphed.clipped_grad_sum(idx, targets)
+    expected = GhostClipping(model, max_grad_norm=0.05).clipped_grad_sum(idx, targets)
+    for name, g in expected.grads.items():
+        torch.testing.assert_close(out.grads[name], g, rtol=1e-5, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_graph_step_raises_for_a_bad_target_and_stays_usable():
     """A target outside [0, V) raises ValueError on a replayed step too (checked around the replay), and the
     next step with good targets is exact."""
