@@ -34,6 +34,7 @@ synchronization, no data-dependent shapes or control flow in its forward. Dropou
 """
 
 import copy
+import functools
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -91,6 +92,25 @@ def _flatten(step) -> tuple[list[Tensor], tuple, Callable[[list[Tensor]], object
     return tensors, tuple(signature), rebuild
 
 
+class _Recent(OrderedDict):
+    """The graphs captured for the last ``keep`` signatures."""
+
+    def __init__(self, keep: int):
+        super().__init__()
+        self.keep = keep
+
+    def get_or_capture(self, signature: tuple, capture: Callable[[], object]) -> tuple[object, bool]:
+        """``(entry, fresh)``: the entry of ``signature``, made by ``capture()`` (``fresh``) if there is none."""
+        entry = self.get(signature)
+        if entry is not None:
+            self.move_to_end(signature)
+            return entry, False
+        entry = self[signature] = capture()
+        while len(self) > self.keep:
+            self.popitem(last=False)
+        return entry, True
+
+
 @dataclass
 class _Captured:
     graph: torch.cuda.CUDAGraph
@@ -107,20 +127,13 @@ class GraphedPost:
     def __init__(self, post: Post, state: Callable[[], tuple] = tuple, keep: int = 2):
         self.post = post
         self.state = state
-        self.keep = keep
-        self._captured: OrderedDict[tuple, _Captured] = OrderedDict()
+        self._captured = _Recent(keep)
 
     def __call__(self, step) -> tuple[Tensor, dict]:
         tensors, signature, rebuild = _flatten(step)
-        signature = (signature, self.state())
-        captured = self._captured.get(signature)
-        if captured is None:
-            captured = self._capture(tensors, rebuild)
-            self._captured[signature] = captured
-            while len(self._captured) > self.keep:
-                self._captured.popitem(last=False)
-        else:
-            self._captured.move_to_end(signature)
+        captured, fresh = self._captured.get_or_capture((signature, self.state()),
+                                                        functools.partial(self._capture, tensors, rebuild))
+        if not fresh:
             torch._foreach_copy_(captured.inputs, tensors)
         del tensors
         step.packed, step.stacks, step.forms = [], [], {}  # the step's own factors are no longer needed
@@ -169,23 +182,16 @@ class GraphedStep:
         self.step = step
         self.check = check
         self.state = state
-        self.keep = keep
-        self._captured: OrderedDict[tuple, _CapturedStep] = OrderedDict()
+        self._captured = _Recent(keep)
 
     def __call__(self, args: tuple, targets: Tensor):
         leaves, spec = tree_flatten((args, targets))
         tensors = [v for v in leaves if isinstance(v, Tensor)]
         others = tuple(v for v in leaves if not isinstance(v, Tensor))
         signature = (spec, others, tuple((t.shape, t.dtype, t.device) for t in tensors), self.state())
-        captured = self._captured.get(signature)
-        if captured is None:
-            captured = self._capture(leaves, spec)
-            self._captured[signature] = captured
-            while len(self._captured) > self.keep:
-                self._captured.popitem(last=False)
-            finish = None
-        else:
-            self._captured.move_to_end(signature)
+        captured, fresh = self._captured.get_or_capture(signature, lambda: self._capture(leaves, spec))
+        finish = None
+        if not fresh:  # a fresh capture checked the targets in its warm-up
             finish = self.check(targets, captured.classes)
             torch._foreach_copy_(captured.inputs, tensors)
         captured.graph.replay()

@@ -1,0 +1,85 @@
+"""The CUDA-graph wrappers' bookkeeping (persample/engine/graphed.py), on the CPU: which call captures, which
+replays, what is copied and checked. The graphs themselves are exercised on CUDA in test_ghost_clipping.py."""
+
+import torch
+
+from persample.engine import graphed
+from persample.engine.graphed import GraphedStep, _Recent
+
+
+def test_recent_keeps_the_last_signatures():
+    recent = _Recent(keep=2)
+    made = []
+
+    def capture(name):
+        return lambda: made.append(name) or name
+
+    assert recent.get_or_capture("a", capture("a")) == ("a", True)
+    assert recent.get_or_capture("b", capture("b")) == ("b", True)
+    assert recent.get_or_capture("a", capture("a2")) == ("a", False)  # used again: now the most recent
+    assert recent.get_or_capture("c", capture("c")) == ("c", True)  # evicts "b", the least recent
+    assert list(recent) == ["a", "c"] and made == ["a", "b", "c"]
+
+
+class _FakeGraph:
+    def __init__(self):
+        self.replays = 0
+
+    def replay(self):
+        self.replays += 1
+
+
+def test_graphed_step_captures_once_per_signature_then_checks_copies_and_replays(monkeypatch):
+    captures, checks = [], []
+
+    def fake_capture(self, leaves, spec):
+        captures.append([v.clone() for v in leaves])
+        static = [v.clone() for v in leaves]
+        return graphed._CapturedStep(_FakeGraph(), static, f"result {len(captures)}", 7)
+
+    def check(targets, classes):
+        checks.append((targets.clone(), classes))
+        return lambda: checks.append("finished")
+
+    monkeypatch.setattr(GraphedStep, "_capture", fake_capture)
+    state = {"value": 0}
+    step = GraphedStep(step=None, check=check, state=lambda: (state["value"],))
+    x, y = torch.zeros(2, 3), torch.zeros(2, dtype=torch.long)
+
+    assert step((x,), y) == "result 1"  # captured: its warm-up checked the targets, no check here
+    assert len(captures) == 1 and checks == []
+    first = step._captured[next(iter(step._captured))]
+    assert first.graph.replays == 1
+
+    x2, y2 = torch.ones(2, 3), torch.ones(2, dtype=torch.long)
+    assert step((x2,), y2) == "result 1"  # same shapes: checked, copied in, replayed
+    assert len(captures) == 1 and first.graph.replays == 2
+    assert torch.equal(checks[0][0], y2) and checks[0][1] == 7 and checks[1] == "finished"
+    assert torch.equal(first.inputs[0], x2) and torch.equal(first.inputs[1], y2)
+
+    assert step((torch.zeros(4, 3),), torch.zeros(4, dtype=torch.long)) == "result 2"  # new shapes
+    state["value"] = 1
+    assert step((x,), y) == "result 3"  # same shapes, another state (a setting changed)
+    assert len(step._captured) == 2
+
+
+def test_graphed_post_copies_a_later_steps_factors_into_the_captured_inputs(monkeypatch):
+    from persample.engine import GhostClipping
+    from persample.engine.graphed import GraphedPost
+    from tests.engine.models import TinyGPT
+
+    def fake_capture(self, tensors, rebuild):
+        return graphed._Captured(_FakeGraph(), [t.clone() for t in tensors], "norms", {"grads": None})
+
+    monkeypatch.setattr(GraphedPost, "_capture", fake_capture)
+    model = TinyGPT(layers=2).double()
+    engine = GhostClipping(model, max_grad_norm=0.5)
+    post = GraphedPost(engine._norms_and_clipped_sums)
+    idx, targets = torch.randint(0, 24, (4, 6)), torch.randint(0, 24, (4, 6))
+    assert post(engine._backward(idx, targets)[0]) == ("norms", {"grads": None})
+    step = engine._backward(torch.randint(0, 24, (4, 6)), targets)[0]
+    tensors = [t.clone() for t in graphed._flatten(step)[0]]
+    post(step)
+    (captured,) = post._captured.values()
+    assert captured.graph.replays == 2 and not step.forms and not step.stacks
+    assert all(torch.equal(a, b) for a, b in zip(captured.inputs, tensors, strict=True))
