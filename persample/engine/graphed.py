@@ -188,6 +188,11 @@ class GraphedStep:
         leaves, spec = tree_flatten((args, targets))
         tensors = [v for v in leaves if isinstance(v, Tensor)]
         others = tuple(v for v in leaves if not isinstance(v, Tensor))
+        try:
+            hash(others)
+        except TypeError:
+            raise ValueError("cuda_graph='step' keys its graphs on the inputs' non-tensor values, which must be "
+                             f"hashable; got {[type(v).__name__ for v in others]}") from None
         signature = (spec, others, tuple((t.shape, t.dtype, t.device) for t in tensors), self.state())
         captured, fresh = self._captured.get_or_capture(signature, lambda: self._capture(leaves, spec))
         finish = None

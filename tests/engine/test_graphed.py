@@ -1,6 +1,7 @@
 """The CUDA-graph wrappers' bookkeeping (persample/engine/graphed.py), on the CPU: which call captures, which
 replays, what is copied and checked. The graphs themselves are exercised on CUDA in test_ghost_clipping.py."""
 
+import pytest
 import torch
 
 from persample.engine import graphed
@@ -83,3 +84,9 @@ def test_graphed_post_copies_a_later_steps_factors_into_the_captured_inputs(monk
     (captured,) = post._captured.values()
     assert captured.graph.replays == 2 and not step.forms and not step.stacks
     assert all(torch.equal(a, b) for a, b in zip(captured.inputs, tensors, strict=True))
+
+
+def test_graphed_step_names_unhashable_inputs():
+    step = GraphedStep(step=None, check=None, state=tuple)
+    with pytest.raises(ValueError, match=r"must be hashable; got \['set'\]"):
+        step((torch.zeros(2, 3), {"ids": {1, 2}}), torch.zeros(2, dtype=torch.long))
