@@ -27,8 +27,8 @@ Kernels:
     and sum of exp over the row (online across blocks when the row is longer than one block), the loss,
     the log-sum-exp and, with ``WITH_GRAD``, the gradient times a scale (one for all rows, or with
     ``ROW_SCALE`` one per row): from registers when the row fits one block, else from a second sweep that
-    mostly hits L2. With ``REDUCE`` the last program to finish
-    also writes the scaled sum of the rows' losses (the mean or sum reduction, without another launch).
+    mostly hits L2. With ``REDUCE`` the last program to finish also writes the scaled sum of the rows'
+    losses (the mean or sum reduction, without another launch).
   * ``_cross_entropy_bwd_kernel`` — the gradient alone from a saved log-sum-exp, scaled per row by an
     upstream gradient: elementwise, one program per chunk of a row.
   * ``_scale_kernel`` — multiply a buffer in place by a device scalar, doing nothing when it is 1.
@@ -38,7 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import interpreting, launch
+from .launch import acc_dtype, cdiv, interpreting, launch, next_power_of_2, sm_count
 
 
 @triton.jit
@@ -305,15 +305,6 @@ def _scale_kernel(x_ptr, scale_ptr, n, BLOCK: tl.constexpr, ACC: tl.constexpr):
             tl.store(x_ptr + offs, (x * scale).to(x_ptr.dtype.element_ty), mask=in_range)
 
 
-def _next_power_of_2(n: int) -> int:
-    # triton.next_power_of_2 and triton.cdiv are jitted functions: a few µs of host time per call.
-    return 1 << (n - 1).bit_length()
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
 def _launch_config(V: int, element_size: int) -> tuple[int, int, int, bool]:
     """For the forward: (block over the vocabulary, warps per program, programs per multiprocessor with
     0 = one per row, prefetch of the next row).
@@ -324,8 +315,8 @@ def _launch_config(V: int, element_size: int) -> tuple[int, int, int, bool]:
     cross block boundaries. Tuned on an H100 with benchmarks/cross_entropy.py --sweep.
     """
     if interpreting():
-        return min(_next_power_of_2(V), 64), 1, 0, False
-    block = _next_power_of_2(V)
+        return min(next_power_of_2(V), 64), 1, 0, False
+    block = next_power_of_2(V)
     if block * element_size <= 65536:
         if block * element_size >= 32768:  # one program per SM, loading row i + 1 while it works on row i
             return block, 32, 1, True
@@ -339,29 +330,15 @@ def _bwd_config(V: int, element_size: int) -> tuple[int, int]:
     """For the backward, which is elementwise once the log-sum-exp is known: (chunk of a row per program,
     warps per program)."""
     if interpreting():
-        return min(_next_power_of_2(V), 64), 1
-    return min(_next_power_of_2(V), 8192), 4
-
-
-_sm_counts: dict[int, int] = {}
-
-
-def _sm_count(device: torch.device) -> int:
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    sms = _sm_counts.get(index)
-    if sms is None:
-        sms = _sm_counts[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    return sms
+        return min(next_power_of_2(V), 64), 1
+    return min(next_power_of_2(V), 8192), 4
 
 
 def _grid(N: int, device: torch.device, programs_per_sm: int) -> tuple[int]:
     if programs_per_sm == 0 or device.type != "cuda":
         return (N,)
-    return (min(N, _sm_count(device) * programs_per_sm),)
+    return (min(N, sm_count(device) * programs_per_sm),)
 
-
-def _acc_dtype(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
 
 
 def cross_entropy_fwd(
@@ -426,7 +403,7 @@ def cross_entropy_fwd(
         reduced if reduce_in_kernel else loss, reduce_ticket if reduce_in_kernel else target,
         N, V, ignore_index, label_smoothing, softcap, z_loss,
         HAS_WEIGHT=weight is not None, HAS_SOFTCAP=softcap > 0, HAS_SMOOTHING=label_smoothing > 0,
-        WITH_GRAD=with_grad, SINGLE_BLOCK=block >= V, BLOCK_V=block, ACC=_acc_dtype(logits.dtype),
+        WITH_GRAD=with_grad, SINGLE_BLOCK=block >= V, BLOCK_V=block, ACC=acc_dtype(logits.dtype),
         PREFETCH=prefetch and block >= V and programs_per_sm > 0, REDUCE=reduce_in_kernel,
         REDUCE_BLOCK=64 if block <= 64 else 1024, ROW_SCALE=row_scale, num_warps=num_warps,
     )
@@ -456,14 +433,14 @@ def cross_entropy_bwd(
     if N == 0:
         return grad
     chunk, num_warps = _bwd_config(V, logits.element_size())
-    chunks = _cdiv(V, chunk)
+    chunks = cdiv(V, chunk)
     launch(
         _cross_entropy_bwd_kernel, (N * chunks,),
         logits, logits.stride(0), target, weight if weight is not None else logits,
         weight_sum if weight_sum is not None else lse, lse, grad_rows, grad_rows.stride(0), grad, grad.stride(0),
         V, ignore_index, label_smoothing, softcap, z_loss,
         HAS_WEIGHT=weight is not None, HAS_SOFTCAP=softcap > 0, CHUNKS=chunks, CHUNK=chunk,
-        ACC=_acc_dtype(logits.dtype), num_warps=num_warps,
+        ACC=acc_dtype(logits.dtype), num_warps=num_warps,
     )
     return grad
 
@@ -473,8 +450,8 @@ def scale_(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     n = x.numel()
     if n:
         block = 1024 if interpreting() else 8192
-        programs = _cdiv(n, block)
+        programs = cdiv(n, block)
         if x.is_cuda:
-            programs = min(programs, 4 * _sm_count(x.device))
-        launch(_scale_kernel, (programs,), x, scale, n, BLOCK=block, ACC=_acc_dtype(x.dtype), num_warps=8)
+            programs = min(programs, 4 * sm_count(x.device))
+        launch(_scale_kernel, (programs,), x, scale, n, BLOCK=block, ACC=acc_dtype(x.dtype), num_warps=8)
     return x

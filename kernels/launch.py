@@ -9,11 +9,14 @@ compiled kernel itself, and the cross-entropy launches two or three kernels per 
 :func:`launch` keeps its own cache from a key that holds everything Triton specializes on (and a little
 more, which only costs an extra compilation), so a hit launches the compiled kernel directly. A kernel
 that Triton's interpreter runs (``TRITON_INTERPRET=1`` when it was defined) is called the ordinary way.
+
+The small helpers below serve every op file's launcher: block sizes, grid sizes and the accumulation dtype.
 """
 
 import os
 
 import torch
+import triton.language as tl
 from triton.runtime.jit import JITFunction
 
 _compiled: dict[tuple, tuple] = {}
@@ -22,6 +25,32 @@ _compiled: dict[tuple, tuple] = {}
 def interpreting() -> bool:
     """Whether Triton runs kernels through its CPU interpreter (``TRITON_INTERPRET=1``)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def next_power_of_2(n: int) -> int:
+    # triton.next_power_of_2 and triton.cdiv are jitted functions: a few µs of host time per call.
+    return 1 << (n - 1).bit_length()
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+_sm_counts: dict[int, int] = {}
+
+
+def sm_count(device: torch.device) -> int:
+    """The multiprocessor count of a CUDA ``device``, looked up once per device."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    sms = _sm_counts.get(index)
+    if sms is None:
+        sms = _sm_counts[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return sms
+
+
+def acc_dtype(dtype: torch.dtype):
+    """The Triton dtype kernels accumulate in for tensors of ``dtype``: float64 for float64, else float32."""
+    return tl.float64 if dtype == torch.float64 else tl.float32
 
 
 def _arg_key(arg) -> tuple:

@@ -19,8 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .cross_entropy import _acc_dtype, _cdiv, _next_power_of_2, _sm_count
-from .launch import interpreting, launch
+from .launch import acc_dtype, cdiv, interpreting, launch, next_power_of_2, sm_count
 
 MAX_FEATURES = 16384  # one row in registers; wider rows take the PyTorch path
 
@@ -57,7 +56,7 @@ def _norm_affine_grads_kernel(
 
 def _runs(B: int, P: int, device: torch.device) -> int:
     """How many runs of positions per example: enough programs for two waves of the GPU's SMs."""
-    return max(1, min(P, _cdiv(2 * _sm_count(device), B))) if device.type == "cuda" else 1
+    return max(1, min(P, cdiv(2 * sm_count(device), B))) if device.type == "cuda" else 1
 
 
 def norm_affine_grads(x: torch.Tensor, g: torch.Tensor, eps: float, center: bool,
@@ -76,14 +75,14 @@ def norm_affine_grads(x: torch.Tensor, g: torch.Tensor, eps: float, center: bool
         x = x.contiguous()
     if g.stride(-1) != 1:
         g = g.contiguous()
-    rows_per_program = _cdiv(P, min(P, runs or _runs(B, P, x.device)))
-    runs = _cdiv(P, rows_per_program)
+    rows_per_program = cdiv(P, min(P, runs or _runs(B, P, x.device)))
+    runs = cdiv(P, rows_per_program)
     out = torch.empty(runs, 2, B, D, dtype=acc, device=x.device)
     launch(
         _norm_affine_grads_kernel, (B, runs),
         x, g, out, B, P, D, rows_per_program, float(eps),
         x.stride(0), x.stride(1), g.stride(0), g.stride(1),
-        CENTER=center, BLOCK_D=max(16, _next_power_of_2(D)), ACC=_acc_dtype(acc),
+        CENTER=center, BLOCK_D=max(16, next_power_of_2(D)), ACC=acc_dtype(acc),
         num_warps=1 if interpreting() else (4 if D <= 2048 else 8),
     )
     return out[0] if runs == 1 else out.sum(0)

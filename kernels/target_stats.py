@@ -18,8 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .cross_entropy import _acc_dtype
-from .launch import interpreting, launch
+from .launch import acc_dtype, interpreting, launch
 
 
 @triton.jit
@@ -63,7 +62,7 @@ def target_stats(
     launch(
         _target_stats_kernel, (1,),
         target, weight if weight is not None else scale, scale, status, target.numel(), V, ignore_index,
-        HAS_WEIGHT=weight is not None, MEAN=mean, BLOCK=64 if interpreting() else 2048, ACC=_acc_dtype(acc),
+        HAS_WEIGHT=weight is not None, MEAN=mean, BLOCK=64 if interpreting() else 2048, ACC=acc_dtype(acc),
         num_warps=8,
     )
     return scale, status[:2], status[2:]
