@@ -308,9 +308,10 @@ def with_grad_check_later(logits: Tensor, target: Tensor, *, weight: Tensor | No
         if reduction != "none":
             raise ValueError(f"row_scale needs reduction='none', got {reduction!r}")
         rows = row_scale.to(scale.dtype).expand(shape).reshape(-1)
-        # Under transforms the op batches rows and a per-row scale would not follow them: scale afterwards.
-        scale_after = rows if _transforms_active() else None
-        scale = scale if scale_after is not None else rows.contiguous()
+        if _transforms_active():  # the op batches rows there, and a per-row scale would not follow them
+            scale_after = rows
+        else:
+            scale = rows.contiguous()
     loss_rows, _, grad = _ops.with_grad(
         logits2d.detach(), target1d, weight, weight_sum, scale,
         *_options(ignore_index, label_smoothing, softcap, z_loss))

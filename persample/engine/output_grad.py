@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from persample.cross_entropy import with_grad_check_later
+from persample.engine.forms import acc_dtype
 
 
 def loss_and_output_grad(output: Tensor, targets: Tensor, *, ignore_index: int,
@@ -49,8 +50,7 @@ def loss_and_output_grad(output: Tensor, targets: Tensor, *, ignore_index: int,
     if not isinstance(targets, Tensor) or tuple(targets.shape) != tuple(output.shape[:-1]):
         raise ValueError(f"targets must have shape {tuple(output.shape[:-1])} (the logits' shape without the "
                          f"class dimension), got {tuple(getattr(targets, 'shape', ())) or type(targets).__name__}")
-    acc = torch.float64 if output.dtype == torch.float64 else torch.float32
-    counted = (targets != ignore_index).reshape(B, -1).sum(1, dtype=acc)
+    counted = (targets != ignore_index).reshape(B, -1).sum(1, dtype=acc_dtype(output))
     # An example with no counted target has loss rows and gradient rows of 0 already: any scale keeps them 0.
     scale = counted.clamp_min(1).reciprocal()
     # The kernel scales each row's gradient by its example's 1 / count_b as it writes it.
