@@ -471,7 +471,7 @@ def alternation(ratios: tuple, reference: str) -> str:
 def targets(rows, paired: dict) -> list[str]:
     """The issue's targets for the fast engine on the GPT models: <= 1.3x a normal step's time and <= 1.2x its
     peak memory, faster than Opacus hooks and as lean as Opacus ghost clipping. ``paired``: ``{(config,
-    precision): {variant: ...}}`` from :func:`paired_ratios`."""
+    precision): {(variant, reference): ...}}`` from :func:`paired_ratios`."""
     lines = []
     for (config, precision) in dict.fromkeys((r["config"], r["precision"]) for r in rows if "GPT" in r["config"]):
         group = {r["variant"].split(" [")[0]: r for r in rows if (r["config"], r["precision"]) == (config, precision)}
