@@ -28,7 +28,10 @@ Kernels:
     the log-sum-exp and, with ``WITH_GRAD``, the gradient times a scale (one for all rows, or with
     ``ROW_SCALE`` one per row): from registers when the row fits one block, else from a second sweep that
     mostly hits L2. With ``REDUCE`` the last program to finish also writes the scaled sum of the rows'
-    losses (the mean or sum reduction, without another launch).
+    losses (the mean or sum reduction, without another launch). The scale comes from a tensor, is 1, or
+    (``SCALE_MEAN``, on a persistent grid) is the mean's, from the kernel's own pass over the targets;
+    with ``CHECK`` program 0 starts with that pass and writes the range check's verdict, so no other
+    kernel runs before this one (:func:`cross_entropy_fused`).
   * ``_cross_entropy_bwd_kernel`` — the gradient alone from a saved log-sum-exp, scaled per row by an
     upstream gradient: elementwise, one program per chunk of a row.
   * ``_scale_kernel`` — multiply a buffer in place by a device scalar, doing nothing when it is 1.
@@ -39,6 +42,11 @@ import triton
 import triton.language as tl
 
 from .launch import acc_dtype, cdiv, interpreting, launch, next_power_of_2, sm_count
+from .target_stats import mean_scale, scan_block, scan_targets, store_verdict, target_stats
+
+# Where the forward kernel's scale (of the gradient and of the reduced loss) comes from: a tensor, the
+# constant 1, or the kernel's own pass over the targets (the mean's 1 / sum of the counted weights).
+SCALE_LOADED, SCALE_ONE, SCALE_MEAN = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
 
 
 @triton.jit
@@ -152,32 +160,50 @@ def _smoothing_block(s, offs, in_row, weight_ptr, HAS_WEIGHT: tl.constexpr, ACC:
 @triton.jit
 def _cross_entropy_fwd_kernel(
     x_ptr, x_row_stride, target_ptr, weight_ptr, weight_sum_ptr, scale_ptr,
-    loss_ptr, lse_ptr, g_ptr, g_row_stride, reduced_ptr, ticket_ptr,
+    loss_ptr, lse_ptr, g_ptr, g_row_stride, reduced_ptr, ticket_ptr, verdict_ptr,
     N, V, ignore_index, label_smoothing, softcap, z_loss,
     HAS_WEIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
     WITH_GRAD: tl.constexpr, SINGLE_BLOCK: tl.constexpr, BLOCK_V: tl.constexpr, ACC: tl.constexpr,
-    PREFETCH: tl.constexpr, REDUCE: tl.constexpr, REDUCE_BLOCK: tl.constexpr, ROW_SCALE: tl.constexpr,
+    PREFETCH: tl.constexpr, REDUCE: tl.constexpr, ROWS_BLOCK: tl.constexpr, SCALE: tl.constexpr,
+    ROW_SCALE: tl.constexpr, CHECK: tl.constexpr,
 ):
     # Persistent over rows: a grid sized to the machine keeps few rows in flight, so that the second
     # sweep over a row finds it in L2. With SINGLE_BLOCK (BLOCK_V >= V) the row is read once and stays
     # in registers for the gradient; with PREFETCH (SINGLE_BLOCK and a persistent grid) the load of the
     # program's next row is issued before the reductions of this one, so memory stays busy while a
     # program that holds a whole row (one per SM) reduces it. Prefetched ignored rows are never used.
-    if WITH_GRAD or REDUCE:
-        scale = tl.load(scale_ptr).to(ACC)
-    else:
-        scale = tl.full([], 1.0, ACC)
-    if HAS_WEIGHT:
-        weight_sum = tl.load(weight_sum_ptr).to(ACC)
-    else:
-        weight_sum = V * 1.0
-    eps_over_v = label_smoothing / V
     pid = tl.program_id(0).to(tl.int64)
     P = tl.num_programs(0)
     offs0 = tl.arange(0, BLOCK_V)
     if PREFETCH:
         x_next = tl.load(x_ptr + pid * x_row_stride + offs0, mask=offs0 < tl.where(pid < N, V, 0),
                          other=float("-inf"))
+    # The targets' pass (target_stats.py), when no kernel ran it before this one: with SCALE_MEAN every
+    # program sums the same weights in the same order (all get the same scale); program 0 writes the scale
+    # and, first thing, the verdict of the range check, which a host may be polling for.
+    if SCALE == SCALE_MEAN:
+        counted_weight, first_bad = scan_targets(target_ptr, weight_ptr, N, V, ignore_index, HAS_WEIGHT, True,
+                                                 ROWS_BLOCK, ACC)
+        scale = mean_scale(counted_weight)
+        if pid == 0:
+            if CHECK:
+                store_verdict(verdict_ptr, first_bad, N)
+            tl.store(scale_ptr, scale)
+    else:
+        if CHECK:
+            if pid == 0:
+                _, first_bad = scan_targets(target_ptr, weight_ptr, N, V, ignore_index, HAS_WEIGHT, False,
+                                            ROWS_BLOCK, ACC)
+                store_verdict(verdict_ptr, first_bad, N)
+        if SCALE == SCALE_LOADED:
+            scale = tl.load(scale_ptr).to(ACC)
+        else:
+            scale = tl.full([], 1.0, ACC)
+    if HAS_WEIGHT:
+        weight_sum = tl.load(weight_sum_ptr).to(ACC)
+    else:
+        weight_sum = V * 1.0
+    eps_over_v = label_smoothing / V
     for first in range(0, N, P):
         row = first + pid
         if PREFETCH:
@@ -250,13 +276,15 @@ def _cross_entropy_fwd_kernel(
     if REDUCE:
         # The last program to finish writes scale * sum of the rows' losses, summed in a fixed order
         # (reproducible, unlike float atomics). Its ticket is an acquire-release atomic, which makes every
-        # other program's loss stores, made before their own tickets, visible to its loads.
+        # other program's loss stores, made before their own tickets, visible to its loads. It then puts
+        # the ticket back to 0, so that the next launch on the stream can use the same one.
         if tl.atomic_add(ticket_ptr, 1) == P - 1:
-            total = tl.zeros([REDUCE_BLOCK], ACC)
-            for start in range(0, N, REDUCE_BLOCK):
-                offs = start + tl.arange(0, REDUCE_BLOCK)
+            total = tl.zeros([ROWS_BLOCK], ACC)
+            for start in range(0, N, ROWS_BLOCK):
+                offs = start + tl.arange(0, ROWS_BLOCK)
                 total += tl.load(loss_ptr + offs, mask=offs < N, other=0.0).to(ACC)
             tl.store(reduced_ptr, (tl.sum(total, 0) * scale).to(reduced_ptr.dtype.element_ty))
+            tl.store(ticket_ptr, 0)
 
 
 @triton.jit
@@ -341,6 +369,35 @@ def _grid(N: int, device: torch.device, programs_per_sm: int) -> tuple[int]:
 
 
 
+def _launch_fwd(logits, target, weight, weight_sum, scale, loss, lse, grad, reduced, ticket, verdict, options,
+                config, *, scale_mode, row_scale=False):
+    """Launches the forward kernel; ``grad``, ``reduced``, ``ticket``, ``verdict`` may be None (not asked for)."""
+    N, V = logits.shape
+    ignore_index, label_smoothing, softcap, z_loss = options
+    block, num_warps, grid, prefetch = config
+    launch(
+        _cross_entropy_fwd_kernel, grid,
+        logits, logits.stride(0), target, weight if weight is not None else logits,
+        weight_sum if weight_sum is not None else loss, scale if scale is not None else loss,
+        loss, lse, grad if grad is not None else loss, grad.stride(0) if grad is not None else 0,
+        reduced if reduced is not None else loss, ticket if ticket is not None else target,
+        verdict if verdict is not None else target,
+        N, V, ignore_index, label_smoothing, softcap, z_loss,
+        HAS_WEIGHT=weight is not None, HAS_SOFTCAP=softcap > 0, HAS_SMOOTHING=label_smoothing > 0,
+        WITH_GRAD=grad is not None, SINGLE_BLOCK=block >= V, BLOCK_V=block, ACC=acc_dtype(logits.dtype),
+        PREFETCH=prefetch, REDUCE=reduced is not None, ROWS_BLOCK=64 if block <= 64 else scan_block(),
+        SCALE=scale_mode.value, ROW_SCALE=row_scale, CHECK=verdict is not None, num_warps=num_warps,
+    )
+
+
+def _config(logits: torch.Tensor) -> tuple[int, int, tuple[int], bool]:
+    """(block, warps, grid, prefetch) of the forward kernel for these logits."""
+    N, V = logits.shape
+    block, num_warps, programs_per_sm, prefetch = _launch_config(V, logits.element_size())
+    grid = _grid(N, logits.device, programs_per_sm)
+    return block, num_warps, grid, prefetch and block >= V and programs_per_sm > 0
+
+
 def cross_entropy_fwd(
     logits: torch.Tensor,
     target: torch.Tensor,
@@ -364,7 +421,7 @@ def cross_entropy_fwd(
     ``reduce_ticket``), or None when neither the gradient nor the reduction is asked for; softcap: 0 for none.
     ``out``: (N, V) buffer for the gradient with unit stride over V; it may be ``logits`` itself, since each
     program reads every element of its row before writing it.
-    ``reduce_ticket``: a one-element int64 tensor holding 0, used up by the call (see ``REDUCE``).
+    ``reduce_ticket``: a one-element int64 tensor holding 0 (see ``REDUCE``); the kernel leaves it at 0.
     ``loss_dtype``: of the per-row loss, float32 (float64 for float64 logits) by default.
     Returns loss (N,), lse (N,) in float32 (float64 for float64 logits), the gradient (N, V) in the logits'
     dtype or None, and the reduced loss (a 0-dim tensor in the logits' dtype) or None.
@@ -378,38 +435,94 @@ def cross_entropy_fwd(
     if row_scale and (reduce or grad_scale.shape != (N,)):
         raise ValueError(f"grad_scale must have one element, or one per row ({N},) without a reduction; got "
                          f"{tuple(grad_scale.shape)}")
-    block, num_warps, programs_per_sm, prefetch = _launch_config(V, logits.element_size())
-    grid = _grid(N, logits.device, programs_per_sm)
+    config = _config(logits)
     # The kernel reduces only on a persistent grid: with a program per row, every program's ticket would
     # wait for all of its gradient stores, which costs more than the PyTorch ops below.
-    reduce_in_kernel = reduce and grid[0] < N
+    reduce_in_kernel = reduce and config[2][0] < N
     loss = torch.empty(N, dtype=loss_dtype or acc, device=logits.device)
     lse = torch.empty(N, dtype=acc, device=logits.device)
-    if not with_grad:
-        grad = loss
-    elif out is not None:
-        grad = out
-    else:
-        grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
+    grad = None
+    if with_grad:
+        grad = out if out is not None else torch.empty_like(logits, memory_format=torch.contiguous_format)
     if N == 0:
         reduced = torch.zeros((), dtype=logits.dtype, device=logits.device) if reduce else None
-        return loss, lse, grad if with_grad else None, reduced
+        return loss, lse, grad, reduced
     reduced = torch.empty((), dtype=logits.dtype, device=logits.device) if reduce_in_kernel else None
-    launch(
-        _cross_entropy_fwd_kernel, grid,
-        logits, logits.stride(0), target, weight if weight is not None else logits,
-        weight_sum if weight_sum is not None else loss, grad_scale if grad_scale is not None else loss,
-        loss, lse, grad, grad.stride(0) if with_grad else 0,
-        reduced if reduce_in_kernel else loss, reduce_ticket if reduce_in_kernel else target,
-        N, V, ignore_index, label_smoothing, softcap, z_loss,
-        HAS_WEIGHT=weight is not None, HAS_SOFTCAP=softcap > 0, HAS_SMOOTHING=label_smoothing > 0,
-        WITH_GRAD=with_grad, SINGLE_BLOCK=block >= V, BLOCK_V=block, ACC=acc_dtype(logits.dtype),
-        PREFETCH=prefetch and block >= V and programs_per_sm > 0, REDUCE=reduce_in_kernel,
-        REDUCE_BLOCK=64 if block <= 64 else 1024, ROW_SCALE=row_scale, num_warps=num_warps,
-    )
+    _launch_fwd(logits, target, weight, weight_sum, grad_scale, loss, lse, grad, reduced,
+                reduce_ticket if reduce_in_kernel else None, None,
+                (ignore_index, label_smoothing, softcap, z_loss), config,
+                scale_mode=SCALE_LOADED if grad_scale is not None else SCALE_ONE, row_scale=row_scale)
     if reduce and not reduce_in_kernel:
         reduced = torch.dot(loss, grad_scale.expand(N)).to(logits.dtype)  # one launch (two in low precision)
-    return loss, lse, grad if with_grad else None, reduced
+    return loss, lse, grad, reduced
+
+
+_tickets: dict[tuple, torch.Tensor] = {}
+
+
+def _ticket(device: torch.device) -> torch.Tensor:
+    """A one-element int64 counter holding 0 for the in-kernel reduction: one per device and stream, reused
+    by every launch on that stream (launches on one stream never overlap, and each leaves it at 0). A graph
+    being captured gets a counter of its own, which its replays then use."""
+    if device.type != "cuda":
+        return torch.zeros(1, dtype=torch.int64, device=device)
+    if torch.cuda.is_current_stream_capturing():
+        return torch.zeros(1, dtype=torch.int64, device=device)
+    key = (device.index, torch._C._cuda_getCurrentRawStream(device.index))
+    ticket = _tickets.get(key)
+    if ticket is None:
+        ticket = _tickets[key] = torch.zeros(1, dtype=torch.int64, device=device)
+    return ticket
+
+
+def cross_entropy_fused(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None,
+    weight_sum: torch.Tensor | None,
+    options: tuple[int, float, float, float],
+    reduction: str,
+    verdict: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """The eager losses of ``persample.cross_entropy``, with as few launches as the shape allows.
+
+    ``reduction="none"``: one kernel writes each row's loss (in the logits' dtype) and log-sum-exp. ``"mean"``
+    and ``"sum"``: one kernel also writes the gradient, scaled by the reduction's scale, and the reduced loss
+    (in the logits' dtype); only a mean over a grid of one program per row needs the targets' scale first, from
+    a small kernel before it, and its sum from a PyTorch op after it. Either way the range check's verdict
+    goes to ``verdict`` (see target_stats.py) from the first kernel that runs. ``options``: (ignore_index,
+    label_smoothing, softcap, z_loss), softcap 0 for none.
+    Returns (loss: (N,) rows or the reduced 0-dim tensor, lse (N,), gradient or None, scale (1,) or None for 1).
+    """
+    N, V = logits.shape
+    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    none = reduction == "none"
+    loss = torch.empty(N, dtype=logits.dtype if none else acc, device=logits.device)
+    lse = torch.empty(N, dtype=acc, device=logits.device)
+    grad = None if none else torch.empty_like(logits, memory_format=torch.contiguous_format)
+    if N == 0:
+        verdict.fill_(1)
+        return (loss if none else torch.zeros((), dtype=logits.dtype, device=logits.device)), lse, grad, None
+    config = _config(logits)
+    if none:
+        _launch_fwd(logits, target, weight, weight_sum, None, loss, lse, None, None, None, verdict, options,
+                    config, scale_mode=SCALE_ONE)
+        return loss, lse, None, None
+    mean = reduction == "mean"
+    if config[2][0] < N:  # a persistent grid: the kernel does it all
+        scale = torch.empty(1, dtype=acc, device=logits.device) if mean else None
+        reduced = torch.empty((), dtype=logits.dtype, device=logits.device)
+        _launch_fwd(logits, target, weight, weight_sum, scale, loss, lse, grad, reduced, _ticket(logits.device),
+                    verdict, options, config, scale_mode=SCALE_MEAN if mean else SCALE_ONE)
+        return reduced, lse, grad, scale
+    if mean:
+        scale = target_stats(target, V, weight, options[0], True, acc, verdict)
+        _launch_fwd(logits, target, weight, weight_sum, scale, loss, lse, grad, None, None, None, options,
+                    config, scale_mode=SCALE_LOADED)
+        return torch.dot(loss, scale.expand(N)).to(logits.dtype), lse, grad, scale
+    _launch_fwd(logits, target, weight, weight_sum, None, loss, lse, grad, None, None, verdict, options, config,
+                scale_mode=SCALE_ONE)
+    return loss.sum().to(logits.dtype), lse, grad, None
 
 
 def cross_entropy_bwd(

@@ -1,17 +1,19 @@
-r"""One pass over the targets of a cross-entropy, before its main kernel: the reduction's scale and the
-first out-of-range class index.
+r"""One pass over the targets of a cross-entropy: the reduction's scale and the verdict of the range check.
 
 For targets ``t`` (N,) against V classes, with class weights ``w`` (all ones without them):
 
     counted_i = t_i != ignore_index and 0 <= t_i < V
     bad_i     = t_i != ignore_index and not 0 <= t_i < V
     scale     = 1 / sum_{counted i} w_{t_i}    for reduction="mean" (0 when nothing is counted), else 1
-    status    = (1, t_j) for the first j with bad_j, or (0, 0) when there is none
-    ticket    = 0, a counter for the main kernel's final reduction (see ``REDUCE`` in cross_entropy.py)
+    verdict   = 2 + j for the first j with bad_j, or 1 when there is none
 
-This replaces a dozen small PyTorch ops, each a launch the host would wait on before the main kernel. One
-program walks the targets in blocks, so sums come in a fixed order (reproducible) and no atomics are needed;
-the targets are a tiny fraction of the logits' size.
+The verdict is one int64 word, 0 until the kernel writes it, so a host that polls a word in pinned memory
+(see ``persample/_verdicts.py``) learns the outcome from that single store, with no copy or event behind it.
+
+The pass is a set of ``@triton.jit`` helpers, run either by the small kernel below (before a main kernel
+that needs the scale) or by the main kernel itself (see ``CHECK`` and ``MEAN_SCALE`` in cross_entropy.py).
+One program walks the targets in blocks, so sums come in a fixed order (reproducible) and no atomics are
+needed; the targets are a tiny fraction of the logits' size.
 """
 
 import torch
@@ -20,12 +22,13 @@ import triton.language as tl
 
 from .launch import acc_dtype, interpreting, launch
 
+PENDING, IN_RANGE, FIRST_BAD = 0, 1, 2  # verdict words: FIRST_BAD + j names row j
+
 
 @triton.jit
-def _target_stats_kernel(
-    target_ptr, weight_ptr, scale_ptr, status_ptr, N, V, ignore_index,
-    HAS_WEIGHT: tl.constexpr, MEAN: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr,
-):
+def scan_targets(target_ptr, weight_ptr, N, V, ignore_index, HAS_WEIGHT: tl.constexpr, MEAN: tl.constexpr,
+                 BLOCK: tl.constexpr, ACC: tl.constexpr):
+    """(sum of the counted rows' target weights, 0 unless ``MEAN``; the first bad row, or N if none)."""
     denom = tl.zeros([BLOCK], ACC)
     first_bad = tl.full([], N, tl.int64)
     for start in range(0, N, BLOCK):
@@ -40,29 +43,50 @@ def _target_stats_kernel(
                 denom += tl.load(weight_ptr + tl.where(counted, t, 0), mask=counted, other=0.0).to(ACC)
             else:
                 denom += counted.to(ACC)
+    return tl.sum(denom, 0), first_bad
+
+
+@triton.jit
+def mean_scale(total):
+    """1 / total, or 0 when nothing is counted."""
+    return tl.where(total > 0, 1.0 / tl.where(total > 0, total, 1.0), 0.0)
+
+
+@triton.jit
+def store_verdict(verdict_ptr, first_bad, N):
+    tl.store(verdict_ptr, tl.where(first_bad < N, first_bad + 2, 1))
+
+
+@triton.jit
+def _target_stats_kernel(
+    target_ptr, weight_ptr, scale_ptr, verdict_ptr, N, V, ignore_index,
+    HAS_WEIGHT: tl.constexpr, MEAN: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr,
+):
+    total, first_bad = scan_targets(target_ptr, weight_ptr, N, V, ignore_index, HAS_WEIGHT, MEAN, BLOCK, ACC)
+    store_verdict(verdict_ptr, first_bad, N)
     if MEAN:
-        total = tl.sum(denom, 0)
-        scale = tl.where(total > 0, 1.0 / tl.where(total > 0, total, 1.0), 0.0)
+        tl.store(scale_ptr, mean_scale(total))
     else:
-        scale = tl.full([], 1.0, ACC)
-    tl.store(scale_ptr, scale)
-    has_bad = first_bad < N
-    tl.store(status_ptr, has_bad.to(tl.int64))
-    tl.store(status_ptr + 1, tl.load(target_ptr + tl.where(has_bad, first_bad, 0), mask=has_bad, other=0))
-    tl.store(status_ptr + 2, 0)
+        tl.store(scale_ptr, 1.0)
+
+
+def scan_block() -> int:
+    """The block of targets one step of :func:`scan_targets` reads (small in the interpreter, so that tests
+    cross block boundaries)."""
+    return 64 if interpreting() else 1024
 
 
 def target_stats(
-    target: torch.Tensor, V: int, weight: torch.Tensor | None, ignore_index: int, mean: bool, acc: torch.dtype
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(scale (1,) in ``acc``, status (2,) int64, ticket (1,) int64) for ``target`` (N,) int64 and ``weight``
-    (V,) or None; see the module docstring."""
+    target: torch.Tensor, V: int, weight: torch.Tensor | None, ignore_index: int, mean: bool, acc: torch.dtype,
+    verdict: torch.Tensor,
+) -> torch.Tensor:
+    """The scale (1,) in ``acc`` for ``target`` (N,) int64 and ``weight`` (V,) or None, and the verdict written
+    to ``verdict`` (a one-element int64 tensor, on the device or in pinned host memory); see the module
+    docstring."""
     scale = torch.empty(1, dtype=acc, device=target.device)
-    status = torch.empty(3, dtype=torch.int64, device=target.device)
     launch(
         _target_stats_kernel, (1,),
-        target, weight if weight is not None else scale, scale, status, target.numel(), V, ignore_index,
-        HAS_WEIGHT=weight is not None, MEAN=mean, BLOCK=64 if interpreting() else 2048, ACC=acc_dtype(acc),
-        num_warps=8,
+        target, weight if weight is not None else scale, scale, verdict, target.numel(), V, ignore_index,
+        HAS_WEIGHT=weight is not None, MEAN=mean, BLOCK=scan_block(), ACC=acc_dtype(acc), num_warps=8,
     )
-    return scale, status[:2], status[2:]
+    return scale

@@ -13,12 +13,13 @@ All three have vmap rules and fake-tensor implementations, so they batch under `
 the Triton kernels; other CPU tensors run :func:`_rows_torch` / :func:`_grad_torch`, the same formulas in
 PyTorch.
 
-Outside torch.func transforms and torch.compile, ``reduction="mean"``/``"sum"`` take a faster path,
-:class:`_FusedMeanSum`: the forward kernel already writes the gradient (scaled by 1/denominator) and the
-reduced loss, and the backward multiplies the gradient in place by the upstream scalar, which the kernel
-skips when it is exactly 1. That needs in-place state, which transforms cannot batch or trace, hence the
-two paths. ``reduction="none"`` has an eager path too, :class:`_FusedNone`, which saves the casts and
-reshapes around the kernels.
+Outside torch.func transforms and torch.compile, on the Triton path, ``reduction="mean"``/``"sum"`` take a
+faster path, :class:`_FusedMeanSum`: the forward kernel already writes the gradient (scaled by
+1/denominator) and the reduced loss, and the backward multiplies the gradient in place by the upstream
+scalar, which the kernel skips when it is exactly 1. That needs in-place state, which transforms cannot
+batch or trace, hence the two paths. ``reduction="none"`` has an eager path too, :class:`_FusedNone`, which
+saves the casts and reshapes around the kernels. Both check the targets inside their first kernel
+(``kernels.cross_entropy.cross_entropy_fused``).
 """
 
 import contextlib
@@ -50,11 +51,11 @@ def _on_device_of(t: torch.Tensor):
     return contextlib.nullcontext()
 
 
-def target_stats(target, V, weight, ignore_index, mean, acc):
-    """(scale (1,), status (2,) int64, ticket (1,) int64) from one kernel; see
-    :mod:`persample.kernels.target_stats`."""
+def target_stats(target, V, weight, ignore_index, mean, acc, verdict):
+    """The reduction's scale (1,) from one small kernel, which also writes the range check's verdict to
+    ``verdict``; see :mod:`persample.kernels.target_stats`."""
     with _on_device_of(target):
-        return _target_stats.target_stats(target, V, weight, ignore_index, mean, acc)
+        return _target_stats.target_stats(target, V, weight, ignore_index, mean, acc, verdict)
 
 
 def _acc(dtype: torch.dtype) -> torch.dtype:
@@ -325,38 +326,37 @@ torch.library.register_vmap(cross_entropy_with_grad, _rowwise_vmap(cross_entropy
 
 class _FusedMeanSum(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, target, weight, weight_sum, scale, ticket, ignore_index, label_smoothing, softcap,
+    def forward(ctx, logits, target, weight, weight_sum, mean, verdict, ignore_index, label_smoothing, softcap,
                 z_loss):
         options = (ignore_index, label_smoothing, softcap, z_loss)
-        if ticket is not None:  # the kernel also reduces the rows' losses (see _prepare)
-            with _on_device_of(logits):
-                _, lse, grad, loss = _kernels.cross_entropy_fwd(logits, target, weight, weight_sum, scale, *options,
-                                                                True, reduce_ticket=ticket)
-        else:
-            loss_rows, lse, grad = _forward_impl(logits, target, weight, weight_sum, scale, *options, True)
-            loss = (loss_rows.sum() * scale[0]).to(logits.dtype)
-        ctx.save_for_backward(scale, logits, target, weight, weight_sum, lse)
+        with _on_device_of(logits):
+            loss, lse, grad, scale = _kernels.cross_entropy_fused(logits, target, weight, weight_sum, options,
+                                                                  "mean" if mean else "sum", verdict)
+        ctx.save_for_backward(logits, target, weight, weight_sum, lse, scale)
         ctx.options = options
         ctx.grad = grad  # handed out by the first backward, then dropped
         return loss
 
     @staticmethod
     def backward(ctx, grad_output):
-        scale, logits, target, weight, weight_sum, lse = ctx.saved_tensors
         if ctx.grad is not None:
             grad, ctx.grad = ctx.grad, None
             return _scale_impl(grad, grad_output.reshape(1)), *([None] * 9)
         # A second backward through the same graph (retain_graph=True): the buffer above already went
         # out as a gradient, so recompute from the logits instead of scaling it twice.
-        grad_rows = (grad_output.to(scale.dtype) * scale).expand(lse.shape)
+        logits, target, weight, weight_sum, lse, scale = ctx.saved_tensors
+        grad_rows = grad_output.to(lse.dtype).expand(lse.shape)
+        if scale is not None:
+            grad_rows = grad_rows * scale
         return _backward_impl(logits, target, weight, weight_sum, lse, grad_rows, *ctx.options), *([None] * 9)
 
 
-def fused_mean_sum(logits, target, weight, weight_sum, scale, ticket, ignore_index, label_smoothing, softcap,
+def fused_mean_sum(logits, target, weight, weight_sum, mean, verdict, ignore_index, label_smoothing, softcap,
                    z_loss):
-    """The scalar ``scale * sum of the rows' losses``, in the logits' dtype, differentiable w.r.t. ``logits``.
-    ``ticket``: from :func:`persample.cross_entropy._prepare` (None off the kernel path)."""
-    return _FusedMeanSum.apply(logits, target, weight, weight_sum, scale, ticket, ignore_index, label_smoothing,
+    """The mean (``mean``) or sum of the rows' losses, a scalar in the logits' dtype, differentiable w.r.t.
+    ``logits``; Triton only. ``verdict``: the one-element int64 tensor the range check's verdict goes to
+    (see :mod:`persample._verdicts`)."""
+    return _FusedMeanSum.apply(logits, target, weight, weight_sum, mean, verdict, ignore_index, label_smoothing,
                                softcap, z_loss)
 
 
@@ -366,15 +366,12 @@ class _FusedNone(torch.autograd.Function):
     around the two kernels (each would be one more launch, and one more autograd node)."""
 
     @staticmethod
-    def forward(ctx, logits, target, weight, weight_sum, shape, ignore_index, label_smoothing, softcap, z_loss):
+    def forward(ctx, logits, target, weight, weight_sum, shape, verdict, ignore_index, label_smoothing, softcap,
+                z_loss):
         options = (ignore_index, label_smoothing, softcap, z_loss)
-        if use_triton(logits):
-            with _on_device_of(logits):
-                loss, lse, _, _ = _kernels.cross_entropy_fwd(logits, target, weight, weight_sum, None, *options,
-                                                             False, loss_dtype=logits.dtype)
-        else:
-            loss, lse = _rows_torch(logits, target, weight, weight_sum, *options)
-            loss = loss.to(logits.dtype)
+        with _on_device_of(logits):
+            loss, lse, _, _ = _kernels.cross_entropy_fused(logits, target, weight, weight_sum, options, "none",
+                                                           verdict)
         ctx.save_for_backward(logits, target, weight, weight_sum, lse)
         ctx.options = options
         return loss.reshape(shape)
@@ -385,10 +382,11 @@ class _FusedNone(torch.autograd.Function):
         args = (logits, target, weight, weight_sum, lse, grad_loss.reshape(-1), *ctx.options)
         # With create_graph=True, through the Function that refuses a second derivative.
         grad = _CrossEntropyRowsBwd.apply(*args) if torch.is_grad_enabled() else _backward_impl(*args)
-        return grad, *([None] * 8)
+        return grad, *([None] * 9)
 
 
-def fused_none(logits, target, weight, weight_sum, shape, ignore_index, label_smoothing, softcap, z_loss):
-    """Each row's loss, shaped ``shape`` and in the logits' dtype, differentiable w.r.t. ``logits``."""
-    return _FusedNone.apply(logits, target, weight, weight_sum, shape, ignore_index, label_smoothing, softcap,
-                            z_loss)
+def fused_none(logits, target, weight, weight_sum, shape, verdict, ignore_index, label_smoothing, softcap, z_loss):
+    """Each row's loss, shaped ``shape`` and in the logits' dtype, differentiable w.r.t. ``logits``; Triton
+    only. ``verdict``: as in :func:`fused_mean_sum`."""
+    return _FusedNone.apply(logits, target, weight, weight_sum, shape, verdict, ignore_index, label_smoothing,
+                            softcap, z_loss)

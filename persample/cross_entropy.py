@@ -7,7 +7,6 @@ follow ``F.cross_entropy`` on the same arguments, with three additions — ``sof
 (PyTorch returns NaN).
 """
 
-import threading
 from collections.abc import Callable
 from typing import Literal
 
@@ -15,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from persample import _cross_entropy_ops as _ops
+from persample import _verdicts
 from persample._cross_entropy_ops import transforms_active as _transforms_active
 
 Reduction = Literal["none", "mean", "sum"]
@@ -98,61 +98,48 @@ def _out_of_range(value: int, V: int, ignore_index: int, scores_name: str = "log
                       f"classes (and not ignore_index={ignore_index})")
 
 
-_pinned = threading.local()
+def _verdict_for(scores2d: Tensor, target1d: Tensor, V: int, ignore_index: int, scores_name: str = "logits",
+                 ) -> tuple[Tensor, Callable[[], None]]:
+    """``(word, finish)`` for a kernel that checks the range of ``target1d`` against V classes: the kernel
+    writes its verdict to ``word`` and ``finish()`` waits for that verdict alone (see
+    :mod:`persample._verdicts`) and raises ValueError for a class index outside ``[0, V)``. Until then a bad
+    target's rows hold NaN; the kernel touches nothing outside them."""
+    if scores2d.is_cuda and torch.cuda.is_current_stream_capturing():
+        # A CUDA graph being captured cannot wait: as under torch.compile, a bad target's rows hold NaN, and
+        # whoever replays the graph checks the targets (see engine/graphed.py).
+        return torch.empty(1, dtype=torch.int64, device=scores2d.device), _no_check
+    verdict = _verdicts.take(scores2d.device)
+
+    def finish() -> None:
+        row = verdict.wait()
+        if row is not None:
+            raise _out_of_range(int(target1d[row]), V, ignore_index, scores_name)
+
+    return verdict.word, finish
+
+
+def _no_check() -> None:
+    pass
 
 
 def _prepare(scores2d, V, target1d, weight, ignore_index, reduction,
-             scores_name="logits") -> tuple[Tensor, Tensor | None, Callable[[], None]]:
+             scores_name="logits") -> tuple[Tensor, Callable[[], None]]:
     """The reduction's scale (1,) (see :func:`_reduction_scale`) and the target range check, returned as
-    ``(scale, ticket, finish)``: ``finish()`` raises ValueError for a class index outside ``[0, V)``.
-    ``scores2d`` (the logits, or the hidden states of a fused head) gives the device and the accumulation
-    dtype.
+    ``(scale, finish)``: ``finish()`` raises ValueError for a class index outside ``[0, V)``. ``scores2d``
+    (the logits, or the hidden states of a fused head) gives the device and the accumulation dtype.
 
     On the kernel path (plain eager, CUDA or the interpreter) one small kernel computes the scale and the
-    check, its result is copied to pinned host memory behind a CUDA event, and ``finish()``, called right
-    after the main kernel is queued, waits for that event only: the GPU starts the main kernel without
-    waiting for the host, and a bad target still raises before anything is returned (the kernel writes
-    NaN rows for such targets and touches nothing outside them). The same kernel zeroes ``ticket`` (1,)
-    int64, with which the main kernel can reduce the loss itself. Elsewhere: PyTorch ops, a plain check and
-    no ticket.
+    check (see :func:`_verdict_for`): the GPU starts the main kernel without waiting for the host, and a bad
+    target still raises before anything is returned. Elsewhere: PyTorch ops and a plain check.
     """
     if _transforms_active() or not _ops.use_triton(scores2d):
         scale = _reduction_scale(scores2d, target1d, weight, ignore_index, reduction)
         _check_target_range(target1d, V, ignore_index, scores_name)
-        return scale, None, lambda: None
-    scale, status, ticket = _ops.target_stats(target1d, V, weight, ignore_index, reduction == "mean",
-                                              torch.float64 if scores2d.dtype == torch.float64 else torch.float32)
-    if status.is_cuda and torch.cuda.is_current_stream_capturing():
-        # A CUDA graph being captured cannot wait or copy to a pinned buffer: as under torch.compile, a bad
-        # target's rows hold NaN, and whoever replays the graph checks the targets (see engine/graphed.py).
-        return scale, ticket, lambda: None
-    host = None
-    if status.is_cuda:
-        # A pinned buffer and its event are reused (creating them costs more than a call), each by one pending
-        # check at a time, on one device (an event records on its device only). A NumPy view reads the buffer
-        # back without tensor indexing.
-        free = _pinned.__dict__.setdefault("free", {}).setdefault(status.device.index, [])
-        if free:
-            host = free.pop()
-        else:
-            buffer = torch.empty(2, dtype=torch.int64, pin_memory=True)
-            host = buffer, buffer.numpy(), torch.cuda.Event()
-        host[0].copy_(status, non_blocking=True)
-        host[2].record(torch.cuda.current_stream(status.device))  # the copy's stream, whatever device is current
-        values = host[1]
-    else:
-        values = status.numpy()
-
-    def finish() -> None:
-        if host is not None:
-            host[2].synchronize()
-        bad, value = int(values[0]), int(values[1])
-        if host is not None:
-            free.append(host)
-        if bad:
-            raise _out_of_range(value, V, ignore_index, scores_name)
-
-    return scale, ticket, finish
+        return scale, _no_check
+    word, finish = _verdict_for(scores2d, target1d, V, ignore_index, scores_name)
+    scale = _ops.target_stats(target1d, V, weight, ignore_index, reduction == "mean",
+                              torch.float64 if scores2d.dtype == torch.float64 else torch.float32, word)
+    return scale, finish
 
 
 def check_targets_later(target: Tensor, V: int, ignore_index: int) -> Callable[[], None]:
@@ -161,7 +148,7 @@ def check_targets_later(target: Tensor, V: int, ignore_index: int) -> Callable[[
     (see :func:`_prepare`), so the caller can queue more work in between."""
     target1d = target.reshape(-1).long()
     # The targets stand in for the scores: _prepare takes only their device from them here.
-    return _prepare(target1d, V, target1d, None, ignore_index, "none")[2]
+    return _prepare(target1d, V, target1d, None, ignore_index, "none")[1]
 
 
 def _check(logits, target, weight, ignore_index, reduction, label_smoothing, softcap, z_loss, mask):
@@ -244,18 +231,23 @@ def cross_entropy(
     logits2d, target1d, weight, weight_sum, shape = _check(
         logits, target, weight, ignore_index, reduction, label_smoothing, softcap, z_loss, mask)
     options = _options(ignore_index, label_smoothing, softcap, z_loss)
-    fast = not _transforms_active() and torch.is_grad_enabled() and logits.requires_grad
-    scale, ticket, finish = _prepare(logits2d, logits2d.shape[-1], target1d, weight, ignore_index, reduction)
-    if fast and reduction == "none":
-        loss = _ops.fused_none(logits2d, target1d, weight, weight_sum, shape, *options)
-    elif fast:
-        loss = _ops.fused_mean_sum(logits2d, target1d, weight, weight_sum, scale, ticket, *options)
-    else:
-        loss_rows, _ = _ops.differentiable_rows(logits2d, target1d, weight, weight_sum, *options)
+    V = logits2d.shape[-1]
+    if logits.requires_grad and torch.is_grad_enabled() and not _transforms_active() and _ops.use_triton(logits2d):
+        # Plain eager training: one kernel checks the targets, computes the loss and (for mean and sum)
+        # the gradient.
+        word, finish = _verdict_for(logits2d, target1d, V, ignore_index)
         if reduction == "none":
-            loss = loss_rows.reshape(shape).to(logits.dtype)
+            loss = _ops.fused_none(logits2d, target1d, weight, weight_sum, shape, word, *options)
         else:
-            loss = (loss_rows.sum() * scale[0]).to(logits.dtype)
+            loss = _ops.fused_mean_sum(logits2d, target1d, weight, weight_sum, reduction == "mean", word, *options)
+        finish()
+        return loss
+    scale, finish = _prepare(logits2d, V, target1d, weight, ignore_index, reduction)
+    loss_rows, _ = _ops.differentiable_rows(logits2d, target1d, weight, weight_sum, *options)
+    if reduction == "none":
+        loss = loss_rows.reshape(shape).to(logits.dtype)
+    else:
+        loss = (loss_rows.sum() * scale[0]).to(logits.dtype)
     finish()
     return loss
 
@@ -302,7 +294,7 @@ def with_grad_check_later(logits: Tensor, target: Tensor, *, weight: Tensor | No
     not scaled."""
     logits2d, target1d, weight, weight_sum, shape = _check(
         logits, target, weight, ignore_index, reduction, label_smoothing, softcap, z_loss, mask)
-    scale, _, finish = _prepare(logits2d, logits2d.shape[-1], target1d, weight, ignore_index, reduction)
+    scale, finish = _prepare(logits2d, logits2d.shape[-1], target1d, weight, ignore_index, reduction)
     scale_after = None
     if row_scale is not None:
         if reduction != "none":

@@ -117,7 +117,7 @@ def linear_cross_entropy(
     grad_on = torch.is_grad_enabled()
     needs = _ops.Needs(grad_on and hidden.requires_grad, grad_on and weight.requires_grad,
                        grad_on and bias is not None and bias.requires_grad)
-    scale, _, finish = _prepare(hidden2d, V, target1d, class_weight, ignore_index, reduction, scores_name="hidden")
+    scale, finish = _prepare(hidden2d, V, target1d, class_weight, ignore_index, reduction, scores_name="hidden")
     loss = _ops.linear_cross_entropy(
         hidden2d, weight, bias, target1d, class_weight, class_weight_sum, scale, reduction,
         chunk_size or _ops.default_chunk_size(N), needs, _options(ignore_index, label_smoothing, softcap, z_loss))

@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from torch.func import grad, jacrev, vmap
 
 import persample
-from tests.conftest import CUDA, DEVICES
+from persample.kernels import cross_entropy as ce_kernels
+from tests.conftest import CUDA, DEVICES, interpreting
 from tests.reference import cross_entropy_reference, rel_err
 
 TOL = {torch.float64: 1e-7, torch.float32: 2e-6, torch.float16: 2e-3, torch.bfloat16: 1.2e-2}
@@ -330,6 +331,7 @@ def test_pytorch_path(option, reduction, monkeypatch):
 def _bad_calls(device):
     x = torch.randn(4, 10, device=device)
     t = torch.randint(0, 10, (4,), device=device)
+    xg = x.clone().requires_grad_()
     return [
         (ValueError, "outside \\[0, 10\\)", lambda: persample.cross_entropy(x, torch.tensor([0, 1, 10, 2], device=device))),
         (ValueError, "class index -3", lambda: persample.cross_entropy(x, torch.tensor([0, -3, 1, 2], device=device))),
@@ -344,6 +346,12 @@ def _bad_calls(device):
         (TypeError, "mask must be a bool", lambda: persample.cross_entropy(x, t, mask=torch.ones(4, device=device))),
         (ValueError, "mask shape", lambda: persample.cross_entropy(x, t, mask=torch.ones(3, dtype=torch.bool, device=device))),
         (ValueError, "outside", lambda: persample.cross_entropy_with_grad(x, t + 10)),
+        # The training path, whose main kernel checks the targets itself:
+        (ValueError, "class index 12", lambda: persample.cross_entropy(xg, torch.tensor([0, 12, 1, -5], device=device))),
+        (ValueError, "class index -5", lambda: persample.cross_entropy(xg, torch.tensor([0, 9, -5, 12], device=device),
+                                                                       reduction="sum")),
+        (ValueError, "class index 10", lambda: persample.cross_entropy(xg, torch.tensor([3, 10, 4, 5], device=device),
+                                                                       reduction="none")),
         (ValueError, "outside", lambda: vmap(grad(lambda x, t: persample.cross_entropy(x, t)))(x[:, None], (t + 10)[:, None])),
     ]  # fmt: skip
 
@@ -359,6 +367,23 @@ def test_bad_input_raises_clear_errors_and_library_stays_usable(device):
     assert torch.isfinite(x.grad).all()
     if device == "cuda":
         torch.cuda.synchronize()
+
+
+@pytest.mark.skipif(not (CUDA or interpreting()), reason="the kernels' grid")
+@pytest.mark.parametrize("option", ["plain", "all"])
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+def test_training_path_on_a_persistent_grid(reduction, option, monkeypatch):
+    # On a GPU, rows of up to 32768 half logits run on a persistent grid, where the main kernel also sums the
+    # targets' weights for the mean and reduces the loss; the interpreter's grid is one program per row.
+    monkeypatch.setattr(ce_kernels, "_grid", lambda N, device, per_sm: (min(N, 3),))
+    device = "cuda" if CUDA else "cpu"
+    for shape in [(7, 37), (2, 5, 17)]:
+        check_value_and_grad(shape, torch.float32, device, reduction, OPTIONS[option])
+    x = torch.randn(8, 10, device=device, requires_grad=True)
+    with pytest.raises(ValueError, match="class index 11"):
+        persample.cross_entropy(x, torch.tensor([0, 1, 2, 3, 4, 5, 11, 99], device=device), reduction=reduction)
+    persample.cross_entropy(x, torch.arange(8, device=device), reduction=reduction).sum().backward()
+    assert torch.isfinite(x.grad).all()
 
 
 def test_out_of_range_target_inside_compile_gives_nan_not_a_crash():

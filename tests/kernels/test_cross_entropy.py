@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from persample.kernels import cross_entropy as kernels
+from persample.kernels.target_stats import FIRST_BAD, IN_RANGE
 from tests.conftest import CUDA, interpreting
 from tests.reference import cross_entropy_reference, rel_err
 
@@ -182,6 +183,64 @@ def test_fwd_reduces_the_loss(N, dtype, grid, monkeypatch):
     assert rel_err(reduced, 0.3 * rows.sum()) < (1e-5 if dtype == torch.float32 else 1e-2)
     assert rel_err(grad, 0.3 * ref_grad) < (1e-5 if dtype == torch.float32 else 1e-2)
     assert rel_err(loss, rows) < 1e-5
+
+
+@pytest.mark.parametrize("bad", [False, True])
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("grid", [None, 3])  # one program per row, or a persistent grid of 3 programs
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+# 70 rows: two of the interpreter's scan blocks; 130 classes: three of its blocks over a row
+@pytest.mark.parametrize("N,V,dtype", [(1, 1, torch.float32), (7, 130, torch.bfloat16), (70, 5, torch.float32)],
+                         ids=str)
+def test_fused_checks_scales_and_reduces(N, V, dtype, reduction, grid, weighted, bad, monkeypatch):
+    # cross_entropy_fused: the targets' pass and the range check inside the main kernel (a persistent grid,
+    # or "none"/"sum"), or in target_stats before it (a mean over a grid of one program per row).
+    if grid is not None:
+        monkeypatch.setattr(kernels, "_grid", lambda N, device, per_sm: (min(N, grid),))
+    logits, target, w, w_sum = _inputs(N, V, dtype, weight=weighted)
+    bad_row = N - 2 if bad and N > 1 else None
+    if bad_row is not None:
+        target[bad_row] = V + 5
+    rows, ref_grad = _reference_rows_and_grad(logits, torch.where(target < V, target, -100), w,
+                                              label_smoothing=0.1, z_loss=1e-3)
+    counted = (target != -100) & (target < V)
+    denom = (w.double()[target[counted]].sum() if weighted else counted.sum().double()).item()
+    ref_scale = (1 / denom if denom else 0.0) if reduction == "mean" else 1.0
+    keep = torch.ones(N, dtype=torch.bool, device=DEVICE)
+    if bad_row is not None:
+        keep[bad_row] = False
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    for _ in range(2):  # again with the same (persistent grid: reused) ticket
+        verdict = torch.zeros(1, dtype=torch.int64, device=DEVICE)
+        loss, lse, grad, scale = kernels.cross_entropy_fused(logits, target, w, w_sum, (-100, 0.1, 0.0, 1e-3),
+                                                             reduction, verdict)
+        assert verdict.item() == (FIRST_BAD + bad_row if bad_row is not None else IN_RANGE)
+        if reduction == "none":
+            assert grad is None and scale is None and loss.dtype == dtype
+            assert rel_err(loss[keep], rows[keep]) < tol
+            if bad_row is not None:
+                assert loss[bad_row].isnan()
+            continue
+        assert loss.shape == () and loss.dtype == dtype
+        assert rel_err(grad[keep], ref_scale * ref_grad[keep]) < tol
+        if bad_row is not None:
+            assert grad[bad_row].isnan().all() and loss.isnan()
+        else:
+            assert rel_err(loss, ref_scale * rows.sum()) < tol
+        if reduction == "mean":
+            assert scale.item() == pytest.approx(ref_scale, rel=1e-6)
+        else:
+            assert scale is None
+
+
+def test_fused_without_rows_writes_an_in_range_verdict():
+    logits, target = torch.zeros(0, 9, device=DEVICE), torch.zeros(0, dtype=torch.int64, device=DEVICE)
+    for reduction in ("none", "sum", "mean"):
+        verdict = torch.zeros(1, dtype=torch.int64, device=DEVICE)
+        loss, _, _, _ = kernels.cross_entropy_fused(logits, target, None, None, (-100, 0.0, 0.0, 0.0), reduction,
+                                                    verdict)
+        assert verdict.item() == IN_RANGE
+        assert loss.numel() == 0 if reduction == "none" else loss.item() == 0
 
 
 def test_fwd_loss_in_the_logits_dtype():

@@ -1,4 +1,4 @@
-"""kernels/target_stats.py against PyTorch: the reduction's scale and the first out-of-range target."""
+"""kernels/target_stats.py against PyTorch: the reduction's scale and the verdict word of the range check."""
 
 import pytest
 import torch
@@ -18,36 +18,45 @@ def _expected(target, V, weight, ignore_index, mean):
     total = w.sum().item()
     scale = (1.0 / total if total > 0 else 0.0) if mean else 1.0
     bad = (kept & ~in_range).nonzero()
-    return scale, (1, int(target[bad[0, 0]])) if len(bad) else (0, 0)
+    return scale, kernels.FIRST_BAD + int(bad[0, 0]) if len(bad) else kernels.IN_RANGE
+
+
+def _stats(target, V, weight, ignore_index, mean, acc):
+    verdict = torch.full((1,), kernels.PENDING, dtype=torch.int64, device=DEVICE)
+    scale = kernels.target_stats(target.to(DEVICE), V, None if weight is None else weight.to(DEVICE), ignore_index,
+                                 mean, acc, verdict)
+    return scale, verdict.item()
 
 
 @pytest.mark.parametrize("weighted", [False, True])
 @pytest.mark.parametrize("mean", [False, True])
+@pytest.mark.parametrize("bad", [False, True])
 @pytest.mark.parametrize("N", [0, 1, 5, 150])  # 150 spans three blocks of the interpreter's 64
-def test_scale_and_status(N, mean, weighted):
+def test_scale_and_verdict(N, bad, mean, weighted):
     g = torch.Generator().manual_seed(N)
     V = 11
     target = torch.randint(0, V, (N,), generator=g)
     target[::4] = -100
+    if bad and N:
+        target[N - 1 - N // 3] = V + N  # not counted in the scale either
     weight = torch.rand(V, generator=g, dtype=torch.float64).float() + 0.1 if weighted else None
-    scale, status, ticket = kernels.target_stats(target.to(DEVICE), V, None if weight is None else weight.to(DEVICE),
-                                                 -100, mean, torch.float32)
-    expected_scale, expected_status = _expected(target, V, weight, -100, mean)
+    scale, verdict = _stats(target, V, weight, -100, mean, torch.float32)
+    expected_scale, expected_verdict = _expected(target, V, weight, -100, mean)
     assert scale.item() == pytest.approx(expected_scale, rel=1e-6)
-    assert tuple(status.tolist()) == expected_status
-    assert ticket.tolist() == [0]
+    assert verdict == expected_verdict
+    assert (verdict == kernels.IN_RANGE) == (not bad or not N)
 
 
 @pytest.mark.parametrize("bad", [11, 12345, -1, -7])
 def test_first_bad_target_is_reported(bad):
     target = torch.tensor([3] * 70 + [bad, 99, -100, 2])  # the first bad one sits in the second block
-    scale, status, _ = kernels.target_stats(target.to(DEVICE), 11, None, -100, True, torch.float32)
-    assert tuple(status.tolist()) == (1, bad)
+    scale, verdict = _stats(target, 11, None, -100, True, torch.float32)
+    assert verdict == kernels.FIRST_BAD + 70
     assert scale.item() == pytest.approx(1 / 71)  # the bad rows (bad and 99) are not counted
 
 
 def test_all_ignored_mean_scale_is_zero():
     target = torch.full((9,), 5)
-    scale, status, _ = kernels.target_stats(target.to(DEVICE), 8, None, 5, True, torch.float64)
+    scale, verdict = _stats(target, 8, None, 5, True, torch.float64)
     assert scale.dtype == torch.float64 and scale.item() == 0.0
-    assert tuple(status.tolist()) == (0, 0)
+    assert verdict == kernels.IN_RANGE
