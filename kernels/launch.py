@@ -53,16 +53,23 @@ def acc_dtype(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
+_FLOAT_KEY = (float,)
+
+
 def _arg_key(arg) -> tuple:
-    """What Triton's specialization of one argument depends on (a superset of it)."""
+    """What Triton's specialization of one argument depends on (a superset of it). Exact types are tested
+    first: this runs for every argument of every launch."""
+    kind = type(arg)
+    if kind is int:
+        return int, arg == 1, arg % 16 == 0, -(2**31) <= arg < 2**31, -(2**63) <= arg < 2**63
+    if kind is float:
+        return _FLOAT_KEY
+    if kind is bool:
+        return bool, arg
     if isinstance(arg, torch.Tensor):
         return arg.dtype, arg.data_ptr() % 16 == 0
-    if isinstance(arg, bool):
-        return bool, arg
     if isinstance(arg, int):
         return int, arg == 1, arg % 16 == 0, -(2**31) <= arg < 2**31, -(2**63) <= arg < 2**63
-    if isinstance(arg, float):
-        return (float,)
     return type(arg), arg
 
 

@@ -46,7 +46,7 @@ def use_triton(t: torch.Tensor) -> bool:
 def _on_device_of(t: torch.Tensor):
     """Triton launches on the current CUDA device: make it ``t``'s when it is another one (a model on cuda:1
     while cuda:0 is current)."""
-    if t.is_cuda and t.device.index != torch.cuda.current_device():
+    if t.is_cuda and t.get_device() != torch._C._cuda_getDevice():
         return torch.cuda.device(t.device)
     return contextlib.nullcontext()
 
@@ -326,9 +326,7 @@ torch.library.register_vmap(cross_entropy_with_grad, _rowwise_vmap(cross_entropy
 
 class _FusedMeanSum(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, target, weight, weight_sum, mean, verdict, ignore_index, label_smoothing, softcap,
-                z_loss):
-        options = (ignore_index, label_smoothing, softcap, z_loss)
+    def forward(ctx, logits, target, weight, weight_sum, mean, verdict, options):
         with _on_device_of(logits):
             loss, lse, grad, scale = _kernels.cross_entropy_fused(logits, target, weight, weight_sum, options,
                                                                   "mean" if mean else "sum", verdict)
@@ -341,14 +339,14 @@ class _FusedMeanSum(torch.autograd.Function):
     def backward(ctx, grad_output):
         if ctx.grad is not None:
             grad, ctx.grad = ctx.grad, None
-            return _scale_impl(grad, grad_output.reshape(1)), *([None] * 9)
+            return _scale_impl(grad, grad_output), None, None, None, None, None, None
         # A second backward through the same graph (retain_graph=True): the buffer above already went
         # out as a gradient, so recompute from the logits instead of scaling it twice.
         logits, target, weight, weight_sum, lse, scale = ctx.saved_tensors
         grad_rows = grad_output.to(lse.dtype).expand(lse.shape)
         if scale is not None:
             grad_rows = grad_rows * scale
-        return _backward_impl(logits, target, weight, weight_sum, lse, grad_rows, *ctx.options), *([None] * 9)
+        return _backward_impl(logits, target, weight, weight_sum, lse, grad_rows, *ctx.options), *([None] * 6)
 
 
 def fused_mean_sum(logits, target, weight, weight_sum, mean, verdict, ignore_index, label_smoothing, softcap,
@@ -356,8 +354,8 @@ def fused_mean_sum(logits, target, weight, weight_sum, mean, verdict, ignore_ind
     """The mean (``mean``) or sum of the rows' losses, a scalar in the logits' dtype, differentiable w.r.t.
     ``logits``; Triton only. ``verdict``: the one-element int64 tensor the range check's verdict goes to
     (see :mod:`persample._verdicts`)."""
-    return _FusedMeanSum.apply(logits, target, weight, weight_sum, mean, verdict, ignore_index, label_smoothing,
-                               softcap, z_loss)
+    return _FusedMeanSum.apply(logits, target, weight, weight_sum, mean, verdict,
+                               (ignore_index, label_smoothing, softcap, z_loss))
 
 
 class _FusedNone(torch.autograd.Function):
@@ -366,9 +364,7 @@ class _FusedNone(torch.autograd.Function):
     around the two kernels (each would be one more launch, and one more autograd node)."""
 
     @staticmethod
-    def forward(ctx, logits, target, weight, weight_sum, shape, verdict, ignore_index, label_smoothing, softcap,
-                z_loss):
-        options = (ignore_index, label_smoothing, softcap, z_loss)
+    def forward(ctx, logits, target, weight, weight_sum, shape, verdict, options):
         with _on_device_of(logits):
             loss, lse, _, _ = _kernels.cross_entropy_fused(logits, target, weight, weight_sum, options, "none",
                                                            verdict)
@@ -382,11 +378,11 @@ class _FusedNone(torch.autograd.Function):
         args = (logits, target, weight, weight_sum, lse, grad_loss.reshape(-1), *ctx.options)
         # With create_graph=True, through the Function that refuses a second derivative.
         grad = _CrossEntropyRowsBwd.apply(*args) if torch.is_grad_enabled() else _backward_impl(*args)
-        return grad, *([None] * 9)
+        return grad, None, None, None, None, None, None
 
 
 def fused_none(logits, target, weight, weight_sum, shape, verdict, ignore_index, label_smoothing, softcap, z_loss):
     """Each row's loss, shaped ``shape`` and in the logits' dtype, differentiable w.r.t. ``logits``; Triton
     only. ``verdict``: as in :func:`fused_mean_sum`."""
-    return _FusedNone.apply(logits, target, weight, weight_sum, shape, verdict, ignore_index, label_smoothing,
-                            softcap, z_loss)
+    return _FusedNone.apply(logits, target, weight, weight_sum, shape, verdict,
+                            (ignore_index, label_smoothing, softcap, z_loss))

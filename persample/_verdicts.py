@@ -28,10 +28,12 @@ class Verdict:
     """One pending check: ``word`` is the one-element int64 tensor to hand to the kernel; :meth:`wait`
     returns the row of the first out-of-range target, or None."""
 
-    __slots__ = ("word", "_host", "_index", "_free")
+    __slots__ = ("word", "_host", "_index", "_free", "_device", "_stream")
 
-    def __init__(self, word: torch.Tensor, host, index: int, free: list):
+    def __init__(self, word: torch.Tensor, host, index: int, free: list, device: torch.device):
         self.word, self._host, self._index, self._free = word, host, index, free
+        self._device = device  # where the kernel runs; the word itself is host memory either way
+        self._stream = 0  # the raw CUDA stream the kernel goes to, set by take()
 
     def wait(self) -> int | None:
         host, i = self._host, self._index
@@ -47,11 +49,12 @@ class Verdict:
         while (value := int(host[i])) == PENDING:
             if time.perf_counter() - start > _SPIN_S:
                 break
+        # A long queue before the kernel (or a failed launch): let other threads run, and let the stream report
+        # a CUDA error rather than waiting for a word that will never come.
+        stream = torch.cuda.ExternalStream(self._stream, self._device) if self._device.type == "cuda" else None
         while value == PENDING:
-            # A long queue before the kernel (or a failed launch): let other threads run, and let the stream
-            # report a CUDA error rather than waiting for a word that will never come.
             time.sleep(0)
-            done = torch.cuda.current_stream(self.word.device).query() if self.word.is_cuda else True
+            done = stream is None or stream.query()
             value = int(host[i])
             if done and value == PENDING:
                 raise RuntimeError("persample: the target check's kernel finished without writing its verdict")
@@ -63,7 +66,8 @@ _blocks: list = []  # every pinned allocation, kept alive for good (see the modu
 
 
 def take(device: torch.device) -> Verdict:
-    """A word set to ``PENDING`` for a kernel on ``device`` to write (pinned host memory for CUDA)."""
+    """A word set to ``PENDING`` for a kernel on ``device`` to write (pinned host memory for CUDA), launched on
+    that device's current stream."""
     free = _pools.get(device)
     if free is None:
         free = _pools[device] = []
@@ -75,7 +79,9 @@ def take(device: torch.device) -> Verdict:
             block = torch.zeros(2 * _BLOCK, dtype=torch.int64)
         _blocks.append(block)
         host = block.numpy()
-        free.extend(Verdict(block[i:i + 1], host, i, free) for i in range(0, 2 * _BLOCK, 2))
+        free.extend(Verdict(block[i:i + 1], host, i, free, device) for i in range(0, 2 * _BLOCK, 2))
     verdict = free.pop()
     verdict._host[verdict._index] = PENDING
+    if device.type == "cuda":
+        verdict._stream = torch._C._cuda_getCurrentRawStream(device.index)
     return verdict

@@ -69,12 +69,14 @@ def _check_target(target, V, device, weight, ignore_index, mask, weight_name="we
         if mask.device != device:
             raise ValueError(f"mask is on {mask.device} but {scores_name} are on {device}")
 
-    target = target.long()
+    if target.dtype != torch.int64:
+        target = target.long()
     if mask is not None:
         target = torch.where(mask, target, ignore_index)
     weight_sum = weight.sum(dtype=torch.float32 if weight.dtype != torch.float64 else torch.float64).reshape(
         1) if weight is not None else None
-    target = target.reshape(-1)
+    if target.ndim != 1:
+        target = target.reshape(-1)
     if check_range:
         _check_target_range(target, V, ignore_index, scores_name)
     return target, weight_sum
@@ -170,7 +172,7 @@ def _check(logits, target, weight, ignore_index, reduction, label_smoothing, sof
     _check_options(reduction, label_smoothing, softcap, z_loss)
     shape = tuple(target.shape)
     target1d, weight_sum = _check_target(target, V, logits.device, weight, ignore_index, mask, check_range=False)
-    logits2d = logits.reshape(-1, V)
+    logits2d = logits if logits.ndim == 2 else logits.reshape(-1, V)  # (a reshape costs the host a dispatch)
     if logits2d.stride(-1) != 1:
         logits2d = logits2d.contiguous()
     return logits2d, target1d, weight, weight_sum, shape

@@ -51,3 +51,24 @@ def test_cuda_words_are_pinned_and_the_kernels_write_them():
         with pytest.raises(ValueError, match="class index 10"):
             persample.cross_entropy(x, torch.tensor([1, 10, 3, 4], device="cuda"))
     assert torch.isfinite(x.grad).all()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_cuda_verdict_behind_a_long_queue(reduction):
+    # The kernel that checks the targets starts only after 50+ ms of work queued before it: the host polls
+    # past its first millisecond of spinning and still gets the verdict, not an error.
+    import persample
+
+    x = torch.randn(4, 10, device="cuda", requires_grad=True)
+    for targets, raises in (([1, 2, 3, 4], False), ([1, 2, 3, 44], True)):
+        torch.cuda._sleep(100_000_000)
+        if raises:
+            with pytest.raises(ValueError, match="class index 44"):
+                persample.cross_entropy(x, torch.tensor(targets, device="cuda"), reduction=reduction)
+        else:
+            persample.cross_entropy(x, torch.tensor(targets, device="cuda"), reduction=reduction).sum().backward()
+    torch.cuda._sleep(100_000_000)
+    with pytest.raises(ValueError, match="class index 10"):
+        persample.cross_entropy_with_grad(x, torch.tensor([10, 2, 3, 4], device="cuda"))
+    assert torch.isfinite(x.grad).all()
