@@ -51,13 +51,20 @@ class Verdict:
                 break
         # A long queue before the kernel (or a failed launch): let other threads run, and let the stream report
         # a CUDA error rather than waiting for a word that will never come.
-        stream = torch.cuda.ExternalStream(self._stream, self._device) if self._device.type == "cuda" else None
+        stream = None
+        if self._device.type == "cuda":  # (an ExternalStream of handle 0 is a new stream, not the default one)
+            stream = (torch.cuda.default_stream(self._device) if self._stream == 0
+                      else torch.cuda.ExternalStream(self._stream, self._device))
         while value == PENDING:
             time.sleep(0)
             done = stream is None or stream.query()
             value = int(host[i])
             if done and value == PENDING:
-                raise RuntimeError("persample: the target check's kernel finished without writing its verdict")
+                if stream is not None:  # a finished stream's writes to host memory are certain only after a sync
+                    stream.synchronize()
+                    value = int(host[i])
+                if value == PENDING:
+                    raise RuntimeError("persample: the target check's kernel finished without writing its verdict")
         return value
 
 

@@ -1,8 +1,11 @@
 """persample/_verdicts.py: the words a kernel writes its target check's verdict into, and the host's wait."""
 
+import time
+
 import pytest
 import torch
 
+import persample
 from persample import _verdicts
 from persample.kernels.target_stats import FIRST_BAD, IN_RANGE, PENDING
 
@@ -39,8 +42,6 @@ def test_a_verdict_that_never_comes_raises_instead_of_hanging():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_words_are_pinned_and_the_kernels_write_them():
-    import persample
-
     verdict = _verdicts.take(torch.device("cuda", torch.cuda.current_device()))
     assert verdict.word.is_pinned() and not verdict.word.is_cuda
     verdict.word.fill_(IN_RANGE)
@@ -53,22 +54,39 @@ def test_cuda_words_are_pinned_and_the_kernels_write_them():
     assert torch.isfinite(x.grad).all()
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_cuda_verdict_behind_a_long_queue(reduction):
-    # The kernel that checks the targets starts only after 50+ ms of work queued before it: the host polls
-    # past its first millisecond of spinning and still gets the verdict, not an error.
-    import persample
+def _long_queue():
+    """Tens of milliseconds of GPU work queued on the current stream (torch.cuda._sleep is far shorter on an
+    H100 than its cycle count says)."""
+    a = torch.randn(4096, 4096, device="cuda")
+    for _ in range(20):
+        a = a @ a
+        a /= a.norm()
 
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("stream", ["default", "side"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_cuda_verdict_behind_a_long_queue(reduction, stream):
+    # The kernel that checks the targets starts only after tens of ms of work queued before it, on the default
+    # stream or another one: the host polls past its first millisecond of spinning and still gets the verdict,
+    # not an error.
+    with torch.cuda.stream(torch.cuda.Stream() if stream == "side" else torch.cuda.default_stream()):
+        _check_behind_a_long_queue(reduction)
+
+
+def _check_behind_a_long_queue(reduction):
     x = torch.randn(4, 10, device="cuda", requires_grad=True)
     for targets, raises in (([1, 2, 3, 4], False), ([1, 2, 3, 44], True)):
-        torch.cuda._sleep(100_000_000)
+        _long_queue()
+        start = time.perf_counter()
         if raises:
             with pytest.raises(ValueError, match="class index 44"):
                 persample.cross_entropy(x, torch.tensor(targets, device="cuda"), reduction=reduction)
         else:
             persample.cross_entropy(x, torch.tensor(targets, device="cuda"), reduction=reduction).sum().backward()
-    torch.cuda._sleep(100_000_000)
+        assert time.perf_counter() - start > 2e-3  # the queue was long enough to leave the first spin
+    _long_queue()
     with pytest.raises(ValueError, match="class index 10"):
         persample.cross_entropy_with_grad(x, torch.tensor([10, 2, 3, 4], device="cuda"))
+    torch.cuda.current_stream().synchronize()
     assert torch.isfinite(x.grad).all()
