@@ -161,7 +161,10 @@ def sweep(x, target, reps):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="one small shape, to check the script")
-    parser.add_argument("--reps", type=int, default=20)
+    parser.add_argument("--reps", type=int, default=20, help="isolated calls timed per variant")
+    parser.add_argument("--queued-reps", type=int, default=100,
+                        help="calls queued back to back per variant (the host's speed on the lent machines "
+                             "varies from call to call: 20 calls gave ratios 20 points apart)")
     parser.add_argument("--sweep", action="store_true", help="also sweep the kernel's block size and warps")
     parser.add_argument("--results", default=str(Path(__file__).with_name("RESULTS.md")))
     args = parser.parse_args()
@@ -177,7 +180,7 @@ def main():
         upstream_rows = torch.rand(N, device=device, dtype=dtype)
         logits_bytes = x.numel() * x.element_size()
         err_loss, err_grad = check(x, target)
-        copy_ms = bench_back_to_back(lambda x=x: torch.empty_like(x).copy_(x), args.reps)
+        copy_ms = bench_back_to_back(lambda x=x: torch.empty_like(x).copy_(x), args.queued_reps)
         bandwidth = 2 * logits_bytes / copy_ms / 1e6  # GB/s: read + write
         shape = f"{N}x{V} {str(dtype).removeprefix('torch.')}"
         print(f"{shape}: copy {copy_ms:.3f} ms ({bandwidth:.0f} GB/s); persample vs float64: loss rel err "
@@ -189,7 +192,7 @@ def main():
                 rows.append((shape, name, "n/a", "n/a", "n/a", "n/a", "n/a"))
                 continue
             try:
-                ms = bench_back_to_back(fn, args.reps)
+                ms = bench_back_to_back(fn, args.queued_reps)
                 alone = bench(fn, args.reps)
                 extra = peak_extra(fn, logits_bytes)
                 rows.append((shape, name, f"{ms:.3f}", f"{100 * copy_ms / ms:.0f}%", f"{alone:.3f}",
@@ -214,7 +217,8 @@ def main():
             f.write(f"\n## cross_entropy — {datetime.date.today()} — {gpu} — commit {commit}\n\n"
                     "Command: `python benchmarks/cross_entropy.py`. Memory floor: one read of the logits and "
                     "one write of the gradient, timed as a device copy of the logits in the same run. "
-                    "fwd+bwd ms: calls queued back to back (as in training); isolated call: the median of "
+                    f"fwd+bwd ms: {args.queued_reps} calls queued back to back (as in training); isolated "
+                    "call: the median of "
                     "single calls with the GPU idle before each (host overhead in full).\n\n"
                     f"{text}\n")
 

@@ -21,7 +21,7 @@ from persample.kernels.target_stats import FIRST_BAD, IN_RANGE, PENDING
 
 _BLOCK = 64  # words per pinned allocation; each word starts 16 bytes after the last, so that every one is
 # aligned alike (Triton compiles a kernel for each alignment of its pointers)
-_SPIN_S = 1e-3  # then poll more gently, and ask the stream whether the kernel could still come
+_SPIN_S = 1e-3  # then also ask the stream whether the kernel could still come
 
 
 class Verdict:
@@ -46,25 +46,26 @@ class Verdict:
     def _poll(self) -> int:
         host, i = self._host, self._index
         start = time.perf_counter()
-        while (value := int(host[i])) == PENDING:
-            if time.perf_counter() - start > _SPIN_S:
-                break
-        # A long queue before the kernel (or a failed launch): let other threads run, and let the stream report
-        # a CUDA error rather than waiting for a word that will never come.
         stream = None
-        if self._device.type == "cuda":  # (an ExternalStream of handle 0 is a new stream, not the default one)
-            stream = (torch.cuda.default_stream(self._device) if self._stream == 0
-                      else torch.cuda.ExternalStream(self._stream, self._device))
-        while value == PENDING:
+        while (value := int(host[i])) == PENDING:
+            # Each turn releases the GIL for a moment, so that other threads (data loading) run while this one
+            # waits, as they do during a CUDA synchronisation.
             time.sleep(0)
-            done = stream is None or stream.query()
-            value = int(host[i])
-            if done and value == PENDING:
-                if stream is not None:  # a finished stream's writes to host memory are certain only after a sync
-                    stream.synchronize()
-                    value = int(host[i])
-                if value == PENDING:
+            if time.perf_counter() - start < _SPIN_S:
+                continue
+            # A long queue before the kernel, or a failed launch: let the stream report a CUDA error rather
+            # than waiting for a word that will never come.
+            if stream is None:
+                if self._device.type != "cuda":
+                    raise RuntimeError("persample: the target check's kernel returned without writing its verdict")
+                # (an ExternalStream of handle 0 would be a new stream, not the default one)
+                stream = (torch.cuda.default_stream(self._device) if self._stream == 0
+                          else torch.cuda.ExternalStream(self._stream, self._device))
+            if stream.query() and int(host[i]) == PENDING:
+                stream.synchronize()  # a finished stream's writes to host memory are certain only after a sync
+                if (value := int(host[i])) == PENDING:
                     raise RuntimeError("persample: the target check's kernel finished without writing its verdict")
+                return value
         return value
 
 
