@@ -66,8 +66,6 @@ def _arg_key(arg) -> tuple:
         return _FLOAT_KEY
     if kind is bool:
         return bool, arg
-    if isinstance(arg, torch.Tensor):
-        return arg.dtype, arg.data_ptr() % 16 == 0
     if isinstance(arg, int):
         return int, arg == 1, arg % 16 == 0, -(2**31) <= arg < 2**31, -(2**63) <= arg < 2**63
     return type(arg), arg
@@ -76,12 +74,23 @@ def _arg_key(arg) -> tuple:
 def launch(kernel, grid: tuple[int, ...], *args, num_warps: int, **constexprs) -> None:
     """``kernel[grid](*args, num_warps=num_warps, **constexprs)``, on the current CUDA device and stream.
 
-    ``args`` are the kernel's leading parameters, in order; ``constexprs`` name all the others."""
+    ``args`` are the kernel's leading parameters, in order; ``constexprs`` name all the others. Tensors among
+    them must be on the current device, or in pinned host memory: a launch from the cache passes their
+    addresses as plain integers, which spares the launcher a driver query per pointer (and with it the check
+    that the memory is reachable, which the callers' own device checks stand for)."""
     if not isinstance(kernel, JITFunction):
         kernel[grid](*args, num_warps=num_warps, **constexprs)
         return
     device = torch._C._cuda_getDevice()  # torch.cuda.current_device() without its Python wrapper
-    key = (kernel, device, num_warps, *constexprs.items(), *map(_arg_key, args))
+    key = [kernel, device, num_warps, *constexprs.items()]
+    values = list(args)
+    for i, arg in enumerate(args):
+        if isinstance(arg, torch.Tensor):
+            values[i] = pointer = arg.data_ptr()
+            key.append((arg.dtype, pointer % 16 == 0))
+        else:
+            key.append(_arg_key(arg))
+    key = tuple(key)
     entry = _compiled.get(key)
     if entry is None:
         compiled = kernel[grid](*args, num_warps=num_warps, **constexprs)
@@ -89,5 +98,5 @@ def launch(kernel, grid: tuple[int, ...], *args, num_warps: int, **constexprs) -
         return
     compiled, names = entry
     # The runner takes exactly 3 grid dims; given the stream, it skips looking up the device again.
-    compiled[(*grid, 1, 1)[:3]](*args, *(constexprs[name] for name in names),
+    compiled[(*grid, 1, 1)[:3]](*values, *(constexprs[name] for name in names),
                                 stream=torch._C._cuda_getCurrentRawStream(device))
