@@ -185,13 +185,16 @@ def test_module_form():
     assert "label_smoothing=0.1" in repr(module)
 
 
-def test_second_backward_with_retain_graph():
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_second_backward_with_retain_graph(reduction):
     x = torch.randn(6, 70, requires_grad=True)
     t = torch.randint(0, 70, (6,))
-    loss = persample.cross_entropy(x, t, label_smoothing=0.1)
+    t[2] = -100
+    loss = persample.cross_entropy(x, t, label_smoothing=0.1, reduction=reduction)
     (g1,) = torch.autograd.grad(loss * 2.0, x, retain_graph=True)
     (g2,) = torch.autograd.grad(loss * 3.0, x)
-    ref = torch.func.grad(lambda x: cross_entropy_reference(x, t, label_smoothing=0.1))(x.detach().double())
+    ref = torch.func.grad(lambda x: cross_entropy_reference(x, t, label_smoothing=0.1, reduction=reduction))(
+        x.detach().double())
     assert rel_err(g1, 2 * ref) < 1e-5
     assert rel_err(g2, 3 * ref) < 1e-5
 
