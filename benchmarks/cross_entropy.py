@@ -52,10 +52,12 @@ def bench(fn, reps: int) -> float:
 
 def bench_back_to_back(fn, reps: int) -> float:
     """Milliseconds per fn() over ``reps`` calls queued back to back, as in a training loop where the host
-    runs ahead of the GPU: launch latency hides behind the previous call's kernels, host syncs do not."""
+    runs ahead of the GPU: launch latency hides behind the previous call's kernels, host syncs do not.
+    ``reps // 2`` calls first warm the host's path up, as the steps before it do in training: the same run timed
+    ``persample mean`` at 72% of the floor after 3 warm-up calls and at 82-83% after hundreds."""
     if not torch.cuda.is_available():
         return bench(fn, reps)
-    for _ in range(3):
+    for _ in range(max(3, reps // 2)):
         fn()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     torch.cuda.synchronize()
