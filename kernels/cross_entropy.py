@@ -464,9 +464,7 @@ def _ticket(device: torch.device) -> torch.Tensor:
     """A one-element int64 counter holding 0 for the in-kernel reduction: one per device and stream, reused
     by every launch on that stream (launches on one stream never overlap, and each leaves it at 0). A graph
     being captured gets a counter of its own, which its replays then use."""
-    if device.type != "cuda":
-        return torch.zeros(1, dtype=torch.int64, device=device)
-    if torch.cuda.is_current_stream_capturing():
+    if device.type != "cuda" or torch.cuda.is_current_stream_capturing():
         return torch.zeros(1, dtype=torch.int64, device=device)
     key = (device.index, torch._C._cuda_getCurrentRawStream(device.index))
     ticket = _tickets.get(key)

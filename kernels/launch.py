@@ -57,14 +57,11 @@ _FLOAT_KEY = (float,)
 
 
 def _arg_key(arg) -> tuple:
-    """What Triton's specialization of one argument depends on (a superset of it). Exact types are tested
-    first: this runs for every argument of every launch."""
-    kind = type(arg)
-    if kind is int:
-        return int, arg == 1, arg % 16 == 0, -(2**31) <= arg < 2**31, -(2**63) <= arg < 2**63
-    if kind is float:
+    """What Triton's specialization of one non-tensor argument depends on (a superset of it). Floats, the
+    commonest after ints, are tested by exact type first: this runs for most arguments of every launch."""
+    if type(arg) is float:
         return _FLOAT_KEY
-    if kind is bool:
+    if isinstance(arg, bool):
         return bool, arg
     if isinstance(arg, int):
         return int, arg == 1, arg % 16 == 0, -(2**31) <= arg < 2**31, -(2**63) <= arg < 2**63
