@@ -41,7 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import acc_dtype, cdiv, interpreting, launch, next_power_of_2, sm_count
+from .launch import Launcher, Plans, acc_dtype, aligned, cdiv, interpreting, launch, next_power_of_2, sm_count
 from .target_stats import mean_scale, scan_block, scan_targets, store_verdict, target_stats
 
 # Where the forward kernel's scale (of the gradient and of the reduced loss) comes from: a tensor, the
@@ -369,24 +369,29 @@ def _grid(N: int, device: torch.device, programs_per_sm: int) -> tuple[int]:
 
 
 
+def _fwd_args(logits, target, weight, weight_sum, scale, loss, lse, grad, reduced, ticket, verdict, options):
+    """The forward kernel's arguments before its constexprs; ``weight``, ``weight_sum``, ``scale``, ``grad``,
+    ``reduced``, ``ticket`` and ``verdict`` may be None (not asked for), another tensor standing in for them."""
+    return (logits, logits.stride(0), target, weight if weight is not None else logits,
+            weight_sum if weight_sum is not None else loss, scale if scale is not None else loss,
+            loss, lse, grad if grad is not None else loss, grad.stride(0) if grad is not None else 0,
+            reduced if reduced is not None else loss, ticket if ticket is not None else target,
+            verdict if verdict is not None else target, *logits.shape, *options)
+
+
 def _launch_fwd(logits, target, weight, weight_sum, scale, loss, lse, grad, reduced, ticket, verdict, options,
-                config, *, scale_mode, row_scale=False):
-    """Launches the forward kernel; ``grad``, ``reduced``, ``ticket``, ``verdict`` may be None (not asked for)."""
-    N, V = logits.shape
-    ignore_index, label_smoothing, softcap, z_loss = options
+                config, *, scale_mode, row_scale=False) -> Launcher:
+    """Launches the forward kernel (arguments as for :func:`_fwd_args`)."""
     block, num_warps, grid, prefetch = config
-    launch(
+    _, label_smoothing, softcap, _ = options
+    return launch(
         _cross_entropy_fwd_kernel, grid,
-        logits, logits.stride(0), target, weight if weight is not None else logits,
-        weight_sum if weight_sum is not None else loss, scale if scale is not None else loss,
-        loss, lse, grad if grad is not None else loss, grad.stride(0) if grad is not None else 0,
-        reduced if reduced is not None else loss, ticket if ticket is not None else target,
-        verdict if verdict is not None else target,
-        N, V, ignore_index, label_smoothing, softcap, z_loss,
+        *_fwd_args(logits, target, weight, weight_sum, scale, loss, lse, grad, reduced, ticket, verdict, options),
         HAS_WEIGHT=weight is not None, HAS_SOFTCAP=softcap > 0, HAS_SMOOTHING=label_smoothing > 0,
-        WITH_GRAD=grad is not None, SINGLE_BLOCK=block >= V, BLOCK_V=block, ACC=acc_dtype(logits.dtype),
-        PREFETCH=prefetch, REDUCE=reduced is not None, ROWS_BLOCK=64 if block <= 64 else scan_block(),
-        SCALE=scale_mode.value, ROW_SCALE=row_scale, CHECK=verdict is not None, num_warps=num_warps,
+        WITH_GRAD=grad is not None, SINGLE_BLOCK=block >= logits.shape[1], BLOCK_V=block,
+        ACC=acc_dtype(logits.dtype), PREFETCH=prefetch, REDUCE=reduced is not None,
+        ROWS_BLOCK=64 if block <= 64 else scan_block(), SCALE=scale_mode.value, ROW_SCALE=row_scale,
+        CHECK=verdict is not None, num_warps=num_warps,
     )
 
 
@@ -458,6 +463,7 @@ def cross_entropy_fwd(
 
 
 _tickets: dict[tuple, torch.Tensor] = {}
+_plans = Plans()
 
 
 def _ticket(device: torch.device) -> torch.Tensor:
@@ -488,9 +494,13 @@ def cross_entropy_fused(
     and ``"sum"``: one kernel also writes the gradient, scaled by the reduction's scale, and the reduced loss
     (in the logits' dtype); only a mean over a grid of one program per row needs the targets' scale first, from
     a small kernel before it, and its sum from a PyTorch op after it. Either way the range check's verdict
-    goes to ``verdict`` (see target_stats.py) from the first kernel that runs. ``options``: (ignore_index,
-    label_smoothing, softcap, z_loss), softcap 0 for none.
+    goes to ``verdict`` (a one-element int64 tensor, 16-byte aligned; see target_stats.py) from the first
+    kernel that runs. ``options``: (ignore_index, label_smoothing, softcap, z_loss), softcap 0 for none.
     Returns (loss: (N,) rows or the reduced 0-dim tensor, lse (N,), gradient or None, scale (1,) or None for 1).
+
+    The launch of a single kernel is kept under a key of these inputs (a plan: see launch.py's
+    :class:`Launcher`), so that later calls with inputs alike skip choosing a configuration and binding
+    arguments: this runs on every training step, where the host's time per call matters.
     """
     N, V = logits.shape
     acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
@@ -501,25 +511,41 @@ def cross_entropy_fused(
     if N == 0:
         verdict.fill_(1)
         return (loss if none else torch.zeros((), dtype=logits.dtype, device=logits.device)), lse, grad, None
-    config = _config(logits)
-    if none:
-        _launch_fwd(logits, target, weight, weight_sum, None, loss, lse, None, None, None, verdict, options,
-                    config, scale_mode=SCALE_ONE)
-        return loss, lse, None, None
+    # Everything the launch specializes on follows from these (the outputs are fresh, hence aligned).
+    key = (reduction, logits.dtype, N, V, logits.stride(0), target.dtype, weight.dtype if weight is not None
+           else None, options, logits.get_device(), aligned(logits, target, weight))
+    plan = _plans.get(key)
+    if plan is None:
+        config = _config(logits)
+        persistent = config[2][0] < N
+    else:
+        launcher, grid, persistent = plan
     mean = reduction == "mean"
-    if config[2][0] < N:  # a persistent grid: the kernel does it all
+    scale = reduced = ticket = None
+    if none:
+        scale_mode = SCALE_ONE
+    elif persistent:  # the kernel does it all
         scale = torch.empty(1, dtype=acc, device=logits.device) if mean else None
         reduced = torch.empty((), dtype=logits.dtype, device=logits.device)
-        _launch_fwd(logits, target, weight, weight_sum, scale, loss, lse, grad, reduced, _ticket(logits.device),
-                    verdict, options, config, scale_mode=SCALE_MEAN if mean else SCALE_ONE)
-        return reduced, lse, grad, scale
-    if mean:
+        ticket = _ticket(logits.device)
+        scale_mode = SCALE_MEAN if mean else SCALE_ONE
+    elif mean:  # one program per row: two kernels and a sum, which the shapes that get here hardly notice
         scale = target_stats(target, V, weight, options[0], True, acc, verdict)
         _launch_fwd(logits, target, weight, weight_sum, scale, loss, lse, grad, None, None, None, options,
                     config, scale_mode=SCALE_LOADED)
         return torch.dot(loss, scale.expand(N)).to(logits.dtype), lse, grad, scale
-    _launch_fwd(logits, target, weight, weight_sum, None, loss, lse, grad, None, None, verdict, options, config,
-                scale_mode=SCALE_ONE)
+    else:
+        scale_mode = SCALE_ONE
+    if plan is None:
+        _plans.keep(key, (_launch_fwd(logits, target, weight, weight_sum, scale, loss, lse, grad, reduced, ticket,
+                                      verdict, options, config, scale_mode=scale_mode), config[2], persistent))
+    else:
+        launcher(grid, *_fwd_args(logits, target, weight, weight_sum, scale, loss, lse, grad, reduced, ticket,
+                                  verdict, options))
+    if none:
+        return loss, lse, None, None
+    if persistent:
+        return reduced, lse, grad, scale
     return loss.sum().to(logits.dtype), lse, grad, None
 
 
@@ -543,26 +569,43 @@ def cross_entropy_bwd(
     grad = out if out is not None else torch.empty_like(logits, memory_format=torch.contiguous_format)
     if N == 0:
         return grad
+    args = (logits, logits.stride(0), target, weight if weight is not None else logits,
+            weight_sum if weight_sum is not None else lse, lse, grad_rows, grad_rows.stride(0), grad, grad.stride(0),
+            V, ignore_index, label_smoothing, softcap, z_loss)
+    key = ("bwd", logits.dtype, N, V, logits.stride(0), target.dtype, weight.dtype if weight is not None else None,
+           weight_sum.dtype if weight_sum is not None else None, lse.dtype, grad_rows.dtype, grad_rows.stride(0),
+           grad.stride(0), ignore_index, softcap > 0, logits.get_device(),
+           aligned(logits, target, weight, weight_sum, lse, grad_rows, grad))
+    plan = _plans.get(key)
+    if plan is not None:  # the backward of "none", once per training step: see cross_entropy_fused
+        plan[0](plan[1], *args)
+        return grad
     chunk, num_warps = _bwd_config(V, logits.element_size())
     chunks = cdiv(V, chunk)
-    launch(
-        _cross_entropy_bwd_kernel, (N * chunks,),
-        logits, logits.stride(0), target, weight if weight is not None else logits,
-        weight_sum if weight_sum is not None else lse, lse, grad_rows, grad_rows.stride(0), grad, grad.stride(0),
-        V, ignore_index, label_smoothing, softcap, z_loss,
+    grid = (N * chunks,)
+    _plans.keep(key, (launch(
+        _cross_entropy_bwd_kernel, grid, *args,
         HAS_WEIGHT=weight is not None, HAS_SOFTCAP=softcap > 0, CHUNKS=chunks, CHUNK=chunk,
         ACC=acc_dtype(logits.dtype), num_warps=num_warps,
-    )
+    ), grid))
     return grad
 
 
 def scale_(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """``x *= scale`` in place for a contiguous ``x`` and a one-element ``scale``; free when scale == 1."""
     n = x.numel()
-    if n:
-        block = 1024 if interpreting() else 8192
-        programs = cdiv(n, block)
-        if x.is_cuda:
-            programs = min(programs, 4 * sm_count(x.device))
-        launch(_scale_kernel, (programs,), x, scale, n, BLOCK=block, ACC=acc_dtype(x.dtype), num_warps=8)
+    if n == 0:
+        return x
+    key = ("scale", x.dtype, n, scale.dtype, x.get_device(), aligned(x, scale))
+    plan = _plans.get(key)
+    if plan is not None:  # the backward of the eager mean and sum: see cross_entropy_fused
+        plan[0](plan[1], x, scale, n)
+        return x
+    block = 1024 if interpreting() else 8192
+    programs = cdiv(n, block)
+    if x.is_cuda:
+        programs = min(programs, 4 * sm_count(x.device))
+    grid = (programs,)
+    _plans.keep(key, (launch(_scale_kernel, grid, x, scale, n, BLOCK=block, ACC=acc_dtype(x.dtype), num_warps=8),
+                      grid))
     return x

@@ -349,13 +349,22 @@ class _FusedMeanSum(torch.autograd.Function):
         return _backward_impl(logits, target, weight, weight_sum, lse, grad_rows, *ctx.options), *([None] * 6)
 
 
+def _eager_apply(function):
+    """``function.apply`` for plain eager callers, without the Python half of ``autograd.Function.apply``: that
+    half binds default arguments (none here: the Functions below take ``ctx`` in ``forward``), unwraps tensors
+    left over from finished torch.func transforms and hands calls inside transforms to functorch, and costs
+    a few µs on every training step. Callers check that no transform is active, and the fused functions below
+    fall back to ``function.apply`` for a leftover wrapped tensor."""
+    return torch._C._FunctionBase.__dict__["apply"].__get__(None, function)
+
+
 def fused_mean_sum(logits, target, weight, weight_sum, mean, verdict, ignore_index, label_smoothing, softcap,
                    z_loss):
     """The mean (``mean``) or sum of the rows' losses, a scalar in the logits' dtype, differentiable w.r.t.
-    ``logits``; Triton only. ``verdict``: the one-element int64 tensor the range check's verdict goes to
-    (see :mod:`persample._verdicts`)."""
-    return _FusedMeanSum.apply(logits, target, weight, weight_sum, mean, verdict,
-                               (ignore_index, label_smoothing, softcap, z_loss))
+    ``logits``; Triton only, outside torch.func transforms. ``verdict``: the one-element int64 tensor the range
+    check's verdict goes to (see :mod:`persample._verdicts`)."""
+    apply = _FusedMeanSum.apply if _is_wrapped(logits) else _fused_mean_sum_apply
+    return apply(logits, target, weight, weight_sum, mean, verdict, (ignore_index, label_smoothing, softcap, z_loss))
 
 
 class _FusedNone(torch.autograd.Function):
@@ -383,6 +392,11 @@ class _FusedNone(torch.autograd.Function):
 
 def fused_none(logits, target, weight, weight_sum, shape, verdict, ignore_index, label_smoothing, softcap, z_loss):
     """Each row's loss, shaped ``shape`` and in the logits' dtype, differentiable w.r.t. ``logits``; Triton
-    only. ``verdict``: as in :func:`fused_mean_sum`."""
-    return _FusedNone.apply(logits, target, weight, weight_sum, shape, verdict,
-                            (ignore_index, label_smoothing, softcap, z_loss))
+    only, outside torch.func transforms. ``verdict``: as in :func:`fused_mean_sum`."""
+    apply = _FusedNone.apply if _is_wrapped(logits) else _fused_none_apply
+    return apply(logits, target, weight, weight_sum, shape, verdict, (ignore_index, label_smoothing, softcap, z_loss))
+
+
+_is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+_fused_mean_sum_apply = _eager_apply(_FusedMeanSum)
+_fused_none_apply = _eager_apply(_FusedNone)

@@ -3,6 +3,9 @@ import os
 import pytest
 import torch
 
+from persample.kernels import cross_entropy as ce_kernels
+from persample.kernels.launch import Plans
+
 CUDA = torch.cuda.is_available()
 DEVICES = ["cpu", "cuda"] if CUDA else ["cpu"]
 
@@ -21,3 +24,10 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_launch_plans(monkeypatch):
+    """Each test makes its own launch plans (see kernels/launch.py): a test that changes the launch
+    configuration (``_grid``, ``_launch_config``) must not be served a plan that an earlier test made."""
+    monkeypatch.setattr(ce_kernels, "_plans", Plans())

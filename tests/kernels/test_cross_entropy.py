@@ -231,6 +231,9 @@ def test_fused_checks_scales_and_reduces(N, V, dtype, reduction, grid, weighted,
             assert scale.item() == pytest.approx(ref_scale, rel=1e-6)
         else:
             assert scale is None
+    # The second call launched from the plan the first one kept (a mean over one program per row keeps none).
+    persistent = grid is not None and grid < N
+    assert len(kernels._plans) == (0 if reduction == "mean" and not persistent else 1)
 
 
 def test_fused_without_rows_writes_an_in_range_verdict():
@@ -264,6 +267,39 @@ def test_bwd_reads_upstream_in_its_own_dtype_and_stride(upstream):
     x = logits.double().requires_grad_()
     cross_entropy_reference(x, target, reduction="none").backward(grad_rows.double())
     assert rel_err(grad, x.grad) < 1e-5
+
+
+@pytest.mark.parametrize("grid", [None, 2])
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+def test_fused_plans_follow_alignment_and_data(reduction, grid, monkeypatch):
+    # A plan is keyed by what its launch specializes on, not by the data: new logits and targets of the same
+    # shape reuse it, a view starting 4 bytes into its buffer gets a plan of its own, and the backward kernels'
+    # plans (the upstream gradient's stride, the in-place scale) likewise.
+    if grid is not None:
+        monkeypatch.setattr(kernels, "_grid", lambda N, device, per_sm: (min(N, grid),))
+    base = torch.randn(6, 41, device=DEVICE)
+    for logits, expected_plans in ((base[:, :40], 1), ((base * 3)[:, :40], 1), (base[:, 1:], 2)):
+        target = torch.randint(0, 40, (6,), device=DEVICE)
+        target[2] = -100
+        verdict = torch.zeros(1, dtype=torch.int64, device=DEVICE)
+        loss, lse, grad, _ = kernels.cross_entropy_fused(logits, target, None, None, (-100, 0.0, 0.0, 0.0),
+                                                         reduction, verdict)
+        rows, ref_grad = _reference_rows_and_grad(logits, target, None)
+        assert verdict.item() == IN_RANGE
+        if reduction == "none":
+            assert rel_err(loss, rows) < 1e-5
+            for upstream in (torch.rand(6, device=DEVICE), torch.rand(12, device=DEVICE)[::2]):
+                back = kernels.cross_entropy_bwd(logits, target, None, None, lse, upstream, -100, 0.0, 0.0, 0.0)
+                assert rel_err(back, upstream.double()[:, None] * ref_grad) < 1e-5
+        else:
+            scale = 1 / 5 if reduction == "mean" else 1.0
+            assert rel_err(loss, scale * rows.sum()) < 1e-5
+            kernels.scale_(grad, torch.tensor([0.5], device=DEVICE))
+            assert rel_err(grad, 0.5 * scale * ref_grad) < 1e-5
+        kinds = [key[0] for key in kernels._plans]
+        assert kinds.count(reduction) == (0 if reduction == "mean" and grid is None else expected_plans)
+        assert kinds.count("bwd") == (2 * expected_plans if reduction == "none" else 0)  # two upstream strides
+        assert kinds.count("scale") == (reduction != "none")  # the gradient is a fresh buffer every time
 
 
 def test_relaunch_with_other_alignment_and_sizes():
