@@ -130,9 +130,12 @@ def check(x, target):
 
 
 def sweep(x, target, reps):
-    """Times persample's fused forward over (block, warps, programs per SM, prefetch) and its elementwise
-    backward over (chunk, warps), to tune _launch_config and _bwd_config."""
+    """Times persample's forward kernel, with and without the gradient, over (block, warps, programs per SM,
+    prefetch) and its elementwise backward over (chunk, warps), to tune _launch_config and _bwd_config."""
     from persample.kernels import cross_entropy as kernels
+
+    x = x.detach()
+    scale = torch.ones(1, device=x.device)
 
     fwd_default, bwd_default = kernels._launch_config, kernels._bwd_config
     V = x.shape[-1]
@@ -142,12 +145,14 @@ def sweep(x, target, reps):
             for per_sm in (0, 1, 2, 4):
                 for prefetch in (False, True) if block >= V and per_sm else (False,):
                     config = (block, warps, per_sm, prefetch)
-                    kernels._launch_config = lambda V, size, c=config: c
-                    try:
-                        ms = bench(lambda: persample.cross_entropy_with_grad(x, target), reps)
-                        print(f"  sweep forward {config}: {ms:.3f} ms", flush=True)
-                    except Exception as exc:
-                        print(f"  sweep forward {config}: {type(exc).__name__}", flush=True)
+                    kernels._launch_config = lambda V, size, with_grad=True, c=config: c
+                    for with_grad in (True, False):
+                        try:
+                            ms = bench(lambda w=with_grad: kernels.cross_entropy_fwd(
+                                x, target, None, None, scale if w else None, -100, 0.0, 0.0, 0.0, w), reps)
+                            print(f"  sweep forward {config} with_grad={with_grad}: {ms:.3f} ms", flush=True)
+                        except Exception as exc:
+                            print(f"  sweep forward {config}: {type(exc).__name__}", flush=True)
     kernels._launch_config = fwd_default
     _, lse, _, _ = kernels.cross_entropy_fwd(x, target, None, None, None, -100, 0.0, 0.0, 0.0, False)
     upstream = torch.rand(x.shape[0], device=x.device)

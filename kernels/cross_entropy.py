@@ -333,18 +333,24 @@ def _scale_kernel(x_ptr, scale_ptr, n, BLOCK: tl.constexpr, ACC: tl.constexpr):
             tl.store(x_ptr + offs, (x * scale).to(x_ptr.dtype.element_ty), mask=in_range)
 
 
-def _launch_config(V: int, element_size: int) -> tuple[int, int, int, bool]:
+def _launch_config(V: int, element_size: int, with_grad: bool = True) -> tuple[int, int, int, bool]:
     """For the forward: (block over the vocabulary, warps per program, programs per multiprocessor with
     0 = one per row, prefetch of the next row).
 
-    A row of up to 32768 half-precision (16384 fp32) logits is held in registers whole; longer rows are
-    streamed in blocks, with 8192-element blocks of 16 warps up to V = 65536 half-precision logits and
-    16384-element blocks of 32 warps beyond. The interpreter gets small blocks so that tests at small V still
-    cross block boundaries. Tuned on an H100 with benchmarks/cross_entropy.py --sweep.
+    With the gradient, a row of up to 32768 half-precision (16384 fp32) logits is held in registers whole;
+    longer rows are streamed in blocks, with 8192-element blocks of 16 warps up to V = 65536 half-precision
+    logits and 16384-element blocks of 32 warps beyond. Without it (``reduction="none"``'s forward, evaluation)
+    the row is only read: blocks of at most 16384 logits and 8 warps, one program per row, read at the copy
+    bandwidth, where the configuration with the gradient read 25% slower at V = 32000 and 10% at V = 128256.
+    The interpreter gets small blocks so that tests at small V still cross block boundaries. Tuned on an H100
+    with benchmarks/cross_entropy.py --sweep.
     """
     if interpreting():
         return min(next_power_of_2(V), 64), 1, 0, False
     block = next_power_of_2(V)
+    if not with_grad:
+        block = min(block, 16384)
+        return block, 4 if block <= 2048 else 8, 0, False
     if block * element_size <= 65536:
         if block * element_size >= 32768:  # one program per SM, loading row i + 1 while it works on row i
             return block, 32, 1, True
@@ -395,10 +401,10 @@ def _launch_fwd(logits, target, weight, weight_sum, scale, loss, lse, grad, redu
     )
 
 
-def _config(logits: torch.Tensor) -> tuple[int, int, tuple[int], bool]:
+def _config(logits: torch.Tensor, with_grad: bool) -> tuple[int, int, tuple[int], bool]:
     """(block, warps, grid, prefetch) of the forward kernel for these logits."""
     N, V = logits.shape
-    block, num_warps, programs_per_sm, prefetch = _launch_config(V, logits.element_size())
+    block, num_warps, programs_per_sm, prefetch = _launch_config(V, logits.element_size(), with_grad)
     grid = _grid(N, logits.device, programs_per_sm)
     return block, num_warps, grid, prefetch and block >= V and programs_per_sm > 0
 
@@ -440,7 +446,7 @@ def cross_entropy_fwd(
     if row_scale and (reduce or grad_scale.shape != (N,)):
         raise ValueError(f"grad_scale must have one element, or one per row ({N},) without a reduction; got "
                          f"{tuple(grad_scale.shape)}")
-    config = _config(logits)
+    config = _config(logits, with_grad)
     # The kernel reduces only on a persistent grid: with a program per row, every program's ticket would
     # wait for all of its gradient stores, which costs more than the PyTorch ops below.
     reduce_in_kernel = reduce and config[2][0] < N
@@ -494,7 +500,7 @@ def cross_entropy_fused(
     and ``"sum"``: one kernel also writes the gradient, scaled by the reduction's scale, and the reduced loss
     (in the logits' dtype); only a mean over a grid of one program per row needs the targets' scale first, from
     a small kernel before it, and its sum from a PyTorch op after it. Either way the range check's verdict
-    goes to ``verdict`` (a one-element int64 tensor, 16-byte aligned; see target_stats.py) from the first
+    goes to ``verdict`` (a one-element int64 tensor; see target_stats.py) from the first
     kernel that runs. ``options``: (ignore_index, label_smoothing, softcap, z_loss), softcap 0 for none.
     Returns (loss: (N,) rows or the reduced 0-dim tensor, lse (N,), gradient or None, scale (1,) or None for 1).
 
@@ -513,10 +519,10 @@ def cross_entropy_fused(
         return (loss if none else torch.zeros((), dtype=logits.dtype, device=logits.device)), lse, grad, None
     # Everything the launch specializes on follows from these (the outputs are fresh, hence aligned).
     key = (reduction, logits.dtype, N, V, logits.stride(0), target.dtype, weight.dtype if weight is not None
-           else None, options, logits.get_device(), aligned(logits, target, weight))
+           else None, options, logits.get_device()) if aligned(logits, target, weight, weight_sum, verdict) else None
     plan = _plans.get(key)
     if plan is None:
-        config = _config(logits)
+        config = _config(logits, not none)
         persistent = config[2][0] < N
     else:
         launcher, grid, persistent = plan
@@ -575,7 +581,7 @@ def cross_entropy_bwd(
     key = ("bwd", logits.dtype, N, V, logits.stride(0), target.dtype, weight.dtype if weight is not None else None,
            weight_sum.dtype if weight_sum is not None else None, lse.dtype, grad_rows.dtype, grad_rows.stride(0),
            grad.stride(0), ignore_index, softcap > 0, logits.get_device(),
-           aligned(logits, target, weight, weight_sum, lse, grad_rows, grad))
+           ) if aligned(logits, target, weight, weight_sum, lse, grad_rows, grad) else None
     plan = _plans.get(key)
     if plan is not None:  # the backward of "none", once per training step: see cross_entropy_fused
         plan[0](plan[1], *args)
@@ -596,7 +602,7 @@ def scale_(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     n = x.numel()
     if n == 0:
         return x
-    key = ("scale", x.dtype, n, scale.dtype, x.get_device(), aligned(x, scale))
+    key = ("scale", x.dtype, n, scale.dtype, x.get_device()) if aligned(x, scale) else None
     plan = _plans.get(key)
     if plan is not None:  # the backward of the eager mean and sum: see cross_entropy_fused
         plan[0](plan[1], x, scale, n)

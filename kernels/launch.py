@@ -57,8 +57,9 @@ def acc_dtype(dtype: torch.dtype):
 
 
 def aligned(*tensors: torch.Tensor | None) -> bool:
-    """Whether every tensor given (None skipped) starts on a 16-byte boundary: the alignment Triton specializes
-    a pointer on, for an op's plan key (see :class:`Launcher`)."""
+    """Whether every tensor given (None skipped) starts on a 16-byte boundary, the alignment Triton specializes
+    a pointer on. Plans (see :class:`Launcher`) serve such inputs only: their keys then need no alignment,
+    and other inputs take :func:`launch`'s full key."""
     bits = 0
     for t in tensors:
         if t is not None:
@@ -67,14 +68,17 @@ def aligned(*tensors: torch.Tensor | None) -> bool:
 
 
 class Plans(dict):
-    """An op launcher's kept launches (see :class:`Launcher`) by a key of its inputs. Emptied when it holds
-    ``limit`` of them, so that inputs of ever new sizes cannot grow it without bound."""
+    """An op launcher's kept launches (see :class:`Launcher`) by a key of its inputs, None for inputs that no
+    plan serves. Emptied when it holds ``limit`` of them, so that inputs of ever new sizes cannot grow it
+    without bound."""
 
     def __init__(self, limit: int = 256):
         super().__init__()
         self.limit = limit
 
     def keep(self, key, plan):
+        if key is None:
+            return plan
         if len(self) >= self.limit:
             self.clear()
         self[key] = plan

@@ -60,7 +60,7 @@ def test_fwd_per_row_scale(V, dtype, persistent, block, monkeypatch):
     if persistent:
         monkeypatch.setattr(kernels, "_grid", lambda N, device, per_sm: (2,))
     if block is not None:
-        monkeypatch.setattr(kernels, "_launch_config", lambda V, size: (block, 1, 0, False))
+        monkeypatch.setattr(kernels, "_launch_config", lambda V, size, with_grad=True: (block, 1, 0, False))
     logits, target, w, w_sum = _inputs(6, V, dtype, weight=True)
     scale = torch.tensor([0.5, 2.0, -1.5, 0.0, 3.0, 0.25], device=DEVICE)
     loss, lse, grad, _ = kernels.cross_entropy_fwd(logits, target, w, w_sum, scale, -100, 0.1, 4.0, 1e-2, True)
@@ -83,7 +83,7 @@ def test_fwd_per_row_scale_of_the_wrong_length_raises():
 def test_fwd_prefetching_next_row(V, dtype, with_grad, monkeypatch):
     # The configuration of rows that fill one block: a persistent grid, each program loading its next row
     # while it reduces the current one (here 3 programs over 7 rows, some ignored, options on).
-    monkeypatch.setattr(kernels, "_launch_config", lambda V, size: (64, 1, 1, True))
+    monkeypatch.setattr(kernels, "_launch_config", lambda V, size, with_grad=True: (64, 1, 1, True))
     monkeypatch.setattr(kernels, "_grid", lambda N, device, per_sm: (3,))
     logits, target, w, w_sum = _inputs(7, V, dtype, weight=True)
     target[4] = -100
@@ -99,12 +99,14 @@ def test_fwd_prefetching_next_row(V, dtype, with_grad, monkeypatch):
         assert (grad[[0, 4]] == 0).all()
 
 
-@pytest.mark.skipif(not CUDA, reason="the GPU's launch configuration for rows of 8193-32768 half logits")
+@pytest.mark.skipif(not CUDA, reason="the GPU's launch configuration for rows of 16385-32768 half logits")
 @pytest.mark.parametrize("with_grad", [False, True])
-def test_fwd_prefetching_default_config_on_cuda(with_grad):
-    # The default configuration at this V prefetches: 300 rows over one program per SM, NaN ignored rows.
+def test_fwd_default_configs_on_cuda(with_grad):
+    # At this V the default configuration with the gradient prefetches (300 rows over one program per SM), and
+    # the one without streams each row in two blocks; NaN ignored rows.
     V = 20000
-    assert kernels._launch_config(V, 2)[3]
+    block, _, _, prefetch = kernels._launch_config(V, 2, with_grad)
+    assert prefetch if with_grad else block < V
     logits, target, _, _ = _inputs(300, V, torch.bfloat16)
     target[::7] = -100
     logits[::7] = float("nan")
@@ -273,12 +275,12 @@ def test_bwd_reads_upstream_in_its_own_dtype_and_stride(upstream):
 @pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
 def test_fused_plans_follow_alignment_and_data(reduction, grid, monkeypatch):
     # A plan is keyed by what its launch specializes on, not by the data: new logits and targets of the same
-    # shape reuse it, a view starting 4 bytes into its buffer gets a plan of its own, and the backward kernels'
-    # plans (the upstream gradient's stride, the in-place scale) likewise.
+    # shape reuse it, and a view starting 4 bytes into its buffer is served by launch()'s full key instead;
+    # the backward kernels' plans (one per stride of the upstream gradient, the in-place scale) likewise.
     if grid is not None:
         monkeypatch.setattr(kernels, "_grid", lambda N, device, per_sm: (min(N, grid),))
     base = torch.randn(6, 41, device=DEVICE)
-    for logits, expected_plans in ((base[:, :40], 1), ((base * 3)[:, :40], 1), (base[:, 1:], 2)):
+    for logits in (base[:, :40], (base * 3)[:, :40], base[:, 1:]):
         target = torch.randint(0, 40, (6,), device=DEVICE)
         target[2] = -100
         verdict = torch.zeros(1, dtype=torch.int64, device=DEVICE)
@@ -297,8 +299,8 @@ def test_fused_plans_follow_alignment_and_data(reduction, grid, monkeypatch):
             kernels.scale_(grad, torch.tensor([0.5], device=DEVICE))
             assert rel_err(grad, 0.5 * scale * ref_grad) < 1e-5
         kinds = [key[0] for key in kernels._plans]
-        assert kinds.count(reduction) == (0 if reduction == "mean" and grid is None else expected_plans)
-        assert kinds.count("bwd") == (2 * expected_plans if reduction == "none" else 0)  # two upstream strides
+        assert kinds.count(reduction) == (0 if reduction == "mean" and grid is None else 1)
+        assert kinds.count("bwd") == (2 if reduction == "none" else 0)
         assert kinds.count("scale") == (reduction != "none")  # the gradient is a fresh buffer every time
 
 
