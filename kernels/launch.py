@@ -76,13 +76,12 @@ class Plans(dict):
         super().__init__()
         self.limit = limit
 
-    def keep(self, key, plan):
+    def keep(self, key, plan) -> None:
         if key is None:
-            return plan
+            return
         if len(self) >= self.limit:
             self.clear()
         self[key] = plan
-        return plan
 
 
 _FLOAT_KEY = (float,)

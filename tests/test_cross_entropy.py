@@ -283,6 +283,27 @@ def test_vmap_with_unbatched_target_and_cross_entropy_with_grad():
         assert rel_err(dlogits[i], ref_grad) < 1e-6
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_tensor_left_over_from_a_finished_transform(reduction, device):
+    # A tensor kept from inside torch.func.grad is a wrapper of a level that has ended; plain eager code may
+    # still use it, and autograd.Function.apply unwraps it. The eager training path skips apply's Python half
+    # and must fall back to it for such a tensor.
+    kept = {}
+
+    def f(x):
+        kept["x"] = x
+        return x.sum()
+
+    grad(f)(torch.randn(4, 9, device=device, requires_grad=True))
+    x, t = kept["x"], torch.randint(0, 9, (4,), device=device)
+    assert torch._C._functorch.is_functorch_wrapped_tensor(x) and x.requires_grad
+    loss = persample.cross_entropy(x, t, reduction=reduction)
+    ref = cross_entropy_reference(x.detach().double(), t, reduction=reduction)
+    assert rel_err(loss, ref) < 1e-6
+    loss.sum().backward()
+
+
 def test_higher_order_and_forward_mode_raise():
     x = torch.randn(4, 9)
     t = torch.randint(0, 9, (4,))
