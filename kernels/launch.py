@@ -3,7 +3,7 @@
 ``kernel[grid](*args, **constexprs)`` binds its arguments anew on every call: it derives each argument's
 specialization (a tensor's dtype and 16-byte alignment, an integer's width, divisibility by 16 and equality
 to 1), builds a cache key from them and the options, and only then finds the compiled kernel. On the
-lent H100 machines that costs about 30 µs of host time per launch, against about 11 µs for the launch of the
+lent H100 machines that costs about 34 µs of host time per launch, against about 11 µs for the launch of the
 compiled kernel itself, and the cross-entropy launches two or three kernels per training step.
 
 :func:`launch` keeps its own cache from a key that holds everything Triton specializes on (and a little
