@@ -11,7 +11,7 @@ The verdict is one int64 word, 0 until the kernel writes it, so a host that poll
 (see ``persample/_verdicts.py``) learns the outcome from that single store, with no copy or event behind it.
 
 The pass is a set of ``@triton.jit`` helpers, run either by the small kernel below (before a main kernel
-that needs the scale) or by the main kernel itself (see ``CHECK`` and ``MEAN_SCALE`` in cross_entropy.py).
+that needs the scale) or by the main kernel itself (see ``CHECK`` and ``SCALE_MEAN`` in cross_entropy.py).
 One program walks the targets in blocks, so sums come in a fixed order (reproducible) and no atomics are
 needed; the targets are a tiny fraction of the logits' size.
 """
