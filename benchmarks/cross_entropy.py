@@ -137,12 +137,12 @@ def check(x, target):
 
 def sweep(x, target, reps):
     """Times persample's forward kernel, with and without the gradient, over (block, warps, programs per SM,
-    prefetch) and its elementwise backward over (chunk, warps), to tune _launch_config and _bwd_config."""
+    prefetch) and its elementwise backward over (chunk, warps), to tune launch_config and bwd_config."""
     from persample.kernels import cross_entropy as kernels
 
     scale = torch.ones(1, device=x.device)
 
-    fwd_default, bwd_default = kernels._launch_config, kernels._bwd_config
+    fwd_default, bwd_default = kernels.launch_config, kernels.bwd_config
     V = x.shape[-1]
     blocks = [b for b in (4096, 8192, 16384, 32768, 65536, 131072) if b // 2 < V * 2]
     for block in blocks:
@@ -150,7 +150,7 @@ def sweep(x, target, reps):
             for per_sm in (0, 1, 2, 4):
                 for prefetch in (False, True) if block >= V and per_sm else (False,):
                     config = (block, warps, per_sm, prefetch)
-                    kernels._launch_config = lambda V, size, with_grad=True, c=config: c
+                    kernels.launch_config = lambda V, size, with_grad=True, c=config: c
                     for with_grad in (True, False):
                         try:
                             ms = bench(lambda w=with_grad: kernels.cross_entropy_fwd(
@@ -158,16 +158,16 @@ def sweep(x, target, reps):
                             print(f"  sweep forward {config} with_grad={with_grad}: {ms:.3f} ms", flush=True)
                         except Exception as exc:
                             print(f"  sweep forward {config}: {type(exc).__name__}", flush=True)
-    kernels._launch_config = fwd_default
+    kernels.launch_config = fwd_default
     _, lse, _, _ = kernels.cross_entropy_fwd(x, target, None, None, None, -100, 0.0, 0.0, 0.0, False)
     upstream = torch.rand(x.shape[0], device=x.device)
     for chunk in (1024, 2048, 4096, 8192):
         for warps in (2, 4, 8):
-            kernels._bwd_config = lambda V, size, c=(chunk, warps): c
+            kernels.bwd_config = lambda V, size, c=(chunk, warps): c
             ms = bench(lambda: kernels.cross_entropy_bwd(x, target, None, None, lse, upstream, -100, 0.0, 0.0, 0.0),
                        reps)
             print(f"  sweep backward chunk={chunk} warps={warps}: {ms:.3f} ms", flush=True)
-    kernels._bwd_config = bwd_default
+    kernels.bwd_config = bwd_default
 
 
 def main():

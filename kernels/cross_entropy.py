@@ -333,7 +333,7 @@ def _scale_kernel(x_ptr, scale_ptr, n, BLOCK: tl.constexpr, ACC: tl.constexpr):
             tl.store(x_ptr + offs, (x * scale).to(x_ptr.dtype.element_ty), mask=in_range)
 
 
-def _launch_config(V: int, element_size: int, with_grad: bool = True) -> tuple[int, int, int, bool]:
+def launch_config(V: int, element_size: int, with_grad: bool = True) -> tuple[int, int, int, bool]:
     """For the forward: (block over the vocabulary, warps per program, programs per multiprocessor with
     0 = one per row, prefetch of the next row).
 
@@ -360,7 +360,7 @@ def _launch_config(V: int, element_size: int, with_grad: bool = True) -> tuple[i
     return 16384, 32, 0, False
 
 
-def _bwd_config(V: int, element_size: int) -> tuple[int, int]:
+def bwd_config(V: int, element_size: int) -> tuple[int, int]:
     """For the backward, which is elementwise once the log-sum-exp is known: (chunk of a row per program,
     warps per program)."""
     if interpreting():
@@ -404,7 +404,7 @@ def _launch_fwd(logits, target, weight, weight_sum, scale, loss, lse, grad, redu
 def _config(logits: torch.Tensor, with_grad: bool) -> tuple[int, int, tuple[int], bool]:
     """(block, warps, grid, prefetch) of the forward kernel for these logits."""
     N, V = logits.shape
-    block, num_warps, programs_per_sm, prefetch = _launch_config(V, logits.element_size(), with_grad)
+    block, num_warps, programs_per_sm, prefetch = launch_config(V, logits.element_size(), with_grad)
     grid = _grid(N, logits.device, programs_per_sm)
     return block, num_warps, grid, prefetch and block >= V and programs_per_sm > 0
 
@@ -586,7 +586,7 @@ def cross_entropy_bwd(
     if plan is not None:  # the backward of "none", once per training step: see cross_entropy_fused
         plan[0](plan[1], *args)
         return grad
-    chunk, num_warps = _bwd_config(V, logits.element_size())
+    chunk, num_warps = bwd_config(V, logits.element_size())
     chunks = cdiv(V, chunk)
     grid = (N * chunks,)
     _plans.keep(key, (launch(

@@ -1,23 +1,40 @@
 """persample: per-sample gradients for PyTorch.
 
 A fused Triton cross-entropy that yields each example's loss and logit gradient in one pass, a
-``torch.func`` pipeline for per-sample gradients and clipping, and DP-SGD on top.
+``torch.func`` pipeline for per-sample gradients and clipping, and DP-SGD on top. The packages, by concern:
+``loss`` (the fused cross-entropy and linear head), ``per_sample`` (the ``torch.func`` pipeline), ``engine``
+(per-example norms and clipped sums from one backward), ``dp`` (sampling, noise, optimizer, accounting),
+``integrations`` (transformers, Opacus) and ``app`` (the digits command line). The Triton kernels are
+``persample.kernels``.
 """
 
-from persample.accounting import PrivacyAccountant, epsilon_for, noise_multiplier_for
-from persample.clipping import clip_factors, clip_per_layer, clip_per_sample, per_sample_norms
-from persample.cross_entropy import CrossEntropyLoss, cross_entropy, cross_entropy_with_grad
-from persample.data import PoissonSampler
-from persample.dp import DPOptimizer
+from persample.dp import (
+    DPOptimizer,
+    PoissonSampler,
+    PrivacyAccountant,
+    add_noise,
+    epsilon_for,
+    gaussian_noise,
+    noise_multiplier_for,
+)
 from persample.engine import ClippedGradSum, GhostClipping, clipped_grad_sum, per_sample_grad_norms_fast
-from persample.linear_cross_entropy import (
+from persample.integrations.opacus import set_grad_sample
+from persample.loss import (
+    CrossEntropyLoss,
     HeadGradNorms,
+    cross_entropy,
+    cross_entropy_with_grad,
     linear_cross_entropy,
     linear_cross_entropy_head_grad_norms,
 )
-from persample.noise import add_noise, gaussian_noise
-from persample.opacus_interop import set_grad_sample
-from persample.per_sample_grads import per_sample_grad_norms, per_sample_grads
+from persample.per_sample import (
+    clip_factors,
+    clip_per_layer,
+    clip_per_sample,
+    per_sample_grad_norms,
+    per_sample_grads,
+    per_sample_norms,
+)
 
 __all__ = [
     "ClippedGradSum",

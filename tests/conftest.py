@@ -29,5 +29,5 @@ def _seed():
 @pytest.fixture(autouse=True)
 def _fresh_launch_plans(monkeypatch):
     """Each test makes its own launch plans (see kernels/launch.py): a test that changes the launch
-    configuration (``_grid``, ``_launch_config``) must not be served a plan that an earlier test made."""
+    configuration (``_grid``, ``launch_config``) must not be served a plan that an earlier test made."""
     monkeypatch.setattr(ce_kernels, "_plans", Plans())

@@ -47,7 +47,7 @@ import matplotlib.pyplot as plt
 from IPython.display import Markdown, display
 
 import persample
-from persample.digits import DigitsCNN, digits_split
+from persample.app.digits import DigitsCNN, digits_split
 
 CI = os.environ.get("CI", "").lower() not in ("", "0", "false")  # smaller setting for the test suite
 plt.rcParams["figure.dpi"] = 72
@@ -62,7 +62,7 @@ seeds = [0] if CI else [0, 1, 2]
 # %% [markdown]
 # ## Data and model
 #
-# `persample.digits` holds the data and model of `persample train`: 1797 grey-scale 8x8 digits shipped with
+# `persample.app.digits` holds the data and model of `persample train`: 1797 grey-scale 8x8 digits shipped with
 # scikit-learn (no download), scaled to `[-1, 1]`, with a fixed stratified quarter held out for testing; and
 # a small CNN of two conv blocks and a linear head that returns raw logits. It normalises with
 # **GroupNorm**: BatchNorm mixes the examples of a batch, so an example's "own" gradient would depend on the

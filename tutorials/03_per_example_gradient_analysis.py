@@ -43,7 +43,7 @@ from IPython.display import Markdown, display
 from sklearn.metrics import roc_auc_score, roc_curve
 
 import persample
-from persample.digits import NUM_CLASSES, DigitsCNN, digits_split
+from persample.app.digits import NUM_CLASSES, DigitsCNN, digits_split
 
 CI = os.environ.get("CI", "").lower() not in ("", "0", "false")  # smaller setting for the test suite
 plt.rcParams["figure.dpi"] = 72
@@ -57,7 +57,7 @@ max_grad_norm = 1.0                # C, as in tutorial 2 and `persample train`
 # %% [markdown]
 # ## Digits with 10% of the labels flipped
 #
-# The data and model of `persample train` (`persample.digits`): 1347 training and 450 test digits of 8x8
+# The data and model of `persample train` (`persample.app.digits`): 1347 training and 450 test digits of 8x8
 # pixels, and a small CNN with GroupNorm that returns raw logits. We pick 10% of the training examples at
 # random and give each a wrong label, drawn uniformly from the nine other classes. The test set keeps its
 # true labels.

@@ -1,10 +1,10 @@
-"""The ``persample`` console command. ``persample train`` runs the main job (:mod:`persample.train`)."""
+"""The ``persample`` console command. ``persample train`` runs the main job (:mod:`persample.app.train`)."""
 
 import argparse
 import sys
 from collections.abc import Sequence
 
-from persample.train import TrainConfig, train_digits
+from persample.app.train import TrainConfig, train_digits
 
 _DEFAULTS = TrainConfig()
 

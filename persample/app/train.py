@@ -17,15 +17,12 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from persample.accounting import noise_multiplier_for
-from persample.clipping import clip_per_sample, per_sample_norms
-from persample.cross_entropy import cross_entropy
-from persample.data import PoissonSampler
-from persample.digits import DigitsCNN, digits_split
-from persample.dp import DPOptimizer
+from persample.app.digits import DigitsCNN, digits_split
+from persample.app.report import RunReport
+from persample.dp import DPOptimizer, PoissonSampler, noise_multiplier_for
 from persample.engine import GhostClipping
-from persample.per_sample_grads import per_sample_grads
-from persample.report import RunReport
+from persample.loss import cross_entropy
+from persample.per_sample import clip_per_sample, per_sample_grads, per_sample_norms
 
 
 @dataclass(frozen=True)
@@ -54,7 +51,7 @@ class TrainConfig:
 
 def train_digits(config: TrainConfig) -> dict:
     """Trains, prints one line per epoch and the final result, writes the report (see
-    :mod:`persample.report`) and returns the result ``{"test_accuracy", "epsilon", ...}``.
+    :mod:`persample.app.report`) and returns the result ``{"test_accuracy", "epsilon", ...}``.
 
     Raises:
         ValueError: settings out of range (checked before any training).

@@ -13,8 +13,9 @@ from typing import Literal
 from opacus.accountants import create_accountant
 from opacus.accountants.utils import get_noise_multiplier
 
+from persample.checks import check_delta, check_mechanism, check_noise_multiplier, check_sample_rate
+
 Mechanism = Literal["rdp", "prv"]
-_MECHANISMS = ("rdp", "prv")
 
 
 class PrivacyAccountant:
@@ -26,14 +27,14 @@ class PrivacyAccountant:
     """
 
     def __init__(self, mechanism: Mechanism = "rdp"):
-        _check_mechanism(mechanism)
+        check_mechanism(mechanism)
         self.mechanism = mechanism
         self._opacus = create_accountant(mechanism)
 
     def step(self, *, noise_multiplier: float, sample_rate: float, num_steps: int = 1) -> None:
         """Records ``num_steps`` steps with the given ``noise_multiplier`` (>= 0) and ``sample_rate`` in (0, 1]."""
-        _check_noise_multiplier(noise_multiplier)
-        _check_sample_rate(sample_rate)
+        check_noise_multiplier(noise_multiplier)
+        check_sample_rate(sample_rate)
         if not isinstance(num_steps, int) or num_steps < 0:
             raise ValueError(f"num_steps must be an int >= 0, got {num_steps!r}")
         if num_steps == 0:
@@ -56,7 +57,7 @@ class PrivacyAccountant:
 
     def epsilon(self, delta: float) -> float:
         """The epsilon spent so far at ``delta`` in (0, 1): 0 before any step, inf if a step had no noise."""
-        _check_delta(delta)
+        check_delta(delta)
         history = self._opacus.history
         if not history:
             return 0.0
@@ -100,9 +101,9 @@ def noise_multiplier_for(
     """
     if not (isinstance(target_epsilon, (int, float)) and target_epsilon > 0 and math.isfinite(target_epsilon)):
         raise ValueError(f"target_epsilon must be a finite number > 0, got {target_epsilon!r}")
-    _check_delta(delta)
-    _check_sample_rate(sample_rate)
-    _check_mechanism(accountant)
+    check_delta(delta)
+    check_sample_rate(sample_rate)
+    check_mechanism(accountant)
     if (steps is None) == (epochs is None):
         raise ValueError(f"give exactly one of steps and epochs, got steps={steps!r}, epochs={epochs!r}")
     if steps is not None and (not isinstance(steps, int) or steps < 1):
@@ -118,21 +119,3 @@ def noise_multiplier_for(
                                           accountant=accountant, epsilon_tolerance=epsilon_tolerance))
 
 
-def _check_mechanism(mechanism: str) -> None:
-    if mechanism not in _MECHANISMS:
-        raise ValueError(f"accountant must be one of {_MECHANISMS}, got {mechanism!r}")
-
-
-def _check_delta(delta: float) -> None:
-    if not (isinstance(delta, (int, float)) and 0 < delta < 1):
-        raise ValueError(f"delta must be in (0, 1), got {delta!r}")
-
-
-def _check_sample_rate(sample_rate: float) -> None:
-    if not (isinstance(sample_rate, (int, float)) and 0 < sample_rate <= 1):
-        raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate!r}")
-
-
-def _check_noise_multiplier(noise_multiplier: float) -> None:
-    if not (isinstance(noise_multiplier, (int, float)) and math.isfinite(noise_multiplier) and noise_multiplier >= 0):
-        raise ValueError(f"noise_multiplier must be a finite number >= 0, got {noise_multiplier!r}")

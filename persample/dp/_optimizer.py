@@ -19,9 +19,9 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import Tensor, nn
 
-from persample.accounting import Mechanism, PrivacyAccountant, _check_noise_multiplier, _check_sample_rate
-from persample.clipping import _check_max_grad_norm
-from persample.noise import add_noise
+from persample.checks import check_max_grad_norm, check_noise_multiplier, check_sample_rate
+from persample.dp._accounting import Mechanism, PrivacyAccountant
+from persample.dp._noise import add_noise
 
 
 class DPOptimizer:
@@ -38,7 +38,7 @@ class DPOptimizer:
         sample_rate: the Poisson sampling probability in (0, 1], recorded with every step for accounting.
         accountant: ``"rdp"``, ``"prv"`` or a :class:`PrivacyAccountant` to record into.
         generator: seeded ``torch.Generator`` for the noise (None: PyTorch's global generator).
-        secure_mode: draw the noise from the OS CSPRNG instead (see :mod:`persample.noise`).
+        secure_mode: draw the noise from the OS CSPRNG instead (see :mod:`persample.dp._noise`).
 
     Raises:
         ValueError: a value out of range, or a trainable parameter that is not in ``optimizer``.
@@ -57,9 +57,9 @@ class DPOptimizer:
         generator: torch.Generator | None = None,
         secure_mode: bool = False,
     ):
-        _check_noise_multiplier(noise_multiplier)
-        _check_max_grad_norm(max_grad_norm)
-        _check_sample_rate(sample_rate)
+        check_noise_multiplier(noise_multiplier)
+        check_max_grad_norm(max_grad_norm)
+        check_sample_rate(sample_rate)
         if not (isinstance(expected_batch_size, (int, float)) and math.isfinite(expected_batch_size)
                 and expected_batch_size > 0):
             raise ValueError(f"expected_batch_size must be a finite number > 0, got {expected_batch_size!r}")

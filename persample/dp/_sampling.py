@@ -1,6 +1,6 @@
 """Poisson sampling for DP-SGD: every example joins every batch independently with probability ``sample_rate``.
 
-The accountants (:mod:`persample.accounting`) assume exactly this sampling, so batches have a random size
+The accountants (:mod:`persample.dp._accounting`) assume exactly this sampling, so batches have a random size
 ``Binomial(n, sample_rate)`` and can be empty. Index in-memory tensors with the yielded indices
 (``x[idx]`` handles an empty ``idx``); split a large batch into physical batches with
 ``idx.split(max_physical_batch_size)`` and accumulate them into one :class:`persample.DPOptimizer` step.
@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
-from persample.accounting import _check_sample_rate
+from persample.checks import check_sample_rate
 
 
 class PoissonSampler:
@@ -31,7 +31,7 @@ class PoissonSampler:
                  generator: torch.Generator | None = None):
         if not isinstance(num_examples, int) or num_examples < 1:
             raise ValueError(f"num_examples must be an int >= 1, got {num_examples!r}")
-        _check_sample_rate(sample_rate)
+        check_sample_rate(sample_rate)
         steps = round(1 / sample_rate) if steps is None else steps
         if not isinstance(steps, int) or steps < 1:
             raise ValueError(f"steps must be an int >= 1, got {steps!r}")

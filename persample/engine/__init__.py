@@ -4,7 +4,7 @@ materializing per-example gradients, from one forward and one backward.
 * :mod:`~persample.engine.ghost_clipping` — the step (hooks, loss side, backward, norms, clipping).
 * :mod:`~persample.engine.forms` — per-example gradients in factored form; their inner products and sums.
 * :mod:`~persample.engine.stacks` — the same for the same-shaped layers of many blocks, in one op each.
-* :mod:`~persample.engine.registry` and :mod:`~persample.engine.layers` — one rule per layer type.
+* :mod:`~persample.engine.registry` and :mod:`~persample.engine.rules` — one rule per layer type.
 * :mod:`~persample.engine.uses` — which module call uses which parameter.
 * :mod:`~persample.engine.output_grad` — per-example losses and output gradients from the fused kernel.
 """

@@ -15,7 +15,7 @@ One step, for a physical batch of ``B`` examples:
    waits for the GPU; it runs at the end of the step, when it finds the check's small kernel long done,
    and still raises before anything is returned.
 3. **Backward** from the output with those gradients. When a module's output gradient arrives, its rule
-   (:mod:`persample.engine.layers`) turns the saved inputs and the gradient into each example's parameter
+   (:mod:`persample.engine.rules`) turns the saved inputs and the gradient into each example's parameter
    gradients in factored form (:mod:`persample.engine.forms`); the inputs are released.
 4. **Norms and clipping**: the squared norm of example ``b`` sums ``<grad_b(x), grad_b(y)>`` over all pairs
    of forms of the same parameter (one form per use; pairs of different uses are the cross terms of a tied
@@ -43,15 +43,15 @@ from torch import Tensor, nn
 from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
 from torch.utils._pytree import tree_flatten, tree_leaves, tree_map_only, tree_unflatten
 
-from persample.cross_entropy import check_targets_later
-from persample.engine import layers  # noqa: F401  (registers the rules)
+from persample.engine import rules  # noqa: F401  (registers the rules)
 from persample.engine.forms import Dense, Form, as_dense, batched_dot, clipped_sum, inner
 from persample.engine.graphed import GraphedPost, GraphedStep
-from persample.engine.layers import fallback
 from persample.engine.output_grad import loss_and_output_grad
 from persample.engine.registry import Call, Rule, rule_for
+from persample.engine.rules import fallback
 from persample.engine.stacks import OuterStack, as_parameters, pop_stacks, stack_clipped_sums, stack_norms
 from persample.engine.uses import parameter_uses
+from persample.loss import check_targets_later
 
 Strategy = Literal["auto", "ghost", "materialize"]
 _STRATEGIES = ("auto", "ghost", "materialize")

@@ -15,8 +15,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from persample.cross_entropy import with_grad_check_later
 from persample.engine.forms import acc_dtype
+from persample.loss import with_grad_check_later
 
 
 def loss_and_output_grad(output: Tensor, targets: Tensor, *, ignore_index: int,
@@ -25,7 +25,7 @@ def loss_and_output_grad(output: Tensor, targets: Tensor, *, ignore_index: int,
     """``(losses (B,), d sum_b loss_b / d output, finish)``; the gradient has the output's shape and dtype.
 
     ``finish()`` raises the ValueError of a target outside ``[0, V)``; call it once the step's remaining work is
-    queued (see :func:`persample.cross_entropy.with_grad_check_later`): on CUDA the check then costs the host no
+    queued (see :func:`persample.loss.with_grad_check_later`): on CUDA the check then costs the host no
     wait for the GPU. Until then the rows of such a target hold NaN.
 
     Raises:

@@ -4,7 +4,7 @@ A rule turns one call of a module — the inputs it saw in the forward and the g
 the backward — into each example's gradient of the module's parameters, in the factored forms of
 :mod:`persample.engine.forms`. Adding a layer type is adding a file under ``persample/engine/layers/``
 with one decorated function. Modules of other types (and modules that use parameters a rule does not
-know) go to the ``torch.func`` fallback, :mod:`persample.engine.layers.fallback`.
+know) go to the ``torch.func`` fallback, :mod:`persample.engine.rules.fallback`.
 """
 
 from collections.abc import Callable

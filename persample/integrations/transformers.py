@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from persample.cross_entropy import cross_entropy
+from persample.loss import cross_entropy
 
 
 def _fixed_cross_entropy(logits: Tensor, target: Tensor, num_items_in_batch, ignore_index: int) -> Tensor:

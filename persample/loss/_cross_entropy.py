@@ -8,149 +8,21 @@ follow ``F.cross_entropy`` on the same arguments, with three additions — ``sof
 """
 
 from collections.abc import Callable
-from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
-from persample import _cross_entropy_ops as _ops
-from persample import _verdicts
-from persample._cross_entropy_ops import transforms_active as _transforms_active
-
-Reduction = Literal["none", "mean", "sum"]
-_REDUCTIONS = ("none", "mean", "sum")
-
-
-def _concrete(t: Tensor) -> Tensor | None:
-    """The plain tensor under torch.func wrappers (its batch dimensions included), or None if it has no
-    data (fake/meta tensors, tracing)."""
-    while torch._C._functorch.is_functorch_wrapped_tensor(t):
-        t = torch._C._functorch.get_unwrapped(t)
-    if t.device.type == "meta" or torch._subclasses.fake_tensor.is_fake(t):
-        return None
-    return t
-
-
-def _check_options(reduction, label_smoothing, softcap, z_loss) -> None:
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
-    if not 0.0 <= label_smoothing <= 1.0:
-        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
-    if softcap is not None and not softcap > 0:
-        raise ValueError(f"softcap must be None or > 0, got {softcap}")
-    if not z_loss >= 0:
-        raise ValueError(f"z_loss must be >= 0, got {z_loss}")
-
-
-def _check_target(target, V, device, weight, ignore_index, mask, weight_name="weight", scores_name="logits",
-                  check_range=True):
-    """Checks ``target``, the class ``weight`` (V,) and ``mask`` against scores with V classes on ``device``;
-    returns (target (N,) int64 with masked rows set to ``ignore_index``, weight_sum (1,) or None).
-    ``check_range=False`` leaves the range of the class indices to :func:`_check_target_range`."""
-    if not isinstance(target, Tensor):
-        raise TypeError(f"target must be a tensor, got {type(target).__name__}")
-    if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
-        raise TypeError(f"target must hold integer class indices, got dtype {target.dtype} "
-                        "(class-probability targets are not supported)")
-    if target.device != device:
-        raise ValueError(f"target is on {target.device} but {scores_name} are on {device}")
-    if weight is not None:
-        if not isinstance(weight, Tensor) or not weight.is_floating_point():
-            raise TypeError(f"{weight_name} must be a floating-point tensor, got {getattr(weight, 'dtype', weight)}")
-        if tuple(weight.shape) != (V,):
-            raise ValueError(f"{weight_name} must have shape ({V},) (one per class), got {tuple(weight.shape)}")
-        if weight.device != device:
-            raise ValueError(f"{weight_name} is on {weight.device} but {scores_name} are on {device}")
-    if mask is not None:
-        if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
-            raise TypeError(f"mask must be a bool tensor, got {getattr(mask, 'dtype', type(mask).__name__)}")
-        if tuple(mask.shape) != tuple(target.shape):
-            raise ValueError(f"mask shape {tuple(mask.shape)} does not match target shape {tuple(target.shape)}")
-        if mask.device != device:
-            raise ValueError(f"mask is on {mask.device} but {scores_name} are on {device}")
-
-    if target.dtype != torch.int64:
-        target = target.long()
-    if mask is not None:
-        target = torch.where(mask, target, ignore_index)
-    weight_sum = weight.sum(dtype=torch.float32 if weight.dtype != torch.float64 else torch.float64).reshape(
-        1) if weight is not None else None
-    if target.ndim != 1:
-        target = target.reshape(-1)
-    if check_range:
-        _check_target_range(target, V, ignore_index, scores_name)
-    return target, weight_sum
-
-
-def _check_target_range(target: Tensor, V: int, ignore_index: int, scores_name: str = "logits") -> None:
-    """Raises ValueError for a class index outside ``[0, V)`` that is not ``ignore_index``.
-
-    A host sync on CUDA. Callers place it after the small ops that prepare a launch (they run on the GPU
-    while the host waits) and right before the kernel, which then has only its own launch latency exposed.
-    Skipped while tracing (no data), where the kernel's NaN rows are the fallback."""
-    if torch.compiler.is_compiling() or (concrete := _concrete(target)) is None:
-        return
-    bad = (concrete != ignore_index) & ((concrete < 0) | (concrete >= V))
-    if bool(bad.any()):
-        raise _out_of_range(int(concrete[bad].reshape(-1)[0]), V, ignore_index, scores_name)
-
-
-def _out_of_range(value: int, V: int, ignore_index: int, scores_name: str = "logits") -> ValueError:
-    return ValueError(f"target contains class index {value}, outside [0, {V}) for {scores_name} with V={V} "
-                      f"classes (and not ignore_index={ignore_index})")
-
-
-def _verdict_for(scores2d: Tensor, target1d: Tensor, V: int, ignore_index: int, scores_name: str = "logits",
-                 ) -> tuple[Tensor, Callable[[], None]]:
-    """``(word, finish)`` for a kernel that checks the range of ``target1d`` against V classes: the kernel
-    writes its verdict to ``word`` and ``finish()`` waits for that verdict alone (see
-    :mod:`persample._verdicts`) and raises ValueError for a class index outside ``[0, V)``. Until then a bad
-    target's rows hold NaN; the kernel touches nothing outside them."""
-    if scores2d.is_cuda and torch.cuda.is_current_stream_capturing():
-        # A CUDA graph being captured cannot wait: as under torch.compile, a bad target's rows hold NaN, and
-        # whoever replays the graph checks the targets (see engine/graphed.py).
-        return torch.empty(1, dtype=torch.int64, device=scores2d.device), _no_check
-    verdict = _verdicts.take(scores2d.device)
-
-    def finish() -> None:
-        row = verdict.wait()
-        if row is not None:
-            raise _out_of_range(int(target1d[row]), V, ignore_index, scores_name)
-
-    return verdict.word, finish
-
-
-def _no_check() -> None:
-    pass
-
-
-def _prepare(scores2d, V, target1d, weight, ignore_index, reduction,
-             scores_name="logits") -> tuple[Tensor, Callable[[], None]]:
-    """The reduction's scale (1,) (see :func:`_reduction_scale`) and the target range check, returned as
-    ``(scale, finish)``: ``finish()`` raises ValueError for a class index outside ``[0, V)``. ``scores2d``
-    (the logits, or the hidden states of a fused head) gives the device and the accumulation dtype.
-
-    On the kernel path (plain eager, CUDA or the interpreter) one small kernel computes the scale and the
-    check (see :func:`_verdict_for`): the GPU starts the main kernel without waiting for the host, and a bad
-    target still raises before anything is returned. Elsewhere: PyTorch ops and a plain check.
-    """
-    if _transforms_active() or not _ops.use_triton(scores2d):
-        scale = _reduction_scale(scores2d, target1d, weight, ignore_index, reduction)
-        _check_target_range(target1d, V, ignore_index, scores_name)
-        return scale, _no_check
-    word, finish = _verdict_for(scores2d, target1d, V, ignore_index, scores_name)
-    scale = _ops.target_stats(target1d, V, weight, ignore_index, reduction == "mean",
-                              torch.float64 if scores2d.dtype == torch.float64 else torch.float32, word)
-    return scale, finish
-
-
-def check_targets_later(target: Tensor, V: int, ignore_index: int) -> Callable[[], None]:
-    """``finish()`` raising the ValueError of a class index in ``target`` (any shape, integer) outside ``[0, V)``
-    that is not ``ignore_index``: on CUDA one small kernel now and, in ``finish()``, a wait for that kernel only
-    (see :func:`_prepare`), so the caller can queue more work in between."""
-    target1d = target.reshape(-1).long()
-    # The targets stand in for the scores: _prepare takes only their device from them here.
-    return _prepare(target1d, V, target1d, None, ignore_index, "none")[1]
+from persample.backend import transforms_active
+from persample.loss import _cross_entropy_ops as _ops
+from persample.loss.checks import (
+    REDUCTIONS,
+    Reduction,
+    check_options,
+    check_target,
+    kernel_options,
+    prepare,
+    verdict_for,
+)
 
 
 def _check(logits, target, weight, ignore_index, reduction, label_smoothing, softcap, z_loss, mask):
@@ -169,31 +41,13 @@ def _check(logits, target, weight, ignore_index, reduction, label_smoothing, sof
     V = logits.shape[-1]
     if V == 0:
         raise ValueError("logits have zero classes (V == 0)")
-    _check_options(reduction, label_smoothing, softcap, z_loss)
+    check_options(reduction, label_smoothing, softcap, z_loss)
     shape = tuple(target.shape)
-    target1d, weight_sum = _check_target(target, V, logits.device, weight, ignore_index, mask, check_range=False)
+    target1d, weight_sum = check_target(target, V, logits.device, weight, ignore_index, mask, check_range=False)
     logits2d = logits if logits.ndim == 2 else logits.reshape(-1, V)  # (a reshape costs the host a dispatch)
     if logits2d.stride(-1) != 1:
         logits2d = logits2d.contiguous()
     return logits2d, target1d, weight, weight_sum, shape
-
-
-def _options(ignore_index, label_smoothing, softcap, z_loss):
-    return int(ignore_index), float(label_smoothing), float(softcap or 0.0), float(z_loss)
-
-
-def _reduction_scale(scores2d, target, weight, ignore_index, reduction) -> Tensor:
-    """What the summed loss is multiplied by, shape (1,): for "mean" 1 / (sum of target weights over counted
-    rows), or 0 when nothing is counted; otherwise 1."""
-    acc = torch.float64 if scores2d.dtype == torch.float64 else torch.float32
-    if reduction != "mean":
-        return torch.ones(1, dtype=acc, device=scores2d.device)
-    counted = target != ignore_index
-    if weight is None:
-        denom = counted.sum(dtype=acc)
-    else:
-        denom = torch.where(counted, weight.to(acc)[torch.where(counted, target, 0)], 0.0).sum()
-    return torch.where(denom > 0, 1.0 / torch.where(denom > 0, denom, 1.0), 0.0).reshape(1)
 
 
 def cross_entropy(
@@ -232,19 +86,19 @@ def cross_entropy(
     """
     logits2d, target1d, weight, weight_sum, shape = _check(
         logits, target, weight, ignore_index, reduction, label_smoothing, softcap, z_loss, mask)
-    options = _options(ignore_index, label_smoothing, softcap, z_loss)
+    options = kernel_options(ignore_index, label_smoothing, softcap, z_loss)
     V = logits2d.shape[-1]
-    if logits.requires_grad and torch.is_grad_enabled() and not _transforms_active() and _ops.use_triton(logits2d):
+    if logits.requires_grad and torch.is_grad_enabled() and not transforms_active() and _ops.use_triton(logits2d):
         # Plain eager training: one kernel checks the targets, computes the loss and (for mean and sum)
         # the gradient.
-        word, finish = _verdict_for(logits2d, target1d, V, ignore_index)
+        word, finish = verdict_for(logits2d, target1d, V, ignore_index)
         if reduction == "none":
             loss = _ops.fused_none(logits2d, target1d, weight, weight_sum, shape, word, *options)
         else:
             loss = _ops.fused_mean_sum(logits2d, target1d, weight, weight_sum, reduction == "mean", word, *options)
         finish()
         return loss
-    scale, finish = _prepare(logits2d, V, target1d, weight, ignore_index, reduction)
+    scale, finish = prepare(logits2d, V, target1d, weight, ignore_index, reduction)
     loss_rows, _ = _ops.differentiable_rows(logits2d, target1d, weight, weight_sum, *options)
     if reduction == "none":
         loss = loss_rows.reshape(shape).to(logits.dtype)
@@ -296,19 +150,19 @@ def with_grad_check_later(logits: Tensor, target: Tensor, *, weight: Tensor | No
     not scaled."""
     logits2d, target1d, weight, weight_sum, shape = _check(
         logits, target, weight, ignore_index, reduction, label_smoothing, softcap, z_loss, mask)
-    scale, finish = _prepare(logits2d, logits2d.shape[-1], target1d, weight, ignore_index, reduction)
+    scale, finish = prepare(logits2d, logits2d.shape[-1], target1d, weight, ignore_index, reduction)
     scale_after = None
     if row_scale is not None:
         if reduction != "none":
             raise ValueError(f"row_scale needs reduction='none', got {reduction!r}")
         rows = row_scale.to(scale.dtype).expand(shape).reshape(-1)
-        if _transforms_active():  # the op batches rows there, and a per-row scale would not follow them
+        if transforms_active():  # the op batches rows there, and a per-row scale would not follow them
             scale_after = rows
         else:
             scale = rows.contiguous()
     loss_rows, _, grad = _ops.with_grad(
         logits2d.detach(), target1d, weight, weight_sum, scale,
-        *_options(ignore_index, label_smoothing, softcap, z_loss))
+        *kernel_options(ignore_index, label_smoothing, softcap, z_loss))
     if scale_after is not None:
         grad = grad * scale_after.to(grad.dtype)[:, None]
     grad = grad.reshape(logits.shape)
@@ -330,8 +184,8 @@ class CrossEntropyLoss(nn.Module):
         z_loss: float = 0.0,
     ):
         super().__init__()
-        if reduction not in _REDUCTIONS:
-            raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+        if reduction not in REDUCTIONS:
+            raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
         self.register_buffer("weight", weight)
         self.ignore_index = ignore_index
         self.reduction = reduction

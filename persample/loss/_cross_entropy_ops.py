@@ -1,7 +1,7 @@
 """Registration of the fused cross-entropy with PyTorch: custom ops, autograd, vmap, fake tensors.
 
 Everything here works on rows: ``logits (N, V)``, ``target (N,)``; arguments arrive checked and
-flattened from :mod:`persample.cross_entropy`. Three ops:
+flattened from :mod:`persample.loss._cross_entropy`. Three ops:
 
 * ``persample::cross_entropy_rows`` — per-row loss and log-sum-exp, made differentiable by
   :class:`_CrossEntropyRows` (its backward is ``cross_entropy_rows_bwd``).
@@ -26,21 +26,11 @@ import contextlib
 
 import torch
 
+from persample.backend import transforms_active, use_triton
 from persample.kernels import cross_entropy as _kernels
-from persample.kernels import launch as _launch
 from persample.kernels import target_stats as _target_stats
 
 _LIB = "persample"
-
-
-def transforms_active() -> bool:
-    """True under torch.compile or any torch.func transform (grad, vmap, jacrev, ...)."""
-    return torch.compiler.is_compiling() or torch._C._functorch.peek_interpreter_stack() is not None
-
-
-def use_triton(t: torch.Tensor) -> bool:
-    """Whether ``t`` runs the Triton kernels: CUDA, or any tensor when ``TRITON_INTERPRET=1``."""
-    return t.is_cuda or _launch.interpreting()
 
 
 def _on_device_of(t: torch.Tensor):
@@ -116,7 +106,7 @@ def _grad_torch(logits, target, weight, weight_sum, lse, scale_rows, ignore_inde
     return g.to(logits.dtype)
 
 
-def _forward_impl(logits, target, weight, weight_sum, grad_scale, ignore_index, label_smoothing, softcap,
+def forward_impl(logits, target, weight, weight_sum, grad_scale, ignore_index, label_smoothing, softcap,
                   z_loss, with_grad, out=None):
     """(loss, lse, grad or None); grad is ``grad_scale * dL/dlogits``, written to ``out`` when given (which
     may be ``logits`` itself)."""
@@ -133,7 +123,7 @@ def _forward_impl(logits, target, weight, weight_sum, grad_scale, ignore_index, 
     return loss, lse, grad if out is None else out.copy_(grad)
 
 
-def _backward_impl(logits, target, weight, weight_sum, lse, grad_rows, ignore_index, label_smoothing, softcap,
+def backward_impl(logits, target, weight, weight_sum, lse, grad_rows, ignore_index, label_smoothing, softcap,
                    z_loss, out=None):
     if use_triton(logits):  # the kernel reads grad_rows in its own dtype and strides
         with _on_device_of(logits):
@@ -144,7 +134,7 @@ def _backward_impl(logits, target, weight, weight_sum, lse, grad_rows, ignore_in
     return grad if out is None else out.copy_(grad)
 
 
-def _scale_impl(grad: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+def scale_impl(grad: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     if use_triton(grad):
         with _on_device_of(grad):
             return _kernels.scale_(grad, scale)
@@ -161,7 +151,7 @@ def cross_entropy_rows(
     logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None, weight_sum: torch.Tensor | None,
     ignore_index: int, label_smoothing: float, softcap: float, z_loss: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    loss, lse, _ = _forward_impl(logits, target, weight, weight_sum, None, ignore_index, label_smoothing,
+    loss, lse, _ = forward_impl(logits, target, weight, weight_sum, None, ignore_index, label_smoothing,
                                  softcap, z_loss, False)
     return loss, lse
 
@@ -172,7 +162,7 @@ def cross_entropy_rows_bwd(
     lse: torch.Tensor, grad_rows: torch.Tensor, ignore_index: int, label_smoothing: float, softcap: float,
     z_loss: float,
 ) -> torch.Tensor:
-    return _backward_impl(logits, target, weight, weight_sum, lse, grad_rows, ignore_index, label_smoothing,
+    return backward_impl(logits, target, weight, weight_sum, lse, grad_rows, ignore_index, label_smoothing,
                           softcap, z_loss)
 
 
@@ -181,7 +171,7 @@ def cross_entropy_with_grad(
     logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None, weight_sum: torch.Tensor | None,
     grad_scale: torch.Tensor, ignore_index: int, label_smoothing: float, softcap: float, z_loss: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _forward_impl(logits, target, weight, weight_sum, grad_scale, ignore_index, label_smoothing,
+    return forward_impl(logits, target, weight, weight_sum, grad_scale, ignore_index, label_smoothing,
                          softcap, z_loss, True)
 
 
@@ -216,7 +206,7 @@ class _CrossEntropyRows(torch.autograd.Function):
         if transforms_active():  # the op carries the vmap rule and stays opaque to torch.compile
             return cross_entropy_rows(*args)
         # Plain eager: skip the custom-op dispatcher, whose Python overhead is larger than a small kernel.
-        loss, lse, _ = _forward_impl(*args[:4], None, *args[4:], False)
+        loss, lse, _ = forward_impl(*args[:4], None, *args[4:], False)
         return loss, lse
 
     @staticmethod
@@ -241,7 +231,7 @@ class _CrossEntropyRows(torch.autograd.Function):
             # and refuses to be differentiated again.
             grad = _CrossEntropyRowsBwd.apply(*args)
         else:
-            grad = _backward_impl(*args)
+            grad = backward_impl(*args)
         return grad, None, None, None, None, None, None, None
 
 
@@ -271,7 +261,7 @@ def with_grad(logits, target, weight, weight_sum, grad_scale, ignore_index, labe
     args = (logits, target, weight, weight_sum, grad_scale, ignore_index, label_smoothing, softcap, z_loss)
     if transforms_active():
         return cross_entropy_with_grad(*args)
-    return _forward_impl(*args, True)
+    return forward_impl(*args, True)
 
 
 def differentiable_rows(logits, target, weight, weight_sum, ignore_index, label_smoothing, softcap, z_loss):
@@ -339,14 +329,14 @@ class _FusedMeanSum(torch.autograd.Function):
     def backward(ctx, grad_output):
         if ctx.grad is not None:
             grad, ctx.grad = ctx.grad, None
-            return _scale_impl(grad, grad_output), None, None, None, None, None, None
+            return scale_impl(grad, grad_output), None, None, None, None, None, None
         # A second backward through the same graph (retain_graph=True): the buffer above already went
         # out as a gradient, so recompute from the logits instead of scaling it twice.
         logits, target, weight, weight_sum, lse, scale = ctx.saved_tensors
         grad_rows = grad_output.to(lse.dtype).expand(lse.shape)
         if scale is not None:
             grad_rows = grad_rows * scale
-        return _backward_impl(logits, target, weight, weight_sum, lse, grad_rows, *ctx.options), *([None] * 6)
+        return backward_impl(logits, target, weight, weight_sum, lse, grad_rows, *ctx.options), *([None] * 6)
 
 
 def _eager_apply(function):
@@ -362,7 +352,7 @@ def fused_mean_sum(logits, target, weight, weight_sum, mean, verdict, ignore_ind
                    z_loss):
     """The mean (``mean``) or sum of the rows' losses, a scalar in the logits' dtype, differentiable w.r.t.
     ``logits``; Triton only, outside torch.func transforms. ``verdict``: the one-element int64 tensor the range
-    check's verdict goes to (see :mod:`persample._verdicts`)."""
+    check's verdict goes to (see :mod:`persample.loss._verdicts`)."""
     apply = _FusedMeanSum.apply if _is_wrapped(logits) else _fused_mean_sum_apply
     return apply(logits, target, weight, weight_sum, mean, verdict, (ignore_index, label_smoothing, softcap, z_loss))
 
@@ -386,7 +376,7 @@ class _FusedNone(torch.autograd.Function):
         logits, target, weight, weight_sum, lse = ctx.saved_tensors
         args = (logits, target, weight, weight_sum, lse, grad_loss.reshape(-1), *ctx.options)
         # With create_graph=True, through the Function that refuses a second derivative.
-        grad = _CrossEntropyRowsBwd.apply(*args) if torch.is_grad_enabled() else _backward_impl(*args)
+        grad = _CrossEntropyRowsBwd.apply(*args) if torch.is_grad_enabled() else backward_impl(*args)
         return grad, None, None, None, None, None, None
 
 

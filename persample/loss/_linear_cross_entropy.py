@@ -5,7 +5,7 @@ A language model's last layer maps ``N`` token states of width ``d`` to ``V`` vo
 :func:`linear_cross_entropy` processes the tokens in chunks, computing each chunk's logits, loss and logit
 gradient with the fused kernel of :func:`persample.cross_entropy` and folding the gradient into the gradients
 of ``hidden``, ``weight`` and ``bias`` at once, so only one chunk of logits ever exists (see
-:mod:`persample._linear_cross_entropy_ops` for the schedule). :func:`linear_cross_entropy_head_grad_norms`
+:mod:`persample.loss._linear_cross_entropy_ops` for the schedule). :func:`linear_cross_entropy_head_grad_norms`
 gives each example's gradient norm of the head for DP clipping, again without the logits.
 """
 
@@ -15,16 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from persample import _linear_cross_entropy_ops as _ops
-from persample.cross_entropy import (
-    Reduction,
-    _check_options,
-    _check_target,
-    _options,
-    _prepare,
-    _transforms_active,
-    cross_entropy,
-)
+from persample.backend import transforms_active
+from persample.loss import _linear_cross_entropy_ops as _ops
+from persample.loss._cross_entropy import Reduction, cross_entropy
+from persample.loss.checks import check_options, check_target, kernel_options, prepare
 
 
 def _check_head(hidden, weight, bias, target, chunk_size):
@@ -104,23 +98,23 @@ def linear_cross_entropy(
         ValueError: shape mismatch, target outside ``[0, V)``, bad options or chunk_size.
     """
     V = _check_head(hidden, weight, bias, target, chunk_size)
-    _check_options(reduction, label_smoothing, softcap, z_loss)
-    if _transforms_active():
+    check_options(reduction, label_smoothing, softcap, z_loss)
+    if transforms_active():
         return cross_entropy(F.linear(hidden, weight, bias), target, weight=class_weight, ignore_index=ignore_index,
                              reduction=reduction, label_smoothing=label_smoothing, softcap=softcap, z_loss=z_loss,
                              mask=mask)
     shape = tuple(target.shape) if isinstance(target, Tensor) else None
-    target1d, class_weight_sum = _check_target(target, V, hidden.device, class_weight, ignore_index, mask,
+    target1d, class_weight_sum = check_target(target, V, hidden.device, class_weight, ignore_index, mask,
                                                weight_name="class_weight", scores_name="hidden", check_range=False)
     hidden2d = hidden.reshape(-1, hidden.shape[-1])
     N = hidden2d.shape[0]
     grad_on = torch.is_grad_enabled()
     needs = _ops.Needs(grad_on and hidden.requires_grad, grad_on and weight.requires_grad,
                        grad_on and bias is not None and bias.requires_grad)
-    scale, finish = _prepare(hidden2d, V, target1d, class_weight, ignore_index, reduction, scores_name="hidden")
+    scale, finish = prepare(hidden2d, V, target1d, class_weight, ignore_index, reduction, scores_name="hidden")
     loss = _ops.linear_cross_entropy(
         hidden2d, weight, bias, target1d, class_weight, class_weight_sum, scale, reduction,
-        chunk_size or _ops.default_chunk_size(N), needs, _options(ignore_index, label_smoothing, softcap, z_loss))
+        chunk_size or _ops.default_chunk_size(N), needs, kernel_options(ignore_index, label_smoothing, softcap, z_loss))
     finish()
     return loss.reshape(shape) if reduction == "none" else loss
 
@@ -188,15 +182,15 @@ def linear_cross_entropy_head_grad_norms(
         raise ValueError(f"hidden must have shape (B, T, d) (examples, tokens, features), got {tuple(hidden.shape)}")
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum' (over each example's tokens), got {reduction!r}")
-    _check_options(reduction, label_smoothing, softcap, z_loss)
-    target1d, class_weight_sum = _check_target(target, V, hidden.device, class_weight, ignore_index, mask,
+    check_options(reduction, label_smoothing, softcap, z_loss)
+    target1d, class_weight_sum = check_target(target, V, hidden.device, class_weight, ignore_index, mask,
                                                weight_name="class_weight", scores_name="hidden")
     B, T, _ = hidden.shape
     target2d = target1d.reshape(B, T)
     with torch.no_grad():
         loss, weight_norm, bias_norm = _ops.head_grad_norms(
             hidden.detach(), weight.detach(), bias.detach() if bias is not None else None, target2d, class_weight,
-            class_weight_sum, _options(ignore_index, label_smoothing, softcap, z_loss),
+            class_weight_sum, kernel_options(ignore_index, label_smoothing, softcap, z_loss),
             chunk_size or _ops.default_chunk_size(B * T))
         if reduction == "mean":
             scale = _per_example_mean_scale(target2d, class_weight, ignore_index, loss.dtype)

@@ -1,7 +1,7 @@
 r"""Chunked linear cross-entropy: ``cross_entropy(hidden @ weight.T + bias, target)`` and its gradients
 without ever holding the ``N x V`` logits.
 
-Arguments arrive checked and flattened from :mod:`persample.linear_cross_entropy`: ``hidden (N, d)``,
+Arguments arrive checked and flattened from :mod:`persample.loss._linear_cross_entropy`: ``hidden (N, d)``,
 ``weight (V, d)``, ``bias (V,)`` or None, ``target (N,)``. The tokens are processed ``chunk`` rows at a time;
 one ``chunk x V`` buffer is reused for every chunk and holds, in turn, the chunk's logits and (overwritten in
 place by the fused kernel of :mod:`persample.kernels.cross_entropy`) their gradient ``G``. From ``G``:
@@ -36,7 +36,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from persample import _cross_entropy_ops as _ce
+from persample.loss import _cross_entropy_ops as _ce
 
 _BMM_HAS_OUT_DTYPE = torch.torch_version.TorchVersion(torch.__version__) >= "2.8"
 
@@ -85,7 +85,7 @@ class _Grads:
         """Multiplies every buffer in place by a one-element device tensor (free when it is exactly 1)."""
         for buf in (self.hidden, self.weight, self.bias):
             if buf is not None:
-                _ce._scale_impl(buf, scale)
+                _ce.scale_impl(buf, scale)
 
     def outputs(self, bias: Tensor | None) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
         grad_bias = self.bias.to(bias.dtype) if self.bias is not None else None
@@ -115,7 +115,7 @@ def forward_chunks(hidden, weight, bias, target, class_weight, class_weight_sum,
     buffer = hidden.new_empty(min(chunk, N), V)
     for start, end in _chunks(N, chunk):
         logits = _chunk_logits(hidden[start:end], weight, bias, buffer[:end - start])
-        loss[start:end], lse[start:end], g = _ce._forward_impl(
+        loss[start:end], lse[start:end], g = _ce.forward_impl(
             logits, target[start:end], class_weight, class_weight_sum, grad_scale, *options,
             with_grad=grads is not None, out=logits)
         if grads is not None:
@@ -131,7 +131,7 @@ def backward_chunks(hidden, weight, bias, target, class_weight, class_weight_sum
     buffer = hidden.new_empty(min(chunk, N), V)
     for start, end in _chunks(N, chunk):
         logits = _chunk_logits(hidden[start:end], weight, bias, buffer[:end - start])
-        g = _ce._backward_impl(logits, target[start:end], class_weight, class_weight_sum, lse[start:end],
+        g = _ce.backward_impl(logits, target[start:end], class_weight, class_weight_sum, lse[start:end],
                                grad_rows[start:end], *options, out=logits)
         grads.add(g, hidden[start:end], weight, start, first=start == 0)
     return grads
@@ -204,7 +204,7 @@ def head_grad_norms(hidden, weight, bias, target, class_weight, class_weight_sum
         k = end - start
         rows = hidden[start:end].reshape(k * T, d)
         logits = _chunk_logits(rows, weight, bias, buffer[:k * T])
-        loss_rows, _, g = _ce._forward_impl(logits, target[start:end].reshape(-1), class_weight,
+        loss_rows, _, g = _ce.forward_impl(logits, target[start:end].reshape(-1), class_weight,
                                             class_weight_sum, one, *options, with_grad=True, out=logits)
         gg = _gram(g.view(k, T, V))
         loss[start:end] = loss_rows.view(k, T).sum(1)

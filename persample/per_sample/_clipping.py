@@ -14,6 +14,8 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
+from persample.checks import check_max_grad_norm
+
 Grads = Mapping[str, Tensor]
 
 _EPS = 1e-6
@@ -43,7 +45,7 @@ def clip_factors(norms: Tensor, max_grad_norm: float) -> Tensor:
     Raises:
         ValueError: ``max_grad_norm`` not > 0.
     """
-    _check_max_grad_norm(max_grad_norm)
+    check_max_grad_norm(max_grad_norm)
     return (max_grad_norm / (norms + _EPS)).clamp(max=1.0)
 
 
@@ -62,7 +64,7 @@ def clip_per_sample(grads: Grads, max_grad_norm: float, *, norms: Tensor | None 
     Raises:
         ValueError: ``max_grad_norm`` not > 0, empty ``grads``, differing batch sizes, ``norms`` not ``(B,)``.
     """
-    _check_max_grad_norm(max_grad_norm)
+    check_max_grad_norm(max_grad_norm)
     batch = _batch_size(grads)
     if norms is None:
         norms = per_sample_norms(grads)
@@ -106,9 +108,9 @@ def clip_per_layer(
                              f"bounds were given for {sorted(max_grad_norm)}")
         bounds = {group: max_grad_norm[group] for group in groups}
         for bound in bounds.values():
-            _check_max_grad_norm(bound)
+            check_max_grad_norm(bound)
     else:
-        _check_max_grad_norm(max_grad_norm)
+        check_max_grad_norm(max_grad_norm)
         bounds = {group: max_grad_norm / math.sqrt(len(groups)) for group in groups}
     clipped = {}
     for group, names in groups.items():
@@ -139,8 +141,3 @@ def _batch_size(grads: Grads) -> int:
     return next(iter(sizes.values()))
 
 
-def _check_max_grad_norm(max_grad_norm: float) -> None:
-    if isinstance(max_grad_norm, bool) or not isinstance(max_grad_norm, (int, float)) or not max_grad_norm > 0:
-        raise ValueError(f"max_grad_norm must be a number > 0, got {max_grad_norm!r}")
-    if not math.isfinite(max_grad_norm):
-        raise ValueError(f"max_grad_norm must be finite, got {max_grad_norm!r}")

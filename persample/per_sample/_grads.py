@@ -24,8 +24,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
-from persample.clipping import per_sample_norms
-from persample.cross_entropy import cross_entropy
+from persample.loss import cross_entropy
+from persample.per_sample._clipping import per_sample_norms
 
 LossFn = Callable[..., Tensor]
 

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-import persample.train
-from persample.cli import main
+import persample.app.train
+from persample.app.cli import main
 
 # Two epochs of DP-SGD at epsilon 3: 79% test accuracy measured (seed 0, CPU); 65% leaves room for
 # floating-point differences between machines.
@@ -23,7 +23,7 @@ def _pytorch_cross_entropy(monkeypatch):
 
 def test_console_script_is_declared():
     (entry,) = importlib.metadata.entry_points(group="console_scripts", name="persample")
-    assert entry.value == "persample.cli:main"
+    assert entry.value == "persample.app.cli:main"
 
 
 def test_dp_training_end_to_end(tmp_path, capsys):
@@ -71,7 +71,7 @@ def test_bad_input_is_a_clear_error(tmp_path, capsys, option, value, match):
 
 def test_interrupted_run_keeps_finished_epochs(tmp_path, monkeypatch, capsys):
     calls = {"n": 0}
-    original = persample.train.per_sample_grads
+    original = persample.app.train.per_sample_grads
 
     def interrupt_in_second_epoch(*args, **kwargs):
         calls["n"] += 1
@@ -79,7 +79,7 @@ def test_interrupted_run_keeps_finished_epochs(tmp_path, monkeypatch, capsys):
             raise KeyboardInterrupt
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(persample.train, "per_sample_grads", interrupt_in_second_epoch)
+    monkeypatch.setattr(persample.app.train, "per_sample_grads", interrupt_in_second_epoch)
     assert main([*REDUCED, "--out", str(tmp_path), "--batch-size", "256", "--max-physical-batch-size", "512"]) == 130
     out = capsys.readouterr().out
     assert "epoch   1/2" in out and "interrupted during epoch 2" in out

@@ -1,4 +1,4 @@
-"""persample.accounting gives exactly what Opacus's accountants give for the same schedule."""
+"""persample.dp._accounting gives exactly what Opacus's accountants give for the same schedule."""
 
 import math
 

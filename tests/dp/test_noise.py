@@ -1,4 +1,4 @@
-"""persample.noise: the Gaussian noise has mean 0 and the stated std, from a generator or the OS CSPRNG.
+"""persample.dp._noise: the Gaussian noise has mean 0 and the stated std, from a generator or the OS CSPRNG.
 
 Statistical tests, with their false-failure rates (the chance that a correct sampler fails them):
 for n draws x of N(0, s**2), sum(x**2) / s**2 is chi-square with n degrees of freedom and sum(x) / (s sqrt n)

@@ -8,7 +8,7 @@ from opacus.accountants import RDPAccountant
 from torch import nn
 
 import persample
-from tests.test_noise import assert_gaussian
+from tests.dp.test_noise import assert_gaussian
 
 
 @pytest.fixture(autouse=True)

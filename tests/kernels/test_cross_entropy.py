@@ -60,7 +60,7 @@ def test_fwd_per_row_scale(V, dtype, persistent, block, monkeypatch):
     if persistent:
         monkeypatch.setattr(kernels, "_grid", lambda N, device, per_sm: (2,))
     if block is not None:
-        monkeypatch.setattr(kernels, "_launch_config", lambda V, size, with_grad=True: (block, 1, 0, False))
+        monkeypatch.setattr(kernels, "launch_config", lambda V, size, with_grad=True: (block, 1, 0, False))
     logits, target, w, w_sum = _inputs(6, V, dtype, weight=True)
     scale = torch.tensor([0.5, 2.0, -1.5, 0.0, 3.0, 0.25], device=DEVICE)
     loss, lse, grad, _ = kernels.cross_entropy_fwd(logits, target, w, w_sum, scale, -100, 0.1, 4.0, 1e-2, True)
@@ -83,7 +83,7 @@ def test_fwd_per_row_scale_of_the_wrong_length_raises():
 def test_fwd_prefetching_next_row(V, dtype, with_grad, monkeypatch):
     # The configuration of rows that fill one block: a persistent grid, each program loading its next row
     # while it reduces the current one (here 3 programs over 7 rows, some ignored, options on).
-    monkeypatch.setattr(kernels, "_launch_config", lambda V, size, with_grad=True: (64, 1, 1, True))
+    monkeypatch.setattr(kernels, "launch_config", lambda V, size, with_grad=True: (64, 1, 1, True))
     monkeypatch.setattr(kernels, "_grid", lambda N, device, per_sm: (3,))
     logits, target, w, w_sum = _inputs(7, V, dtype, weight=True)
     target[4] = -100
@@ -105,7 +105,7 @@ def test_fwd_default_configs_on_cuda(with_grad):
     # At this V the default configuration with the gradient prefetches (300 rows over one program per SM), and
     # the one without streams each row in two blocks; NaN ignored rows.
     V = 20000
-    block, _, _, prefetch = kernels._launch_config(V, 2, with_grad)
+    block, _, _, prefetch = kernels.launch_config(V, 2, with_grad)
     assert prefetch if with_grad else block < V
     logits, target, _, _ = _inputs(300, V, torch.bfloat16)
     target[::7] = -100

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import persample
-from persample import _verdicts
 from persample.kernels.target_stats import FIRST_BAD, IN_RANGE, PENDING
+from persample.loss import _verdicts
 
 
 def test_a_written_verdict_is_read_and_the_word_reused():

@@ -1,4 +1,4 @@
-"""persample.clipping: norms, factors, flat and per-layer clipping, against float64 loops."""
+"""persample.per_sample._clipping: norms, factors, flat and per-layer clipping, against float64 loops."""
 
 import math
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import persample
-from persample.clipping import layer_groups
+from persample.per_sample import layer_groups
 
 SHAPES = {"fc1.weight": (6, 5), "fc1.bias": (6,), "fc2.weight": (3, 6), "fc2.bias": (3,), "scale": ()}
 

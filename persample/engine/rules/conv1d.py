@@ -10,8 +10,8 @@ rule is registered by the class's import path, and only a model that holds a ``C
 from torch import Tensor
 
 from persample.engine.forms import Form
-from persample.engine.layers.linear import affine_forms
 from persample.engine.registry import Call, register_rule
+from persample.engine.rules.linear import affine_forms
 
 
 @register_rule("transformers.pytorch_utils.Conv1D", params=("weight", "bias"), cast_input=True)

@@ -12,7 +12,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from persample._cross_entropy_ops import use_triton
+from persample.backend import use_triton
 from persample.engine.forms import Dense, Form, acc_dtype
 from persample.engine.registry import Call, register_rule
 from persample.kernels import norm_affine_grads as _kernel

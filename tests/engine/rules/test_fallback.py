@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from persample.engine.layers import fallback
+from persample.engine.rules import fallback
 from tests.engine.reference import assert_matches_reference
 
 pytestmark = pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")
