@@ -1,44 +1,76 @@
-"""Models for the benchmarks: a plain GPT (nanoGPT-shaped) and a small CNN."""
+"""Small reference models: the ones the benchmarks time and the engine's tests check, so that the benchmarked
+model is the tested one.
+
+* :class:`GPT` — a nanoGPT-shaped language model (token and positional embeddings, pre-norm blocks of causal
+  self-attention and an MLP, a final norm, an LM head tied to the token table), with the options that change
+  what the per-example gradient engine sees: how the positional table is indexed, a tied or untied head, and
+  LayerNorm or RMSNorm.
+* :class:`CNN` — three convolutions with ReLUs, global average pooling and a linear classifier.
+
+Both take ``(B, ...)`` batches and return ``(B, ..., classes)`` logits for :func:`persample.cross_entropy`.
+"""
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+POSITIONS = ("arange", "expand", "repeat", "broadcast")
+
 
 class Block(nn.Module):
-    def __init__(self, d: int, heads: int):
+    """Pre-norm transformer block: ``x + attn(norm(x))``, then ``x + mlp(norm(x))`` with a 4x GELU MLP."""
+
+    def __init__(self, d: int, heads: int, norm: type[nn.Module] = nn.LayerNorm):
         super().__init__()
         self.heads = heads
-        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.ln1, self.ln2 = norm(d), norm(d)
         self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
         self.fc, self.fc2 = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
 
     def forward(self, x: Tensor) -> Tensor:
         B, T, d = x.shape
         q, k, v = (t.view(B, T, self.heads, -1).transpose(1, 2) for t in self.qkv(self.ln1(x)).split(d, -1))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(B, T, d)
-        x = x + self.proj(y)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.proj(y.transpose(1, 2).reshape(B, T, d))
         return x + self.fc2(F.gelu(self.fc(self.ln2(x))))
 
 
 class GPT(nn.Module):
-    """Token and positional embeddings, pre-norm blocks, a final LayerNorm and an LM head tied to the
-    token embedding.
+    """A GPT on token ids ``idx: (B, T)`` (``T <= max_len``), returning logits ``(B, T, vocab)``.
 
-    ``positions`` says how the positional table is indexed: ``"arange"`` with ``arange(T)`` (no batch
-    dimension; the default), ``"expand"`` with ``arange(T).expand(B, T)``, ``"repeat"`` with a contiguous
-    ``arange(T).repeat(B, 1)``. The math is the same. ``tied=False``
-    gives the head its own weight (a different model, with ``V * d`` more parameters). Opacus supports only
-    some of these.
+    Args:
+        vocab, d, layers, heads, max_len: vocabulary size, width, number of blocks, attention heads (dividing
+            ``d``) and the positional table's length.
+        positions: how the positional table is indexed; the math is the same for all. ``"arange"`` with
+            ``arange(T)`` (no batch dimension), ``"expand"`` with ``arange(T).expand(B, T)``, ``"repeat"`` with
+            a contiguous ``arange(T).repeat(B, 1)``, ``"broadcast"`` with ``arange(T)[None]`` (transformers'
+            ``position_ids``). Opacus supports only some of these.
+        tied: the LM head shares the token table's weight; ``False`` gives the head its own (``vocab * d``
+            more parameters).
+        norm: the normalization layer's class, called as ``norm(d)`` (``nn.LayerNorm`` or ``nn.RMSNorm``).
+
+    Raises:
+        ValueError: ``positions`` is not one of the above, or ``heads`` does not divide ``d``.
+
+    Examples:
+        >>> import torch
+        >>> from persample.models import GPT
+        >>> model = GPT(vocab=50, d=16, layers=2, heads=2, max_len=8)
+        >>> model(torch.randint(0, 50, (3, 8))).shape
+        torch.Size([3, 8, 50])
     """
 
     def __init__(self, vocab: int, d: int, layers: int, heads: int, max_len: int, positions: str = "arange",
-                 tied: bool = True):
+                 tied: bool = True, norm: type[nn.Module] = nn.LayerNorm):
         super().__init__()
+        if positions not in POSITIONS:
+            raise ValueError(f"positions must be one of {POSITIONS}, got {positions!r}")
+        if d % heads:
+            raise ValueError(f"heads must divide d, got d={d} and heads={heads}")
         self.positions = positions
         self.wte, self.wpe = nn.Embedding(vocab, d), nn.Embedding(max_len, d)
-        self.blocks = nn.ModuleList(Block(d, heads) for _ in range(layers))
-        self.ln = nn.LayerNorm(d)
+        self.blocks = nn.ModuleList(Block(d, heads, norm) for _ in range(layers))
+        self.ln = norm(d)
         self.head = nn.Linear(d, vocab, bias=False)
         if tied:
             self.head.weight = self.wte.weight
@@ -46,7 +78,12 @@ class GPT(nn.Module):
     def forward(self, idx: Tensor) -> Tensor:
         B, T = idx.shape
         pos = torch.arange(T, device=idx.device)
-        pos = {"arange": pos, "expand": pos.expand(B, T), "repeat": pos.repeat(B, 1)}[self.positions]
+        if self.positions == "expand":
+            pos = pos.expand(B, T)
+        elif self.positions == "repeat":
+            pos = pos.repeat(B, 1)
+        elif self.positions == "broadcast":
+            pos = pos[None]
         x = self.wte(idx) + self.wpe(pos)
         for block in self.blocks:
             x = block(x)
@@ -54,7 +91,15 @@ class GPT(nn.Module):
 
 
 class CNN(nn.Module):
-    """Three convolutions with GroupNorm-free ReLUs, global average pooling and a linear classifier."""
+    """Images ``(B, 3, H, W)`` to logits ``(B, classes)``: three 3x3 convolutions (the last two with stride 2)
+    with ReLUs, global average pooling and a linear classifier.
+
+    Examples:
+        >>> import torch
+        >>> from persample.models import CNN
+        >>> CNN(classes=10, width=8)(torch.randn(2, 3, 16, 16)).shape
+        torch.Size([2, 10])
+    """
 
     def __init__(self, classes: int = 10, width: int = 32):
         super().__init__()
