@@ -253,8 +253,8 @@ class GhostClipping:
         step.fallbacks.clear()
         # Stacking and packing trade copies for fewer launches. Under CUDA graph capture launches cost nothing
         # at replay, while the stacks' large new blocks, which the memory freed earlier in the step cannot serve,
-        # would grow the graph's pool for good (1.8 GiB on GPT-2-small in fp32). The forms are then reduced one
-        # parameter at a time.
+        # would grow the graph's pool for good (by how much: benchmarks/RESULTS.md, "Figures quoted from code").
+        # The forms are then reduced one parameter at a time.
         if not (losses.is_cuda and torch.cuda.is_current_stream_capturing()):
             step.stacks = pop_stacks(step.forms)
             step.pack_dense()
