@@ -8,11 +8,10 @@ per training step (the figures: benchmarks/RESULTS.md, "Figures quoted from code
 
 :func:`launch` keeps its own cache from a key that holds everything Triton specializes on (and a little
 more, which only costs an extra compilation), so a hit launches the compiled kernel directly; building the key
-from every argument is then the larger part of what the binding added. It returns a :class:`Launcher`, which
-an op's launcher may keep under a key of its own inputs, a few of them and cheap to build, and call again,
-which skips that key as well. A
-kernel that Triton's interpreter runs (``TRITON_INTERPRET=1`` when it was defined) is called the ordinary
-way, through a Launcher as well, so that the tests run the same paths.
+from every argument is then most of what remains above the launch itself. It returns a :class:`Launcher`,
+which an op's launcher may keep under a key of its own inputs, a few of them and cheap to build, and call
+again, which skips that key as well. A kernel that Triton's interpreter runs (``TRITON_INTERPRET=1`` when it
+was defined) is called the ordinary way, through a Launcher as well, so that the tests run the same paths.
 
 The small helpers below serve every op file's launcher: block sizes, grid sizes and the accumulation dtype.
 """
