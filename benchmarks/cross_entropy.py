@@ -4,22 +4,19 @@ For each shape it reports the time per call with calls queued back to back (as a
 median of several blocks of such calls, and the slowest block) and the median time of an isolated call (the
 GPU idle before it, so the host's launch work shows), each as a fraction of the memory floor (reading the
 logits once and writing their gradient once, timed as a device-to-device copy of the logits in the same run),
-and the peak memory beyond the logits, in units of the logits' size. Prints a markdown table and appends it
-to benchmarks/RESULTS.md with the date, GPU and commit.
+and the peak memory beyond the logits, in units of the logits' size. Prints a markdown table and saves it with
+the date, GPU and commit (``results.py``: the cross_entropy section of RESULTS.md, appended to HISTORY.md).
 
     python benchmarks/cross_entropy.py                 # the three shapes of issue 2, on CUDA
     python benchmarks/cross_entropy.py --quick         # a small shape (CPU or GPU) to check the script
 """
 
 import argparse
-import datetime
-import os
 import statistics
-import subprocess
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from results import add_save_flag, header, publish
 
 import persample
 
@@ -179,7 +176,7 @@ def main():
                              "varies from call to call: 20 calls gave ratios 20 points apart)")
     parser.add_argument("--rounds", type=int, default=5, help="blocks of queued calls per variant")
     parser.add_argument("--sweep", action="store_true", help="also sweep the kernel's block size and warps")
-    parser.add_argument("--results", default=str(Path(__file__).with_name("RESULTS.md")))
+    add_save_flag(parser)
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     shapes = [(256, 1000, torch.float32)] if args.quick else SHAPES
@@ -215,26 +212,16 @@ def main():
             print(" | ".join(rows[-1]), flush=True)
         del x
 
-    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
-    try:
-        commit = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True).strip()
-    except Exception:  # a copy of the tree without .git: the caller may name the commit
-        commit = os.environ.get("PERSAMPLE_COMMIT", "unknown")
     table = ["| shape | variant | fwd+bwd ms | % of memory floor | % of floor, slowest block | isolated call ms | "
              "% of floor, isolated | extra peak memory (x logits) |",
              "|---|---|---|---|---|---|---|---|"] + ["| " + " | ".join(r) + " |" for r in rows]
-    text = "\n".join(table)
-    print("\n" + text)
-    if not args.quick:
-        with open(args.results, "a") as f:
-            f.write(f"\n## cross_entropy — {datetime.date.today()} — {gpu} — commit {commit}\n\n"
-                    "Command: `python benchmarks/cross_entropy.py`. Memory floor: one read of the logits and "
-                    "one write of the gradient, timed as a device copy of the logits in the same run. "
-                    f"fwd+bwd ms: the median of {args.rounds} blocks of {args.queued_reps} calls queued back to "
-                    "back (as in training), next to the slowest block; isolated call: the median of single calls "
-                    "with the GPU idle before each (host overhead in full).\n\n"
-                    f"{text}\n")
-
+    context = header("cross_entropy", device,
+                     "memory floor: one read of the logits and one write of the gradient, timed as a device copy "
+                     f"of the logits in the same run; fwd+bwd ms: the median of {args.rounds} blocks of "
+                     f"{args.queued_reps} calls queued back to back (as in training), next to the slowest block; "
+                     "isolated call: the median of single calls with the GPU idle before each (host overhead in "
+                     "full)")
+    publish("cross_entropy", context + "\n\n" + "\n".join(table), args)
 
 if __name__ == "__main__":
     main()

@@ -3,33 +3,31 @@ engine's step cost on a tiny model of the benchmark's structure, where the arith
 
     python benchmarks/host_overhead.py                 # GPT d=64 L=12 V=256 B=4 T=16, fp32 and bf16 autocast
     python benchmarks/host_overhead.py --cprofile 25   # also the engine's 25 costliest Python functions
+    python benchmarks/host_overhead.py --quick         # a few steps, fp32: a check of the script
 
 On a GPU a step of small kernels is bound by the host: each op is one launch and a few microseconds of
 Python and dispatch. Here each CPU aten op that computes (a leaf of the op tree that is not a view or an
 allocation) stands for one kernel launch. Two steps are compared: ``grad`` — forward and backward
 (``loss.backward()`` against ``GhostClipping.clipped_grad_sum``), and ``step`` — the whole DP step of
 ``dp_step.py`` (the normal one with AdamW; the engine's with noise and AdamW). Times are medians of
-``time.perf_counter`` over single-threaded steps. Prints a table; CPU runs are not appended to RESULTS.md.
+``time.perf_counter`` over single-threaded steps. The steps are ``steps.py``'s. Prints a table and saves it
+(``results.py``: the host_overhead section of ``RESULTS.md``, appended to ``HISTORY.md``).
 """
 
 import argparse
 import cProfile
 import pstats
 import statistics
-import sys
 import time
 from contextlib import nullcontext
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from results import add_save_flag, header, publish
+from steps import Config, build_model, fast_step, make_batch, normal_step
 from torch.profiler import ProfilerActivity, profile
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from dp_step import Config, build_model, fast_step, make_batch, normal_step  # noqa: E402
-
-import persample  # noqa: E402
+import persample
 
 TINY = Config("GPT d=64 L=12 V=256 B=4 T=16", "gpt", batch=4, seq=16, vocab=256, d=64, layers=12, heads=2)
 
@@ -103,7 +101,11 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=50)
     parser.add_argument("--cprofile", type=int, default=0, help="print the engine's N costliest functions")
     parser.add_argument("--precision", choices=("fp32", "bf16", "both"), default="both")
+    parser.add_argument("--quick", action="store_true", help="3 timed steps, fp32 only: a check of the script")
+    add_save_flag(parser)
     args = parser.parse_args()
+    if args.quick:
+        args.iters, args.precision = min(args.iters, 3), "fp32"
     torch.set_num_threads(1)
     x, y = make_batch(TINY, TINY.batch, torch.device("cpu"))
     precisions = ("fp32", "bf16") if args.precision == "both" else (args.precision,)
@@ -129,13 +131,14 @@ def main() -> None:
                 profiler.disable()
                 print(f"\n## engine {precision} grad, 20 steps")
                 pstats.Stats(profiler).sort_stats("tottime").print_stats(args.cprofile)
-    print(f"# {TINY.name}, CPU, 1 thread, torch {torch.__version__}\n")
-    print("| precision | what | normal ops | engine ops | ratio | normal ms | engine ms | ratio "
-          "| normal aten | engine aten |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    lines = [header("host_overhead", "cpu", f"{TINY.name}, 1 thread"), "",
+             "| precision | what | normal ops | engine ops | ratio | normal ms | engine ms | ratio "
+             "| normal aten | engine aten |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for precision, kind, (n_ops, n_aten, n_ms), (e_ops, e_aten, e_ms) in rows:
-        print(f"| {precision} | {kind} | {n_ops:.0f} | {e_ops:.0f} | {e_ops / n_ops:.2f}x | {n_ms:.2f} | {e_ms:.2f} "
-              f"| {e_ms / n_ms:.2f}x | {n_aten:.0f} | {e_aten:.0f} |")
+        lines.append(f"| {precision} | {kind} | {n_ops:.0f} | {e_ops:.0f} | {e_ops / n_ops:.2f}x | {n_ms:.2f} "
+                     f"| {e_ms:.2f} | {e_ms / n_ms:.2f}x | {n_aten:.0f} | {e_aten:.0f} |")
+    publish("host_overhead", "\n".join(lines), args)
 
 
 if __name__ == "__main__":

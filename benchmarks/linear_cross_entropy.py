@@ -10,26 +10,23 @@ allocated and minus the gradients returned (``N x d`` and ``V x d``), also as a 
     python benchmarks/linear_cross_entropy.py --quick         # tiny shapes, any device: checks the script
     python benchmarks/linear_cross_entropy.py --chunk-sizes 256,512   # also persample at these chunk sizes
 
-Prints markdown tables and appends them to benchmarks/RESULTS.md with the date, device and git commit.
+Prints markdown tables and saves them with the date, device and git commit (``results.py``: the
+linear_cross_entropy section of RESULTS.md, appended to HISTORY.md).
 Targets (issue 5): extra memory <= 5% of the full logits; time <= Liger's and <= 1.3x plain PyTorch.
 """
 
 import argparse
-import datetime
-import os
 import statistics
-import subprocess
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from results import add_save_flag, header, publish
 from tqdm import tqdm
 
 from persample import linear_cross_entropy, linear_cross_entropy_head_grad_norms
 
 IGNORE = -100
-RESULTS = Path(__file__).with_name("RESULTS.md")
 
 
 def plain(hidden, weight, target):
@@ -193,7 +190,7 @@ def main():
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     parser.add_argument("--chunk-sizes", default="", help="comma-separated extra chunk sizes for persample")
     parser.add_argument("--reps", type=int, default=5)
-    parser.add_argument("--no-results", action="store_true", help="do not append to benchmarks/RESULTS.md")
+    add_save_flag(parser)
     args = parser.parse_args()
     args.chunk_sizes = [int(c) for c in args.chunk_sizes.split(",") if c]
     cuda = torch.cuda.is_available()
@@ -211,20 +208,13 @@ def main():
     except Exception as exc:  # reported, so that the loss table above still lands in RESULTS.md
         norm_table = [f"crash: {type(exc).__name__}: {exc}"]
 
-    gpu = torch.cuda.get_device_name() if cuda else "CPU"
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=Path(__file__).parent).stdout.strip() or os.environ.get("PERSAMPLE_COMMIT", "unknown")
-    header = (f"## linear_cross_entropy — {datetime.date.today()} — {gpu} — commit {commit}"
-              f"{' — quick' if args.quick else ''}\n\nN={args.N} tokens, d={args.d}, V={args.V}, {args.dtype}; "
-              f"full logits: {logits_bytes / 2**20:,.0f} MiB; torch {torch.__version__}.\n")
-    text = "\n".join([header, *loss_table, "", f"Targets: {verdict or 'n/a'}", "",
+    context = header("linear_cross_entropy", device,
+                     f"N={args.N} tokens, d={args.d}, V={args.V}, {args.dtype}",
+                     f"full logits: {logits_bytes / 2**20:,.0f} MiB")
+    text = "\n".join([context, "", *loss_table, "", f"Targets: {verdict or 'n/a'}", "",
                       "Per-example head gradient norms (`linear_cross_entropy_head_grad_norms`, mean per example):",
-                      "", *norm_table, ""])
-    print(text)
-    if not args.no_results:
-        with RESULTS.open("a") as f:
-            f.write(text + "\n")
-
+                      "", *norm_table])
+    publish("linear_cross_entropy", text, args)
 
 if __name__ == "__main__":
     main()

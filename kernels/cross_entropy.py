@@ -341,7 +341,7 @@ def launch_config(V: int, element_size: int, with_grad: bool = True) -> tuple[in
     longer rows are streamed in blocks, with 8192-element blocks of 16 warps up to V = 65536 half-precision
     logits and 16384-element blocks of 32 warps beyond. Without it (``reduction="none"``'s forward, evaluation)
     the row is only read: blocks of at most 16384 logits and 8 warps, one program per row, read at the copy
-    bandwidth, where the configuration with the gradient read 25% slower at V = 32000 and 10% at V = 128256.
+    bandwidth, faster than the configuration with the gradient (benchmarks/RESULTS.md, "Figures quoted from code").
     The interpreter gets small blocks so that tests at small V still cross block boundaries. Tuned on an H100
     with benchmarks/cross_entropy.py --sweep.
     """

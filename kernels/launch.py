@@ -2,16 +2,16 @@
 
 ``kernel[grid](*args, **constexprs)`` binds its arguments anew on every call: it derives each argument's
 specialization (a tensor's dtype and 16-byte alignment, an integer's width, divisibility by 16 and equality
-to 1), builds a cache key from them and the options, and only then finds the compiled kernel. On the
-lent H100 machines that costs about 34 µs of host time per launch, against about 11 µs for the launch of the
-compiled kernel itself, and the cross-entropy launches two or three kernels per training step.
+to 1), builds a cache key from them and the options, and only then finds the compiled kernel. That costs
+more host time than launching the compiled kernel itself, and the cross-entropy launches two or three kernels
+per training step (the figures: benchmarks/RESULTS.md, "Figures quoted from code").
 
 :func:`launch` keeps its own cache from a key that holds everything Triton specializes on (and a little
-more, which only costs an extra compilation), so a hit launches the compiled kernel directly: about 20 µs,
-of which building the key from every argument is 8. It returns a :class:`Launcher`, which an op's launcher
-may keep under a key of its own inputs, a few of them and cheap to build, and call again: about 12 µs. A
-kernel that Triton's interpreter runs (``TRITON_INTERPRET=1`` when it was defined) is called the ordinary
-way, through a Launcher as well, so that the tests run the same paths.
+more, which only costs an extra compilation), so a hit launches the compiled kernel directly; building the key
+from every argument is then most of what remains above the launch itself. It returns a :class:`Launcher`,
+which an op's launcher may keep under a key of its own inputs, a few of them and cheap to build, and call
+again, which skips that key as well. A kernel that Triton's interpreter runs (``TRITON_INTERPRET=1`` when it
+was defined) is called the ordinary way, through a Launcher as well, so that the tests run the same paths.
 
 The small helpers below serve every op file's launcher: block sizes, grid sizes and the accumulation dtype.
 """

@@ -2,8 +2,9 @@
 
 One step, for a physical batch of ``B`` examples:
 
-1. **Forward** with hooks on the modules that use trainable parameters (found once by
-   :func:`~persample.engine.uses.parameter_uses`; one global hook looks each called module up in the plan).
+1. **Forward** with hooks on the modules that use trainable parameters (:mod:`~persample.engine.recording`:
+   found once by :func:`~persample.engine.uses.parameter_uses`; one global hook looks each called module up
+   in the plan).
    Each call keeps its inputs; each output's gradient is caught by a pre-hook on the autograd node that
    receives it. The trainable parameters are set to ``requires_grad=False`` for the forward, so
    the autograd graph reaches the activations only: the backward computes no parameter gradient (the
@@ -35,22 +36,19 @@ first size equals ``B``; an integer input with a leading dimension of 1 (``arang
 
 from collections.abc import Callable
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field
 from typing import Literal, NamedTuple
 
 import torch
 from torch import Tensor, nn
-from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
-from torch.utils._pytree import tree_flatten, tree_leaves, tree_map_only, tree_unflatten
+from torch.utils._pytree import tree_leaves
 
 from persample.engine import rules  # noqa: F401  (registers the rules)
-from persample.engine.forms import Dense, Form, as_dense, batched_dot, clipped_sum, inner
+from persample.engine.forms import batched_dot, clipped_sum, inner
 from persample.engine.graphed import GraphedPost, GraphedStep
 from persample.engine.output_grad import loss_and_output_grad
-from persample.engine.registry import Call, Rule, rule_for
+from persample.engine.recording import Plan, Step, make_plan, recording
 from persample.engine.rules import fallback
-from persample.engine.stacks import OuterStack, as_parameters, pop_stacks, stack_clipped_sums, stack_norms
-from persample.engine.uses import parameter_uses
+from persample.engine.stacks import as_parameters, pop_stacks, stack_clipped_sums, stack_norms
 from persample.loss import check_targets_later
 
 Strategy = Literal["auto", "ghost", "materialize"]
@@ -71,183 +69,8 @@ class ClippedGradSum(NamedTuple):
     losses: Tensor
 
 
-@dataclass
-class _Hooked:
-    """A module whose calls the engine records: by its rule, or by the fallback (``rule`` None), for the
-    trainable parameters it uses. ``constant`` are the planned descendants that use some of the same
-    parameters: their uses have records of their own, so the fallback holds their outputs constant."""
-
-    module: nn.Module
-    rule: Rule | None
-    used: dict[str, nn.Parameter]
-    constant: list[nn.Module]
-
-
-@dataclass
-class _Plan:
-    """Which modules to hook and with what, for one set of trainable parameters."""
-
-    trainable: dict[str, nn.Parameter]
-    modules: dict[nn.Module, _Hooked]
-    used: list[nn.Parameter]  # the parameters the hooked modules use, each once
-    parameters: list[nn.Parameter]  # all of the model's, and their requires_grad flags when planned
-    flags: list[bool]
-
-
-@dataclass
-class _Step:
-    """The state of one step: what the hooks collect."""
-
-    batch_size: int
-    index_ndim: int | None
-    strategy: str
-    classes: int | None = None  # what the default loss's targets index, once the output is known
-    forms: dict[nn.Parameter, list[Form]] = field(default_factory=dict)
-    fallbacks: list[tuple[Call, list, list[nn.Module]]] = field(default_factory=list)
-    packed: list[tuple[Tensor, list[nn.Parameter]]] = field(default_factory=list)
-    stacks: list[OuterStack] = field(default_factory=list)
-    anchors: dict[torch.device, Tensor] = field(default_factory=dict)
-
-    def is_batched(self, x: Tensor) -> bool:
-        if x.ndim == 0 or x.shape[0] != self.batch_size:
-            return False
-        return x.is_floating_point() or self.index_ndim is None or x.ndim >= self.index_ndim
-
-    def is_broadcast(self, x: Tensor) -> bool:
-        """An integer input with a batch dimension of 1 that broadcasts against the batch, like transformers'
-        ``position_ids = arange(T)[None]``: shared by the batch like ``arange(T)``."""
-        return (self.batch_size != 1 and not x.is_floating_point() and self.index_ndim is not None
-                and x.ndim == self.index_ndim and x.shape[0] == 1)
-
-    def watch(self, out: Tensor, shared: bool, on_grad: Callable[[Tensor], None], broadcast: bool = False) -> Tensor:
-        if out.grad_fn is None:
-            # No node to hook (frozen parameters only, or a leaf): ``+ 0`` from a scalar leaf makes one.
-            anchor = self.anchors.get(out.device)
-            if anchor is None:
-                anchor = self.anchors[out.device] = torch.zeros((), device=out.device, requires_grad=True)
-            out = out + anchor
-        if broadcast:
-            out = out.squeeze(0)
-        if shared:
-            out = out.expand(self.batch_size, *out.shape)
-        # A pre-hook on the node that receives the output's gradient does what a tensor hook does (which
-        # registers one there) without the tensor hook's Python book-keeping, a few microseconds per call.
-        index = out.output_nr
-        out.grad_fn.register_prehook(lambda grads: None if grads[index] is None else on_grad(grads[index]))
-        return out
-
-    def add(self, call: Call, forms: dict[str, Form]) -> None:
-        for name, form in forms.items():
-            self.forms.setdefault(call.params[name], []).append(form)
-
-    def pack_dense(self) -> None:
-        """Concatenates the parameters whose one form is Dense (after :func:`as_dense`: biases not stacked
-        with their weights, norm scales, small layers) into ``(B, K)`` blocks, one per dtype: their norms and
-        clipped sums are then one op each, not a few per parameter."""
-        groups: dict[tuple[torch.dtype, torch.device], list[nn.Parameter]] = {}
-        for p, forms in self.forms.items():
-            forms[:] = [as_dense(x) for x in forms]
-            if len(forms) == 1 and isinstance(forms[0], Dense):
-                groups.setdefault((forms[0].g.dtype, forms[0].g.device), []).append(p)
-        for params in groups.values():
-            flat = torch.cat([self.forms.pop(p)[0].g.reshape(self.batch_size, -1) for p in params], 1)
-            self.packed.append((flat, params))
-
-
-def _autocast_state(x: Tensor) -> tuple[str, torch.dtype] | None:
-    device = x.device.type
-    return (device, torch.get_autocast_dtype(device)) if torch.is_autocast_enabled(device) else None
-
-
-def _cast_for_autocast(args: tuple):
-    """Casts the first input as autocast would inside the op, so the copy the engine keeps is that one."""
-    x = args[0] if args else None
-    if not isinstance(x, Tensor) or not x.is_floating_point() or x.dtype == torch.float64:
-        return None
-    state = _autocast_state(x)
-    if state is None or x.dtype == state[1]:
-        return None
-    return (x.to(state[1]), *args[1:])
-
-
-def _record_rule(step: _Step, hooked: _Hooked, module: nn.Module, args: tuple, output) -> Tensor:
-    if not isinstance(output, Tensor) or not args or not isinstance(args[0], Tensor):
-        raise TypeError(f"{type(module).__name__} must take a tensor first and return a tensor, got "
-                        f"{type(args[0]).__name__ if args else 'no input'} -> {type(output).__name__}")
-    x = args[0].detach()
-    broadcast = step.is_broadcast(x)
-    if broadcast:
-        x = x.squeeze(0)
-    shared = not step.is_batched(x)
-    # The rules need no autocast state (only the fallback replays a call): not looking it up saves two calls
-    # into torch per hooked call.
-    call = Call(module, (x.expand(step.batch_size, *x.shape) if shared else x, *args[1:]), {}, hooked.used, None)
-    rule, version = hooked.rule, x._version
-
-    def on_grad(grad: Tensor) -> None:
-        if x._version != version:
-            raise ValueError(f"the input of {type(module).__name__} was modified in place after the call; the "
-                             "engine needs it unchanged to form per-example gradients")
-        step.add(call, rule.compute(call, grad, step.strategy))
-        call.args = call.kwargs = None
-
-    return step.watch(output, shared, on_grad, broadcast)
-
-
-def _record_fallback(step: _Step, hooked: _Hooked, module: nn.Module, args: tuple, kwargs: dict, output):
-    args, kwargs = tree_map_only(Tensor, Tensor.detach, (args, kwargs))
-    first = next((v for v in tree_leaves((args, kwargs)) if isinstance(v, Tensor)), None)
-    shared = first is None or not step.is_batched(first)
-    leaves, spec = tree_flatten(output)
-    grads: list[Tensor | None] = [None] * len(leaves)
-    probe = first if first is not None else leaves[0]
-    step.fallbacks.append((Call(module, args, kwargs, hooked.used, _autocast_state(probe)), grads, hooked.constant))
-    for i, leaf in enumerate(leaves):
-        if isinstance(leaf, Tensor) and leaf.is_floating_point():
-            leaves[i] = step.watch(leaf, shared, lambda g, i=i: grads.__setitem__(i, g))
-    return tree_unflatten(leaves, spec)
-
-
 @contextmanager
-def _recording(plan: _Plan, step: _Step, autocast: bool):
-    """The engine's hooks and the trainable parameters frozen, for the duration of the forward.
-
-    One global forward hook (and, under autocast, one pre-hook) looks each called module up in the plan: a step
-    registers two hooks, not one or two per module, each a few microseconds of Python to add and remove.
-    """
-    modules = plan.modules
-
-    def cast(module: nn.Module, args: tuple):
-        hooked = modules.get(module)
-        if hooked is not None and hooked.rule is not None and hooked.rule.cast_input:
-            return _cast_for_autocast(args)
-        return None
-
-    def record(module: nn.Module, args: tuple, kwargs: dict, output):
-        hooked = modules.get(module)
-        if hooked is None:
-            return None
-        if hooked.rule is None:
-            return _record_fallback(step, hooked, module, args, kwargs, output)
-        return _record_rule(step, hooked, module, args, output)
-
-    handles = []
-    try:
-        for p in plan.used:
-            p.requires_grad_(False)
-        if autocast:
-            handles.append(register_module_forward_pre_hook(cast))
-        handles.append(register_module_forward_hook(record, with_kwargs=True))
-        yield
-    finally:
-        for h in handles:
-            h.remove()
-        for p in plan.used:
-            p.requires_grad_(True)
-
-
-@contextmanager
-def _no_autocast(plan: _Plan):
+def _no_autocast(plan: Plan):
     """Autocast off for the norms and clipped sums: their factors already have the dtypes the step chose, and
     autocast would cast float32 intermediates back to low precision (an op per matmul operand)."""
     with ExitStack() as stack:
@@ -324,7 +147,7 @@ class GhostClipping:
         self.ignore_index = ignore_index
         self.loss_fn = loss_fn
         self.strategy = strategy
-        self._plan: _Plan | None = None
+        self._plan: Plan | None = None
         self._graphed = GraphedPost(self._norms_and_clipped_sums, self._graph_state) if cuda_graph == "post" else None
         self._graphed_step = GraphedStep(self._step, self._check_targets, self._graph_state) \
             if cuda_graph == "step" else None
@@ -377,13 +200,13 @@ class GhostClipping:
         finish()
         return norms
 
-    def _norms_and_clipped_sums(self, step: _Step) -> tuple[Tensor, dict[nn.Parameter, Tensor]]:
+    def _norms_and_clipped_sums(self, step: Step) -> tuple[Tensor, dict[nn.Parameter, Tensor]]:
         norms = self._norms(step)
         factors = (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
         return norms, self._clipped_sums(step, factors)
 
     @staticmethod
-    def _clipped_sums(step: _Step, factors: Tensor) -> dict[nn.Parameter, Tensor]:
+    def _clipped_sums(step: Step, factors: Tensor) -> dict[nn.Parameter, Tensor]:
         grads: dict[nn.Parameter, Tensor] = {}
         for flat, params in step.packed:
             summed = factors.to(flat.dtype) @ flat
@@ -399,23 +222,12 @@ class GhostClipping:
             grads[p] = total
         return grads
 
-    def _plan_for(self, args: tuple) -> _Plan:
-        if self._plan is not None and [p.requires_grad for p in self._plan.parameters] == self._plan.flags:
-            return self._plan
-        parameters = list(self.model.parameters())
-        trainable = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
-        uses = parameter_uses(self.model, lambda: self.model(*args), {id(p): p for p in trainable.values()})
-        hooked = {}
-        for module, used in uses.items():
-            ids = {id(p) for p in used.values()}
-            constant = [m for m in module.modules() if m is not module and m in uses
-                        and ids & {id(p) for p in uses[m].values()}]
-            hooked[module] = _Hooked(module, rule_for(module, set(used)), used, constant)
-        used = list({id(p): p for h in hooked.values() for p in h.used.values()}.values())
-        self._plan = _Plan(trainable, hooked, used, parameters, [p.requires_grad for p in parameters])
+    def _plan_for(self, args: tuple) -> Plan:
+        if self._plan is None or not self._plan.is_current():
+            self._plan = make_plan(self.model, args)
         return self._plan
 
-    def _backward(self, inputs, targets) -> tuple[_Step, Tensor, Callable[[], None]]:
+    def _backward(self, inputs, targets) -> tuple[Step, Tensor, Callable[[], None]]:
         """The recorded step, the losses and ``finish()``, the target check: the caller queues the rest of
         the step first (see :func:`~persample.engine.output_grad.loss_and_output_grad`)."""
         args = _as_args(inputs)
@@ -423,10 +235,10 @@ class GhostClipping:
         plan = self._plan_for(args)
         first = args[0] if isinstance(args[0], Tensor) else None
         index_ndim = first.ndim if first is not None and not first.is_floating_point() else None
-        step = _Step(batch_size, index_ndim, self.strategy)
+        step = Step(batch_size, index_ndim, self.strategy)
         devices = {p.device.type for p in plan.trainable.values()}
         autocast = any(torch.is_autocast_enabled(d) for d in devices)
-        with _recording(plan, step, autocast), torch.enable_grad():
+        with recording(plan, step, autocast), torch.enable_grad():
             output = self.model(*args)
         losses, output_grad, finish = loss_and_output_grad(output, targets, ignore_index=self.ignore_index,
                                                            loss_fn=self.loss_fn)
@@ -441,14 +253,14 @@ class GhostClipping:
         step.fallbacks.clear()
         # Stacking and packing trade copies for fewer launches. Under CUDA graph capture launches cost nothing
         # at replay, while the stacks' large new blocks, which the memory freed earlier in the step cannot serve,
-        # would grow the graph's pool for good (1.8 GiB on GPT-2-small in fp32). The forms are then reduced one
-        # parameter at a time.
+        # would grow the graph's pool for good (by how much: benchmarks/RESULTS.md, "Figures quoted from code").
+        # The forms are then reduced one parameter at a time.
         if not (losses.is_cuda and torch.cuda.is_current_stream_capturing()):
             step.stacks = pop_stacks(step.forms)
             step.pack_dense()
         return step, losses, finish
 
-    def _norms(self, step: _Step) -> Tensor:
+    def _norms(self, step: Step) -> Tensor:
         params = list(self._plan.trainable.values())
         acc = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
         # Rows of (k, B) squared-norm terms, summed in one op.

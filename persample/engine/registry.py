@@ -2,9 +2,32 @@
 
 A rule turns one call of a module — the inputs it saw in the forward and the gradient of its output from
 the backward — into each example's gradient of the module's parameters, in the factored forms of
-:mod:`persample.engine.forms`. Adding a layer type is adding a file under ``persample/engine/layers/``
-with one decorated function. Modules of other types (and modules that use parameters a rule does not
-know) go to the ``torch.func`` fallback, :mod:`persample.engine.rules.fallback`.
+:mod:`persample.engine.forms`. The same forms give the norms and the clipped sums, so one function serves
+both. Modules of other types (and modules that use parameters a rule does not know) go to the ``torch.func``
+fallback, :mod:`persample.engine.rules.fallback`: exact, but slower.
+
+Adding a layer type, step by step:
+
+1. **The rule**: a new file ``persample/engine/rules/<layer>.py`` whose docstring gives the layer's
+   per-example gradient formulas, with one function ``compute(call, grad_output, strategy) -> {name: form}``
+   decorated with ``@register_rule(ModuleType, params=("weight", "bias"))``. ``call.args[0]`` is the
+   module's first input with the batch dimension first (detached), ``grad_output`` is ``(B, *output_shape)``,
+   ``call.params`` holds only the parameter names that are trainable (return a form for each of those, none
+   for the others). Pick the form: :class:`~persample.engine.forms.Outer` for a product of inputs and output
+   gradients (:func:`~persample.engine.forms.outer_or_dense` chooses by ``strategy`` and cost),
+   :class:`~persample.engine.forms.Rows` for a table lookup, :class:`~persample.engine.forms.Summed` for a
+   bias next to an Outer weight, :class:`~persample.engine.forms.Dense` otherwise. Pass ``cast_input=True``
+   when the module's op runs in the autocast dtype, so that the kept input is the one it used.
+   A type from an optional dependency is named by its import path (a string), so that registering it imports
+   nothing.
+2. **Registration**: import the new module in ``persample/engine/rules/__init__.py`` and add it to
+   ``__all__``; importing that package (the engine does) registers every rule.
+3. **The test**: ``tests/engine/rules/test_<layer>.py``, mirroring the file: ``rule_for(module, params)`` is
+   not None, and :func:`tests.engine.reference.assert_matches_reference` — the engine's norms and clipped sums
+   against float64 ``vmap(grad)`` — for each ``strategy`` and each option of the layer that changes its
+   gradient, with a bound that clips some examples and not others.
+4. **The docs**: the layer joins the list of exact rules in :class:`~persample.engine.GhostClipping`'s
+   docstring and in the README.
 """
 
 from collections.abc import Callable

@@ -107,8 +107,8 @@ def summed_outer(G: Tensor, A: Tensor, splits: int | None = None, dtype: torch.d
     cuBLAS does not split the inner dimension of a batched GEMM: with few output tiles and a long ``K`` (a
     4-layer group of a small model, ``K = B * T``) it runs on a fraction of the SMs. In float32/float64, where
     such a GEMM takes long enough to matter, ``K`` is then split into ``splits`` chunks that are batched too
-    (views, no copy) and the partial products summed. On an H100, small GPT's 384x1152 group of 4 layers at
-    ``K = 4096``: 0.66 ms as one batched GEMM, 0.35 ms split in two. Low precision keeps one GEMM (fast
+    (views, no copy) and the partial products summed, which fills more of them (the gain on a small GPT's
+    group of 4 layers: benchmarks/RESULTS.md, "Figures quoted from code"). Low precision keeps one GEMM (fast
     already, and its partial sums would be rounded)."""
     L, K, m = G.shape
     if splits is None:

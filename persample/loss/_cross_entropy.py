@@ -83,6 +83,26 @@ def cross_entropy(
     Raises:
         TypeError: non-floating logits, non-integer target, non-bool mask.
         ValueError: shape/device mismatch, bad weight length, target outside ``[0, V)``, bad options.
+
+    Examples:
+        >>> import torch
+        >>> import torch.nn.functional as F
+        >>> import persample
+        >>> logits = torch.randn(2, 5, 100, requires_grad=True)  # (B, T, V): the class dimension is last
+        >>> target = torch.randint(0, 100, (2, 5))
+        >>> loss = persample.cross_entropy(logits, target)
+        >>> torch.allclose(loss, F.cross_entropy(logits.flatten(0, 1), target.flatten()))
+        True
+        >>> loss.backward()
+        >>> logits.grad.shape
+        torch.Size([2, 5, 100])
+        >>> persample.cross_entropy(torch.zeros(1, 4), torch.tensor([-100]))  # nothing counted: 0, not NaN
+        tensor(0.)
+
+    References:
+        ``z_loss``: Chowdhery et al., "PaLM: Scaling Language Modeling with Pathways", JMLR 2023; Wortsman et
+        al., "Small-scale proxies for large-scale Transformer training instabilities", ICLR 2024.
+        ``softcap``: Gemma Team, "Gemma 2: Improving Open Language Models at a Practical Size", 2024.
     """
     logits2d, target1d, weight, weight_sum, shape = _check(
         logits, target, weight, ignore_index, reduction, label_smoothing, softcap, z_loss, mask)
@@ -127,6 +147,22 @@ def cross_entropy_with_grad(
     or ``"sum"`` it returns the reduced loss (a scalar) and the gradient of that scalar. Same keyword
     arguments and semantics as :func:`cross_entropy`; the loss is float32 (float64 for float64 logits),
     the gradient has the logits' dtype. Both results are detached.
+
+    Examples:
+        >>> import torch
+        >>> import torch.nn.functional as F
+        >>> import persample
+        >>> logits, target = torch.randn(3, 10), torch.tensor([1, 2, -100])
+        >>> loss, grad = persample.cross_entropy_with_grad(logits, target)  # per row, no autograd
+        >>> loss.shape, grad.shape
+        (torch.Size([3]), torch.Size([3, 10]))
+        >>> torch.allclose(grad[0], torch.softmax(logits[0], -1) - F.one_hot(target[0], 10))
+        True
+        >>> grad[2].abs().sum()  # the ignored row
+        tensor(0.)
+
+    References:
+        As :func:`cross_entropy` (``z_loss``, ``softcap``).
     """
     loss, grad, finish = with_grad_check_later(
         logits, target, weight=weight, ignore_index=ignore_index, reduction=reduction,

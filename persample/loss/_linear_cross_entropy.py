@@ -96,6 +96,23 @@ def linear_cross_entropy(
     Raises:
         TypeError: non-floating or mismatched dtypes/devices, non-integer target, non-bool mask.
         ValueError: shape mismatch, target outside ``[0, V)``, bad options or chunk_size.
+
+    Examples:
+        >>> import torch
+        >>> import persample
+        >>> hidden = torch.randn(2, 8, 16, requires_grad=True)  # (B, T, d)
+        >>> head = torch.nn.Linear(16, 100, bias=False)  # weight (V, d)
+        >>> target = torch.randint(0, 100, (2, 8))
+        >>> loss = persample.linear_cross_entropy(hidden, head.weight, target, chunk_size=4)  # 4 rows of logits at once
+        >>> torch.allclose(loss, persample.cross_entropy(head(hidden), target))
+        True
+        >>> loss.backward()
+        >>> hidden.grad.shape, head.weight.grad.shape
+        (torch.Size([2, 8, 16]), torch.Size([100, 16]))
+
+    References:
+        The same chunking as Liger-Kernel's fused linear cross-entropy: Hsu et al., "Liger Kernel: Efficient
+        Triton Kernels for LLM Training", 2024.
     """
     V = _check_head(hidden, weight, bias, target, chunk_size)
     check_options(reduction, label_smoothing, softcap, z_loss)

@@ -5,6 +5,7 @@ from torch import nn
 
 import persample
 from persample.engine import GhostClipping, clipped_grad_sum, forms, per_sample_grad_norms_fast
+from persample.models import CNN
 from tests.engine.models import SmallCNN, TinyGPT
 from tests.engine.reference import (
     assert_autocast_close_to_float32,
@@ -24,7 +25,7 @@ def tokens(B=4, T=6, vocab=24):
     return idx, targets
 
 
-@pytest.mark.parametrize("positions", ["arange", "expand", "broadcast"])
+@pytest.mark.parametrize("positions", ["arange", "expand", "repeat", "broadcast"])
 @pytest.mark.parametrize("tied", [True, False])
 @pytest.mark.parametrize("norm", [nn.LayerNorm, nn.RMSNorm])
 @pytest.mark.parametrize("strategy", ["auto", "ghost", "materialize"])
@@ -45,6 +46,12 @@ def test_frozen_layers_are_skipped(frozen):
 
 def test_cnn():
     model = SmallCNN().double()
+    x, y = torch.randn(5, 3, 8, 8, dtype=torch.float64), torch.randint(0, 5, (5,))
+    assert_matches_reference(model, x, y)
+
+
+def test_benchmarked_cnn():
+    model = CNN(classes=5, width=4).double()
     x, y = torch.randn(5, 3, 8, 8, dtype=torch.float64), torch.randint(0, 5, (5,))
     assert_matches_reference(model, x, y)
 

@@ -1,0 +1,226 @@
+"""The engine's recording: which module calls it hooks, and what the hooks keep during one step.
+
+* :func:`make_plan` — once per set of trainable parameters: the modules that use them (found by
+  :func:`~persample.engine.uses.parameter_uses`), each with its rule from :mod:`persample.engine.registry`
+  or the ``torch.func`` fallback (:mod:`persample.engine.rules.fallback`).
+* :func:`recording` — for the duration of the forward: the trainable parameters frozen and one global forward
+  hook (and, under autocast, one pre-hook) that looks each called module up in the plan.
+* :func:`record_rule` / :func:`record_fallback` — what a hooked call keeps: its inputs, and a pre-hook on the
+  autograd node that receives its output's gradient. When the gradient arrives in the backward, a rule turns
+  inputs and gradient into factored per-example gradients at once (:meth:`Step.add`); a fallback call keeps the
+  gradient for the engine to replay after the backward.
+* :class:`Step` — what one step's hooks collect, and which inputs count as batched (the assumptions in
+  :mod:`persample.engine.ghost_clipping`'s docstring).
+"""
+
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
+from torch.utils._pytree import tree_flatten, tree_leaves, tree_map_only, tree_unflatten
+
+from persample.engine.forms import Dense, Form, as_dense
+from persample.engine.registry import Call, Rule, rule_for
+from persample.engine.stacks import OuterStack
+from persample.engine.uses import parameter_uses
+
+
+@dataclass
+class Hooked:
+    """A module whose calls the engine records: by its rule, or by the fallback (``rule`` None), for the
+    trainable parameters it uses. ``constant`` are the planned descendants that use some of the same
+    parameters: their uses have records of their own, so the fallback holds their outputs constant."""
+
+    module: nn.Module
+    rule: Rule | None
+    used: dict[str, nn.Parameter]
+    constant: list[nn.Module]
+
+
+@dataclass
+class Plan:
+    """Which modules to hook and with what, for one set of trainable parameters."""
+
+    trainable: dict[str, nn.Parameter]
+    modules: dict[nn.Module, Hooked]
+    used: list[nn.Parameter]  # the parameters the hooked modules use, each once
+    parameters: list[nn.Parameter]  # all of the model's, and their requires_grad flags when planned
+    flags: list[bool]
+
+    def is_current(self) -> bool:
+        """Whether the model's trainable parameters are still the ones planned for."""
+        return [p.requires_grad for p in self.parameters] == self.flags
+
+
+def make_plan(model: nn.Module, args: tuple) -> Plan:
+    """The plan for ``model``'s trainable parameters, from one extra forward on ``args`` under ``no_grad``."""
+    parameters = list(model.parameters())
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    uses = parameter_uses(model, lambda: model(*args), {id(p): p for p in trainable.values()})
+    hooked = {}
+    for module, used in uses.items():
+        ids = {id(p) for p in used.values()}
+        constant = [m for m in module.modules() if m is not module and m in uses
+                    and ids & {id(p) for p in uses[m].values()}]
+        hooked[module] = Hooked(module, rule_for(module, set(used)), used, constant)
+    used = list({id(p): p for h in hooked.values() for p in h.used.values()}.values())
+    return Plan(trainable, hooked, used, parameters, [p.requires_grad for p in parameters])
+
+
+@dataclass
+class Step:
+    """The state of one step: what the hooks collect."""
+
+    batch_size: int
+    index_ndim: int | None
+    strategy: str
+    classes: int | None = None  # what the default loss's targets index, once the output is known
+    forms: dict[nn.Parameter, list[Form]] = field(default_factory=dict)
+    fallbacks: list[tuple[Call, list, list[nn.Module]]] = field(default_factory=list)
+    packed: list[tuple[Tensor, list[nn.Parameter]]] = field(default_factory=list)
+    stacks: list[OuterStack] = field(default_factory=list)
+    anchors: dict[torch.device, Tensor] = field(default_factory=dict)
+
+    def is_batched(self, x: Tensor) -> bool:
+        if x.ndim == 0 or x.shape[0] != self.batch_size:
+            return False
+        return x.is_floating_point() or self.index_ndim is None or x.ndim >= self.index_ndim
+
+    def is_broadcast(self, x: Tensor) -> bool:
+        """An integer input with a batch dimension of 1 that broadcasts against the batch, like transformers'
+        ``position_ids = arange(T)[None]``: shared by the batch like ``arange(T)``."""
+        return (self.batch_size != 1 and not x.is_floating_point() and self.index_ndim is not None
+                and x.ndim == self.index_ndim and x.shape[0] == 1)
+
+    def watch(self, out: Tensor, shared: bool, on_grad: Callable[[Tensor], None], broadcast: bool = False) -> Tensor:
+        if out.grad_fn is None:
+            # No node to hook (frozen parameters only, or a leaf): ``+ 0`` from a scalar leaf makes one.
+            anchor = self.anchors.get(out.device)
+            if anchor is None:
+                anchor = self.anchors[out.device] = torch.zeros((), device=out.device, requires_grad=True)
+            out = out + anchor
+        if broadcast:
+            out = out.squeeze(0)
+        if shared:
+            out = out.expand(self.batch_size, *out.shape)
+        # A pre-hook on the node that receives the output's gradient does what a tensor hook does (which
+        # registers one there) without the tensor hook's Python book-keeping, a few microseconds per call.
+        index = out.output_nr
+        out.grad_fn.register_prehook(lambda grads: None if grads[index] is None else on_grad(grads[index]))
+        return out
+
+    def add(self, call: Call, forms: dict[str, Form]) -> None:
+        for name, form in forms.items():
+            self.forms.setdefault(call.params[name], []).append(form)
+
+    def pack_dense(self) -> None:
+        """Concatenates the parameters whose one form is Dense (after :func:`as_dense`: biases not stacked
+        with their weights, norm scales, small layers) into ``(B, K)`` blocks, one per dtype: their norms and
+        clipped sums are then one op each, not a few per parameter."""
+        groups: dict[tuple[torch.dtype, torch.device], list[nn.Parameter]] = {}
+        for p, forms in self.forms.items():
+            forms[:] = [as_dense(x) for x in forms]
+            if len(forms) == 1 and isinstance(forms[0], Dense):
+                groups.setdefault((forms[0].g.dtype, forms[0].g.device), []).append(p)
+        for params in groups.values():
+            flat = torch.cat([self.forms.pop(p)[0].g.reshape(self.batch_size, -1) for p in params], 1)
+            self.packed.append((flat, params))
+
+
+def autocast_state(x: Tensor) -> tuple[str, torch.dtype] | None:
+    """``(device_type, dtype)`` of the autocast on for ``x``'s device, or None."""
+    device = x.device.type
+    return (device, torch.get_autocast_dtype(device)) if torch.is_autocast_enabled(device) else None
+
+
+def cast_for_autocast(args: tuple):
+    """Casts the first input as autocast would inside the op, so the copy the engine keeps is that one."""
+    x = args[0] if args else None
+    if not isinstance(x, Tensor) or not x.is_floating_point() or x.dtype == torch.float64:
+        return None
+    state = autocast_state(x)
+    if state is None or x.dtype == state[1]:
+        return None
+    return (x.to(state[1]), *args[1:])
+
+
+def record_rule(step: Step, hooked: Hooked, module: nn.Module, args: tuple, output) -> Tensor:
+    """Records a call of a module with a rule; the rule runs when the output's gradient arrives."""
+    if not isinstance(output, Tensor) or not args or not isinstance(args[0], Tensor):
+        raise TypeError(f"{type(module).__name__} must take a tensor first and return a tensor, got "
+                        f"{type(args[0]).__name__ if args else 'no input'} -> {type(output).__name__}")
+    x = args[0].detach()
+    broadcast = step.is_broadcast(x)
+    if broadcast:
+        x = x.squeeze(0)
+    shared = not step.is_batched(x)
+    # The rules need no autocast state (only the fallback replays a call): not looking it up saves two calls
+    # into torch per hooked call.
+    call = Call(module, (x.expand(step.batch_size, *x.shape) if shared else x, *args[1:]), {}, hooked.used, None)
+    rule, version = hooked.rule, x._version
+
+    def on_grad(grad: Tensor) -> None:
+        if x._version != version:
+            raise ValueError(f"the input of {type(module).__name__} was modified in place after the call; the "
+                             "engine needs it unchanged to form per-example gradients")
+        step.add(call, rule.compute(call, grad, step.strategy))
+        call.args = call.kwargs = None
+
+    return step.watch(output, shared, on_grad, broadcast)
+
+
+def record_fallback(step: Step, hooked: Hooked, module: nn.Module, args: tuple, kwargs: dict, output):
+    """Records a call of a module without a rule: its inputs and its outputs' gradients, replayed by the
+    fallback after the backward."""
+    args, kwargs = tree_map_only(Tensor, Tensor.detach, (args, kwargs))
+    first = next((v for v in tree_leaves((args, kwargs)) if isinstance(v, Tensor)), None)
+    shared = first is None or not step.is_batched(first)
+    leaves, spec = tree_flatten(output)
+    grads: list[Tensor | None] = [None] * len(leaves)
+    probe = first if first is not None else leaves[0]
+    step.fallbacks.append((Call(module, args, kwargs, hooked.used, autocast_state(probe)), grads, hooked.constant))
+    for i, leaf in enumerate(leaves):
+        if isinstance(leaf, Tensor) and leaf.is_floating_point():
+            leaves[i] = step.watch(leaf, shared, lambda g, i=i: grads.__setitem__(i, g))
+    return tree_unflatten(leaves, spec)
+
+
+@contextmanager
+def recording(plan: Plan, step: Step, autocast: bool):
+    """The engine's hooks and the trainable parameters frozen, for the duration of the forward.
+
+    One global forward hook (and, under autocast, one pre-hook) looks each called module up in the plan: a step
+    registers two hooks, not one or two per module, each a few microseconds of Python to add and remove.
+    """
+    modules = plan.modules
+
+    def cast(module: nn.Module, args: tuple):
+        hooked = modules.get(module)
+        if hooked is not None and hooked.rule is not None and hooked.rule.cast_input:
+            return cast_for_autocast(args)
+        return None
+
+    def record(module: nn.Module, args: tuple, kwargs: dict, output):
+        hooked = modules.get(module)
+        if hooked is None:
+            return None
+        if hooked.rule is None:
+            return record_fallback(step, hooked, module, args, kwargs, output)
+        return record_rule(step, hooked, module, args, output)
+
+    handles = []
+    try:
+        for p in plan.used:
+            p.requires_grad_(False)
+        if autocast:
+            handles.append(register_module_forward_pre_hook(cast))
+        handles.append(register_module_forward_hook(record, with_kwargs=True))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+        for p in plan.used:
+            p.requires_grad_(True)
