@@ -8,6 +8,7 @@ A fused Triton cross-entropy that yields each example's loss and logit gradient 
 ``persample.kernels``.
 """
 
+from persample.checks import NonFiniteGradientWarning
 from persample.dp import (
     DPOptimizer,
     PoissonSampler,
@@ -28,6 +29,7 @@ from persample.loss import (
     linear_cross_entropy_head_grad_norms,
 )
 from persample.per_sample import (
+    ClippedSum,
     clip_factors,
     clip_per_layer,
     clip_per_sample,
@@ -38,10 +40,12 @@ from persample.per_sample import (
 
 __all__ = [
     "ClippedGradSum",
+    "ClippedSum",
     "CrossEntropyLoss",
     "DPOptimizer",
     "GhostClipping",
     "HeadGradNorms",
+    "NonFiniteGradientWarning",
     "PoissonSampler",
     "PrivacyAccountant",
     "add_noise",

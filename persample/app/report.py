@@ -22,7 +22,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from torch import Tensor  # noqa: E402
 
 _EPOCH_FIELDS = ("epoch", "steps", "train_loss", "test_accuracy", "epsilon", "mean_batch_size",
-                 "median_grad_norm", "fraction_clipped", "seconds")
+                 "median_grad_norm", "fraction_clipped", "nonfinite_examples", "seconds")
 
 
 class RunReport:
@@ -32,11 +32,17 @@ class RunReport:
         out: output folder.
         config: the run's settings, stored in ``report.json``.
         max_grad_norm: drawn on the histogram (None for a run without clipping).
+
+    Raises:
+        ValueError: ``out`` cannot be made a folder (an existing file, no permission).
     """
 
     def __init__(self, out: str | os.PathLike, config: dict, max_grad_norm: float | None):
         self.out = Path(out)
-        self.out.mkdir(parents=True, exist_ok=True)
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise ValueError(f"out {str(out)!r} cannot be made a folder: {error.strerror or error}") from None
         self.max_grad_norm = max_grad_norm
         self.report = {"config": config, "status": "running", "epochs": [], "result": None}
         self._norms: dict[int, list[float]] = {}
@@ -77,7 +83,7 @@ class RunReport:
         everything = [norm for epoch in shown for norm in self._norms[epoch]]
         if not everything:
             return
-        fig, ax = plt.subplots(figsize=(6.4, 4.0))
+        fig, ax = plt.subplots(figsize=(6.4, 4.8))
         top = max(max(everything), self.max_grad_norm or 0.0) * 1.05 or 1.0
         for epoch in shown:
             ax.hist(self._norms[epoch], bins=50, range=(0.0, top), alpha=0.6, label=f"epoch {epoch}")
@@ -89,9 +95,10 @@ class RunReport:
         ax.set_xlabel("per-example gradient norm (before clipping)")
         ax.set_ylabel("examples")
         ax.set_title("Per-example gradient norms")
-        ax.legend()
+        # Below the axes: inside, it would hide bars wherever the tallest happen to be.
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), frameon=False)
         fig.tight_layout()
-        fig.savefig(self.out / "grad_norms.png", dpi=100)
+        fig.savefig(self.out / "grad_norms.png", dpi=100, bbox_inches="tight")
         plt.close(fig)
 
 

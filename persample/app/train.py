@@ -6,12 +6,19 @@ batches of at most ``max_physical_batch_size``, and for each computes per-sample
 accumulated by :class:`persample.DPOptimizer`, which adds the noise once and steps. The non-private
 baseline (``dp=False``) takes shuffled fixed-size batches and steps with the mean of the same per-sample
 gradients (the ordinary batch gradient), so both runs report per-example gradient norms.
+
+An example whose gradient is not finite contributes zero (``nonfinite="zero"``): each epoch's line and the
+report count them, and their norms are left out of the norm statistics and the histogram.
+``nonfinite="raise"`` stops the run at the first one.
 """
 
 import math
+import os
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -19,6 +26,7 @@ from tqdm import tqdm
 
 from persample.app.digits import DigitsCNN, digits_split
 from persample.app.report import RunReport
+from persample.checks import NonFiniteGradientWarning, check_nonfinite
 from persample.dp import DPOptimizer, PoissonSampler, noise_multiplier_for
 from persample.engine import GhostClipping
 from persample.loss import cross_entropy
@@ -43,6 +51,7 @@ class TrainConfig:
     dp: bool = True
     engine: str = "vmap"
     secure_mode: bool = False
+    nonfinite: str = "zero"
     out: str = "runs/digits"
     seed: int = 0
     device: str = "auto"
@@ -54,12 +63,14 @@ def train_digits(config: TrainConfig) -> dict:
     :mod:`persample.app.report`) and returns the result ``{"test_accuracy", "epsilon", ...}``.
 
     Raises:
-        ValueError: settings out of range (checked before any training).
+        ValueError: settings out of range, a device this machine does not have, an ``out`` that cannot be a
+            folder (all checked before anything is written), or with ``nonfinite="raise"`` an example whose
+            gradient is not finite.
         KeyboardInterrupt: re-raised after the report is marked "interrupted"; finished epochs are kept.
     """
     _check(config)
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if config.device == "auto"
-                          else config.device)
+    device = _device(config.device)
+    _check_out(config.out)
     torch.manual_seed(config.seed)
     x_train, y_train, x_test, y_test = (t.to(device) for t in digits_split())
     n = len(y_train)
@@ -72,7 +83,9 @@ def train_digits(config: TrainConfig) -> dict:
     steps_per_epoch = round(1 / sample_rate) if config.dp else math.ceil(n / batch_size)
     model = DigitsCNN().to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum)
-    sampling = torch.Generator().manual_seed(config.seed)
+    # In secure mode the batches, like the noise, come from the OS CSPRNG: a seed would make them predictable.
+    secure = config.dp and config.secure_mode
+    sampling = None if secure else torch.Generator().manual_seed(config.seed)
 
     noise_multiplier = None
     dp_optimizer = engine = None
@@ -82,8 +95,13 @@ def train_digits(config: TrainConfig) -> dict:
             noise_multiplier = noise_multiplier_for(config.target_epsilon, config.delta, sample_rate,
                                                     steps=config.epochs * steps_per_epoch,
                                                     accountant=config.accountant)
+        if noise_multiplier == 0:
+            warnings.warn("noise_multiplier is 0: no noise is added, so the run is not differentially private "
+                          "(epsilon is infinite); clipping alone gives no privacy guarantee", UserWarning,
+                          stacklevel=2)
         noise = None if config.secure_mode else torch.Generator(device).manual_seed(config.seed + 1)
-        engine = GhostClipping(model, max_grad_norm=config.max_grad_norm) if config.engine == "fast" else None
+        engine = GhostClipping(model, max_grad_norm=config.max_grad_norm, nonfinite=config.nonfinite) \
+            if config.engine == "fast" else None
         dp_optimizer = DPOptimizer(optimizer, model.named_parameters(), noise_multiplier=noise_multiplier,
                                    max_grad_norm=config.max_grad_norm, expected_batch_size=sample_rate * n,
                                    sample_rate=sample_rate, accountant=config.accountant, generator=noise,
@@ -100,12 +118,13 @@ def train_digits(config: TrainConfig) -> dict:
     bar = tqdm(total=config.epochs * steps_per_epoch, unit="step", file=sys.stderr,
                disable=None if config.progress is None else not config.progress)
     epoch = 0
+    skipped = 0
     try:
         for epoch in range(1, config.epochs + 1):
             started = time.perf_counter()
             model.train()
             if config.dp:
-                batches = PoissonSampler(n, sample_rate, steps=steps_per_epoch, generator=sampling)
+                batches = PoissonSampler(n, sample_rate, steps=steps_per_epoch, generator=sampling, secure_mode=secure)
             else:
                 batches = torch.randperm(n, generator=sampling).split(batch_size)
             norms, sizes = [], []
@@ -114,11 +133,15 @@ def train_digits(config: TrainConfig) -> dict:
                 sizes.append(len(idx))
                 if config.dp:
                     norms.append(_dp_step(model, dp_optimizer, x_train[idx], y_train[idx],
-                                          config.max_physical_batch_size, engine))
+                                          config.max_physical_batch_size, engine, config.nonfinite))
                 else:
                     norms.append(_baseline_step(model, optimizer, x_train[idx], y_train[idx]))
                 bar.update()
             norms = torch.cat(norms)
+            finite = norms.isfinite()
+            nonfinite = int((~finite).sum())
+            skipped += nonfinite
+            norms = norms[finite]
             accuracy = _accuracy(model, x_test, y_test)
             epsilon = dp_optimizer.epsilon(config.delta) if config.dp else math.inf
             row = {"epoch": epoch, "steps": epoch * steps_per_epoch,
@@ -128,10 +151,12 @@ def train_digits(config: TrainConfig) -> dict:
                    "median_grad_norm": round(float(norms.median()), 5) if len(norms) else math.nan,
                    "fraction_clipped": round(float((norms > config.max_grad_norm).double().mean()), 4)
                    if config.dp and len(norms) else math.nan,
+                   "nonfinite_examples": nonfinite,
                    "seconds": round(time.perf_counter() - started, 3)}
             report.add_epoch(row, norms)
+            dropped = f"  non-finite examples skipped {nonfinite}" if nonfinite else ""
             bar.write(f"epoch {epoch:3d}/{config.epochs}  train loss {row['train_loss']:.4f}  "
-                      f"test accuracy {accuracy:.4f}  epsilon {epsilon:.3f}", file=sys.stdout)
+                      f"test accuracy {accuracy:.4f}  epsilon {epsilon:.3f}{dropped}", file=sys.stdout)
             sys.stdout.flush()
     except KeyboardInterrupt:
         bar.close()
@@ -149,10 +174,12 @@ def train_digits(config: TrainConfig) -> dict:
     epsilon = dp_optimizer.epsilon(config.delta) if config.dp else math.inf
     result = {"test_accuracy": accuracy, "epsilon": epsilon, "delta": config.delta if config.dp else None,
               "accountant": config.accountant if config.dp else None, "noise_multiplier": noise_multiplier,
-              "epochs_finished": config.epochs}
+              "epochs_finished": config.epochs, "nonfinite_examples": skipped}
     report.finish("finished", result)
     correct = round(accuracy * len(y_test))
     _say(f"test accuracy: {accuracy:.4f} ({correct}/{len(y_test)})")
+    if skipped:
+        _say(f"non-finite examples skipped: {skipped} (each contributed zero to its step)")
     if config.dp:
         _say(f"epsilon (delta={config.delta:g}): {epsilon:.3f} [{config.accountant} accountant]")
     else:
@@ -162,19 +189,24 @@ def train_digits(config: TrainConfig) -> dict:
 
 
 def _dp_step(model: nn.Module, dp_optimizer: DPOptimizer, x: Tensor, y: Tensor, max_physical_batch_size: int,
-             engine: GhostClipping | None) -> Tensor:
-    """One DP-SGD step on a Poisson batch, in physical batches; returns the per-example norms ``(B,)``.
-    With ``engine`` the clipped sums come from the fast engine, otherwise from the vmap pipeline."""
+             engine: GhostClipping | None, nonfinite: str = "zero") -> Tensor:
+    """One DP-SGD step on a Poisson batch, in physical batches; returns the per-example norms ``(B,)`` (NaN or
+    inf for the examples that contributed zero). With ``engine`` the clipped sums come from the fast engine,
+    otherwise from the vmap pipeline."""
     norms = []
-    for part_x, part_y in zip(x.split(max_physical_batch_size), y.split(max_physical_batch_size), strict=True):
-        if engine is not None and len(part_y):
-            out = engine.clipped_grad_sum(part_x, part_y)
-            norms.append(out.norms)
-            dp_optimizer.accumulate(out.grads, len(part_y))
-            continue
-        grads = per_sample_grads(model, part_x, part_y)
-        norms.append(per_sample_norms(grads))
-        dp_optimizer.accumulate(clip_per_sample(grads, dp_optimizer.max_grad_norm, norms=norms[-1]), len(part_y))
+    # The epoch's line counts the examples the policy dropped; a warning per step would bury it.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NonFiniteGradientWarning)
+        for part_x, part_y in zip(x.split(max_physical_batch_size), y.split(max_physical_batch_size), strict=True):
+            if engine is not None:
+                out = engine.clipped_grad_sum(part_x, part_y)
+                norms.append(out.norms)
+                dp_optimizer.accumulate(out.grads, len(part_y))
+                continue
+            grads = per_sample_grads(model, part_x, part_y)
+            norms.append(per_sample_norms(grads))
+            summed = clip_per_sample(grads, dp_optimizer.max_grad_norm, norms=norms[-1], nonfinite=nonfinite)
+            dp_optimizer.accumulate(summed, len(part_y))
     dp_optimizer.step()
     return torch.cat(norms)
 
@@ -200,6 +232,7 @@ def _check(config: TrainConfig) -> None:
         raise ValueError(f"lr must be > 0, got {config.lr!r}")
     if config.engine not in ("vmap", "fast"):
         raise ValueError(f"engine must be 'vmap' or 'fast', got {config.engine!r}")
+    check_nonfinite(config.nonfinite)
     if not config.max_grad_norm > 0:
         raise ValueError(f"max_grad_norm must be > 0, got {config.max_grad_norm!r}")
     if not 0 < config.delta < 1:
@@ -210,6 +243,42 @@ def _check(config: TrainConfig) -> None:
         raise ValueError("give a noise_multiplier or a target_epsilon (or dp=False)")
     if config.target_epsilon is not None and not config.target_epsilon > 0:
         raise ValueError(f"target_epsilon must be > 0, got {config.target_epsilon!r}")
+
+
+# The device types the job can train on; others (meta, ...) hold no data.
+_DEVICE_TYPES = ("cpu", "cuda", "mps", "xpu")
+
+
+def _device(name: str) -> torch.device:
+    """``"auto"`` (a GPU if there is one) or a device of this machine, else ValueError."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        device = None
+    if device is None or device.type not in _DEVICE_TYPES:
+        raise ValueError(f"device must be 'auto' or one of {', '.join(_DEVICE_TYPES)} (with an index, e.g. cuda:1), "
+                         f"got {name!r}")
+    backend = getattr(torch, device.type)
+    if device.type != "cpu" and not backend.is_available():
+        raise ValueError(f"device {name!r}: this machine has no {device.type} device (torch.{device.type}."
+                         "is_available() is False); use --device cpu or auto")
+    if device.index is not None and device.type != "cpu" and device.index >= backend.device_count():
+        raise ValueError(f"device {name!r}: this machine has {backend.device_count()} {device.type} device(s)")
+    return device
+
+
+def _check_out(out: str) -> None:
+    """Raises ValueError unless ``out`` is a folder, or can be made one, that this process can write into."""
+    path = Path(out).absolute()
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"out {out!r} is an existing file, not a folder")
+    existing = next(parent for parent in (path, *path.parents) if parent.exists())
+    if not existing.is_dir():
+        raise ValueError(f"out {out!r} cannot be made: {str(existing)!r} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"out {out!r} cannot be written: no write permission in {str(existing)!r}")
 
 
 def _say(line: str) -> None:

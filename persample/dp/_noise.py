@@ -71,14 +71,21 @@ def add_noise(
             for name, g in grads.items()}
 
 
+def os_uniform(numel: int) -> Tensor:
+    """``numel`` uniforms on ``(0, 1]`` in float64 from ``os.urandom``: 53 random bits each, the multiples of
+    ``2**-53``, shifted up by one step so that ``log(u)`` is finite."""
+    if numel == 0:
+        return torch.zeros(0, dtype=torch.float64)
+    bits = torch.frombuffer(bytearray(os.urandom(8 * numel)), dtype=torch.int64)
+    return (((bits >> 11) & ((1 << 53) - 1)) + 1).double() * 2.0 ** -53
+
+
 def _os_standard_normal(numel: int) -> Tensor:
     """``numel`` standard normals in float64 from ``os.urandom`` (Box-Muller)."""
     pairs = (numel + 1) // 2
     if pairs == 0:
         return torch.zeros(0, dtype=torch.float64)
-    bits = torch.frombuffer(bytearray(os.urandom(16 * pairs)), dtype=torch.int64)
-    # 53 random bits per float64, shifted to (0, 1] so that log(u) is finite.
-    uniform = (((bits >> 11) & ((1 << 53) - 1)) + 1).double() * 2.0 ** -53
+    uniform = os_uniform(2 * pairs)
     radius = torch.sqrt(-2.0 * torch.log(uniform[:pairs]))
     angle = (2.0 * math.pi) * uniform[pairs:]
     return torch.cat([radius * torch.cos(angle), radius * torch.sin(angle)])[:numel]

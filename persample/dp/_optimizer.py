@@ -101,7 +101,9 @@ class DPOptimizer:
         An empty physical batch needs no call (or a call with zeros and ``num_examples=0``).
 
         Raises:
-            ValueError: names or shapes that do not match the trainable parameters, ``num_examples < 0``.
+            ValueError: names or shapes that do not match the trainable parameters, ``num_examples < 0``, or a
+                sum that is not finite (clipping gives a finite sum; a NaN or inf comes from gradients that
+                bypassed its non-finite policy), which is not added: a NaN never reaches the parameters.
         """
         if not isinstance(num_examples, int) or num_examples < 0:
             raise ValueError(f"num_examples must be an int >= 0, got {num_examples!r}")
@@ -112,6 +114,13 @@ class DPOptimizer:
             if tuple(summed_clipped[name].shape) != tuple(p.shape):
                 raise ValueError(f"summed_clipped[{name!r}] has shape {tuple(summed_clipped[name].shape)}, "
                                  f"expected the parameter's shape {tuple(p.shape)} (sum over the batch first)")
+        # One host sync for all parameters.
+        finite = torch.stack([summed_clipped[name].detach().isfinite().all() for name in self.params])
+        if not bool(finite.all()):
+            names = [name for name, ok in zip(self.params, finite.tolist(), strict=True) if not ok]
+            raise ValueError(f"summed_clipped has NaN or inf values in {names}: clipped sums are finite, so these "
+                             "gradients bypassed the non-finite policy of clip_per_sample / GhostClipping "
+                             "(nonfinite='zero' drops such examples); nothing was accumulated")
         if self._summed is None:
             self._summed = {name: summed_clipped[name].detach().to(p.dtype).clone() for name, p in self.params.items()}
         else:

@@ -25,6 +25,19 @@ One step, for a physical batch of ``B`` examples:
    with one form each are batched so that the step's op count does not grow with the depth: same-shaped
    Outer forms are stacked (:mod:`~persample.engine.stacks`), Dense ones concatenated. Autocast is off for
    this part: the forms already have the dtypes the forward chose.
+5. **Non-finite examples**: an example whose norm or loss is not finite (a NaN or inf anywhere in its gradient
+   makes its norm so) gets ``c_b = 0`` and its factors are replaced by zeros (``0 * NaN`` is NaN), so it
+   contributes nothing and the sensitivity bound holds; on CUDA the factors go through that ``where`` every step
+   (deciding first would make the host wait for the norms). The ``(B,)`` mask of finite examples is copied to
+   the host after the step's work is queued and read at its end, with the target check; the step then warns
+   (:class:`~persample.checks.NonFiniteGradientWarning`) naming the batch positions, or raises with
+   ``nonfinite="raise"``, and the result counts them.
+
+Modules that mix examples are refused before the first step computes anything: a BatchNorm that uses batch
+statistics (training mode, or no running statistics); a module the fallback cannot run one example at a time
+raises the ``ValueError`` of :func:`persample.per_sample_grads` when the step reaches it. An empty batch
+(``B = 0``, which Poisson sampling produces) returns zero sums and empty norms and losses without running the
+model.
 
 Assumptions (as in Opacus): the batch dimension is first in every module input and output; a module call
 whose first input has no batch dimension (``pos_emb(arange(T))``) is shared by the batch, and its output is
@@ -36,12 +49,14 @@ first size equals ``B``; an integer input with a leading dimension of 1 (``arang
 
 from collections.abc import Callable
 from contextlib import ExitStack, contextmanager
+from dataclasses import replace
 from typing import Literal, NamedTuple
 
 import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_leaves
 
+from persample.checks import check_nonfinite, handle_nonfinite, refuse_batch_norm
 from persample.engine import rules  # noqa: F401  (registers the rules)
 from persample.engine.forms import batched_dot, clipped_sum, inner
 from persample.engine.graphed import GraphedPost, GraphedStep
@@ -62,11 +77,14 @@ class ClippedGradSum(NamedTuple):
     ``model.named_parameters()``, a tied parameter once), in the parameter's shape and dtype.
     ``norms``: ``(B,)`` each example's gradient norm before clipping (float32, float64 for float64 models).
     ``losses``: ``(B,)`` each example's loss (detached).
+    ``nonfinite``: how many examples had a norm or loss that is not finite and contributed zero to ``grads``
+    (their ``norms`` and ``losses`` are as computed: NaN or inf).
     """
 
     grads: dict[str, Tensor]
     norms: Tensor
     losses: Tensor
+    nonfinite: int = 0
 
 
 @contextmanager
@@ -89,10 +107,27 @@ def _all_cuda(args: tuple, targets: Tensor) -> bool:
 
 def _batch_size(inputs) -> int:
     first = next((v for v in tree_leaves(inputs) if isinstance(v, Tensor)), None)
-    if first is None or first.ndim == 0 or first.shape[0] == 0:
+    if first is None or first.ndim == 0:
         raise ValueError("inputs must contain a tensor with a batch dimension first, got "
                          f"{tuple(first.shape) if first is not None else type(inputs).__name__}")
     return first.shape[0]
+
+
+def _read_later(finite: Tensor) -> Callable[[], list[int]]:
+    """``read()`` giving the positions where the ``(B,)`` mask ``finite`` is False. On CUDA the mask is copied to
+    pinned host memory now, behind the work already queued, and ``read()`` waits for that copy alone."""
+    if not finite.is_cuda:
+        return lambda: (~finite).nonzero().flatten().tolist()
+    host = torch.empty(finite.shape, dtype=torch.bool, pin_memory=True)
+    host.copy_(finite, non_blocking=True)
+    copied = torch.cuda.Event()
+    copied.record()
+
+    def read() -> list[int]:
+        copied.synchronize()
+        return (~host).nonzero().flatten().tolist()
+
+    return read
 
 
 class GhostClipping:
@@ -121,17 +156,34 @@ class GhostClipping:
             shapes; the factors' size stays allocated between steps. ``"step"``: the whole step (forward,
             backward and all) is captured and replayed; the model's forward must be capturable, and the step's
             memory stays in the graph's pool between steps. Either way the returned tensors are overwritten by
-            the next call with the same shapes. ``None`` (default): eager.
+            the next call with the same shapes. ``None`` (default): eager. An empty batch returns the same as
+            eagerly, without a graph.
+        nonfinite: an example whose gradient norm or loss is not finite: ``"zero"`` (default) contributes zero
+            (clip factor 0), is counted in the result's ``nonfinite`` and named in a
+            :class:`~persample.checks.NonFiniteGradientWarning`; ``"raise"`` raises ``ValueError`` naming the
+            batch positions (after the step's work, before anything is returned).
 
     Raises:
         TypeError: ``model`` is not an ``nn.Module`` or ``loss_fn`` is not callable.
-        ValueError: ``max_grad_norm`` is not a positive finite number, or an unknown ``strategy`` or
-            ``cuda_graph``.
+        ValueError: ``max_grad_norm`` is not a positive finite number, or an unknown ``strategy``, ``cuda_graph``
+            or ``nonfinite``.
+
+    Examples:
+        >>> model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+        >>> engine = GhostClipping(model, max_grad_norm=1.0)
+        >>> out = engine.clipped_grad_sum(torch.randn(16, 4), torch.randint(0, 3, (16,)))
+        >>> out.norms.shape, out.grads["0.weight"].shape, out.nonfinite
+        (torch.Size([16]), torch.Size([8, 4]), 0)
+
+    References:
+        Li et al., "Large Language Models Can Be Strong Differentially Private Learners", ICLR 2022 (ghost
+        clipping); Bu et al., "Differentially Private Optimization on Large Model at Small Cost", ICML 2023
+        (choosing ghost norms or materialized gradients per layer).
     """
 
     def __init__(self, model: nn.Module, *, max_grad_norm: float, ignore_index: int = -100,
                  loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None, strategy: Strategy = "auto",
-                 cuda_graph: Literal["post", "step"] | None = None):
+                 cuda_graph: Literal["post", "step"] | None = None, nonfinite: Literal["zero", "raise"] = "zero"):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         if not (isinstance(max_grad_norm, int | float) and 0 < max_grad_norm < float("inf")):
@@ -142,11 +194,15 @@ class GhostClipping:
             raise ValueError(f"strategy must be one of {_STRATEGIES}, got {strategy!r}")
         if cuda_graph not in (None, "post", "step"):
             raise ValueError(f"cuda_graph must be None, 'post' or 'step', got {cuda_graph!r}")
+        check_nonfinite(nonfinite)
         self.model = model
         self.max_grad_norm = float(max_grad_norm)
         self.ignore_index = ignore_index
         self.loss_fn = loss_fn
         self.strategy = strategy
+        self.nonfinite = nonfinite
+        # Checked at every step (a model can switch to training mode between steps); listed once.
+        self._batch_norms = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         self._plan: Plan | None = None
         self._graphed = GraphedPost(self._norms_and_clipped_sums, self._graph_state) if cuda_graph == "post" else None
         self._graphed_step = GraphedStep(self._step, self._check_targets, self._graph_state) \
@@ -159,25 +215,53 @@ class GhostClipping:
 
         Call it inside ``torch.autocast`` for mixed precision; the gradients come back in the parameters'
         dtype. Hand ``grads`` and ``len(targets)`` to the DP optimizer, which adds the noise and averages.
+
+        Raises:
+            ValueError: a BatchNorm that uses batch statistics, a target out of range, a module that cannot run
+                one example at a time, or with ``nonfinite="raise"`` an example whose norm or loss is not finite.
         """
         args = _as_args(inputs)
+        refuse_batch_norm(self._batch_norms, running_stats_ok=True)
+        if _batch_size(args) == 0:
+            return self._empty(targets)
         if self._graphed_step is not None and _all_cuda(args, targets):
-            return self._graphed_step(args, targets)
-        result, finish, _ = self._step(args, targets)
+            result, finite = self._graphed_step(args, targets)
+            return self._report(result, _read_later(finite)())
+        (result, finite), finish, _ = self._step(args, targets)
+        read = _read_later(finite)
         finish()
-        return result
+        return self._report(result, read())
 
-    def _step(self, args: tuple, targets: Tensor) -> tuple[ClippedGradSum, Callable[[], None], int | None]:
-        """One step, before its target check: ``(result, finish, classes)`` (see :class:`GraphedStep`)."""
+    def _report(self, result: ClippedGradSum, positions: list[int]) -> ClippedGradSum:
+        # The warning points at the caller of clipped_grad_sum, past its no_grad wrapper.
+        handle_nonfinite(positions, len(result.norms), self.nonfinite, stacklevel=4)
+        return result._replace(nonfinite=len(positions))
+
+    def _empty(self, targets) -> ClippedGradSum:
+        """The result for ``B = 0``: zero sums, empty norms and losses (float32, float64 for float64 models)."""
+        if isinstance(targets, Tensor) and targets.ndim and targets.shape[0] != 0:
+            raise ValueError(f"inputs have batch size 0 but targets have {targets.shape[0]} (shape "
+                             f"{tuple(targets.shape)})")
+        trainable = {name: p for name, p in self.model.named_parameters() if p.requires_grad}
+        params = list(trainable.values())
+        acc = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
+        device = params[0].device if params else torch.device("cpu")
+        empty = torch.zeros(0, dtype=acc, device=device)
+        return ClippedGradSum({name: torch.zeros_like(p) for name, p in trainable.items()}, empty, empty.clone())
+
+    def _step(self, args: tuple, targets: Tensor) -> tuple[tuple[ClippedGradSum, Tensor], Callable[[], None],
+                                                          int | None]:
+        """One step, before its target check: ``((result, finite), finish, classes)`` (see :class:`GraphedStep`),
+        ``finite`` the ``(B,)`` mask of the examples that counted."""
         step, losses, finish = self._backward(args, targets)
         with _no_autocast(self._plan):
             if self._graphed is not None and losses.is_cuda:
-                norms, grads = self._graphed(step)
+                norms, grads, finite = self._graphed(step, losses)
             else:
-                norms, grads = self._norms_and_clipped_sums(step)
+                norms, grads, finite = self._norms_and_clipped_sums(step, losses)
         result = ClippedGradSum({name: grads[p] if p in grads else torch.zeros_like(p)
                                  for name, p in self._plan.trainable.items()}, norms, losses)
-        return result, finish, step.classes
+        return (result, finite), finish, step.classes
 
     def _check_targets(self, targets: Tensor, classes: int | None) -> Callable[[], None]:
         if classes is None:  # a custom loss checks its own targets
@@ -193,17 +277,48 @@ class GhostClipping:
 
     @torch.no_grad()
     def per_sample_grad_norms(self, inputs: Tensor | tuple, targets: Tensor) -> Tensor:
-        """``(B,)`` each example's gradient norm over all trainable parameters, without clipping."""
+        """``(B,)`` each example's gradient norm over all trainable parameters, without clipping (NaN or inf for an
+        example whose gradient is not finite)."""
+        refuse_batch_norm(self._batch_norms, running_stats_ok=True)
+        if _batch_size(_as_args(inputs)) == 0:
+            return self._empty(targets).norms
         step, _, finish = self._backward(inputs, targets)
         with _no_autocast(self._plan):
             norms = self._norms(step)
         finish()
         return norms
 
-    def _norms_and_clipped_sums(self, step: Step) -> tuple[Tensor, dict[nn.Parameter, Tensor]]:
+    def _norms_and_clipped_sums(self, step: Step, losses: Tensor) -> tuple[Tensor, dict[nn.Parameter, Tensor],
+                                                                          Tensor]:
+        """``(norms, clipped sums, finite)``, ``finite`` the ``(B,)`` mask of the examples whose norm and loss are
+        finite: the others get a factor of 0 and zeros for factors."""
         norms = self._norms(step)
-        factors = (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
-        return norms, self._clipped_sums(step, factors)
+        finite = torch.isfinite(norms) & torch.isfinite(losses).to(norms.device)
+        factors = torch.where(finite, (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0), 0.0)
+        self._drop_examples(step, finite)
+        return norms, self._clipped_sums(step, factors), finite
+
+    @staticmethod
+    def _drop_examples(step: Step, finite: Tensor) -> None:
+        """Replaces the factors of the examples that are not ``finite`` by zeros (new tensors: a factor can be the
+        caller's input). On the CPU, where knowing costs no wait, only when there are such examples."""
+        if not finite.is_cuda and bool(finite.all()):
+            return
+        done: dict[int, Tensor] = {}  # a Summed bias's G is its weight's: zeroed once
+
+        def drop(t: Tensor, dim: int = 0) -> Tensor:
+            if id(t) not in done:
+                shape = [1] * t.ndim
+                shape[dim] = -1
+                done[id(t)] = torch.where(finite.view(shape), t, 0)
+            return done[id(t)]
+
+        step.packed = [(drop(flat), params) for flat, params in step.packed]
+        for stack in step.stacks:
+            stack.G, stack.A = drop(stack.G, 1), drop(stack.A, 1)
+        for forms in step.forms.values():
+            forms[:] = [replace(x, **{name: drop(getattr(x, name)) for name in ("g", "G", "A") if hasattr(x, name)})
+                        for x in forms]
 
     @staticmethod
     def _clipped_sums(step: Step, factors: Tensor) -> dict[nn.Parameter, Tensor]:

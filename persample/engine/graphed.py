@@ -1,6 +1,9 @@
 """The engine through CUDA graphs: its post-backward (``GhostClipping(..., cuda_graph="post")``, :class:`GraphedPost`)
 or its whole step (``cuda_graph="step"``, :class:`GraphedStep`), captured once per set of shapes and replayed.
 
+Neither captures anything for an empty batch: the engine answers ``B = 0`` before it gets here (zero sums,
+empty norms and losses, as eagerly).
+
 **The post-backward** — norms, clipping factors and clipped sums:
 
 After the backward, a step holds each parameter's per-example gradient in factored form (the stacks, the packed
@@ -8,15 +11,17 @@ Dense block and the remaining forms) and runs about a hundred small ops on them.
 and some Python: a step of small layers waits on the host for that part, not on the GPU. With the same shapes
 every step, the ops can be captured in a CUDA graph once and replayed with one launch:
 
-1. The step's factor tensors, in a fixed order, and a signature of their shapes, dtypes and the parameters
-   they belong to. A new signature (another batch size, say) is captured anew; the last ``keep`` are kept.
+1. The step's factor tensors and the losses, in a fixed order, and a signature of their shapes, dtypes and the
+   parameters they belong to. A new signature (another batch size, say) is captured anew; the last ``keep`` are
+   kept.
 2. Capture: the factors are copied into static buffers, the post-backward runs once on a side stream (warm-up,
    as CUDA graphs require) and once under capture.
 3. Replay: the factors are copied into the static buffers in one multi-tensor copy (a pass over them on the
    GPU, no op per tensor), the step's own copies are released, the graph is replayed.
 
-The norms and clipped sums come back in the graph's static output buffers: the next call with the same shapes
-overwrites them. The static inputs stay allocated between steps: the factors' size in extra memory.
+The norms, clipped sums and the mask of finite examples come back in the graph's static output buffers: the next
+call with the same shapes overwrites them. The static inputs stay allocated between steps: the factors' size in
+extra memory.
 
 **The whole step** — forward with the engine's hooks, loss side, backward, post-backward — for a step of small
 layers, where the host's Python and launches take longer than the GPU's work:
@@ -46,7 +51,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from persample.engine.forms import Dense, Outer, Rows
 from persample.engine.stacks import OuterStack
 
-Post = Callable[[object], tuple[Tensor, dict]]
+Post = Callable[[object, Tensor], tuple]
 
 
 # The tensor fields of each form a step holds after the backward (Summed forms are Dense by then).
@@ -115,22 +120,24 @@ class _Recent(OrderedDict):
 class _Captured:
     graph: torch.cuda.CUDAGraph
     inputs: list[Tensor]
-    norms: Tensor
-    grads: dict
+    outputs: tuple
 
 
 class GraphedPost:
-    """``post(step) -> (norms, grads)`` through CUDA graphs, one per signature of the step (see the module
-    docstring). ``post`` must only read the step's tensors, launch no host sync and use no random numbers;
-    ``state()`` is what else it depends on (the clipping bound), compared at every call."""
+    """``post(step, losses) -> outputs`` (a tuple: norms, clipped sums, finite mask) through CUDA graphs, one per
+    signature of the step (see the module docstring). ``post`` must only read the step's tensors and the losses
+    ``(B,)``, launch no host sync and use no random numbers; ``state()`` is what else it depends on (the clipping
+    bound), compared at every call."""
 
     def __init__(self, post: Post, state: Callable[[], tuple] = tuple, keep: int = 2):
         self.post = post
         self.state = state
         self._captured = _Recent(keep)
 
-    def __call__(self, step) -> tuple[Tensor, dict]:
+    def __call__(self, step, losses: Tensor) -> tuple:
         tensors, signature, rebuild = _flatten(step)
+        tensors.append(losses)
+        signature = (*signature, (tuple(losses.shape), losses.dtype, losses.device))
         captured, fresh = self._captured.get_or_capture((signature, self.state()),
                                                         functools.partial(self._capture, tensors, rebuild))
         if not fresh:
@@ -138,7 +145,7 @@ class GraphedPost:
         del tensors
         step.packed, step.stacks, step.forms = [], [], {}  # the step's own factors are no longer needed
         captured.graph.replay()
-        return captured.norms, captured.grads
+        return captured.outputs
 
     def _capture(self, tensors: list[Tensor], rebuild) -> _Captured:
         inputs = [torch.empty_like(t, memory_format=torch.contiguous_format) for t in tensors]
@@ -147,12 +154,12 @@ class GraphedPost:
         side = torch.cuda.Stream()
         side.wait_stream(current)
         with torch.cuda.stream(side):
-            self.post(rebuild(inputs))  # warm-up, off the capture
+            self.post(rebuild(inputs[:-1]), inputs[-1])  # warm-up, off the capture
         current.wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            norms, grads = self.post(rebuild(inputs))
-        return _Captured(graph, inputs, norms, grads)
+            outputs = self.post(rebuild(inputs[:-1]), inputs[-1])
+        return _Captured(graph, inputs, outputs)
 
 
 Step = Callable[[tuple, Tensor], tuple[object, Callable[[], None], int | None]]

@@ -6,17 +6,26 @@ example's gradient and return the sum over the batch, ``{param_name: param.shape
 
 Clipping factor, as in Opacus: ``min(1, max_grad_norm / (norm + 1e-6))``; the ``1e-6`` keeps the
 factor finite for zero gradients and makes every clipped norm strictly below ``max_grad_norm``.
+
+An example whose gradient is not finite (a NaN or inf anywhere makes its norm NaN or inf) would turn the
+whole sum into NaN, and its contribution is bounded only if its norm is a number. By default
+(``nonfinite="zero"``) it gets a clip factor of 0 and its gradient is replaced by zeros, so it contributes
+nothing and the sensitivity bound holds; the sum reports how many there were and a
+:class:`~persample.checks.NonFiniteGradientWarning` names their batch positions. ``nonfinite="raise"`` raises
+a ``ValueError`` naming them instead. The check is one ``isfinite`` over the ``(B,)`` norms and one host sync.
 """
 
 import math
 from collections.abc import Mapping, Sequence
+from typing import Literal
 
 import torch
 from torch import Tensor
 
-from persample.checks import check_max_grad_norm
+from persample.checks import check_max_grad_norm, check_nonfinite, handle_nonfinite
 
 Grads = Mapping[str, Tensor]
+NonFinite = Literal["zero", "raise"]
 
 _EPS = 1e-6
 
@@ -39,38 +48,66 @@ def per_sample_norms(grads: Grads) -> Tensor:
     return torch.stack(squares, dim=1).sum(dim=1).sqrt()
 
 
+class ClippedSum(dict):
+    """What :func:`clip_per_sample` and :func:`clip_per_layer` return: the dict ``{name: param.shape}`` of
+    clipped sums, and ``nonfinite``, the number of examples whose gradient was not finite and that contributed
+    zero."""
+
+    def __init__(self, sums: Mapping[str, Tensor], nonfinite: int = 0):
+        super().__init__(sums)
+        self.nonfinite = nonfinite
+
+
 def clip_factors(norms: Tensor, max_grad_norm: float) -> Tensor:
-    """``min(1, max_grad_norm / (norms + 1e-6))``, shape of ``norms`` ``(B,)``.
+    """``min(1, max_grad_norm / (norms + 1e-6))``, shape of ``norms`` ``(B,)``; 0 where a norm is not finite.
 
     Raises:
         ValueError: ``max_grad_norm`` not > 0.
     """
     check_max_grad_norm(max_grad_norm)
-    return (max_grad_norm / (norms + _EPS)).clamp(max=1.0)
+    factors = (max_grad_norm / (norms + _EPS)).clamp(max=1.0)
+    return torch.where(torch.isfinite(norms), factors, 0.0)
 
 
-def clip_per_sample(grads: Grads, max_grad_norm: float, *, norms: Tensor | None = None) -> dict[str, Tensor]:
+def clip_per_sample(grads: Grads, max_grad_norm: float, *, norms: Tensor | None = None,
+                    nonfinite: NonFinite = "zero") -> ClippedSum:
     """Flat clipping: scales each example's whole gradient to norm at most ``max_grad_norm``, then sums.
 
     Args:
         grads: ``{name: (B, *shape)}`` per-sample gradients.
         max_grad_norm: the bound ``C`` on each example's gradient norm over all parameters (> 0).
         norms: ``(B,)`` norms from :func:`per_sample_norms`, if already computed.
+        nonfinite: what an example whose norm is not finite does: ``"zero"`` contributes zero (counted in the
+            result's ``nonfinite``, named in a :class:`~persample.checks.NonFiniteGradientWarning`),
+            ``"raise"`` raises (see the module docstring).
 
     Returns:
-        ``{name: shape}``: ``sum_i min(1, C / (||g_i|| + 1e-6)) * g_i``, in each gradient's dtype. With
+        :class:`ClippedSum`, a dict ``{name: shape}``: ``sum_i min(1, C / (||g_i|| + 1e-6)) * g_i`` over the
+        examples with a finite norm, in each gradient's dtype; ``.nonfinite`` counts the others. With
         ``B == 0`` the sums are zeros.
 
     Raises:
-        ValueError: ``max_grad_norm`` not > 0, empty ``grads``, differing batch sizes, ``norms`` not ``(B,)``.
+        ValueError: ``max_grad_norm`` not > 0, empty ``grads``, differing batch sizes, ``norms`` not ``(B,)``,
+            an unknown ``nonfinite``, or with ``nonfinite="raise"`` an example whose norm is not finite.
+
+    Examples:
+        >>> grads = {"w": torch.tensor([[3.0, 4.0], [float("nan"), 0.0]])}
+        >>> summed = clip_per_sample(grads, 1.0)  # warns: 1 of 2 examples ..., at batch positions [1]
+        >>> summed["w"], summed.nonfinite
+        (tensor([0.6000, 0.8000]), 1)
+
+    References:
+        Abadi et al., "Deep Learning with Differential Privacy", CCS 2016 (per-example clipping).
     """
     check_max_grad_norm(max_grad_norm)
+    check_nonfinite(nonfinite)
     batch = _batch_size(grads)
     if norms is None:
         norms = per_sample_norms(grads)
     elif tuple(norms.shape) != (batch,):
         raise ValueError(f"norms must have shape ({batch},) (one per example), got {tuple(norms.shape)}")
-    return _weighted_sum(grads, clip_factors(norms, max_grad_norm))
+    keep, dropped = _finite_examples(torch.isfinite(norms), nonfinite)
+    return ClippedSum(_weighted_sum(grads, clip_factors(norms, max_grad_norm), keep), dropped)
 
 
 def clip_per_layer(
@@ -78,7 +115,8 @@ def clip_per_layer(
     max_grad_norm: float | Mapping[str, float],
     *,
     groups: Mapping[str, Sequence[str]] | None = None,
-) -> dict[str, Tensor]:
+    nonfinite: NonFinite = "zero",
+) -> ClippedSum:
     """Per-layer clipping: each group of parameters of each example is clipped to its own bound, then summed.
 
     Args:
@@ -89,14 +127,19 @@ def clip_per_layer(
             is then bounded by ``sqrt(sum_g C_g**2)``, the ``max_grad_norm`` to give the DP optimizer.
         groups: ``{group: [param names]}`` covering every name in ``grads`` once. Default
             :func:`layer_groups`: one group per layer (``"fc.weight"`` and ``"fc.bias"`` form ``"fc"``).
+        nonfinite: as in :func:`clip_per_sample`; an example with a non-finite norm in any group contributes
+            zero in every group.
 
     Returns:
-        ``{name: shape}``, the sums of the clipped per-sample gradients.
+        :class:`ClippedSum`, a dict ``{name: shape}`` of the sums of the clipped per-sample gradients;
+        ``.nonfinite`` counts the examples that contributed zero.
 
     Raises:
-        ValueError: a bound not > 0, groups that do not partition ``grads``, bounds that do not match the groups.
+        ValueError: a bound not > 0, groups that do not partition ``grads``, bounds that do not match the groups,
+            an unknown ``nonfinite``, or with ``nonfinite="raise"`` an example whose norm is not finite.
     """
     _batch_size(grads)
+    check_nonfinite(nonfinite)
     groups = layer_groups(grads) if groups is None else groups
     listed = [name for names in groups.values() for name in names]
     if sorted(listed) != sorted(grads):
@@ -112,11 +155,13 @@ def clip_per_layer(
     else:
         check_max_grad_norm(max_grad_norm)
         bounds = {group: max_grad_norm / math.sqrt(len(groups)) for group in groups}
+    members = {group: {name: grads[name] for name in names} for group, names in groups.items()}
+    norms = {group: per_sample_norms(m) for group, m in members.items()}
+    keep, dropped = _finite_examples(torch.stack(list(norms.values())).isfinite().all(0), nonfinite)
     clipped = {}
-    for group, names in groups.items():
-        members = {name: grads[name] for name in names}
-        clipped.update(_weighted_sum(members, clip_factors(per_sample_norms(members), bounds[group])))
-    return {name: clipped[name] for name in grads}
+    for group, m in members.items():
+        clipped.update(_weighted_sum(m, clip_factors(norms[group], bounds[group]), keep))
+    return ClippedSum({name: clipped[name] for name in grads}, dropped)
 
 
 def layer_groups(names: Sequence[str] | Grads) -> dict[str, list[str]]:
@@ -128,7 +173,21 @@ def layer_groups(names: Sequence[str] | Grads) -> dict[str, list[str]]:
     return groups
 
 
-def _weighted_sum(grads: Grads, factors: Tensor) -> dict[str, Tensor]:
+def _finite_examples(finite: Tensor, nonfinite: NonFinite) -> tuple[Tensor | None, int]:
+    """``(keep, count)``: ``keep`` the ``(B,)`` mask of the examples to sum, None when all are; ``count`` how many
+    are not. Applies the policy (warns or raises) to the others."""
+    if bool(finite.all()):
+        return None, 0
+    positions = (~finite).nonzero().flatten().tolist()
+    handle_nonfinite(positions, finite.numel(), nonfinite, stacklevel=3)
+    return finite, len(positions)
+
+
+def _weighted_sum(grads: Grads, factors: Tensor, keep: Tensor | None = None) -> dict[str, Tensor]:
+    """``{name: sum_b factors_b g_b}``; with ``keep``, the gradients of the other examples are zeros first (their
+    factor 0 alone would leave 0 * NaN = NaN in the sum)."""
+    if keep is not None:
+        grads = {name: torch.where(keep.view(-1, *[1] * (g.ndim - 1)), g, 0) for name, g in grads.items()}
     return {name: torch.einsum("b,b...->...", factors.to(g.dtype), g) for name, g in grads.items()}
 
 

@@ -15,7 +15,6 @@ by comparing a batched forward with per-example forwards on the first two exampl
 """
 
 import functools
-import math
 import warnings
 from collections.abc import Callable
 
@@ -24,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
+from persample.checks import refuse_batch_norm
 from persample.loss import cross_entropy
 from persample.per_sample._clipping import per_sample_norms
 
@@ -69,7 +69,7 @@ def per_sample_grads(
         TypeError: ``inputs``/``targets``/``mask`` that are not tensors.
     """
     _check_arguments(inputs, targets, mask, chunk_size)
-    _refuse_batch_norm(model)
+    refuse_batch_norm(model.named_modules())
     params = {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
     if inputs.shape[0] == 0:
         return {name: p.new_zeros((0, *p.shape)) for name, p in params.items()}
@@ -92,7 +92,7 @@ def per_sample_grads(
     try:
         return per_example(params, inputs, targets, mask)
     except RuntimeError as error:
-        if "vmap" not in str(error) and "functorch" not in str(error):
+        if not any(word in str(error) for word in ("vmap", "functorch", "transform")):
             raise
         raise ValueError(
             "the model cannot be run one example at a time under torch.func.vmap (data-dependent Python "
@@ -132,17 +132,6 @@ def _check_arguments(inputs, targets, mask, chunk_size) -> None:
         raise ValueError(f"mask shape {tuple(mask.shape)} must match targets shape {tuple(targets.shape)}")
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be None or a positive int, got {chunk_size!r}")
-
-
-def _refuse_batch_norm(model: nn.Module) -> None:
-    for name, module in model.named_modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            channels = module.num_features
-            raise ValueError(
-                f"module {name or type(model).__name__!r} is {type(module).__name__}: per-sample gradients "
-                "through batch statistics are not per-sample (each example's output depends on the whole "
-                f"batch). Replace it with GroupNorm, e.g. nn.GroupNorm({math.gcd(channels, 32)}, {channels}), "
-                "or LayerNorm.")
 
 
 def _check_forward(model: nn.Module, inputs: Tensor, loss_fn: LossFn) -> None:

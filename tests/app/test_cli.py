@@ -3,8 +3,14 @@
 import csv
 import importlib.metadata
 import json
+import os
+import pathlib
+import re
+import subprocess
+import sys
 
 import pytest
+import torch
 
 import persample.app.train
 from persample.app.cli import main
@@ -101,3 +107,130 @@ def test_fast_engine_training(tmp_path, capsys):
     accuracy = float(next(line for line in lines if line.startswith("test accuracy:")).split()[2])
     assert accuracy >= MIN_ACCURACY
     assert json.loads((tmp_path / "report.json").read_text())["config"]["engine"] == "fast"
+
+
+def _assert_refused(capsys, argv, match):
+    """One line naming the problem on stderr, exit status 2, as argparse's own errors."""
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("persample train: error: ") and match in err, err
+
+
+@pytest.mark.parametrize("device, match", [
+    ("tpu", "device must be 'auto' or one of cpu, cuda"),
+    ("meta", "device must be 'auto' or one of cpu, cuda"),
+    pytest.param("cuda", "this machine has no cuda device", marks=pytest.mark.skipif(
+        torch.cuda.is_available(), reason="this machine has CUDA")),
+    pytest.param("cuda:64", "this machine has", marks=pytest.mark.skipif(
+        torch.cuda.device_count() >= 64, reason="a machine with 64 GPUs")),
+])
+def test_a_device_this_machine_lacks_is_a_one_line_error(tmp_path, capsys, device, match):
+    out = tmp_path / "run"
+    _assert_refused(capsys, [*REDUCED, "--out", str(out), "--device", device], match)
+    assert not out.exists()
+
+
+def test_out_that_cannot_be_a_folder_is_a_one_line_error_and_nothing_is_written(tmp_path, capsys):
+    existing = tmp_path / "report.txt"
+    existing.write_text("keep me")
+    _assert_refused(capsys, [*REDUCED, "--out", str(existing)], "is an existing file, not a folder")
+    _assert_refused(capsys, [*REDUCED, "--out", str(existing / "run")], "is a file, not a folder")
+    assert existing.read_text() == "keep me" and sorted(tmp_path.iterdir()) == [existing]
+
+
+@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="root may write anywhere")
+def test_out_in_a_folder_without_write_permission_is_a_one_line_error(tmp_path, capsys):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        _assert_refused(capsys, [*REDUCED, "--out", str(locked / "run")], "no write permission")
+        assert not any(locked.iterdir())
+    finally:
+        locked.chmod(0o700)
+
+
+def test_out_the_filesystem_refuses_is_a_one_line_error(tmp_path, capsys, monkeypatch):
+    # As root, permissions do not stop a mkdir; a filesystem can (read-only, /proc): the report's own mkdir fails.
+    def refuse(self, *args, **kwargs):
+        raise PermissionError(13, "Read-only file system")
+
+    monkeypatch.setattr(pathlib.Path, "mkdir", refuse)
+    _assert_refused(capsys, [*REDUCED, "--out", str(tmp_path / "run")], "cannot be made a folder: Read-only")
+
+
+def _cheap_steps(monkeypatch) -> list:
+    """Replaces each DP step's gradient work by the optimizer's step alone (noise, accounting): for tests of
+    what surrounds the training. Returns the list the Poisson batches' indices are recorded in."""
+    batches = []
+
+    class Recorded(persample.dp.PoissonSampler):
+        def __iter__(self):
+            for batch in super().__iter__():
+                batches.append(batch.tolist())
+                yield batch
+
+    def step(model, dp_optimizer, x, y, *args):
+        dp_optimizer.step()
+        return torch.zeros(len(y))
+
+    monkeypatch.setattr(persample.app.train, "PoissonSampler", Recorded)
+    monkeypatch.setattr(persample.app.train, "_dp_step", step)
+    return batches
+
+
+def test_noise_multiplier_zero_warns_that_the_run_is_not_private(tmp_path, capsys, monkeypatch):
+    _cheap_steps(monkeypatch)
+    assert main([*REDUCED, "--epochs", "1", "--out", str(tmp_path), "--noise-multiplier", "0"]) == 0
+    captured = capsys.readouterr()
+    assert ("persample train: warning: noise_multiplier is 0: no noise is added, so the run is not differentially "
+            "private") in captured.err
+    assert "epsilon inf" in captured.out
+    with pytest.warns(UserWarning, match="not differentially private"):
+        persample.app.train.train_digits(persample.app.train.TrainConfig(
+            epochs=1, noise_multiplier=0.0, target_epsilon=None, progress=False, out=str(tmp_path)))
+
+
+@pytest.mark.parametrize("secure", [False, True])
+def test_secure_mode_samples_different_batches_under_the_same_seed(tmp_path, capsys, monkeypatch, secure):
+    runs = []
+    for _ in range(2):
+        runs.append(_cheap_steps(monkeypatch))
+        options = ["--secure-mode"] if secure else []
+        assert main([*REDUCED, "--epochs", "1", "--seed", "3", "--out", str(tmp_path), *options]) == 0
+    assert len(runs[0]) == len(runs[1]) == 21
+    # 21 batches of 1347 examples at q = 0.048: equal by chance with probability far below 1e-100.
+    assert (runs[0] != runs[1]) == secure
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exited:
+        main(["--version"])
+    assert exited.value.code == 0
+    assert capsys.readouterr().out == f"persample {importlib.metadata.version('persample')}\n"
+
+
+def test_python_dash_m_persample_runs_the_command():
+    for argv, expected in ((["--version"], "persample "), (["train", "--help"], "usage: persample train")):
+        done = subprocess.run([sys.executable, "-m", "persample", *argv], capture_output=True, text=True,
+                              timeout=120, check=False)
+        assert done.returncode == 0 and done.stdout.startswith(expected), done.stderr
+
+
+def test_every_option_has_help_and_its_default_once(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = capsys.readouterr().out.split("options:")[1]
+    # One block per option: its line and the indented lines that continue its help.
+    blocks = re.split(r"\n  (?=-)", text)[1:]
+    assert len(blocks) >= 20
+    for block in blocks:
+        option, _, help_text = block.partition("  ")
+        if "\n" in option:  # a long option's help starts on the next line
+            option, _, help_text = block.partition("\n")
+        assert help_text.strip(), f"{option} has no help"
+        assert " ".join(help_text.split()).count("(default:") <= 1, block
+    for option in ("--epochs", "--delta", "--accountant", "--seed"):
+        assert any(b.startswith(option) and "(default: " in b for b in blocks), option

@@ -39,3 +39,31 @@ def test_bad_arguments(arguments, match):
         persample.PoissonSampler(*arguments)
     with pytest.raises(ValueError, match="steps"):
         persample.PoissonSampler(10, 0.1, steps=0)
+
+
+def test_secure_mode_draws_from_the_os_not_from_a_seed():
+    # Two secure samplers with PyTorch's generators seeded alike: 20 batches of 1000 examples at q = 0.1 would be
+    # equal with probability far below 1e-100 if the draws were independent.
+    draws = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        draws.append([b.tolist() for b in persample.PoissonSampler(1000, 0.1, steps=20, secure_mode=True)])
+    assert draws[0] != draws[1]
+    with pytest.raises(ValueError, match="secure_mode=True draws the batches from the OS CSPRNG"):
+        persample.PoissonSampler(10, 0.1, generator=torch.Generator(), secure_mode=True)
+
+
+def test_secure_mode_inclusion_is_bernoulli():
+    """200 examples, 500 batches at q = 0.1. The total is Binomial(100000, 0.1): |z| < 5 fails a correct sampler
+    with probability 5.7e-7. Each example's count is Binomial(500, 0.1) (variance 45), independent across
+    examples: the sum of their squared z-scores, about chi-square with 200 degrees of freedom, has a p-value
+    below 1e-6 with probability 1e-6. Together: false failure below 2e-6."""
+    from scipy import stats as scipy_stats
+    n, q, steps = 200, 0.1, 500
+    counts = torch.zeros(n, dtype=torch.float64)
+    for batch in persample.PoissonSampler(n, q, steps=steps, secure_mode=True):
+        counts[batch] += 1
+    total = n * steps
+    assert abs(float(counts.sum()) - q * total) < 5 * (total * q * (1 - q)) ** 0.5
+    chi2 = float(((counts - steps * q) ** 2 / (steps * q * (1 - q))).sum())
+    assert scipy_stats.chi2.sf(chi2, n) > 1e-6

@@ -303,13 +303,13 @@ def test_graphed_step_structure_round_trip(tied):
     model = TinyGPT(layers=2, tied=tied).double()
     engine = GhostClipping(model, max_grad_norm=0.5)
     idx, targets = tokens()
-    step, _, finish = engine._backward(idx, targets)
+    step, losses, finish = engine._backward(idx, targets)
     finish()
     tensors, signature, rebuild = _flatten(step)
     assert len({id(t) for t in tensors}) == len(tensors) > 0
     assert _flatten(rebuild([t.clone() for t in tensors]))[1] == signature
-    norms, grads = engine._norms_and_clipped_sums(rebuild([t.clone() for t in tensors]))
-    expected_norms, expected = engine._norms_and_clipped_sums(step)
+    norms, grads, _ = engine._norms_and_clipped_sums(rebuild([t.clone() for t in tensors]), losses)
+    expected_norms, expected, _ = engine._norms_and_clipped_sums(step, losses)
     torch.testing.assert_close(norms, expected_norms, rtol=1e-12, atol=0)
     assert grads.keys() == expected.keys()
     for p, g in expected.items():

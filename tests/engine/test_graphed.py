@@ -70,17 +70,17 @@ def test_graphed_post_copies_a_later_steps_factors_into_the_captured_inputs(monk
     from tests.engine.models import TinyGPT
 
     def fake_capture(self, tensors, rebuild):
-        return graphed._Captured(_FakeGraph(), [t.clone() for t in tensors], "norms", {"grads": None})
+        return graphed._Captured(_FakeGraph(), [t.clone() for t in tensors], ("norms", {"grads": None}))
 
     monkeypatch.setattr(GraphedPost, "_capture", fake_capture)
     model = TinyGPT(layers=2).double()
     engine = GhostClipping(model, max_grad_norm=0.5)
     post = GraphedPost(engine._norms_and_clipped_sums)
     idx, targets = torch.randint(0, 24, (4, 6)), torch.randint(0, 24, (4, 6))
-    assert post(engine._backward(idx, targets)[0]) == ("norms", {"grads": None})
-    step = engine._backward(torch.randint(0, 24, (4, 6)), targets)[0]
-    tensors = [t.clone() for t in graphed._flatten(step)[0]]
-    post(step)
+    assert post(*engine._backward(idx, targets)[:2]) == ("norms", {"grads": None})
+    step, losses, _ = engine._backward(torch.randint(0, 24, (4, 6)), targets)
+    tensors = [t.clone() for t in [*graphed._flatten(step)[0], losses]]
+    post(step, losses)
     (captured,) = post._captured.values()
     assert captured.graph.replays == 2 and not step.forms and not step.stacks
     assert all(torch.equal(a, b) for a, b in zip(captured.inputs, tensors, strict=True))

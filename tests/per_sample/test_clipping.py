@@ -131,3 +131,62 @@ def test_bad_grads_and_groups():
         persample.clip_per_layer(grads, 1.0, groups={"fc1": ["fc1.weight", "fc1.bias"]})
     with pytest.raises(ValueError, match="one bound per group"):
         persample.clip_per_layer(grads, {"fc1": 1.0})
+
+
+def _poisoned(B=6):
+    grads = _grads(B, spread=False)
+    grads["fc1.weight"][1, 2, 3] = float("nan")
+    grads["scale"][4] = float("inf")
+    return grads
+
+
+def _reference_sum(grads, keep, max_grad_norm):
+    """The float64 loop over the examples ``keep`` alone."""
+    total = {name: torch.zeros(g.shape[1:], dtype=torch.float64) for name, g in grads.items()}
+    for i in keep:
+        factor = min(1.0, max_grad_norm / (float(_flat(grads, i).norm()) + 1e-6))
+        for name, g in grads.items():
+            total[name] += factor * g[i].double()
+    return total
+
+
+def test_nonfinite_examples_contribute_zero_and_are_counted():
+    grads = _poisoned()
+    with pytest.warns(persample.NonFiniteGradientWarning, match=r"2 of 6 examples .* positions \[1, 4\]"):
+        summed = persample.clip_per_sample(grads, 0.7)
+    assert isinstance(summed, dict) and isinstance(summed, persample.ClippedSum) and summed.nonfinite == 2
+    for name, expected in _reference_sum(grads, [0, 2, 3, 5], 0.7).items():
+        torch.testing.assert_close(summed[name], expected, rtol=1e-12, atol=1e-15)
+    norms = persample.per_sample_norms(grads)
+    torch.testing.assert_close(persample.clip_factors(norms, 0.7)[[1, 4]], torch.zeros(2, dtype=torch.float64))
+    with pytest.warns(persample.NonFiniteGradientWarning):  # the same with the norms given
+        assert persample.clip_per_sample(grads, 0.7, norms=norms).nonfinite == 2
+    assert persample.clip_per_sample(_grads(6), 0.7).nonfinite == 0
+
+
+def test_nonfinite_in_one_group_drops_the_whole_example_from_every_group():
+    grads = _poisoned()
+    with pytest.warns(persample.NonFiniteGradientWarning, match=r"positions \[1, 4\]"):
+        summed = persample.clip_per_layer(grads, 0.9)
+    assert summed.nonfinite == 2
+    groups = layer_groups(grads)
+    bound = 0.9 / math.sqrt(len(groups))
+    for names in groups.values():
+        members = {name: grads[name] for name in names}
+        for name, expected in _reference_sum(members, [0, 2, 3, 5], bound).items():
+            torch.testing.assert_close(summed[name], expected, rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("clip", ["per_sample", "per_layer"])
+def test_nonfinite_raise_names_the_positions(clip):
+    clip_fn = persample.clip_per_sample if clip == "per_sample" else persample.clip_per_layer
+    with pytest.raises(ValueError, match=r"2 of 6 examples .* positions \[1, 4\]; nonfinite='raise'"):
+        clip_fn(_poisoned(), 1.0, nonfinite="raise")
+    with pytest.raises(ValueError, match="nonfinite must be one of"):
+        clip_fn(_grads(3), 1.0, nonfinite="ignore")
+
+
+def test_many_nonfinite_positions_are_shortened():
+    grads = {"w": torch.full((40, 2), float("nan"))}
+    with pytest.raises(ValueError, match=r"40 of 40 examples .* \[0, 1, 2, 3, 4, 5, 6, 7, 8, 9, \.\.\.\]"):
+        persample.clip_per_sample(grads, 1.0, nonfinite="raise")

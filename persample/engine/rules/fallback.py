@@ -45,6 +45,14 @@ def per_example_grads(call: Call, grad_outputs: list[Tensor | None], is_batched:
     handles = [m.register_forward_hook(_detached) for m in constant]
     try:
         per_example = vmap(grad(contribution), in_dims=(None, dims, 0))(params, leaves, grads)
+    except RuntimeError as error:
+        if not any(word in str(error) for word in ("vmap", "functorch", "transform")):
+            raise
+        # The wording of persample.per_sample_grads, which meets the same modules.
+        raise ValueError(
+            f"{type(call.module).__name__} cannot be run one example at a time under torch.func.vmap (data-dependent "
+            "Python control flow, .item(), in-place updates of buffers, or an op without a batching rule), which "
+            f"the engine does for modules without a rule; torch said: {error}") from error
     finally:
         for h in handles:
             h.remove()
