@@ -59,14 +59,17 @@ def _reference(hidden, weight, target, bias=None, class_weight=None, reduction="
     rows = F.cross_entropy(zf, tf, weight=cw, ignore_index=IGNORE, reduction="none",
                            label_smoothing=label_smoothing)
     counted = tf != IGNORE
-    rows = rows + z_loss * torch.logsumexp(zf, -1) ** 2 * counted
+    z_rows = z_loss * torch.logsumexp(zf, -1) ** 2 * counted
     if reduction == "none":
-        return rows.reshape(target.shape)
+        return (rows + z_rows).reshape(target.shape)
     if reduction == "sum":
-        return rows.sum()
+        return rows.sum() + z_rows.sum()
+    # The weighted mean of the cross-entropy, the plain mean of the z-loss terms over the counted rows.
     w_t = cw[torch.where(counted, tf, 0)] if cw is not None else torch.ones_like(rows)
     denom = (w_t * counted).sum()
-    return rows.sum() / denom if denom > 0 else rows.sum() * 0
+    count = counted.sum()
+    return ((rows.sum() / denom if denom > 0 else rows.sum() * 0)
+            + (z_rows.sum() / count if count > 0 else z_rows.sum() * 0))
 
 
 def _loss_and_grads(fn, hidden, weight, bias, upstream, **kw):
