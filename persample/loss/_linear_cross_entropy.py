@@ -169,8 +169,8 @@ def linear_cross_entropy_head_grad_norms(
     ``||G.T @ A||_F^2 = <A @ A.T, G @ G.T>`` (``A``: the example's token states, ``G``: its logit gradients),
     which needs ``T x T`` matrices instead of the ``V x d`` gradient. Cost: one more forward pass over the
     head plus ``O(B * T^2 * (V + d))``; memory: one chunk of whole examples' logits (at least one example,
-    ``T x V``) and ``T x T`` Grams in float32. Cheaper than
-    forming per-example gradients while ``T`` is below about ``d``.
+    ``T x V``) and ``T x T`` Grams in float32. Cheaper than forming per-example gradients while ``T`` is
+    below about ``d``.
 
     Args:
         hidden: ``(B, T, d)``; weight: ``(V, d)``; target: ``(B, T)``; bias: ``(V,)`` or None.
