@@ -151,8 +151,18 @@ def check_targets_later(target: Tensor, V: int, ignore_index: int) -> Callable[[
     return prepare(target1d, V, target1d, None, ignore_index, "none")[1]
 
 
+_FLOAT32_TINY = torch.finfo(torch.float32).tiny
+
+
+def _kernel_weight(value) -> float:
+    """A nonnegative option that the kernels take as a float32 scalar: 0 below float32's smallest normal, where
+    the kernels would see a subnormal (flushed to zero on GPUs, and mis-rounded by Triton's interpreter)."""
+    value = float(value)
+    return value if value >= _FLOAT32_TINY else 0.0
+
+
 def kernel_options(ignore_index, label_smoothing, softcap, z_loss):
-    return int(ignore_index), float(label_smoothing), float(softcap or 0.0), float(z_loss)
+    return int(ignore_index), _kernel_weight(label_smoothing), float(softcap or 0.0), _kernel_weight(z_loss)
 
 
 def reduction_scale(scores2d, target, weight, ignore_index, reduction) -> Tensor:
