@@ -5,18 +5,23 @@ Math, for one row ``x`` of ``V`` logits with target class ``t``:
     s_j   = c * tanh(x_j / c)                  (softcap ``c``; s = x without it)
     lse   = log sum_j exp(s_j)
     p_j   = exp(s_j - lse)
-    loss  = (1 - eps) * w_t * (lse - s_t)                       (weighted NLL)
+    CE    = (1 - eps) * w_t * (lse - s_t)                       (weighted NLL)
           + (eps / V) * (W * lse - sum_j w_j s_j)               (label smoothing)
-          + z * lse^2                                           (z-loss)
+    Z     = z * lse^2                                           (z-loss)
+    loss  = CE + Z
 
 with class weights ``w`` (all ones without them), ``W = sum_j w_j`` and label smoothing ``eps``.
-This is ``F.cross_entropy``'s per-row term (its weighted mean then divides the sum over rows by
-``sum_i w_{t_i}``). The gradient with respect to ``s`` is
+``CE`` is ``F.cross_entropy``'s per-row term. A reduction weighs the two terms apart, with a scale pair
+``(a, b)`` per row: it sums ``a * CE + b * Z`` over the rows. The mean has ``a = 1 / sum_i w_{t_i}`` (the
+weighted mean of ``F.cross_entropy``) and ``b = 1 / #counted rows`` (the z-loss's mean does not depend on the
+weights' scale); the sum has ``a = b = 1``. The gradient of ``a * CE + b * Z`` with respect to ``s`` is
 
-    dL/ds_j = p_j * ((1 - eps) * w_t + (eps / V) * W + 2 * z * lse)
-              - (eps / V) * w_j - (1 - eps) * w_t * [j == t]
+    p_j * (a * ((1 - eps) * w_t + (eps / V) * W) + b * 2 * z * lse)
+    - a * (eps / V) * w_j - a * (1 - eps) * w_t * [j == t]
 
-and the softcap chains in ``ds_j/dx_j = 1 - (s_j / c)^2``. A row whose target equals ``ignore_index``
+and the softcap chains in ``ds_j/dx_j = 1 - (s_j / c)^2``. A scale is given as one tensor of shape
+``(1,)`` or ``(N,)`` (``a = b``: one for all rows, or one per row) or ``(1, 2)`` or ``(N, 2)`` (``a`` and
+``b`` apart), read through its strides. A row whose target equals ``ignore_index``
 is not counted: its loss and gradient are exactly 0 and its logits are never used, so -inf or NaN there
 cannot leak out. A target outside ``[0, V)`` that is not ``ignore_index`` yields NaN loss and gradient
 for its row and no memory outside the row is touched (eager callers then raise, from the check in
@@ -24,16 +29,17 @@ for its row and no memory outside the row is touched (eager callers then raise, 
 
 Kernels:
   * ``_cross_entropy_fwd_kernel`` — one program per row (or a persistent grid looping over rows): the max
-    and sum of exp over the row (online across blocks when the row is longer than one block), the loss,
-    the log-sum-exp and, with ``WITH_GRAD``, the gradient times a scale (one for all rows, or with
-    ``ROW_SCALE`` one per row): from registers when the row fits one block, else from a second sweep that
-    mostly hits L2. With ``REDUCE`` the last program to finish also writes the scaled sum of the rows'
-    losses (the mean or sum reduction, without another launch). The scale comes from a tensor, is 1, or
-    (``SCALE_MEAN``, on a persistent grid) is the mean's, from the kernel's own pass over the targets;
+    and sum of exp over the row (online across blocks when the row is longer than one block), the loss
+    (with ``SHARE`` its share ``a * CE + b * Z`` of a reduction), the log-sum-exp and, with ``WITH_GRAD``,
+    the gradient of that scaled loss (one scale pair for all rows, or with ``ROW_SCALE`` one per row): from
+    registers when the row fits one block, else from a second sweep that mostly hits L2. With ``REDUCE``
+    the last program to finish also writes the sum of the rows' shares (the mean or sum reduction, without
+    another launch). The scale comes from a tensor, is 1, or (``SCALE_MEAN``, on a persistent grid) is the
+    mean's pair, from the kernel's own pass over the targets;
     with ``CHECK`` program 0 starts with that pass and writes the range check's verdict, so no other
     kernel runs before this one (:func:`cross_entropy_fused`).
   * ``_cross_entropy_bwd_kernel`` — the gradient alone from a saved log-sum-exp, scaled per row by an
-    upstream gradient: elementwise, one program per chunk of a row.
+    upstream gradient (times a scale pair with ``HAS_SCALE``): elementwise, one program per chunk of a row.
   * ``_scale_kernel`` — multiply a buffer in place by a device scalar, doing nothing when it is 1.
 """
 
@@ -44,8 +50,9 @@ import triton.language as tl
 from .launch import Launcher, Plans, acc_dtype, aligned, cdiv, interpreting, launch, next_power_of_2, sm_count
 from .target_stats import mean_scale, scan_block, scan_targets, store_verdict, target_stats
 
-# Where the forward kernel's scale (of the gradient and of the reduced loss) comes from: a tensor, the
-# constant 1, or the kernel's own pass over the targets (the mean's 1 / sum of the counted weights).
+# Where the forward kernel's scale pair (of the gradient and of the loss's share) comes from: a tensor, the
+# constant 1, or the kernel's own pass over the targets (the mean's 1 / sum of the counted weights for the
+# cross-entropy and 1 / their count for the z-loss).
 SCALE_LOADED, SCALE_ONE, SCALE_MEAN = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
 
 
@@ -60,14 +67,14 @@ def _softcap(x, softcap, HAS_SOFTCAP: tl.constexpr):
 
 @triton.jit
 def _gradient_block(
-    s, offs, in_row, weight_ptr, t, w_t, weight_sum, lse, V, label_smoothing, z_loss, softcap, scale,
+    s, offs, in_row, weight_ptr, t, w_t, weight_sum, lse, V, label_smoothing, z_loss, softcap, scale, z_scale,
     HAS_WEIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, ACC: tl.constexpr,
 ):
-    """scale * dL/dx over one block of a counted row, from its capped logits ``s`` (the formula in the module
-    docstring)."""
-    eps_over_v = label_smoothing / V
-    on_target = (1.0 - label_smoothing) * w_t
-    coef = on_target + eps_over_v * weight_sum + 2.0 * z_loss * lse
+    """d(scale * CE + z_scale * Z)/dx over one block of a counted row, from its capped logits ``s`` (the
+    formula in the module docstring)."""
+    eps_over_v = label_smoothing / V * scale
+    on_target = (1.0 - label_smoothing) * w_t * scale
+    coef = on_target + eps_over_v * weight_sum + 2.0 * z_loss * lse * z_scale
     g = tl.exp(s - lse) * coef
     if HAS_WEIGHT:
         w = tl.load(weight_ptr + offs, mask=in_row, other=0.0).to(ACC)
@@ -78,16 +85,16 @@ def _gradient_block(
     if HAS_SOFTCAP:
         th = s / softcap
         g *= 1.0 - th * th
-    return g * scale
+    return g
 
 
 @triton.jit
 def _row_gradient_sweep(
-    x_row_ptr, g_row_ptr, weight_ptr, V, t, w_t, weight_sum, lse, scale,
+    x_row_ptr, g_row_ptr, weight_ptr, V, t, w_t, weight_sum, lse, scale, z_scale,
     label_smoothing, softcap, z_loss,
     HAS_WEIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BLOCK_V: tl.constexpr, ACC: tl.constexpr,
 ):
-    """Writes scale * dL/dx for one counted row, reading its logits once more.
+    """Writes d(scale * CE + z_scale * Z)/dx for one counted row, reading its logits once more.
 
     The first sweep went left to right, so the row's last blocks are the likeliest to be still in L2: this
     sweep goes right to left, and marks what it reads and writes as first to evict, since neither is read
@@ -99,7 +106,7 @@ def _row_gradient_sweep(
         x = tl.load(x_row_ptr + offs, mask=in_row, other=0.0, eviction_policy="evict_first").to(ACC)
         s = _softcap(x, softcap, HAS_SOFTCAP)
         g = _gradient_block(s, offs, in_row, weight_ptr, t, w_t, weight_sum, lse, V, label_smoothing, z_loss,
-                            softcap, scale, HAS_WEIGHT, HAS_SOFTCAP, ACC)
+                            softcap, scale, z_scale, HAS_WEIGHT, HAS_SOFTCAP, ACC)
         tl.store(g_row_ptr + offs, g.to(g_row_ptr.dtype.element_ty), mask=in_row, eviction_policy="evict_first")
 
 
@@ -159,13 +166,13 @@ def _smoothing_block(s, offs, in_row, weight_ptr, HAS_WEIGHT: tl.constexpr, ACC:
 
 @triton.jit
 def _cross_entropy_fwd_kernel(
-    x_ptr, x_row_stride, target_ptr, weight_ptr, weight_sum_ptr, scale_ptr,
+    x_ptr, x_row_stride, target_ptr, weight_ptr, weight_sum_ptr, scale_ptr, scale_row_stride, scale_z_stride,
     loss_ptr, lse_ptr, g_ptr, g_row_stride, reduced_ptr, ticket_ptr, verdict_ptr,
     N, V, ignore_index, label_smoothing, softcap, z_loss,
     HAS_WEIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
     WITH_GRAD: tl.constexpr, SINGLE_BLOCK: tl.constexpr, BLOCK_V: tl.constexpr, ACC: tl.constexpr,
     PREFETCH: tl.constexpr, REDUCE: tl.constexpr, ROWS_BLOCK: tl.constexpr, SCALE: tl.constexpr,
-    ROW_SCALE: tl.constexpr, CHECK: tl.constexpr,
+    ROW_SCALE: tl.constexpr, SHARE: tl.constexpr, CHECK: tl.constexpr,
 ):
     # Persistent over rows: a grid sized to the machine keeps few rows in flight, so that the second
     # sweep over a row finds it in L2. With SINGLE_BLOCK (BLOCK_V >= V) the row is read once and stays
@@ -180,25 +187,29 @@ def _cross_entropy_fwd_kernel(
                          other=float("-inf"))
     # The targets' pass (target_stats.py), when no kernel ran it before this one: with SCALE_MEAN every
     # program sums the same weights in the same order (all get the same scale); program 0 writes the scale
-    # and, first thing, the verdict of the range check, which a host may be polling for.
+    # pair and, first thing, the verdict of the range check, which a host may be polling for.
     if SCALE == SCALE_MEAN:
-        counted_weight, first_bad = scan_targets(target_ptr, weight_ptr, N, V, ignore_index, HAS_WEIGHT, True,
-                                                 ROWS_BLOCK, ACC)
+        counted_weight, count, first_bad = scan_targets(target_ptr, weight_ptr, N, V, ignore_index, HAS_WEIGHT,
+                                                        True, ROWS_BLOCK, ACC)
         scale = mean_scale(counted_weight)
+        z_scale = mean_scale(count)
         if pid == 0:
             if CHECK:
                 store_verdict(verdict_ptr, first_bad, N)
             tl.store(scale_ptr, scale)
+            tl.store(scale_ptr + scale_z_stride, z_scale)
     else:
         if CHECK:
             if pid == 0:
-                _, first_bad = scan_targets(target_ptr, weight_ptr, N, V, ignore_index, HAS_WEIGHT, False,
-                                            ROWS_BLOCK, ACC)
+                _, _, first_bad = scan_targets(target_ptr, weight_ptr, N, V, ignore_index, HAS_WEIGHT, False,
+                                               ROWS_BLOCK, ACC)
                 store_verdict(verdict_ptr, first_bad, N)
         if SCALE == SCALE_LOADED:
             scale = tl.load(scale_ptr).to(ACC)
+            z_scale = tl.load(scale_ptr + scale_z_stride).to(ACC)
         else:
             scale = tl.full([], 1.0, ACC)
+            z_scale = tl.full([], 1.0, ACC)
     if HAS_WEIGHT:
         weight_sum = tl.load(weight_sum_ptr).to(ACC)
     else:
@@ -244,26 +255,32 @@ def _cross_entropy_fwd_kernel(
                 lse = m + tl.log(d)
 
                 s_t = _softcap(tl.load(x_row_ptr + t).to(ACC), softcap, HAS_SOFTCAP)
-                loss = (1.0 - label_smoothing) * w_t * (lse - s_t) + z_loss * lse * lse
+                ce = (1.0 - label_smoothing) * w_t * (lse - s_t)
                 if HAS_SMOOTHING:
-                    loss += eps_over_v * (weight_sum * lse - ws)
+                    ce += eps_over_v * (weight_sum * lse - ws)
+                row_scale = scale
+                row_z_scale = z_scale
+                if ROW_SCALE:
+                    row_scale = tl.load(scale_ptr + row * scale_row_stride).to(ACC)
+                    row_z_scale = tl.load(scale_ptr + row * scale_row_stride + scale_z_stride).to(ACC)
+                if SHARE:
+                    loss = row_scale * ce + row_z_scale * (z_loss * lse * lse)
+                else:
+                    loss = ce + z_loss * lse * lse
                 tl.store(loss_ptr + row, loss)
                 tl.store(lse_ptr + row, lse)
 
                 if WITH_GRAD:
-                    row_scale = scale
-                    if ROW_SCALE:
-                        row_scale = tl.load(scale_ptr + row).to(ACC)
                     if SINGLE_BLOCK:
                         g = _gradient_block(s, offs, in_row, weight_ptr, t, w_t, weight_sum, lse, V,
-                                            label_smoothing, z_loss, softcap, row_scale, HAS_WEIGHT, HAS_SOFTCAP,
-                                            ACC)
+                                            label_smoothing, z_loss, softcap, row_scale, row_z_scale, HAS_WEIGHT,
+                                            HAS_SOFTCAP, ACC)
                         tl.store(g_row_ptr + offs, g.to(g_row_ptr.dtype.element_ty), mask=in_row,
                                  eviction_policy="evict_first")
                     else:
                         # Sweep 2: the row was just read, so this re-read mostly hits L2.
                         _row_gradient_sweep(
-                            x_row_ptr, g_row_ptr, weight_ptr, V, t, w_t, weight_sum, lse, row_scale,
+                            x_row_ptr, g_row_ptr, weight_ptr, V, t, w_t, weight_sum, lse, row_scale, row_z_scale,
                             label_smoothing, softcap, z_loss, HAS_WEIGHT, HAS_SOFTCAP, BLOCK_V, ACC,
                         )
             else:
@@ -274,7 +291,7 @@ def _cross_entropy_fwd_kernel(
                     _fill_row(g_row_ptr, V, fill, BLOCK_V)
 
     if REDUCE:
-        # The last program to finish writes scale * sum of the rows' losses, summed in a fixed order
+        # The last program to finish writes the sum of the rows' shares (SHARE), summed in a fixed order
         # (reproducible, unlike float atomics). Its ticket is an acquire-release atomic, which makes every
         # other program's loss stores, made before their own tickets, visible to its loads. It then puts
         # the ticket back to 0, so that the next launch on the stream can use the same one.
@@ -283,17 +300,17 @@ def _cross_entropy_fwd_kernel(
             for start in range(0, N, ROWS_BLOCK):
                 offs = start + tl.arange(0, ROWS_BLOCK)
                 total += tl.load(loss_ptr + offs, mask=offs < N, other=0.0).to(ACC)
-            tl.store(reduced_ptr, (tl.sum(total, 0) * scale).to(reduced_ptr.dtype.element_ty))
+            tl.store(reduced_ptr, tl.sum(total, 0).to(reduced_ptr.dtype.element_ty))
             tl.store(ticket_ptr, 0)
 
 
 @triton.jit
 def _cross_entropy_bwd_kernel(
     x_ptr, x_row_stride, target_ptr, weight_ptr, weight_sum_ptr, lse_ptr, grad_ptr, grad_stride,
-    g_ptr, g_row_stride,
+    scale_ptr, scale_row_stride, scale_z_stride, g_ptr, g_row_stride,
     V, ignore_index, label_smoothing, softcap, z_loss,
-    HAS_WEIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, CHUNKS: tl.constexpr, CHUNK: tl.constexpr,
-    ACC: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_SCALE: tl.constexpr, CHUNKS: tl.constexpr,
+    CHUNK: tl.constexpr, ACC: tl.constexpr,
 ):
     # One program per chunk of a row: with the log-sum-exp known, the gradient is elementwise.
     pid = tl.program_id(0).to(tl.int64)
@@ -309,10 +326,14 @@ def _cross_entropy_bwd_kernel(
             weight_sum = V * 1.0
         lse = tl.load(lse_ptr + row).to(ACC)
         scale = tl.load(grad_ptr + row * grad_stride).to(ACC)
+        z_scale = scale
+        if HAS_SCALE:
+            scale *= tl.load(scale_ptr + row * scale_row_stride).to(ACC)
+            z_scale *= tl.load(scale_ptr + row * scale_row_stride + scale_z_stride).to(ACC)
         x = tl.load(x_ptr + row * x_row_stride + offs, mask=in_row, other=0.0).to(ACC)
         s = _softcap(x, softcap, HAS_SOFTCAP)
         g = _gradient_block(s, offs, in_row, weight_ptr, t, w_t, weight_sum, lse, V, label_smoothing, z_loss,
-                            softcap, scale, HAS_WEIGHT, HAS_SOFTCAP, ACC)
+                            softcap, scale, z_scale, HAS_WEIGHT, HAS_SOFTCAP, ACC)
         tl.store(g_row_ptr + offs, g.to(g_ptr.dtype.element_ty), mask=in_row)
     else:
         fill = tl.full([CHUNK], 0.0, tl.float32) + tl.where(invalid, float("nan"), 0.0)
@@ -375,19 +396,33 @@ def _grid(N: int, device: torch.device, programs_per_sm: int) -> tuple[int]:
 
 
 
+def scale_strides(scale: torch.Tensor | None, N: int) -> tuple[int, int]:
+    """(stride between rows, offset of the z-loss's factor) of a scale of shape (1,), (N,), (1, 2) or (N, 2)
+    (see the module docstring); (0, 0) for None. Raises ValueError for another shape."""
+    if scale is None:
+        return 0, 0
+    shape = tuple(scale.shape)
+    if shape in ((1,), (N,)):
+        return (scale.stride(0) if shape[0] != 1 else 0), 0
+    if shape in ((1, 2), (N, 2)):
+        return (scale.stride(0) if shape[0] != 1 else 0), scale.stride(1)
+    raise ValueError(f"a scale must have shape (1,), ({N},), (1, 2) or ({N}, 2), got {shape}")
+
+
 def _fwd_args(logits, target, weight, weight_sum, scale, loss, lse, grad, reduced, ticket, verdict, options):
     """The forward kernel's arguments before its constexprs; ``weight``, ``weight_sum``, ``scale``, ``grad``,
     ``reduced``, ``ticket`` and ``verdict`` may be None (not asked for), another tensor standing in for them."""
     return (logits, logits.stride(0), target, weight if weight is not None else logits,
             weight_sum if weight_sum is not None else loss, scale if scale is not None else loss,
+            *scale_strides(scale, logits.shape[0]),
             loss, lse, grad if grad is not None else loss, grad.stride(0) if grad is not None else 0,
             reduced if reduced is not None else loss, ticket if ticket is not None else target,
             verdict if verdict is not None else target, *logits.shape, *options)
 
 
 def _launch_fwd(logits, target, weight, weight_sum, scale, loss, lse, grad, reduced, ticket, verdict, options,
-                config, *, scale_mode, row_scale=False) -> Launcher:
-    """Launches the forward kernel (arguments as for :func:`_fwd_args`)."""
+                config, *, scale_mode, row_scale=False, share=False) -> Launcher:
+    """Launches the forward kernel (arguments as for :func:`_fwd_args`); a reduction implies ``share``."""
     block, num_warps, grid, prefetch = config
     _, label_smoothing, softcap, _ = options
     return launch(
@@ -397,7 +432,7 @@ def _launch_fwd(logits, target, weight, weight_sum, scale, loss, lse, grad, redu
         WITH_GRAD=grad is not None, SINGLE_BLOCK=block >= logits.shape[1], BLOCK_V=block,
         ACC=acc_dtype(logits.dtype), PREFETCH=prefetch, REDUCE=reduced is not None,
         ROWS_BLOCK=64 if block <= 64 else scan_block(), SCALE=scale_mode.value, ROW_SCALE=row_scale,
-        CHECK=verdict is not None, num_warps=num_warps,
+        SHARE=share or reduced is not None, CHECK=verdict is not None, num_warps=num_warps,
     )
 
 
@@ -414,7 +449,7 @@ def cross_entropy_fwd(
     target: torch.Tensor,
     weight: torch.Tensor | None,
     weight_sum: torch.Tensor | None,
-    grad_scale: torch.Tensor | None,
+    scale: torch.Tensor | None,
     ignore_index: int,
     label_smoothing: float,
     softcap: float,
@@ -423,16 +458,19 @@ def cross_entropy_fwd(
     out: torch.Tensor | None = None,
     reduce_ticket: torch.Tensor | None = None,
     loss_dtype: torch.dtype | None = None,
+    share: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """Per-row loss and log-sum-exp, ``grad_scale * dL/dlogits`` (``with_grad``) and ``grad_scale * sum of the
-    losses`` (``reduce_ticket``).
+    """Per-row loss (or with ``share`` its share ``a * CE + b * Z``) and log-sum-exp, the gradient of the rows'
+    scaled losses ``a * CE + b * Z`` w.r.t. the logits (``with_grad``) and the sum of the shares
+    (``reduce_ticket``), for the scale pair ``(a, b)`` of the module docstring.
 
     logits: (N, V) with unit stride over V; target: (N,) int64; weight: (V,) or None; weight_sum: a one-element
-    tensor; grad_scale: one element, or one per row (N,) contiguous that scales each row's gradient (not with
-    ``reduce_ticket``), or None when neither the gradient nor the reduction is asked for; softcap: 0 for none.
+    tensor; scale: of shape (1,), (N,), (1, 2) or (N, 2) (a pair per row only without ``reduce_ticket``), or
+    None for 1 when neither the gradient nor the shares are asked for; softcap: 0 for none.
     ``out``: (N, V) buffer for the gradient with unit stride over V; it may be ``logits`` itself, since each
     program reads every element of its row before writing it.
-    ``reduce_ticket``: a one-element int64 tensor holding 0 (see ``REDUCE``); the kernel leaves it at 0.
+    ``reduce_ticket``: a one-element int64 tensor holding 0 (see ``REDUCE``); the kernel leaves it at 0. It
+    implies ``share``.
     ``loss_dtype``: of the per-row loss, float32 (float64 for float64 logits) by default.
     Returns loss (N,), lse (N,) in float32 (float64 for float64 logits), the gradient (N, V) in the logits'
     dtype or None, and the reduced loss (a 0-dim tensor in the logits' dtype) or None.
@@ -442,10 +480,11 @@ def cross_entropy_fwd(
     reduce = reduce_ticket is not None
     if reduce and loss_dtype not in (None, acc):
         raise ValueError("the reduced loss sums rows kept in the accumulation dtype")
-    row_scale = grad_scale is not None and grad_scale.numel() != 1
-    if row_scale and (reduce or grad_scale.shape != (N,)):
-        raise ValueError(f"grad_scale must have one element, or one per row ({N},) without a reduction; got "
-                         f"{tuple(grad_scale.shape)}")
+    scale_strides(scale, N)
+    row_scale = scale is not None and scale.shape[0] != 1
+    if row_scale and reduce:
+        raise ValueError(f"a reduction needs one scale for all rows, got shape {tuple(scale.shape)}")
+    share = share or reduce
     config = _config(logits, with_grad)
     # The kernel reduces only on a persistent grid: with a program per row, every program's ticket would
     # wait for all of its gradient stores, which costs more than the PyTorch ops below.
@@ -459,12 +498,12 @@ def cross_entropy_fwd(
         reduced = torch.zeros((), dtype=logits.dtype, device=logits.device) if reduce else None
         return loss, lse, grad, reduced
     reduced = torch.empty((), dtype=logits.dtype, device=logits.device) if reduce_in_kernel else None
-    _launch_fwd(logits, target, weight, weight_sum, grad_scale, loss, lse, grad, reduced,
+    _launch_fwd(logits, target, weight, weight_sum, scale, loss, lse, grad, reduced,
                 reduce_ticket if reduce_in_kernel else None, None,
                 (ignore_index, label_smoothing, softcap, z_loss), config,
-                scale_mode=SCALE_LOADED if grad_scale is not None else SCALE_ONE, row_scale=row_scale)
+                scale_mode=SCALE_LOADED if scale is not None else SCALE_ONE, row_scale=row_scale, share=share)
     if reduce and not reduce_in_kernel:
-        reduced = torch.dot(loss, grad_scale.expand(N)).to(logits.dtype)  # one launch (two in low precision)
+        reduced = loss.sum().to(logits.dtype)  # one launch (two in low precision)
     return loss, lse, grad, reduced
 
 
@@ -497,12 +536,13 @@ def cross_entropy_fused(
     """The eager losses of ``persample.cross_entropy``, with as few launches as the shape allows.
 
     ``reduction="none"``: one kernel writes each row's loss (in the logits' dtype) and log-sum-exp. ``"mean"``
-    and ``"sum"``: one kernel also writes the gradient, scaled by the reduction's scale, and the reduced loss
-    (in the logits' dtype); only a mean over a grid of one program per row needs the targets' scale first, from
-    a small kernel before it, and its sum from a PyTorch op after it. Either way the range check's verdict
+    and ``"sum"``: one kernel also writes the gradient of the reduced loss and the reduced loss (in the logits'
+    dtype); only a mean over a grid of one program per row needs the targets' scale pair first, from a small
+    kernel before it, and its sum from a PyTorch op after it. Either way the range check's verdict
     goes to ``verdict`` (a one-element int64 tensor; see target_stats.py) from the first
     kernel that runs. ``options``: (ignore_index, label_smoothing, softcap, z_loss), softcap 0 for none.
-    Returns (loss: (N,) rows or the reduced 0-dim tensor, lse (N,), gradient or None, scale (1,) or None for 1).
+    Returns (loss: (N,) rows or the reduced 0-dim tensor, lse (N,), gradient or None, scale pair (1, 2) of the
+    mean or None for 1).
 
     The launch of a single kernel is kept under a key of these inputs (a plan: see launch.py's
     :class:`Launcher`), so that later calls with inputs alike skip choosing a configuration and binding
@@ -531,15 +571,15 @@ def cross_entropy_fused(
     if none:
         scale_mode = SCALE_ONE
     elif persistent:  # the kernel does it all
-        scale = torch.empty(1, dtype=acc, device=logits.device) if mean else None
+        scale = torch.empty(1, 2, dtype=acc, device=logits.device) if mean else None
         reduced = torch.empty((), dtype=logits.dtype, device=logits.device)
         ticket = _ticket(logits.device)
         scale_mode = SCALE_MEAN if mean else SCALE_ONE
     elif mean:  # one program per row: two kernels and a sum, which the shapes that get here hardly notice
         scale = target_stats(target, V, weight, options[0], True, acc, verdict)
         _launch_fwd(logits, target, weight, weight_sum, scale, loss, lse, grad, None, None, None, options,
-                    config, scale_mode=SCALE_LOADED)
-        return torch.dot(loss, scale.expand(N)).to(logits.dtype), lse, grad, scale
+                    config, scale_mode=SCALE_LOADED, share=True)
+        return loss.sum().to(logits.dtype), lse, grad, scale
     else:
         scale_mode = SCALE_ONE
     if plan is None:
@@ -567,21 +607,26 @@ def cross_entropy_bwd(
     softcap: float,
     z_loss: float,
     out: torch.Tensor | None = None,
+    scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``grad_rows[:, None] * dL/dlogits`` (N, V) in the logits' dtype, from the saved ``lse`` (N,) and the
-    upstream gradient ``grad_rows`` (N,) of any floating dtype and stride, written to ``out`` when given (which
-    may be ``logits`` itself, as in :func:`cross_entropy_fwd`)."""
+    """The gradient of ``sum_i grad_rows[i] * (a_i * CE_i + b_i * Z_i)`` w.r.t. the logits, (N, V) in the
+    logits' dtype, from the saved ``lse`` (N,) and the upstream gradient ``grad_rows`` (N,) of any floating
+    dtype and stride, for the scale pairs ``(a, b)`` of ``scale`` (as in :func:`cross_entropy_fwd`; None for
+    1), written to ``out`` when given (which may be ``logits`` itself, as in :func:`cross_entropy_fwd`)."""
     N, V = logits.shape
     grad = out if out is not None else torch.empty_like(logits, memory_format=torch.contiguous_format)
     if N == 0:
         return grad
+    strides = scale_strides(scale, N)
     args = (logits, logits.stride(0), target, weight if weight is not None else logits,
-            weight_sum if weight_sum is not None else lse, lse, grad_rows, grad_rows.stride(0), grad, grad.stride(0),
+            weight_sum if weight_sum is not None else lse, lse, grad_rows, grad_rows.stride(0),
+            scale if scale is not None else lse, *strides, grad, grad.stride(0),
             V, ignore_index, label_smoothing, softcap, z_loss)
     key = ("bwd", logits.dtype, N, V, logits.stride(0), target.dtype, weight.dtype if weight is not None else None,
            weight_sum.dtype if weight_sum is not None else None, lse.dtype, grad_rows.dtype, grad_rows.stride(0),
-           grad.stride(0), ignore_index, softcap > 0, logits.get_device(),
-           ) if aligned(logits, target, weight, weight_sum, lse, grad_rows, grad) else None
+           scale.dtype if scale is not None else None, strides, grad.stride(0), ignore_index, softcap > 0,
+           logits.get_device(),
+           ) if aligned(logits, target, weight, weight_sum, lse, grad_rows, scale, grad) else None
     plan = _plans.get(key)
     if plan is not None:  # the backward of "none", once per training step: see cross_entropy_fused
         plan[0](plan[1], *args)
@@ -591,8 +636,8 @@ def cross_entropy_bwd(
     grid = (N * chunks,)
     _plans.keep(key, (launch(
         _cross_entropy_bwd_kernel, grid, *args,
-        HAS_WEIGHT=weight is not None, HAS_SOFTCAP=softcap > 0, CHUNKS=chunks, CHUNK=chunk,
-        ACC=acc_dtype(logits.dtype), num_warps=num_warps,
+        HAS_WEIGHT=weight is not None, HAS_SOFTCAP=softcap > 0, HAS_SCALE=scale is not None, CHUNKS=chunks,
+        CHUNK=chunk, ACC=acc_dtype(logits.dtype), num_warps=num_warps,
     ), grid))
     return grad
 

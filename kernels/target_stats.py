@@ -4,8 +4,11 @@ For targets ``t`` (N,) against V classes, with class weights ``w`` (all ones wit
 
     counted_i = t_i != ignore_index and 0 <= t_i < V
     bad_i     = t_i != ignore_index and not 0 <= t_i < V
-    scale     = 1 / sum_{counted i} w_{t_i}    for reduction="mean" (0 when nothing is counted), else 1
+    scale     = (1 / sum_{counted i} w_{t_i},  1 / #{counted i})    for reduction="mean", else (1, 1)
     verdict   = 2 + j for the first j with bad_j, or 1 when there is none
+
+The scale is a pair: the factor of the cross-entropy terms (the weighted mean's) and that of the z-loss terms
+(a plain mean over the counted rows, whatever the weights' scale); each is 0 when its denominator is 0.
 
 The verdict is one int64 word, 0 until the kernel writes it, so a host that polls a word in pinned memory
 (see ``persample/_verdicts.py``) learns the outcome from that single store, with no copy or event behind it.
@@ -28,8 +31,10 @@ PENDING, IN_RANGE, FIRST_BAD = 0, 1, 2  # verdict words: FIRST_BAD + j names row
 @triton.jit
 def scan_targets(target_ptr, weight_ptr, N, V, ignore_index, HAS_WEIGHT: tl.constexpr, MEAN: tl.constexpr,
                  BLOCK: tl.constexpr, ACC: tl.constexpr):
-    """(sum of the counted rows' target weights, 0 unless ``MEAN``; the first bad row, or N if none)."""
+    """(sum of the counted rows' target weights, their count, both 0 unless ``MEAN``; the first bad row, or N
+    if none). Without weights the count is the sum."""
     denom = tl.zeros([BLOCK], ACC)
+    count = tl.zeros([BLOCK], ACC)
     first_bad = tl.full([], N, tl.int64)
     for start in range(0, N, BLOCK):
         offs = start + tl.arange(0, BLOCK).to(tl.int64)
@@ -41,9 +46,13 @@ def scan_targets(target_ptr, weight_ptr, N, V, ignore_index, HAS_WEIGHT: tl.cons
             counted = kept & in_range
             if HAS_WEIGHT:
                 denom += tl.load(weight_ptr + tl.where(counted, t, 0), mask=counted, other=0.0).to(ACC)
+                count += counted.to(ACC)
             else:
                 denom += counted.to(ACC)
-    return tl.sum(denom, 0), first_bad
+    if HAS_WEIGHT:
+        return tl.sum(denom, 0), tl.sum(count, 0), first_bad
+    total = tl.sum(denom, 0)
+    return total, total, first_bad
 
 
 @triton.jit
@@ -64,12 +73,15 @@ def _target_stats_kernel(
     target_ptr, weight_ptr, scale_ptr, verdict_ptr, N, V, ignore_index,
     HAS_WEIGHT: tl.constexpr, MEAN: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr,
 ):
-    total, first_bad = scan_targets(target_ptr, weight_ptr, N, V, ignore_index, HAS_WEIGHT, MEAN, BLOCK, ACC)
+    total, count, first_bad = scan_targets(target_ptr, weight_ptr, N, V, ignore_index, HAS_WEIGHT, MEAN, BLOCK,
+                                           ACC)
     store_verdict(verdict_ptr, first_bad, N)
     if MEAN:
         tl.store(scale_ptr, mean_scale(total))
+        tl.store(scale_ptr + 1, mean_scale(count))
     else:
         tl.store(scale_ptr, 1.0)
+        tl.store(scale_ptr + 1, 1.0)
 
 
 def scan_block() -> int:
@@ -82,10 +94,10 @@ def target_stats(
     target: torch.Tensor, V: int, weight: torch.Tensor | None, ignore_index: int, mean: bool, acc: torch.dtype,
     verdict: torch.Tensor,
 ) -> torch.Tensor:
-    """The scale (1,) in ``acc`` for ``target`` (N,) int64 and ``weight`` (V,) or None, and the verdict written
+    """The scale (1, 2) in ``acc`` for ``target`` (N,) int64 and ``weight`` (V,) or None, and the verdict written
     to ``verdict`` (a one-element int64 tensor, on the device or in pinned host memory); see the module
     docstring."""
-    scale = torch.empty(1, dtype=acc, device=target.device)
+    scale = torch.empty(1, 2, dtype=acc, device=target.device)
     launch(
         _target_stats_kernel, (1,),
         target, weight if weight is not None else scale, scale, verdict, target.numel(), V, ignore_index,

@@ -10,7 +10,9 @@ def cross_entropy_reference(logits, target, *, weight=None, ignore_index=-100, r
 
     Differentiable w.r.t. ``logits``. Rows that are not counted have their logits replaced by zeros
     first (they contribute nothing either way; this keeps inf/NaN there out of the reference). With no
-    counted row the mean is 0, persample's documented choice.
+    counted row the mean is 0, persample's documented choice. The z-loss terms ``z_loss * lse**2`` of the
+    counted rows are added to each row (``"none"``), summed (``"sum"``), or averaged over the counted rows
+    (``"mean"``, unweighted, next to ``F.cross_entropy``'s weighted mean).
     """
     V = logits.shape[-1]
     if mask is not None:
@@ -22,20 +24,23 @@ def cross_entropy_reference(logits, target, *, weight=None, ignore_index=-100, r
     if softcap is not None:
         x = softcap * torch.tanh(x / softcap)
     w = weight.double() if weight is not None else None
-    rows = F.cross_entropy(x, t, weight=w, ignore_index=ignore_index, reduction="none",
-                           label_smoothing=label_smoothing)
-    rows = rows + z_loss * torch.logsumexp(x, -1) ** 2 * counted
+    ce_rows = F.cross_entropy(x, t, weight=w, ignore_index=ignore_index, reduction="none",
+                              label_smoothing=label_smoothing)
+    z_rows = z_loss * torch.logsumexp(x, -1) ** 2 * counted
     if reduction == "none":
-        return rows.reshape(target.shape)
+        return (ce_rows + z_rows).reshape(target.shape)
     if reduction == "sum":
-        return rows.sum()
-    if z_loss == 0 and counted.any():
-        # The mean straight from PyTorch, so that its weighted-mean convention is what we test against.
-        return F.cross_entropy(x, t, weight=w, ignore_index=ignore_index, reduction="mean",
-                               label_smoothing=label_smoothing)
-    w_t = w[torch.where(counted, t, 0)] if w is not None else torch.ones_like(rows)
+        return ce_rows.sum() + z_rows.sum()
+    w_t = w[torch.where(counted, t, 0)] if w is not None else torch.ones_like(ce_rows)
     denom = (w_t * counted).sum()
-    return rows.sum() / denom if denom > 0 else rows.sum() * 0.0
+    if denom > 0:
+        # The weighted mean straight from PyTorch, so that its convention is what we test against.
+        ce = F.cross_entropy(x, t, weight=w, ignore_index=ignore_index, reduction="mean",
+                             label_smoothing=label_smoothing)
+    else:
+        ce = ce_rows.sum() * 0.0
+    count = counted.sum()
+    return ce + (z_rows.sum() / count if count > 0 else z_rows.sum() * 0.0)
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:

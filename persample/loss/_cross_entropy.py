@@ -5,6 +5,13 @@
 follow ``F.cross_entropy`` on the same arguments, with three additions — ``softcap``, ``z_loss`` and
 ``mask`` — and one deliberate difference: when no row is counted, the mean is 0 with zero gradients
 (PyTorch returns NaN).
+
+With ``z_loss = z`` the loss of a counted row ``i`` is ``CE_i + z * lse_i**2`` (``CE_i`` as
+``F.cross_entropy(..., reduction="none")`` gives it, class weight included; ``lse_i`` the log-sum-exp of the
+row's logits, after the softcap). ``"sum"`` sums those; ``"mean"`` is the weighted mean of the ``CE_i``, as
+``F.cross_entropy`` takes it (divided by the sum of the counted rows' target weights), plus the plain mean of
+the ``z * lse_i**2`` over the counted rows, so that scaling every class weight leaves the z-loss's strength
+unchanged. Without weights that is ``reduction="none"``'s sum over the number of counted rows.
 """
 
 from collections.abc import Callable
@@ -70,10 +77,13 @@ def cross_entropy(
         weight: ``(V,)`` class weights, as in ``F.cross_entropy``.
         ignore_index: target value whose rows are not counted.
         reduction: ``"none"`` (shape of ``target``), ``"mean"`` (over counted rows, weighted by the target
-            weights) or ``"sum"``.
+            weights; the z-loss term unweighted, see below) or ``"sum"``.
         label_smoothing: in ``[0, 1]``, as in ``F.cross_entropy``.
         softcap: if set, logits become ``softcap * tanh(logits / softcap)`` first (Gemma-2).
-        z_loss: adds ``z_loss * logsumexp(logits)**2`` to every counted row (PaLM).
+        z_loss: adds ``z_loss * logsumexp(logits)**2`` to every counted row (PaLM). With ``"mean"`` and
+            ``weight`` those terms are averaged over the counted rows, not weighted: the result is
+            ``F.cross_entropy(..., weight=weight)`` plus ``z_loss`` times the mean of ``logsumexp**2``, whatever
+            the weights' scale.
         mask: bool, shape of ``target``; False rows are dropped exactly like ``ignore_index`` rows.
 
     Returns:
@@ -119,11 +129,14 @@ def cross_entropy(
         finish()
         return loss
     scale, finish = prepare(logits2d, V, target1d, weight, ignore_index, reduction)
-    loss_rows, _ = _ops.differentiable_rows(logits2d, target1d, weight, weight_sum, *options)
     if reduction == "none":
+        loss_rows, _ = _ops.differentiable_rows(logits2d, target1d, weight, weight_sum, None, *options)
         loss = loss_rows.reshape(shape).to(logits.dtype)
     else:
-        loss = (loss_rows.sum() * scale[0]).to(logits.dtype)
+        # Each row's share of the reduction, weighing its cross-entropy and z-loss terms apart.
+        shares, _ = _ops.differentiable_rows(logits2d, target1d, weight, weight_sum,
+                                             scale.expand(logits2d.shape[0], 2), *options)
+        loss = shares.sum().to(logits.dtype)
     finish()
     return loss
 
@@ -194,17 +207,19 @@ def with_grad_check_later(logits: Tensor, target: Tensor, *, weight: Tensor | No
         rows = row_scale.to(scale.dtype).expand(shape).reshape(-1)
         if transforms_active():  # the op batches rows there, and a per-row scale would not follow them
             scale_after = rows
+            scale = scale[:, 0]
         else:
             scale = rows.contiguous()
+    share = reduction != "none"  # each row's share of the reduction, its two terms scaled apart
     loss_rows, _, grad = _ops.with_grad(
-        logits2d.detach(), target1d, weight, weight_sum, scale,
+        logits2d.detach(), target1d, weight, weight_sum, scale, share,
         *kernel_options(ignore_index, label_smoothing, softcap, z_loss))
     if scale_after is not None:
         grad = grad * scale_after.to(grad.dtype)[:, None]
     grad = grad.reshape(logits.shape)
     if reduction == "none":
         return loss_rows.reshape(shape), grad, finish
-    return loss_rows.sum() * scale[0], grad, finish
+    return loss_rows.sum(), grad, finish
 
 
 class CrossEntropyLoss(nn.Module):

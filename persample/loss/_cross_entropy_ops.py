@@ -3,7 +3,8 @@
 Everything here works on rows: ``logits (N, V)``, ``target (N,)``; arguments arrive checked and
 flattened from :mod:`persample.loss._cross_entropy`. Three ops:
 
-* ``persample::cross_entropy_rows`` — per-row loss and log-sum-exp, made differentiable by
+* ``persample::cross_entropy_rows`` — per-row loss (or, given a scale pair per row, its share of a
+  reduction; see ``kernels/cross_entropy.py``) and log-sum-exp, made differentiable by
   :class:`_CrossEntropyRows` (its backward is ``cross_entropy_rows_bwd``).
 * ``persample::cross_entropy_rows_bwd`` — the gradient from a saved log-sum-exp.
 * ``persample::cross_entropy_with_grad`` — loss, log-sum-exp and the scaled gradient in one kernel.
@@ -14,8 +15,8 @@ the Triton kernels; other CPU tensors run :func:`_rows_torch` / :func:`_grad_tor
 PyTorch.
 
 Outside torch.func transforms and torch.compile, on the Triton path, ``reduction="mean"``/``"sum"`` take a
-faster path, :class:`_FusedMeanSum`: the forward kernel already writes the gradient (scaled by
-1/denominator) and the reduced loss, and the backward multiplies the gradient in place by the upstream
+faster path, :class:`_FusedMeanSum`: the forward kernel already writes the gradient of the reduced loss and
+the reduced loss, and the backward multiplies the gradient in place by the upstream
 scalar, which the kernel skips when it is exactly 1. That needs in-place state, which transforms cannot
 batch or trace, hence the two paths. ``reduction="none"`` has an eager path too, :class:`_FusedNone`, which
 saves the casts and reshapes around the kernels. Both check the targets inside their first kernel
@@ -69,68 +70,92 @@ def _capped(logits, counted, softcap):
     return softcap * torch.tanh(x / softcap) if softcap > 0 else x
 
 
-def _rows_torch(logits, target, weight, weight_sum, ignore_index, label_smoothing, softcap, z_loss):
+def _factors(scale, n, dtype):
+    """The scale pairs (a, b) of the kernels (see kernels/cross_entropy.py), each (n,) or a scalar, from a
+    scale of shape (1,), (n,), (1, 2) or (n, 2)."""
+    scale = scale.to(dtype)
+    if scale.ndim == 2:
+        return scale[:, 0], scale[:, 1]
+    return scale, scale
+
+
+def _rows_torch(logits, target, weight, weight_sum, scale, ignore_index, label_smoothing, softcap, z_loss):
+    """(loss, lse) per row; with ``scale`` the loss is each row's share ``a * CE + b * Z``."""
     V = logits.shape[-1]
     counted, invalid, t = _row_status(target, V, ignore_index)
     s = _capped(logits, counted, softcap)
     lse = torch.logsumexp(s, dim=-1)
     s_t = s.gather(1, t[:, None])[:, 0]
     w_t = weight.to(s.dtype)[t] if weight is not None else 1.0
-    loss = (1.0 - label_smoothing) * w_t * (lse - s_t) + z_loss * lse * lse
+    loss = (1.0 - label_smoothing) * w_t * (lse - s_t)
     if label_smoothing > 0:
         if weight is not None:
             smooth = weight_sum.to(s.dtype) * lse - (s * weight.to(s.dtype)).sum(-1)
         else:
             smooth = V * lse - s.sum(-1)
         loss = loss + (label_smoothing / V) * smooth
+    if scale is None:
+        loss = loss + z_loss * lse * lse
+    else:
+        a, b = _factors(scale, logits.shape[0], s.dtype)
+        loss = a * loss + b * (z_loss * lse * lse)
     loss = torch.where(counted, loss, torch.where(invalid, float("nan"), 0.0))
     return loss, torch.where(counted, lse, 0.0)
 
 
-def _grad_torch(logits, target, weight, weight_sum, lse, scale_rows, ignore_index, label_smoothing, softcap,
-                z_loss):
+def _grad_torch(logits, target, weight, weight_sum, lse, a, b, ignore_index, label_smoothing, softcap, z_loss):
+    """The gradient of ``a_i * CE_i + b_i * Z_i`` per row, ``a`` and ``b`` (N,)."""
     V = logits.shape[-1]
     counted, invalid, t = _row_status(target, V, ignore_index)
     s = _capped(logits, counted, softcap)
     acc = s.dtype
+    a, b = a.to(acc), b.to(acc)
     w_t = weight.to(acc)[t] if weight is not None else torch.ones_like(lse, dtype=acc)
     W = weight_sum.to(acc) if weight is not None else float(V)
-    coef = (1.0 - label_smoothing) * w_t + (label_smoothing / V) * W + 2.0 * z_loss * lse.to(acc)
+    on_target = (1.0 - label_smoothing) * w_t * a
+    smooth = (label_smoothing / V) * a
+    coef = on_target + smooth * W + 2.0 * z_loss * lse.to(acc) * b
     g = torch.exp(s - lse.to(acc)[:, None]) * coef[:, None]
-    g = g - (label_smoothing / V) * (weight.to(acc) if weight is not None else 1.0)
-    g = g.scatter_add(1, t[:, None], -((1.0 - label_smoothing) * w_t)[:, None])
+    g = g - smooth[:, None] * (weight.to(acc) if weight is not None else 1.0)
+    g = g.scatter_add(1, t[:, None], -on_target[:, None])
     if softcap > 0:
         g = g * (1.0 - (s / softcap) ** 2)
-    g = g * scale_rows.to(acc)[:, None]
     g = torch.where(counted[:, None], g, torch.where(invalid[:, None], float("nan"), 0.0))
     return g.to(logits.dtype)
 
 
-def forward_impl(logits, target, weight, weight_sum, grad_scale, ignore_index, label_smoothing, softcap,
-                  z_loss, with_grad, out=None):
-    """(loss, lse, grad or None); grad is ``grad_scale * dL/dlogits``, written to ``out`` when given (which
-    may be ``logits`` itself)."""
+def forward_impl(logits, target, weight, weight_sum, scale, ignore_index, label_smoothing, softcap,
+                  z_loss, with_grad, out=None, share=False):
+    """(loss, lse, grad or None) for a ``scale`` of shape (1,), (N,), (1, 2) or (N, 2) (the pairs ``(a, b)`` of
+    kernels/cross_entropy.py), or None for 1: the loss per row, or with ``share`` its share ``a * CE + b * Z``;
+    grad is the gradient of the shares, written to ``out`` when given (which may be ``logits`` itself)."""
     if use_triton(logits):
         with _on_device_of(logits):
-            return _kernels.cross_entropy_fwd(logits, target, weight, weight_sum, grad_scale, ignore_index,
-                                              label_smoothing, softcap, z_loss, with_grad, out)[:3]
-    loss, lse = _rows_torch(logits, target, weight, weight_sum, ignore_index, label_smoothing, softcap, z_loss)
+            return _kernels.cross_entropy_fwd(logits, target, weight, weight_sum, scale, ignore_index,
+                                              label_smoothing, softcap, z_loss, with_grad, out, share=share)[:3]
+    loss, lse = _rows_torch(logits, target, weight, weight_sum, scale if share else None, ignore_index,
+                            label_smoothing, softcap, z_loss)
     if not with_grad:
         return loss, lse, None
-    scale_rows = grad_scale.to(lse.dtype).expand(lse.shape)
-    grad = _grad_torch(logits, target, weight, weight_sum, lse, scale_rows, ignore_index, label_smoothing,
-                       softcap, z_loss)
+    a, b = _factors(scale, logits.shape[0], lse.dtype)
+    grad = _grad_torch(logits, target, weight, weight_sum, lse, a.expand(lse.shape), b.expand(lse.shape),
+                       ignore_index, label_smoothing, softcap, z_loss)
     return loss, lse, grad if out is None else out.copy_(grad)
 
 
 def backward_impl(logits, target, weight, weight_sum, lse, grad_rows, ignore_index, label_smoothing, softcap,
-                   z_loss, out=None):
+                   z_loss, out=None, scale=None):
+    """The gradient of ``sum_i grad_rows[i] * (a_i * CE_i + b_i * Z_i)`` for the pairs of ``scale`` (None: 1)."""
     if use_triton(logits):  # the kernel reads grad_rows in its own dtype and strides
         with _on_device_of(logits):
             return _kernels.cross_entropy_bwd(logits, target, weight, weight_sum, lse, grad_rows, ignore_index,
-                                              label_smoothing, softcap, z_loss, out)
-    grad = _grad_torch(logits, target, weight, weight_sum, lse, grad_rows, ignore_index, label_smoothing,
-                       softcap, z_loss)
+                                              label_smoothing, softcap, z_loss, out, scale)
+    a = b = grad_rows.to(lse.dtype)
+    if scale is not None:
+        scale_a, scale_b = _factors(scale, logits.shape[0], lse.dtype)
+        a, b = a * scale_a, b * scale_b
+    grad = _grad_torch(logits, target, weight, weight_sum, lse, a.expand(lse.shape), b.expand(lse.shape),
+                       ignore_index, label_smoothing, softcap, z_loss)
     return grad if out is None else out.copy_(grad)
 
 
@@ -146,48 +171,53 @@ def scale_impl(grad: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------------
 
 
+# ``scale`` of the row ops: None, or a pair per row (N, 2) (a row argument under vmap, like the targets), which
+# makes the loss each row's share of a reduction (see kernels/cross_entropy.py).
+
+
 @torch.library.custom_op(f"{_LIB}::cross_entropy_rows", mutates_args=())
 def cross_entropy_rows(
     logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None, weight_sum: torch.Tensor | None,
-    ignore_index: int, label_smoothing: float, softcap: float, z_loss: float,
+    scale: torch.Tensor | None, ignore_index: int, label_smoothing: float, softcap: float, z_loss: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    loss, lse, _ = forward_impl(logits, target, weight, weight_sum, None, ignore_index, label_smoothing,
-                                 softcap, z_loss, False)
+    loss, lse, _ = forward_impl(logits, target, weight, weight_sum, scale, ignore_index, label_smoothing,
+                                 softcap, z_loss, False, share=scale is not None)
     return loss, lse
 
 
 @torch.library.custom_op(f"{_LIB}::cross_entropy_rows_bwd", mutates_args=())
 def cross_entropy_rows_bwd(
     logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None, weight_sum: torch.Tensor | None,
-    lse: torch.Tensor, grad_rows: torch.Tensor, ignore_index: int, label_smoothing: float, softcap: float,
-    z_loss: float,
+    scale: torch.Tensor | None, lse: torch.Tensor, grad_rows: torch.Tensor, ignore_index: int,
+    label_smoothing: float, softcap: float, z_loss: float,
 ) -> torch.Tensor:
     return backward_impl(logits, target, weight, weight_sum, lse, grad_rows, ignore_index, label_smoothing,
-                          softcap, z_loss)
+                          softcap, z_loss, scale=scale)
 
 
 @torch.library.custom_op(f"{_LIB}::cross_entropy_with_grad", mutates_args=())
 def cross_entropy_with_grad(
     logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None, weight_sum: torch.Tensor | None,
-    grad_scale: torch.Tensor, ignore_index: int, label_smoothing: float, softcap: float, z_loss: float,
+    grad_scale: torch.Tensor, share: bool, ignore_index: int, label_smoothing: float, softcap: float,
+    z_loss: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return forward_impl(logits, target, weight, weight_sum, grad_scale, ignore_index, label_smoothing,
-                         softcap, z_loss, True)
+                         softcap, z_loss, True, share=share)
 
 
 @cross_entropy_rows.register_fake
-def _(logits, target, weight, weight_sum, ignore_index, label_smoothing, softcap, z_loss):
+def _(logits, target, weight, weight_sum, scale, ignore_index, label_smoothing, softcap, z_loss):
     rows = logits.new_empty(logits.shape[:1], dtype=_acc(logits.dtype))
     return rows, torch.empty_like(rows)
 
 
 @cross_entropy_rows_bwd.register_fake
-def _(logits, target, weight, weight_sum, lse, grad_rows, ignore_index, label_smoothing, softcap, z_loss):
+def _(logits, target, weight, weight_sum, scale, lse, grad_rows, ignore_index, label_smoothing, softcap, z_loss):
     return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
 
 @cross_entropy_with_grad.register_fake
-def _(logits, target, weight, weight_sum, grad_scale, ignore_index, label_smoothing, softcap, z_loss):
+def _(logits, target, weight, weight_sum, grad_scale, share, ignore_index, label_smoothing, softcap, z_loss):
     rows = logits.new_empty(logits.shape[:1], dtype=_acc(logits.dtype))
     return rows, torch.empty_like(rows), torch.empty_like(logits, memory_format=torch.contiguous_format)
 
@@ -201,18 +231,18 @@ class _CrossEntropyRows(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(logits, target, weight, weight_sum, ignore_index, label_smoothing, softcap, z_loss):
-        args = (logits, target, weight, weight_sum, ignore_index, label_smoothing, softcap, z_loss)
+    def forward(logits, target, weight, weight_sum, scale, ignore_index, label_smoothing, softcap, z_loss):
+        args = (logits, target, weight, weight_sum, scale, ignore_index, label_smoothing, softcap, z_loss)
         if transforms_active():  # the op carries the vmap rule and stays opaque to torch.compile
             return cross_entropy_rows(*args)
         # Plain eager: skip the custom-op dispatcher, whose Python overhead is larger than a small kernel.
-        loss, lse, _ = forward_impl(*args[:4], None, *args[4:], False)
+        loss, lse, _ = forward_impl(*args, False, share=scale is not None)
         return loss, lse
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        logits, target, weight, weight_sum, *options = inputs
-        ctx.save_for_backward(logits, target, weight, weight_sum, output[1])
+        logits, target, weight, weight_sum, scale, *options = inputs
+        ctx.save_for_backward(logits, target, weight, weight_sum, scale, output[1])
         ctx.options = options
         ctx.mark_non_differentiable(output[1])
         ctx.set_materialize_grads(False)  # no zeros for the lse's gradient, which is never used
@@ -220,9 +250,9 @@ class _CrossEntropyRows(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, grad_lse):
         if grad_loss is None:
-            return None, None, None, None, None, None, None, None
-        logits, target, weight, weight_sum, lse = ctx.saved_tensors
-        args = (logits, target, weight, weight_sum, lse, grad_loss, *ctx.options)
+            return None, None, None, None, None, None, None, None, None
+        logits, target, weight, weight_sum, scale, lse = ctx.saved_tensors
+        args = (logits, target, weight, weight_sum, scale, lse, grad_loss, *ctx.options)
         if torch.compiler.is_compiling():
             # torch.compile traces the op itself (nested autograd.Functions in a backward trip Dynamo).
             grad = cross_entropy_rows_bwd(*args)
@@ -231,8 +261,8 @@ class _CrossEntropyRows(torch.autograd.Function):
             # and refuses to be differentiated again.
             grad = _CrossEntropyRowsBwd.apply(*args)
         else:
-            grad = backward_impl(*args)
-        return grad, None, None, None, None, None, None, None
+            grad = backward_impl(*args[:4], lse, grad_loss, *ctx.options, scale=scale)
+        return grad, None, None, None, None, None, None, None, None
 
 
 class _CrossEntropyRowsBwd(torch.autograd.Function):
@@ -242,8 +272,8 @@ class _CrossEntropyRowsBwd(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(logits, target, weight, weight_sum, lse, grad_loss, *options):
-        return cross_entropy_rows_bwd(logits, target, weight, weight_sum, lse, grad_loss, *options)
+    def forward(logits, target, weight, weight_sum, scale, lse, grad_loss, *options):
+        return cross_entropy_rows_bwd(logits, target, weight, weight_sum, scale, lse, grad_loss, *options)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -255,19 +285,24 @@ class _CrossEntropyRowsBwd(torch.autograd.Function):
                                   "(double backward, hessian, jacrev of grad)")
 
 
-def with_grad(logits, target, weight, weight_sum, grad_scale, ignore_index, label_smoothing, softcap, z_loss):
-    """(loss (N,), lse (N,), grad_scale * dL/dlogits (N, V)), not differentiable. Plain eager calls skip the
-    custom op's dispatcher (its Python overhead is a sizeable part of one call); transforms need the op."""
-    args = (logits, target, weight, weight_sum, grad_scale, ignore_index, label_smoothing, softcap, z_loss)
+def with_grad(logits, target, weight, weight_sum, grad_scale, share, ignore_index, label_smoothing, softcap,
+              z_loss):
+    """(loss (N,), lse (N,), gradient (N, V)) for the scale ``grad_scale`` (see :func:`forward_impl`): the loss
+    per row, or with ``share`` its share of a reduction, and the gradient of the shares; not differentiable.
+    Plain eager calls skip the custom op's dispatcher (its Python overhead is a sizeable part of one call);
+    transforms need the op."""
     if transforms_active():
-        return cross_entropy_with_grad(*args)
-    return forward_impl(*args, True)
+        return cross_entropy_with_grad(logits, target, weight, weight_sum, grad_scale, share, ignore_index,
+                                       label_smoothing, softcap, z_loss)
+    return forward_impl(logits, target, weight, weight_sum, grad_scale, ignore_index, label_smoothing, softcap,
+                        z_loss, True, share=share)
 
 
-def differentiable_rows(logits, target, weight, weight_sum, ignore_index, label_smoothing, softcap, z_loss):
-    """(loss (N,), lse (N,)), differentiable w.r.t. logits under autograd and torch.func."""
-    return _CrossEntropyRows.apply(logits, target, weight, weight_sum, ignore_index, label_smoothing, softcap,
-                                   z_loss)
+def differentiable_rows(logits, target, weight, weight_sum, scale, ignore_index, label_smoothing, softcap, z_loss):
+    """(loss (N,), lse (N,)), differentiable w.r.t. logits under autograd and torch.func; with ``scale``, a
+    pair per row (N, 2), the loss is each row's share ``a * CE + b * Z`` of a reduction."""
+    return _CrossEntropyRows.apply(logits, target, weight, weight_sum, scale, ignore_index, label_smoothing,
+                                   softcap, z_loss)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -292,6 +327,8 @@ def _rowwise_vmap(op, row_args: tuple[int, ...]):
             n_rows = None
             for i in row_args:
                 a, d = args[i], in_dims[i]
+                if a is None:
+                    continue
                 a = a.movedim(d, 0) if d is not None else a.expand(B, *a.shape)
                 n_rows = a.shape[1]
                 flat[i] = a.reshape(B * n_rows, *a.shape[2:])
@@ -304,8 +341,8 @@ def _rowwise_vmap(op, row_args: tuple[int, ...]):
     return rule
 
 
-torch.library.register_vmap(cross_entropy_rows, _rowwise_vmap(cross_entropy_rows, (0, 1)))
-torch.library.register_vmap(cross_entropy_rows_bwd, _rowwise_vmap(cross_entropy_rows_bwd, (0, 1, 4, 5)))
+torch.library.register_vmap(cross_entropy_rows, _rowwise_vmap(cross_entropy_rows, (0, 1, 4)))
+torch.library.register_vmap(cross_entropy_rows_bwd, _rowwise_vmap(cross_entropy_rows_bwd, (0, 1, 4, 5, 6)))
 torch.library.register_vmap(cross_entropy_with_grad, _rowwise_vmap(cross_entropy_with_grad, (0, 1)))
 
 
@@ -334,9 +371,8 @@ class _FusedMeanSum(torch.autograd.Function):
         # out as a gradient, so recompute from the logits instead of scaling it twice.
         logits, target, weight, weight_sum, lse, scale = ctx.saved_tensors
         grad_rows = grad_output.to(lse.dtype).expand(lse.shape)
-        if scale is not None:
-            grad_rows = grad_rows * scale
-        return backward_impl(logits, target, weight, weight_sum, lse, grad_rows, *ctx.options), *([None] * 6)
+        return (backward_impl(logits, target, weight, weight_sum, lse, grad_rows, *ctx.options, scale=scale),
+                *([None] * 6))
 
 
 def _eager_apply(function):

@@ -136,13 +136,20 @@ def linear_cross_entropy(
     return loss.reshape(shape) if reduction == "none" else loss
 
 
-def _per_example_mean_scale(target: Tensor, class_weight: Tensor | None, ignore_index: int, dtype) -> Tensor:
-    """1 / (sum of each example's counted target weights), 0 for an example with none; (B, T) -> (B,)."""
+def _per_example_scale(target: Tensor, class_weight: Tensor | None, ignore_index: int, reduction: Reduction,
+                       dtype) -> Tensor:
+    """Each example's scale pair (B, 2) for target (B, T): for ``"mean"`` 1 / (sum of its counted target
+    weights) for the cross-entropy and 1 / (number of its counted tokens) for the z-loss, each 0 when its
+    denominator is; for ``"sum"`` 1 and 1."""
+    if reduction == "sum":
+        return torch.ones(target.shape[0], 2, dtype=dtype, device=target.device)
     counted = target != ignore_index
+    count = counted.sum(1, dtype=dtype)
     if class_weight is None:
-        denom = counted.sum(1, dtype=dtype)
+        denom = torch.stack([count, count], 1)
     else:
-        denom = torch.where(counted, class_weight.to(dtype)[torch.where(counted, target, 0)], 0.0).sum(1)
+        weight_sum = torch.where(counted, class_weight.to(dtype)[torch.where(counted, target, 0)], 0.0).sum(1)
+        denom = torch.stack([weight_sum, count], 1)
     return torch.where(denom > 0, 1.0 / torch.where(denom > 0, denom, 1.0), 0.0)
 
 
@@ -173,12 +180,14 @@ def linear_cross_entropy_head_grad_norms(
 
     Example ``i`` has the tokens ``hidden[i]`` and its loss is ``L_i = cross_entropy(hidden[i] @ weight.T +
     bias, target[i], reduction=reduction, ...)``: the ``"mean"`` over its counted tokens (0 when none is
-    counted) or their ``"sum"``. This returns ``L_i`` and ``||dL_i/dweight||_F`` and ``||dL_i/dbias||``
-    computed with the ghost-norm identity ``||G.T @ A||_F^2 = <A @ A.T, G @ G.T>`` (``A``: the example's
-    token states, ``G``: its logit gradients), which needs ``T x T`` matrices instead of the ``V x d``
-    gradient. Cost: one more forward pass over the head plus ``O(B * T^2 * (V + d))``; memory: one chunk of
-    whole examples' logits (at least one example, ``T x V``) and ``T x T`` Grams in float32. Cheaper than
-    forming per-example gradients while ``T`` is below about ``d``.
+    counted; with ``class_weight`` the weighted mean of the cross-entropy plus the plain mean of the z-loss
+    terms, as :func:`persample.cross_entropy`) or their ``"sum"``. This returns ``L_i`` and
+    ``||dL_i/dweight||_F`` and ``||dL_i/dbias||`` computed with the ghost-norm identity
+    ``||G.T @ A||_F^2 = <A @ A.T, G @ G.T>`` (``A``: the example's token states, ``G``: its logit gradients),
+    which needs ``T x T`` matrices instead of the ``V x d`` gradient. Cost: one more forward pass over the
+    head plus ``O(B * T^2 * (V + d))``; memory: one chunk of whole examples' logits (at least one example,
+    ``T x V``) and ``T x T`` Grams in float32. Cheaper than forming per-example gradients while ``T`` is
+    below about ``d``.
 
     Args:
         hidden: ``(B, T, d)``; weight: ``(V, d)``; target: ``(B, T)``; bias: ``(V,)`` or None.
@@ -205,12 +214,10 @@ def linear_cross_entropy_head_grad_norms(
     B, T, _ = hidden.shape
     target2d = target1d.reshape(B, T)
     with torch.no_grad():
+        scale = _per_example_scale(target2d, class_weight, ignore_index, reduction,
+                                   torch.float64 if hidden.dtype == torch.float64 else torch.float32)
         loss, weight_norm, bias_norm = _ops.head_grad_norms(
             hidden.detach(), weight.detach(), bias.detach() if bias is not None else None, target2d, class_weight,
             class_weight_sum, kernel_options(ignore_index, label_smoothing, softcap, z_loss),
-            chunk_size or _ops.default_chunk_size(B * T))
-        if reduction == "mean":
-            scale = _per_example_mean_scale(target2d, class_weight, ignore_index, loss.dtype)
-            loss, weight_norm = loss * scale, weight_norm * scale
-            bias_norm = bias_norm * scale if bias_norm is not None else None
+            chunk_size or _ops.default_chunk_size(B * T), scale)
     return HeadGradNorms(loss, weight_norm, bias_norm)

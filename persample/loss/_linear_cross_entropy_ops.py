@@ -15,11 +15,15 @@ cuBLAS, so there is one rounding per chunk.
 Two schedules, both in :class:`_LinearCrossEntropy`:
 
 * ``reduction="mean"``/``"sum"`` with gradients needed: the forward computes the gradients too (the kernel
-  writes ``G`` already scaled by 1/denominator, a device scalar, so no host sync), and the backward scales
-  them in place by the upstream scalar (free when it is 1). Matmuls: 3 passes, as for the unfused layer.
+  writes ``G`` already scaled by the reduction's scale pair, device scalars, so no host sync: the mean's
+  1/sum of weights for the cross-entropy and 1/count for the z-loss), and the backward scales them in place by
+  the upstream scalar (free when it is 1). Matmuls: 3 passes, as for the unfused layer.
 * ``reduction="none"`` (an upstream gradient per token), or a second backward through a retained graph: the
   forward keeps only the per-row log-sum-exp; the backward recomputes each chunk's logits and writes
   ``grad_rows * G`` from the saved log-sum-exp. Matmuls: 4 passes.
+
+For ``"mean"``/``"sum"`` the loss is the sum of the rows' shares (each row's terms scaled by the pair), so the
+cross-entropy and z-loss terms are never separated by a subtraction.
 
 :func:`head_grad_norms` gives each example's gradient norm of the head for DP clipping by the "ghost norm"
 identity, for an example with token rows ``A (T, d)`` and logit gradients ``G (T, V)``:
@@ -104,54 +108,56 @@ def _chunks(N: int, chunk: int):
 
 
 def forward_chunks(hidden, weight, bias, target, class_weight, class_weight_sum, options, chunk: int,
-                   grad_scale: Tensor | None, needs: Needs) -> tuple[Tensor, Tensor, _Grads | None]:
-    """Per-row loss (N,) and log-sum-exp (N,), in float32 (float64 for float64); with ``grad_scale`` also the
-    gradients of ``grad_scale * sum(loss)``."""
+                   scale: Tensor | None, needs: Needs, with_grad: bool) -> tuple[Tensor, Tensor, _Grads | None]:
+    """Per-row loss (N,) and log-sum-exp (N,), in float32 (float64 for float64); with ``scale`` (a pair (1, 2),
+    see kernels/cross_entropy.py) each row's share of the reduction instead of its loss, and ``with_grad`` the
+    gradients of the shares' sum."""
     N, V = hidden.shape[0], weight.shape[0]
     acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     loss = torch.empty(N, dtype=acc, device=hidden.device)
     lse = torch.empty(N, dtype=acc, device=hidden.device)
-    grads = _Grads(hidden, weight, bias, needs) if grad_scale is not None else None
+    grads = _Grads(hidden, weight, bias, needs) if with_grad else None
     buffer = hidden.new_empty(min(chunk, N), V)
     for start, end in _chunks(N, chunk):
         logits = _chunk_logits(hidden[start:end], weight, bias, buffer[:end - start])
         loss[start:end], lse[start:end], g = _ce.forward_impl(
-            logits, target[start:end], class_weight, class_weight_sum, grad_scale, *options,
-            with_grad=grads is not None, out=logits)
+            logits, target[start:end], class_weight, class_weight_sum, scale, *options,
+            with_grad=grads is not None, out=logits, share=scale is not None)
         if grads is not None:
             grads.add(g, hidden[start:end], weight, start, first=start == 0)
     return loss, lse, grads
 
 
 def backward_chunks(hidden, weight, bias, target, class_weight, class_weight_sum, options, chunk: int,
-                    lse: Tensor, grad_rows: Tensor, needs: Needs) -> _Grads:
-    """Gradients of ``sum(grad_rows * loss)`` from the saved log-sum-exp, recomputing each chunk's logits."""
+                    lse: Tensor, grad_rows: Tensor, needs: Needs, scale: Tensor | None) -> _Grads:
+    """Gradients of ``sum(grad_rows * loss)`` from the saved log-sum-exp, recomputing each chunk's logits; with
+    ``scale`` (a pair (1, 2)) of ``sum(grad_rows * share)``."""
     N, V = hidden.shape[0], weight.shape[0]
     grads = _Grads(hidden, weight, bias, needs)
     buffer = hidden.new_empty(min(chunk, N), V)
     for start, end in _chunks(N, chunk):
         logits = _chunk_logits(hidden[start:end], weight, bias, buffer[:end - start])
         g = _ce.backward_impl(logits, target[start:end], class_weight, class_weight_sum, lse[start:end],
-                               grad_rows[start:end], *options, out=logits)
+                               grad_rows[start:end], *options, out=logits, scale=scale)
         grads.add(g, hidden[start:end], weight, start, first=start == 0)
     return grads
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
-    """Loss rows (``"none"``) or their scaled sum (``"mean"``: scale = 1/denominator, ``"sum"``: 1)."""
+    """Loss rows (``"none"``) or the sum of their shares (``"mean"`` and ``"sum"``, for the scale pair)."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, target, class_weight, class_weight_sum, scale, reduction, chunk,
                 needs, options):
-        eager = reduction != "none" and any(needs)
+        reduce = reduction != "none"
         loss, lse, grads = forward_chunks(hidden, weight, bias, target, class_weight, class_weight_sum, options,
-                                          chunk, scale if eager else None, needs)
+                                          chunk, scale if reduce else None, needs, reduce and any(needs))
         ctx.save_for_backward(hidden, weight, bias, target, class_weight, class_weight_sum, scale, lse)
         ctx.reduction, ctx.chunk, ctx.needs, ctx.options = reduction, chunk, needs, options
         ctx.grads = grads  # handed out by the first backward, then dropped
         if reduction == "none":
             return loss.to(hidden.dtype)
-        return (loss.sum() * scale[0]).to(hidden.dtype)
+        return loss.sum().to(hidden.dtype)
 
     @staticmethod
     def backward(ctx, grad_output):
@@ -162,12 +168,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
         else:
             # reduction="none", or a second backward (retain_graph=True) after the precomputed gradients
             # went out: recompute from the inputs.
-            if ctx.reduction == "none":
-                grad_rows = grad_output.to(lse.dtype)
-            else:
-                grad_rows = (grad_output.to(lse.dtype) * scale.to(lse.dtype)).expand(lse.shape)
+            none = ctx.reduction == "none"
+            grad_rows = grad_output.to(lse.dtype).expand(lse.shape)
             grads = backward_chunks(hidden, weight, bias, target, class_weight, class_weight_sum, ctx.options,
-                                    ctx.chunk, lse, grad_rows.contiguous(), ctx.needs)
+                                    ctx.chunk, lse, grad_rows.contiguous(), ctx.needs, None if none else scale)
         return *grads.outputs(bias), *([None] * 8)
 
 
@@ -188,24 +192,26 @@ def _gram(x: Tensor) -> Tensor:
 
 
 def head_grad_norms(hidden, weight, bias, target, class_weight, class_weight_sum, options,
-                    chunk: int) -> tuple[Tensor, Tensor, Tensor | None]:
-    """For ``hidden (B, T, d)`` and ``target (B, T)``: each example's summed loss (B,) and the norms (B,) of
-    the gradient of that sum w.r.t. ``weight`` and ``bias`` (None without a bias)."""
+                    chunk: int, scale: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+    """For ``hidden (B, T, d)``, ``target (B, T)`` and each example's scale pair ``scale (B, 2)`` (see
+    kernels/cross_entropy.py): each example's loss, the sum of its rows' shares (B,), and the norms (B,) of its
+    gradient w.r.t. ``weight`` and ``bias`` (None without a bias)."""
     B, T, d = hidden.shape
     V = weight.shape[0]
     acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     loss = torch.empty(B, dtype=acc, device=hidden.device)
     weight_sq = torch.empty(B, dtype=acc, device=hidden.device)
     bias_sq = torch.empty(B, dtype=acc, device=hidden.device)
-    one = torch.ones(1, dtype=acc, device=hidden.device)
     per_chunk = max(1, chunk // max(T, 1))
     buffer = hidden.new_empty(min(per_chunk, B) * T, V)
     for start, end in _chunks(B, per_chunk):
         k = end - start
         rows = hidden[start:end].reshape(k * T, d)
         logits = _chunk_logits(rows, weight, bias, buffer[:k * T])
+        row_scale = scale[start:end, None, :].expand(k, T, 2).reshape(k * T, 2)
         loss_rows, _, g = _ce.forward_impl(logits, target[start:end].reshape(-1), class_weight,
-                                            class_weight_sum, one, *options, with_grad=True, out=logits)
+                                            class_weight_sum, row_scale, *options, with_grad=True, out=logits,
+                                            share=True)
         gg = _gram(g.view(k, T, V))
         loss[start:end] = loss_rows.view(k, T).sum(1)
         weight_sq[start:end] = (gg * _gram(rows.view(k, T, d))).sum((1, 2))

@@ -124,7 +124,7 @@ def no_check() -> None:
 
 def prepare(scores2d, V, target1d, weight, ignore_index, reduction,
              scores_name="logits") -> tuple[Tensor, Callable[[], None]]:
-    """The reduction's scale (1,) (see :func:`reduction_scale`) and the target range check, returned as
+    """The reduction's scale pair (1, 2) (see :func:`reduction_scale`) and the target range check, returned as
     ``(scale, finish)``: ``finish()`` raises ValueError for a class index outside ``[0, V)``. ``scores2d``
     (the logits, or the hidden states of a fused head) gives the device and the accumulation dtype.
 
@@ -151,19 +151,31 @@ def check_targets_later(target: Tensor, V: int, ignore_index: int) -> Callable[[
     return prepare(target1d, V, target1d, None, ignore_index, "none")[1]
 
 
+_FLOAT32_TINY = torch.finfo(torch.float32).tiny
+
+
+def _kernel_weight(value) -> float:
+    """A nonnegative option that the kernels take as a float32 scalar: 0 below float32's smallest normal, where
+    the kernels would see a subnormal (flushed to zero on GPUs, and mis-rounded by Triton's interpreter)."""
+    value = float(value)
+    return value if value >= _FLOAT32_TINY else 0.0
+
+
 def kernel_options(ignore_index, label_smoothing, softcap, z_loss):
-    return int(ignore_index), float(label_smoothing), float(softcap or 0.0), float(z_loss)
+    return int(ignore_index), _kernel_weight(label_smoothing), float(softcap or 0.0), _kernel_weight(z_loss)
 
 
 def reduction_scale(scores2d, target, weight, ignore_index, reduction) -> Tensor:
-    """What the summed loss is multiplied by, shape (1,): for "mean" 1 / (sum of target weights over counted
-    rows), or 0 when nothing is counted; otherwise 1."""
+    """What the rows' cross-entropy and z-loss terms are multiplied by before they are summed, shape (1, 2): for
+    "mean" 1 / (sum of the target weights over counted rows) and 1 / (number of counted rows), each 0 when its
+    denominator is; otherwise 1 and 1. The z-loss's mean thus does not depend on the weights' scale."""
     acc = torch.float64 if scores2d.dtype == torch.float64 else torch.float32
     if reduction != "mean":
-        return torch.ones(1, dtype=acc, device=scores2d.device)
+        return torch.ones(1, 2, dtype=acc, device=scores2d.device)
     counted = target != ignore_index
+    count = counted.sum(dtype=acc)
     if weight is None:
-        denom = counted.sum(dtype=acc)
+        denom = torch.stack([count, count])
     else:
-        denom = torch.where(counted, weight.to(acc)[torch.where(counted, target, 0)], 0.0).sum()
-    return torch.where(denom > 0, 1.0 / torch.where(denom > 0, denom, 1.0), 0.0).reshape(1)
+        denom = torch.stack([torch.where(counted, weight.to(acc)[torch.where(counted, target, 0)], 0.0).sum(), count])
+    return torch.where(denom > 0, 1.0 / torch.where(denom > 0, denom, 1.0), 0.0).reshape(1, 2)

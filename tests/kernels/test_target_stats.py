@@ -15,8 +15,9 @@ def _expected(target, V, weight, ignore_index, mean):
     in_range = (target >= 0) & (target < V)
     counted = kept & in_range
     w = weight.double()[target[counted]] if weight is not None else torch.ones(int(counted.sum()), dtype=torch.float64)
-    total = w.sum().item()
-    scale = (1.0 / total if total > 0 else 0.0) if mean else 1.0
+    total, count = w.sum().item(), int(counted.sum())
+    # The pair: the cross-entropy's weighted mean, the z-loss's plain mean over the counted rows.
+    scale = [1.0 / total if total > 0 else 0.0, 1.0 / count if count else 0.0] if mean else [1.0, 1.0]
     bad = (kept & ~in_range).nonzero()
     return scale, kernels.FIRST_BAD + int(bad[0, 0]) if len(bad) else kernels.IN_RANGE
 
@@ -42,7 +43,8 @@ def test_scale_and_verdict(N, bad, mean, weighted):
     weight = torch.rand(V, generator=g, dtype=torch.float64).float() + 0.1 if weighted else None
     scale, verdict = _stats(target, V, weight, -100, mean, torch.float32)
     expected_scale, expected_verdict = _expected(target, V, weight, -100, mean)
-    assert scale.item() == pytest.approx(expected_scale, rel=1e-6)
+    assert scale.shape == (1, 2)
+    assert scale[0].tolist() == pytest.approx(expected_scale, rel=1e-6)
     assert verdict == expected_verdict
     assert (verdict == kernels.IN_RANGE) == (not bad or not N)
 
@@ -52,11 +54,11 @@ def test_first_bad_target_is_reported(bad):
     target = torch.tensor([3] * 70 + [bad, 99, -100, 2])  # the first bad one sits in the second block
     scale, verdict = _stats(target, 11, None, -100, True, torch.float32)
     assert verdict == kernels.FIRST_BAD + 70
-    assert scale.item() == pytest.approx(1 / 71)  # the bad rows (bad and 99) are not counted
+    assert scale[0].tolist() == pytest.approx([1 / 71, 1 / 71])  # the bad rows (bad and 99) are not counted
 
 
 def test_all_ignored_mean_scale_is_zero():
     target = torch.full((9,), 5)
     scale, verdict = _stats(target, 8, None, 5, True, torch.float64)
-    assert scale.dtype == torch.float64 and scale.item() == 0.0
+    assert scale.dtype == torch.float64 and scale[0].tolist() == [0.0, 0.0]
     assert verdict == kernels.IN_RANGE

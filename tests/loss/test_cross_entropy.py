@@ -427,3 +427,85 @@ def test_cuda_large_vocab_crosses_blocks():
     for dtype in (torch.bfloat16, torch.float32):
         check_value_and_grad((16, 40000), dtype, "cuda", "mean", OPTIONS["all"])
         check_value_and_grad((16, 40000), dtype, "cuda", "none", OPTIONS["plain"])
+
+
+# ---------------------------------------------------------------------------------------------------
+# The z-loss under class weights: F.cross_entropy's weighted mean plus the plain mean of the z terms
+# (issue 17; Liger-Kernel's tests gave 8.58290599 against 8.57712318 here when the z terms were weighted)
+# ---------------------------------------------------------------------------------------------------
+
+
+def _weighted_with_z(x, target, weight, reduction, z_loss, label_smoothing):
+    """The documented semantics spelled out in float64, independently of tests/reference.py."""
+    counted = target != -100
+    ce = F.cross_entropy(x, target, weight=weight, reduction=reduction, label_smoothing=label_smoothing)
+    z_rows = z_loss * torch.logsumexp(torch.where(counted[:, None], x, 0.0), -1) ** 2 * counted
+    if reduction == "none":
+        return ce + z_rows
+    if reduction == "sum":
+        return ce + z_rows.sum()
+    return ce + z_rows.sum() / counted.sum()
+
+
+def _paths(path, monkeypatch):
+    if path == "pytorch":
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+    elif not (CUDA or interpreting()):
+        pytest.skip("the kernels need CUDA or TRITON_INTERPRET=1")
+    return "cuda" if CUDA and path == "kernel" else "cpu"
+
+
+@pytest.mark.parametrize("path", ["kernel", "pytorch"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_z_loss_does_not_depend_on_the_weights_scale(reduction, path, monkeypatch):
+    device = _paths(path, monkeypatch)
+    logits = torch.randn(7, 37, dtype=torch.float64, device=device) * 3
+    target = torch.randint(0, 37, (7,), device=device)
+    target[2] = -100
+    weight = torch.rand(37, dtype=torch.float64, device=device) + 0.5
+    upstream = torch.rand(7 if reduction == "none" else (), dtype=torch.float64, device=device) + 0.5
+    opts = dict(z_loss=1e-2, label_smoothing=0.1)
+    means = []
+    for factor in (1.0, 2.0, 1e-3, 1e4):
+        w = weight * factor
+        x = logits.clone().requires_grad_()
+        ref_x = logits.clone().requires_grad_()
+        loss = persample.cross_entropy(x, target, weight=w, reduction=reduction, **opts)  # the training path
+        expected = _weighted_with_z(ref_x, target, w, reduction, **opts)
+        loss.backward(upstream)
+        expected.backward(upstream)
+        # (The kernels take the options as float32 scalars: 1e-7, not float64's rounding.)
+        assert rel_err(loss, expected) < TOL[torch.float64]
+        assert rel_err(x.grad, ref_x.grad) < TOL[torch.float64]
+        with torch.no_grad():  # the path of evaluation and transforms
+            assert rel_err(persample.cross_entropy(logits, target, weight=w, reduction=reduction, **opts),
+                           expected) < TOL[torch.float64]
+        value, dlogits = persample.cross_entropy_with_grad(logits, target, weight=w, reduction=reduction, **opts)
+        assert rel_err(value, expected) < TOL[torch.float64]
+        if reduction != "none":
+            assert rel_err(dlogits, ref_x.grad / upstream) < TOL[torch.float64]
+        means.append(loss.detach())
+    if reduction == "mean":  # scaling every class weight changes nothing
+        assert all(rel_err(m, means[0]) < 1e-12 for m in means)
+
+
+@pytest.mark.parametrize("path", ["kernel", "pytorch"])
+def test_z_loss_under_weights_per_example_with_vmap(path, monkeypatch):
+    # Each example's mean over its tokens under vmap(grad): the pair of scales is batched with the examples.
+    device = _paths(path, monkeypatch)
+    B, T, D, V = 3, 4, 5, 23
+    inputs = torch.randn(B, T, D, dtype=torch.float64, device=device)
+    target = torch.randint(0, V, (B, T), device=device)
+    target[1, :3] = -100
+    head = torch.randn(V, D, dtype=torch.float64, device=device)
+    weight = torch.rand(V, dtype=torch.float64, device=device) + 0.1
+
+    def loss_fn(h, x, t, w):
+        return persample.cross_entropy(x @ h.T, t, weight=w, z_loss=0.05)
+
+    for factor in (1.0, 2.0):
+        per_example = vmap(grad(loss_fn), in_dims=(None, 0, 0, None))(head, inputs, target, weight * factor)
+        for i in range(B):
+            h = head.clone().requires_grad_()
+            _weighted_with_z(inputs[i] @ h.T, target[i], weight, "mean", 0.05, 0.0).backward()
+            assert rel_err(per_example[i], h.grad) < TOL[torch.float64]

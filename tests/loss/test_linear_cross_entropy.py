@@ -59,14 +59,17 @@ def _reference(hidden, weight, target, bias=None, class_weight=None, reduction="
     rows = F.cross_entropy(zf, tf, weight=cw, ignore_index=IGNORE, reduction="none",
                            label_smoothing=label_smoothing)
     counted = tf != IGNORE
-    rows = rows + z_loss * torch.logsumexp(zf, -1) ** 2 * counted
+    z_rows = z_loss * torch.logsumexp(zf, -1) ** 2 * counted
     if reduction == "none":
-        return rows.reshape(target.shape)
+        return (rows + z_rows).reshape(target.shape)
     if reduction == "sum":
-        return rows.sum()
+        return rows.sum() + z_rows.sum()
+    # The weighted mean of the cross-entropy, the plain mean of the z-loss terms over the counted rows.
     w_t = cw[torch.where(counted, tf, 0)] if cw is not None else torch.ones_like(rows)
     denom = (w_t * counted).sum()
-    return rows.sum() / denom if denom > 0 else rows.sum() * 0
+    count = counted.sum()
+    return ((rows.sum() / denom if denom > 0 else rows.sum() * 0)
+            + (z_rows.sum() / count if count > 0 else z_rows.sum() * 0))
 
 
 def _loss_and_grads(fn, hidden, weight, bias, upstream, **kw):
@@ -277,3 +280,33 @@ def test_cuda_matches_plain_composition(dtype):
     expected = _materialized_norms(hidden.detach().view(10, 100, d), weight.detach(), target.view(10, 100), None,
                                    "mean")
     torch.testing.assert_close(norms.weight.double(), expected[1], rtol=tol, atol=0)
+
+
+@pytest.mark.parametrize("factor", [1.0, 2.0, 2.0**-10])
+def test_z_loss_under_class_weights_does_not_depend_on_their_scale(factor):
+    # The mean is F.cross_entropy's weighted mean plus the plain mean of the z terms over the counted rows
+    # (issue 17): the same loss and gradients for class weights scaled by any factor, on every schedule (the
+    # gradients from the forward, their recomputation in a second backward, no grad) and in the head's norms.
+    hidden, weight, bias, target, g = _problem((3, 7), torch.float64)
+    class_weight = torch.rand(V, generator=g, dtype=torch.float64) + 0.5
+    opts = dict(label_smoothing=0.25, z_loss=2.0**-3)
+    leaves = [t.detach().clone().requires_grad_() for t in (hidden, weight, bias)]
+    loss = linear_cross_entropy(*leaves[:2], target, bias=leaves[2], class_weight=class_weight * factor,
+                                chunk_size=5, **opts)
+    first = torch.autograd.grad(loss, leaves, retain_graph=True)
+    second = torch.autograd.grad(loss, leaves)
+    ref, ref_grads = _loss_and_grads(lambda h, w, bias, **k: _reference(h, w, target, bias=bias, **k), hidden,
+                                     weight, bias, torch.tensor(1.0, dtype=torch.float64),
+                                     class_weight=class_weight, **opts)
+    _assert_close(loss, ref, torch.float64)
+    for a, b, expected in zip(first, second, ref_grads, strict=True):
+        _assert_close(a, expected, torch.float64)
+        _assert_close(b, expected, torch.float64)
+    with torch.no_grad():
+        _assert_close(linear_cross_entropy(hidden, weight, target, bias=bias, class_weight=class_weight * factor,
+                                           chunk_size=5, **opts), ref, torch.float64)
+    ours = linear_cross_entropy_head_grad_norms(hidden, weight, target, bias=bias,
+                                                class_weight=class_weight * factor, chunk_size=7, **opts)
+    expected = _materialized_norms(hidden, weight, target, bias, "mean", class_weight=class_weight, **opts)
+    for actual, ref_norm in zip(ours, expected, strict=True):
+        _assert_close(actual, ref_norm, torch.float64)
