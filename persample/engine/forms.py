@@ -76,11 +76,17 @@ def outer_or_dense(G: Tensor, A: Tensor, shape: torch.Size, strategy: str) -> Fo
 
     ``strategy`` ``"ghost"`` / ``"materialize"`` forces one of them (tests exercise both paths).
     """
-    T, m, n = G.shape[1], G.shape[2], A.shape[2]
-    if strategy == "ghost" or (strategy == "auto" and T * (m + n) < m * n):
+    if prefers_factors(G.shape[1], G.shape[2], A.shape[2], strategy):
         return Outer(G, A, shape)
     g = torch.bmm(G.transpose(1, 2), A.to(G.dtype))
     return Dense(g.reshape(G.shape[0], *shape).to(acc_dtype(G)))
+
+
+def prefers_factors(T: int, m: int, n: int, strategy: str) -> bool:
+    """Whether ``grad_b = G_b^T A_b`` (``T`` positions, ``m x n``) is kept as factors: ``T (m + n) < m n`` for
+    ``"auto"`` (the factors are then smaller than the gradient, and their Gram matrices cheaper than forming it),
+    always for ``"ghost"``, never for ``"materialize"``."""
+    return strategy == "ghost" or (strategy == "auto" and T * (m + n) < m * n)
 
 
 def acc_dtype(*tensors: Tensor) -> torch.dtype:

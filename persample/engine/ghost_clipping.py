@@ -142,8 +142,8 @@ class GhostClipping:
     Args:
         model: any module; its trainable parameters (``requires_grad``) are the ones clipped. Exact rules
             for ``nn.Linear`` (any input rank), ``nn.Embedding``, ``nn.LayerNorm``, ``nn.RMSNorm``,
-            ``nn.Conv2d`` and transformers' ``Conv1D``; other modules with parameters go through
-            ``torch.func`` (exact, slower).
+            ``nn.Conv1d``/``Conv2d``/``Conv3d``, ``nn.GroupNorm`` and transformers' ``Conv1D``; other modules
+            with parameters go through ``torch.func`` (exact, slower).
         max_grad_norm: the clipping bound ``C`` (> 0): ``c_b = min(1, C / (norm_b + 1e-6))``.
         ignore_index: targets not counted in an example's mean loss (default loss only).
         loss_fn: ``loss_fn(output, targets) -> (B,)`` per-example losses instead of the default

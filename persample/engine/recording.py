@@ -27,6 +27,8 @@ from persample.engine.registry import Call, Rule, rule_for
 from persample.engine.stacks import OuterStack
 from persample.engine.uses import parameter_uses
 
+PACK_ELEMENTS = 1 << 20
+
 
 @dataclass
 class Hooked:
@@ -119,11 +121,13 @@ class Step:
     def pack_dense(self) -> None:
         """Concatenates the parameters whose one form is Dense (after :func:`as_dense`: biases not stacked
         with their weights, norm scales, small layers) into ``(B, K)`` blocks, one per dtype: their norms and
-        clipped sums are then one op each, not a few per parameter."""
+        clipped sums are then one op each, not a few per parameter. Forms of more than ``PACK_ELEMENTS``
+        elements (materialized conv weights) stay apart: copying them costs more than the ops it saves, and the
+        copy would double their memory at the step's peak."""
         groups: dict[tuple[torch.dtype, torch.device], list[nn.Parameter]] = {}
         for p, forms in self.forms.items():
             forms[:] = [as_dense(x) for x in forms]
-            if len(forms) == 1 and isinstance(forms[0], Dense):
+            if len(forms) == 1 and isinstance(forms[0], Dense) and forms[0].g.numel() <= PACK_ELEMENTS:
                 groups.setdefault((forms[0].g.dtype, forms[0].g.device), []).append(p)
         for params in groups.values():
             flat = torch.cat([self.forms.pop(p)[0].g.reshape(self.batch_size, -1) for p in params], 1)

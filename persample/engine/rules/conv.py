@@ -1,0 +1,104 @@
+"""nn.Conv1d, nn.Conv2d, nn.Conv3d: a Linear over unfolded patches.
+
+With ``A_b`` example ``b``'s input patches ``(L, n)`` (``L`` output positions, ``n = C_in / groups * prod(kernel)``)
+and ``G_b`` its output gradients ``(L, m)`` (``m = C_out``), each example's weight gradient is ``G_b^T A_b``, one
+such product per group for a grouped convolution; the bias gradient is ``G_b`` summed over positions.
+
+Like the Linear rule, each layer keeps the cheaper form (:func:`~persample.engine.forms.prefers_factors`): the
+factors when ``L (m + n) < m n`` (the ghost norm ``<A_b A_b^T, G_b G_b^T>``: deep layers on small feature maps),
+else the materialized ``(B, m, n)`` gradients (early layers on large maps, where ``L`` is large). Grouped
+convolutions are materialized: each group's block is ``(m / groups, n)``, which the factors rarely beat.
+
+Padding of any mode (``'same'`` included) is applied with ``F.pad``; the patches are then strided views of the
+padded input (``Tensor.unfold`` per spatial dimension, every ``dilation``-th tap). Materializing runs over the
+batch in chunks: a chunk's patches are copied into a buffer of at most ``_CPU_CHUNK`` / ``_CUDA_CHUNK`` elements
+and multiplied straight into the result, so the whole batch's patches (``prod(kernel) / prod(stride)`` times the
+input) never exist at once. On the CPU small chunks are faster as well: a large fresh allocation costs more in
+page faults than the product, and small buffers are reused and stay in cache; on a GPU, launches cost, so
+chunks are large.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from persample.engine.forms import Dense, Form, Outer, acc_dtype, prefers_factors
+from persample.engine.registry import Call, register_rule
+
+_CPU_CHUNK = 1 << 20
+_CUDA_CHUNK = 1 << 25
+
+_Conv = nn.Conv1d | nn.Conv2d | nn.Conv3d
+
+
+def _explicit_padding(module: _Conv) -> list[int]:
+    """F.pad's ``[last dim left, last dim right, ..., first spatial dim left, right]`` for the module's padding."""
+    if module.padding == "valid":
+        return [0] * (2 * len(module.kernel_size))
+    pads = []
+    if module.padding == "same":
+        for k, d in zip(reversed(module.kernel_size), reversed(module.dilation), strict=True):
+            total = d * (k - 1)
+            pads += [total // 2, total - total // 2]
+        return pads
+    for p in reversed(module.padding):
+        pads += [p, p]
+    return pads
+
+
+def _windows(module: _Conv, x: Tensor) -> Tensor:
+    """``(B, C, *L_dims, *kernel)``: views of the padded input, the taps of output position ``l`` at ``[:, :, l]``."""
+    pads = _explicit_padding(module)
+    if any(pads):
+        x = F.pad(x, pads, mode="constant" if module.padding_mode == "zeros" else module.padding_mode)
+    for i, (k, d, s) in enumerate(zip(module.kernel_size, module.dilation, module.stride, strict=True)):
+        # A window spanning d * (k - 1) + 1 inputs, of which every d-th is a tap: views only.
+        x = x.unfold(2 + i, d * (k - 1) + 1, s)[..., ::d]
+    return x
+
+
+def _chunk(x: Tensor) -> int:
+    return _CUDA_CHUNK if x.is_cuda else _CPU_CHUNK
+
+
+def _materialized(module: _Conv, x: Tensor, G: Tensor) -> Tensor:
+    """``(B, *weight.shape)`` each example's weight gradient in float32 (float64), ``G (B, C_out, L)``; the
+    chunks are padded one at a time, like their patches."""
+    B, dims = G.shape[0], len(module.kernel_size)
+    g, m, L = module.groups, G.shape[1], G.shape[2]
+    n = module.weight[0].numel()  # per group: C_in / g * prod(kernel)
+    # (B, C, *kernel, *L_dims): channels then taps, the order of weight.reshape(C_out, -1).
+    order = (0, 1, *range(2 + dims, 2 + 2 * dims), *range(2, 2 + dims))
+    out = torch.empty(B, *module.weight.shape, dtype=acc_dtype(G), device=G.device)
+    step = max(1, _chunk(G) // (g * n * L))
+    for i in range(0, B, step):
+        b = min(step, B - i)
+        A = _windows(module, x[i:i + b]).permute(order).reshape(b * g, n, L).to(G.dtype)
+        Gc = G[i:i + b].reshape(b * g, m // g, L)
+        target = out[i:i + b].view(b * g, m // g, n)
+        if target.dtype == G.dtype:
+            torch.bmm(Gc, A.transpose(1, 2), out=target)
+        else:
+            target.copy_(torch.bmm(Gc, A.transpose(1, 2)))
+    return out
+
+
+@register_rule(nn.Conv1d, nn.Conv2d, nn.Conv3d, params=("weight", "bias"), cast_input=True)
+def conv(call: Call, grad_output: Tensor, strategy: str) -> dict[str, Form]:
+    module, x = call.module, call.args[0]
+    B, dims = x.shape[0], len(module.kernel_size)
+    G = grad_output.reshape(B, module.out_channels, -1)
+    forms: dict[str, Form] = {}
+    if "weight" in call.params:
+        L, m, n = G.shape[2], module.out_channels, module.weight[0].numel()
+        if module.groups == 1 and prefers_factors(L, m, n, strategy):
+            # (B, *L_dims, C, *kernel) -> (B, L, n): the position-major patches the factors multiply.
+            order = (0, *range(2, 2 + dims), 1, *range(2 + dims, 2 + 2 * dims))
+            A = _windows(module, x).permute(order).reshape(B, L, n)
+            forms["weight"] = Outer(G.transpose(1, 2), A, module.weight.shape)
+        else:
+            forms["weight"] = Dense(_materialized(module, x, G))
+    if "bias" in call.params:
+        forms["bias"] = Dense(G.sum(2, dtype=acc_dtype(G)))
+    return forms
+

@@ -1,0 +1,95 @@
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from persample.engine import GhostClipping
+from persample.engine.rules import conv as conv_rule
+from tests.engine.reference import assert_matches_reference
+
+CONVS = {
+    "plain": dict(in_channels=3, out_channels=4, kernel_size=3),
+    "stride-padding": dict(in_channels=3, out_channels=4, kernel_size=3, stride=2, padding=1),
+    "dilation-rect": dict(in_channels=3, out_channels=4, kernel_size=(3, 2), dilation=(2, 1), padding=(1, 0)),
+    "groups": dict(in_channels=4, out_channels=6, kernel_size=3, groups=2, padding=1),
+    "depthwise-stride": dict(in_channels=4, out_channels=4, kernel_size=3, groups=4, stride=2, bias=False),
+    "same-reflect": dict(in_channels=3, out_channels=4, kernel_size=4, padding="same", padding_mode="reflect"),
+    "same-dilated": dict(in_channels=3, out_channels=4, kernel_size=3, padding="same", dilation=2),
+    "replicate-stride-dilation": dict(in_channels=2, out_channels=3, kernel_size=2, stride=(2, 1), dilation=2,
+                                      padding=2, padding_mode="replicate"),
+    "circular-no-bias": dict(in_channels=3, out_channels=4, kernel_size=3, padding=1, padding_mode="circular",
+                             bias=False),
+    "wide-1x1": dict(in_channels=6, out_channels=8, kernel_size=1, stride=2),
+}
+SPATIAL = {nn.Conv1d: (9,), nn.Conv2d: (7, 6), nn.Conv3d: (5, 4, 6)}
+
+
+class Net(nn.Module):
+    def __init__(self, conv: nn.Module):
+        super().__init__()
+        self.conv = conv
+        self.fc = nn.LazyLinear(5)
+
+    def forward(self, x):
+        return self.fc(F.relu(self.conv(x)).flatten(1))
+
+
+def cross_entropy(out, y):
+    return F.cross_entropy(out, y, reduction="none")
+
+
+def _options(name: str, cls: type[nn.Module]) -> dict:
+    """The 2-D configuration adapted to ``cls``'s number of spatial dimensions (tuples cut or extended)."""
+    dims = len(SPATIAL[cls])
+    options = dict(CONVS[name])
+    for key, value in options.items():
+        if isinstance(value, tuple):
+            options[key] = (value * dims)[:dims]
+    return options
+
+
+def _check(cls: type[nn.Module], options: dict, strategy: str, batch: int = 4) -> None:
+    model = Net(cls(**options))
+    x = torch.randn(batch, options["in_channels"], *SPATIAL[cls])
+    model(x)  # materializes the lazy layer
+    assert_matches_reference(model.double(), x.double(), torch.randint(0, 5, (batch,)), loss_fn=cross_entropy,
+                             strategy=strategy)
+
+
+@pytest.mark.parametrize("cls", list(SPATIAL), ids=lambda c: c.__name__)
+@pytest.mark.parametrize("conv", list(CONVS))
+@pytest.mark.parametrize("strategy", ["auto", "ghost", "materialize"])
+def test_conv(cls, conv, strategy):
+    _check(cls, _options(conv, cls), strategy)
+
+
+@pytest.mark.parametrize("cls", list(SPATIAL), ids=lambda c: c.__name__)
+def test_materialized_in_chunks(cls, monkeypatch):
+    """Chunks of one and of several examples (the last one short) give the whole batch's gradients."""
+    for chunk in (1, 3 * 4 * 3 * 3 * 40):
+        monkeypatch.setattr(conv_rule, "_CPU_CHUNK", chunk)
+        _check(cls, _options("groups", cls), "materialize", batch=5)
+        _check(cls, _options("stride-padding", cls), "materialize", batch=5)
+
+
+def test_auto_picks_factors_on_small_maps():
+    """A wide layer on a small map keeps the factors; a narrow one on a large map is materialized."""
+    deep = nn.Conv2d(64, 64, 3, padding=1)
+    early = nn.Conv2d(3, 8, 3, padding=1)
+    call = conv_rule.Call(deep, (torch.randn(2, 64, 4, 4),), {}, dict(deep.named_parameters()), None)
+    forms = conv_rule.conv(call, torch.randn(2, 64, 4, 4), "auto")
+    assert type(forms["weight"]).__name__ == "Outer"
+    call = conv_rule.Call(early, (torch.randn(2, 3, 16, 16),), {}, dict(early.named_parameters()), None)
+    forms = conv_rule.conv(call, torch.randn(2, 8, 16, 16), "auto")
+    assert type(forms["weight"]).__name__ == "Dense"
+
+
+def test_conv_under_autocast_close_to_float32():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, stride=2, groups=2),
+                          nn.Flatten(), nn.LazyLinear(5))
+    x = torch.randn(6, 3, 8, 8)
+    model(x)
+    engine = GhostClipping(model, max_grad_norm=1.0, loss_fn=cross_entropy)
+    from tests.engine.reference import assert_autocast_close_to_float32
+
+    assert_autocast_close_to_float32(engine, x, torch.randint(0, 5, (6,)))

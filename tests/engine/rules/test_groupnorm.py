@@ -1,0 +1,50 @@
+import pytest
+import torch
+from torch import nn
+
+from tests.engine.reference import assert_matches_reference
+
+
+def squared_error(out, y):
+    return (out - y).pow(2).flatten(1).sum(1)
+
+
+class Normed(nn.Module):
+    def __init__(self, norm: nn.GroupNorm, channels: int):
+        super().__init__()
+        # No bias before the norm: with one channel per group the norm cancels it, and its gradient is 0 up to
+        # rounding, which no relative tolerance accepts.
+        self.conv, self.norm = nn.Conv2d(channels, channels, 1, bias=False), norm
+
+    def forward(self, x):
+        return self.norm(self.conv(x) + 3.0) * 2.0  # an offset, so that the group means are not near 0
+
+
+@pytest.mark.parametrize("groups", [1, 2, 6])
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("spatial", [(), (4,), (3, 5)], ids=["0d", "1d", "2d"])
+def test_group_norm(groups, affine, spatial):
+    if not spatial and groups == 6:
+        pytest.skip("one value per group: GroupNorm itself refuses it")
+    if not spatial:  # (B, C) inputs go through a Linear
+        model = Normed(nn.GroupNorm(groups, 6, affine=affine), 6)
+        model.conv = nn.Linear(6, 6, bias=False)
+    else:
+        model = Normed(nn.GroupNorm(groups, 6, eps=1e-3, affine=affine), 6)
+        if len(spatial) == 1:
+            model.conv = nn.Conv1d(6, 6, 1, bias=False)
+    model = model.double()
+    if affine:
+        with torch.no_grad():
+            model.norm.weight.normal_()  # not the all-ones / all-zeros initialization
+            model.norm.bias.normal_()
+    x = torch.randn(5, 6, *spatial, dtype=torch.float64)
+    y = torch.randn(5, 6, *spatial, dtype=torch.float64)
+    assert_matches_reference(model, x, y, loss_fn=squared_error)
+
+
+def test_group_norm_has_a_rule():
+    """GroupNorm goes through its rule, not the torch.func fallback."""
+    from persample.engine.registry import rule_for
+
+    assert rule_for(nn.GroupNorm(2, 4), {"weight", "bias"}) is not None
