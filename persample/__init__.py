@@ -9,9 +9,12 @@ A fused Triton cross-entropy that yields each example's loss and logit gradient 
 """
 
 from persample.dp import (
+    BatchMemoryManager,
+    DPDataLoader,
     DPOptimizer,
     PoissonSampler,
     PrivacyAccountant,
+    PrivacyEngine,
     add_noise,
     epsilon_for,
     gaussian_noise,
@@ -37,13 +40,16 @@ from persample.per_sample import (
 )
 
 __all__ = [
+    "BatchMemoryManager",
     "ClippedGradSum",
     "CrossEntropyLoss",
+    "DPDataLoader",
     "DPOptimizer",
     "GhostClipping",
     "HeadGradNorms",
     "PoissonSampler",
     "PrivacyAccountant",
+    "PrivacyEngine",
     "add_noise",
     "clip_factors",
     "clip_per_layer",
