@@ -1,0 +1,435 @@
+"""persample.PrivacyEngine against Opacus 1.6's on the same loop, and the pain points of Opacus users.
+
+Parameters are compared after several SGD steps with the noise off, the same seeds and so the same Poisson
+batches (both loaders draw ``torch.rand(n) < q`` from PyTorch's global generator): absolute tolerance 1e-5
+(float32; the two sum the same clipped gradients in different orders, differences seen are below 1e-7).
+"""
+
+import copy
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import persample
+from persample.app.digits import DigitsCNN, digits_split
+from tests.engine.models import TinyGPT
+
+opacus = pytest.importorskip("opacus")
+
+ATOL = 1e-5
+C = 0.5  # small enough that most examples are clipped
+
+
+@pytest.fixture(autouse=True)
+def _quiet():
+    with warnings.catch_warnings():
+        # Opacus warns about secure mode, optimal RDP orders and full backward hooks on every run.
+        warnings.simplefilter("ignore")
+        yield
+
+
+def _mlp() -> nn.Module:
+    return nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 4))
+
+
+def _data(kind: str, n: int = 48):
+    g = torch.Generator().manual_seed(0)
+    if kind == "mlp":
+        return TensorDataset(torch.randn(n, 6, generator=g), torch.randint(0, 4, (n,), generator=g))
+    if kind == "digits":
+        x, y, _, _ = digits_split()
+        return TensorDataset(x[:n], y[:n])
+    tokens = torch.randint(0, 24, (n, 7), generator=g)
+    return TensorDataset(tokens[:, :-1], tokens[:, 1:])
+
+
+def _model(kind: str) -> nn.Module:
+    torch.manual_seed(0)
+    # Opacus's hooks need the positional table indexed with a batch dimension ("expand").
+    return {"mlp": _mlp, "digits": lambda: DigitsCNN(width=8),
+            "gpt": lambda: TinyGPT(vocab=24, d=8, layers=1, positions="expand")}[kind]()
+
+
+def _loss(criterion, out, y):
+    return criterion(out.reshape(-1, out.shape[-1]), y.reshape(-1))
+
+
+def _train(model, optimizer, criterion, loader, *, max_physical=None, make_manager=None, epochs=1):
+    for _ in range(epochs):
+        if max_physical is None:
+            batches = loader
+            for x, y in batches:
+                optimizer.zero_grad()
+                _loss(criterion, model(x), y).backward()
+                optimizer.step()
+            continue
+        with make_manager(data_loader=loader, max_physical_batch_size=max_physical, optimizer=optimizer) as batches:
+            for x, y in batches:
+                optimizer.zero_grad()
+                _loss(criterion, model(x), y).backward()
+                optimizer.step()
+
+
+def _persample_run(kind, *, with_criterion=True, max_physical=None, noise=0.0, accountant="prv", mode="ghost",
+                   batch_size=16, epochs=1):
+    model = _model(kind)
+    dataset = _data(kind)
+    engine = persample.PrivacyEngine(accountant=accountant)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    loader = DataLoader(dataset, batch_size=batch_size)
+    criterion = nn.CrossEntropyLoss()
+    if with_criterion:
+        model, optimizer, criterion, loader = engine.make_private(
+            module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=noise, max_grad_norm=C,
+            criterion=criterion, grad_sample_mode=mode)
+    else:
+        model, optimizer, loader = engine.make_private(module=model, optimizer=optimizer, data_loader=loader,
+                                                       noise_multiplier=noise, max_grad_norm=C, grad_sample_mode=mode)
+    torch.manual_seed(1)
+    _train(model, optimizer, criterion, loader, max_physical=max_physical, make_manager=persample.BatchMemoryManager,
+           epochs=epochs)
+    return model, engine
+
+
+def _opacus_run(kind, *, max_physical=None, noise=0.0, accountant="prv", batch_size=16, epochs=1):
+    from opacus.utils.batch_memory_manager import BatchMemoryManager
+
+    model = _model(kind)
+    engine = opacus.PrivacyEngine(accountant=accountant)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    model, optimizer, loader = engine.make_private(module=model, optimizer=optimizer,
+                                                   data_loader=DataLoader(_data(kind), batch_size=batch_size),
+                                                   noise_multiplier=noise, max_grad_norm=C)
+    torch.manual_seed(1)
+    _train(model, optimizer, nn.CrossEntropyLoss(), loader, max_physical=max_physical,
+           make_manager=BatchMemoryManager, epochs=epochs)
+    return model._module, engine
+
+
+def _assert_same_parameters(ours: nn.Module, theirs: nn.Module, start: nn.Module):
+    moved = 0.0
+    for (name, p), q, p0 in zip(ours.named_parameters(), theirs.parameters(), start.parameters(), strict=True):
+        torch.testing.assert_close(p, q, atol=ATOL, rtol=0, msg=name)
+        moved = max(moved, (p - p0).abs().max().item())
+    assert moved > 100 * ATOL  # the runs trained: the comparison is not of two untouched models
+
+
+@pytest.mark.parametrize("kind", ["mlp", "digits", "gpt"])
+@pytest.mark.parametrize("with_criterion", [True, False], ids=["criterion", "loss_reduction"])
+def test_same_parameters_as_opacus_without_noise(kind, with_criterion):
+    ours, _ = _persample_run(kind, with_criterion=with_criterion)
+    theirs, _ = _opacus_run(kind)
+    _assert_same_parameters(ours, theirs, _model(kind))
+
+
+@pytest.mark.parametrize("kind", ["mlp", "gpt"])
+def test_physical_batches_match_opacus_and_the_whole_batch(kind):
+    ours, _ = _persample_run(kind, max_physical=5, batch_size=24)
+    theirs, _ = _opacus_run(kind, max_physical=5, batch_size=24)
+    _assert_same_parameters(ours, theirs, _model(kind))
+    whole, _ = _persample_run(kind, batch_size=24)
+    _assert_same_parameters(ours, whole, _model(kind))
+
+
+def test_vmap_mode_matches_the_engine():
+    ghost, _ = _persample_run("digits")
+    vmapped, _ = _persample_run("digits", mode="vmap")
+    _assert_same_parameters(vmapped, ghost, _model("digits"))
+
+
+@pytest.mark.parametrize("accountant", ["rdp", "prv"])
+def test_same_epsilon_as_opacus(accountant):
+    _, ours = _persample_run("mlp", noise=1.1, accountant=accountant, epochs=2)
+    _, theirs = _opacus_run("mlp", noise=1.1, accountant=accountant, epochs=2)
+    assert ours.accountant.history == [(1.1, 16 / 48, 6)]
+    assert ours.get_epsilon(1e-5) == pytest.approx(theirs.get_epsilon(1e-5), rel=1e-6)
+
+
+def test_defaults_prv_and_the_loaders_own_sample_rate():
+    model = _mlp()
+    engine = persample.PrivacyEngine()
+    _, optimizer, loader = engine.make_private(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                                               data_loader=DataLoader(_data("mlp", 50), batch_size=16),
+                                               noise_multiplier=1.0, max_grad_norm=1.0)
+    assert engine.accountant.mechanism == "prv"
+    assert loader.sample_rate == 16 / 50 and len(loader) == 4
+    assert optimizer.expected_batch_size == pytest.approx(16.0)
+
+
+def test_make_private_with_epsilon_spends_the_budget():
+    model = _mlp()
+    engine = persample.PrivacyEngine(accountant="rdp")
+    model, optimizer, loader = engine.make_private_with_epsilon(
+        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        data_loader=DataLoader(_data("mlp"), batch_size=16), target_epsilon=4.0, target_delta=1e-5, epochs=2,
+        max_grad_norm=1.0)
+    for _ in range(2):
+        for x, y in loader:
+            optimizer.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            optimizer.step()
+    assert 3.9 < engine.get_epsilon(1e-5) <= 4.0
+
+
+def _checkpointed_run(stop_after: int | None, epochs: int = 3):
+    """Adam with noise and seeded generators; with ``stop_after``, a fresh process's worth of objects resumes
+    from a checkpoint taken after that many epochs."""
+
+    def build(state=None):
+        model = _model("mlp")
+        optimizer = torch.optim.Adam(model.parameters(), lr=0.05)
+        engine = persample.PrivacyEngine()
+        loader = DataLoader(_data("mlp"), batch_size=12, generator=torch.Generator().manual_seed(3))
+        model, optimizer, loader = engine.make_private(module=model, optimizer=optimizer, data_loader=loader,
+                                                       noise_multiplier=0.8, max_grad_norm=C,
+                                                       noise_generator=torch.Generator().manual_seed(4))
+        if state is not None:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            engine.load_state_dict(state["privacy"])
+        return model, optimizer, loader, engine
+
+    def epoch(model, optimizer, loader):
+        for x, y in loader:
+            optimizer.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            optimizer.step()
+
+    model, optimizer, loader, engine = build()
+    for i in range(epochs):
+        if i == stop_after:
+            state = {"model": copy.deepcopy(model.state_dict()), "optimizer": copy.deepcopy(optimizer.state_dict()),
+                     "privacy": copy.deepcopy(engine.state_dict())}
+            torch.manual_seed(1234)  # nothing in the run may depend on the global generator
+            model, optimizer, loader, engine = build(state)
+        epoch(model, optimizer, loader)
+    return model, engine
+
+
+def test_resume_from_a_checkpoint_gives_the_same_run():
+    straight, straight_engine = _checkpointed_run(None)
+    resumed, resumed_engine = _checkpointed_run(1)
+    assert resumed_engine.get_epsilon(1e-5) == straight_engine.get_epsilon(1e-5) > 0
+    assert resumed_engine.accountant.history == straight_engine.accountant.history
+    for p, q in zip(resumed.parameters(), straight.parameters(), strict=True):
+        torch.testing.assert_close(p, q, atol=0, rtol=0)
+
+
+def test_state_dict_keeps_the_users_keys():
+    model = _mlp()
+    keys = list(model.state_dict())
+    private, _, _ = persample.PrivacyEngine().make_private(
+        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        data_loader=DataLoader(_data("mlp"), batch_size=16), noise_multiplier=1.0, max_grad_norm=1.0)
+    assert private is model and list(private.state_dict()) == keys
+
+
+# Opacus users' pain points --------------------------------------------------------------------------------------
+
+
+def _one_step(model, criterion=None, *, batch=16, dtype=None, loss_reduction="mean", data="mlp", mode="ghost"):
+    """One private step; returns the model and the clipped sum the backward accumulated."""
+    engine = persample.PrivacyEngine()
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    loader = DataLoader(_data(data), batch_size=batch)
+    if criterion is not None:
+        model, optimizer, criterion, loader = engine.make_private(
+            module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=0.0, max_grad_norm=C,
+            criterion=criterion, grad_sample_mode=mode)
+    else:
+        model, optimizer, loader = engine.make_private(module=model, optimizer=optimizer, data_loader=loader,
+                                                       noise_multiplier=0.0, max_grad_norm=C,
+                                                       loss_reduction=loss_reduction, grad_sample_mode=mode)
+        criterion = nn.CrossEntropyLoss(reduction=loss_reduction)
+    x, y = _data(data)[:batch]
+    with torch.autocast("cpu", dtype=dtype) if dtype else torch.autocast("cpu", enabled=False):
+        loss = _loss(criterion, model(x), y)
+    loss.backward()
+    return optimizer.dp._summed, x, y
+
+
+def _reference_sum(model, x, y):
+    """float64 ``sum_b clip(grad loss_b)`` with one backward per example."""
+    model = copy.deepcopy(model).double()
+    total = {n: torch.zeros_like(p) for n, p in model.named_parameters() if p.requires_grad}
+    for b in range(len(x)):
+        model.zero_grad()
+        xb = x[b:b + 1].double() if x.is_floating_point() else x[b:b + 1]
+        out = model(xb)
+        F.cross_entropy(out.reshape(-1, out.shape[-1]), y[b:b + 1].reshape(-1)).backward()
+        grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+        norm = torch.sqrt(sum(g.pow(2).sum() for g in grads.values()))
+        for n, g in grads.items():
+            total[n] += g * min(1.0, C / (norm.item() + 1e-6))
+    return total
+
+
+@pytest.mark.parametrize("loss_reduction", ["mean", "sum"])
+@pytest.mark.parametrize("mode", ["ghost", "vmap"])
+def test_clipped_sum_against_float64(loss_reduction, mode):
+    model = _mlp()
+    summed, x, y = _one_step(copy.deepcopy(model), loss_reduction=loss_reduction, mode=mode)
+    for name, ref in _reference_sum(model, x, y).items():
+        torch.testing.assert_close(summed[name].double(), ref, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_low_precision(dtype):
+    model = TinyGPT(vocab=24, d=8, layers=1)  # tied head, positions without a batch dimension
+    summed, x, y = _one_step(copy.deepcopy(model), nn.CrossEntropyLoss(), data="gpt", dtype=dtype)
+    for name, ref in _reference_sum(model, x, y).items():
+        assert summed[name].dtype == torch.float32
+        torch.testing.assert_close(summed[name].double(), ref, atol=0.03 * C, rtol=0.05, msg=name)
+
+
+def test_frozen_parameters_are_left_alone():
+    model = _mlp()
+    model[0].requires_grad_(False)
+    before = model[0].weight.clone()
+    summed, x, y = _one_step(copy.deepcopy(model))
+    assert set(summed) == {"2.weight", "2.bias"}
+    for name, ref in _reference_sum(model, x, y).items():
+        torch.testing.assert_close(summed[name].double(), ref, atol=1e-5, rtol=1e-4)
+    assert torch.equal(model[0].weight, before)
+
+
+class _Scaled(nn.Module):
+    """A custom layer with its own parameter (no rule: the torch.func fallback; Opacus: 'no grad sampler')."""
+
+    def __init__(self, d: int):
+        super().__init__()
+        self.gain = nn.Parameter(torch.linspace(0.5, 1.5, d))
+
+    def forward(self, x):
+        return torch.tanh(x * self.gain)
+
+
+def test_custom_module_through_the_fallback():
+    model = nn.Sequential(nn.Linear(6, 16), _Scaled(16), nn.Linear(16, 4))
+    summed, x, y = _one_step(copy.deepcopy(model))
+    for name, ref in _reference_sum(model, x, y).items():
+        torch.testing.assert_close(summed[name].double(), ref, atol=1e-5, rtol=1e-4)
+
+
+def test_batch_norm_is_refused_with_the_fix():
+    model = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.Linear(8, 4))
+    with pytest.raises(ValueError, match="GroupNorm"):
+        persample.PrivacyEngine().make_private(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                                               data_loader=DataLoader(_data("mlp"), batch_size=8),
+                                               noise_multiplier=1.0, max_grad_norm=1.0)
+
+
+def test_empty_batches_collate_and_step_with_noise_only():
+    # Plain DataLoader(ds, batch_sampler=PoissonSampler) fails here (default_collate of an empty list).
+    dataset = _data("mlp", 4)
+    loader = persample.DPDataLoader(dataset, sample_rate=0.02, steps=20, generator=torch.Generator().manual_seed(0))
+    sizes = [len(x) for x, _ in loader]
+    assert 0 in sizes
+    x, y = next(b for b in loader if len(b[0]) == 0)
+    assert x.shape == (0, 6) and y.shape == (0,) and y.dtype == torch.int64
+
+    model = _mlp()
+    start = [p.clone() for p in model.parameters()]
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    engine = persample.PrivacyEngine()
+    model, optimizer, criterion, _ = engine.make_private(module=model, optimizer=optimizer,
+                                                         data_loader=DataLoader(dataset, batch_size=1),
+                                                         criterion=nn.CrossEntropyLoss(), noise_multiplier=1.0,
+                                                         max_grad_norm=1.0, noise_generator=torch.Generator())
+    optimizer.zero_grad()
+    loss = criterion(model(x), y)
+    loss.backward()
+    assert loss.item() == 0.0 and optimizer.dp._summed is None
+    optimizer.step()
+    assert all(not torch.equal(p, q) for p, q in zip(model.parameters(), start, strict=True))  # the noise
+    assert engine.accountant.steps == 1
+
+
+def test_accumulating_two_batches_without_a_step_raises():
+    model = _mlp()
+    model, optimizer, loader = persample.PrivacyEngine().make_private(
+        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        data_loader=DataLoader(_data("mlp"), batch_size=16), noise_multiplier=1.0, max_grad_norm=1.0)
+    x, y = _data("mlp")[:8]
+    F.cross_entropy(model(x), y).backward()
+    with pytest.raises(RuntimeError, match="BatchMemoryManager"):
+        F.cross_entropy(model(x), y).backward()
+
+
+def test_a_loss_that_bypasses_the_criterion_raises():
+    model = _mlp()
+    model, optimizer, criterion, loader = persample.PrivacyEngine().make_private(
+        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        data_loader=DataLoader(_data("mlp"), batch_size=16), criterion=nn.CrossEntropyLoss(),
+        noise_multiplier=1.0, max_grad_norm=1.0)
+    x, y = _data("mlp")[:8]
+    with pytest.raises(RuntimeError, match="criterion make_private returned"):
+        F.cross_entropy(model(x), y).backward()
+
+
+def test_a_criterion_without_mean_or_sum_is_refused():
+    model = _mlp()
+    with pytest.raises(ValueError, match="reduction 'mean' or 'sum'"):
+        persample.PrivacyEngine().make_private(
+            module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+            data_loader=DataLoader(_data("mlp"), batch_size=16), criterion=nn.CrossEntropyLoss(reduction="none"),
+            noise_multiplier=1.0, max_grad_norm=1.0)
+
+
+def test_a_loss_that_is_not_per_example_raises():
+    model = _mlp()
+    model, optimizer, criterion, loader = persample.PrivacyEngine().make_private(
+        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        data_loader=DataLoader(_data("mlp"), batch_size=16), criterion=nn.MSELoss(),
+        noise_multiplier=1.0, max_grad_norm=1.0)
+    x, _ = _data("mlp")[:8]
+    with pytest.raises(ValueError, match="not a mean or sum of per-example losses"):
+        criterion(model(x)[:3], torch.zeros(3, 4))
+
+
+def test_two_forwards_before_one_backward_raise():
+    model = _mlp()
+    model, optimizer, loader = persample.PrivacyEngine().make_private(
+        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        data_loader=DataLoader(_data("mlp"), batch_size=16), noise_multiplier=1.0, max_grad_norm=1.0)
+    x, y = _data("mlp")[:8]
+    first = model(x)
+    second = model(x)
+    with pytest.raises(RuntimeError, match="called again"):
+        (F.cross_entropy(first, y) + F.cross_entropy(second, y)).backward()
+
+
+def test_evaluation_and_lr_schedulers_work_as_usual():
+    model = _mlp()
+    model, optimizer, criterion, loader = persample.PrivacyEngine().make_private(
+        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        data_loader=DataLoader(_data("mlp"), batch_size=16), criterion=nn.CrossEntropyLoss(),
+        noise_multiplier=1.0, max_grad_norm=1.0)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
+    x, y = _data("mlp")[:8]
+    with torch.no_grad():
+        assert criterion(model(x), y).item() == pytest.approx(F.cross_entropy(model(x), y).item())
+    criterion(model(x), y).backward()
+    optimizer.step()
+    scheduler.step()
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.05)
+
+
+def test_bad_arguments_are_named():
+    model = _mlp()
+    sgd = torch.optim.SGD(model.parameters(), lr=0.1)
+    loader = DataLoader(_data("mlp"), batch_size=16)
+    engine = persample.PrivacyEngine()
+    with pytest.raises(ValueError, match="clipping"):
+        engine.make_private(module=model, optimizer=sgd, data_loader=loader, noise_multiplier=1.0, max_grad_norm=1.0,
+                            clipping="per_layer")
+    with pytest.raises(ValueError, match="noise_generator"):
+        persample.PrivacyEngine(secure_mode=True).make_private(
+            module=model, optimizer=sgd, data_loader=loader, noise_multiplier=1.0, max_grad_norm=1.0,
+            noise_generator=torch.Generator())
+    with pytest.raises(ValueError, match="not the module's"):
+        engine.make_private(module=_mlp(), optimizer=sgd, data_loader=loader, noise_multiplier=1.0, max_grad_norm=1.0)
