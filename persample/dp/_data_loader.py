@@ -4,8 +4,8 @@
 batch independently with probability ``sample_rate`` (what the accountants assume; see
 :class:`persample.PoissonSampler`), with the dataset's own ``collate_fn``. Such a batch can be empty, where
 ``default_collate`` (and most collate functions) fail on an empty list; the loader then collates example 0
-once and keeps each tensor's first zero rows, so an empty batch has the structure, dtypes and trailing shapes
-of a real one.
+once (and twice, to tell per-example lists from structure) and keeps each tensor's first zero rows and none of
+a per-example list's items, so an empty batch has the structure, dtypes and trailing shapes of a real one.
 
 :class:`BatchMemoryManager` splits each logical batch into physical batches of at most
 ``max_physical_batch_size`` examples and tells the optimizer which physical batch ends a logical one, so the
@@ -22,7 +22,6 @@ from typing import Any, Protocol
 
 import torch
 from torch import Tensor
-from torch.utils._pytree import tree_map_only
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
 from persample.checks import check_sample_rate
@@ -84,8 +83,24 @@ class _EmptySafeCollate:
         if batch:
             return self.collate_fn(batch)
         if self._empty is None:
-            self._empty = tree_map_only(Tensor, lambda t: t[:0], self.collate_fn([self.dataset[0]]))
+            example = self.dataset[0]
+            self._empty = _emptied(self.collate_fn([example]), self.collate_fn([example, example]))
         return self._empty
+
+
+def _emptied(one, two):
+    """The batch of one example with no example left: tensors cut to 0 rows, and lists that hold one item per
+    example (those of twice the length in the batch of two) emptied."""
+    if isinstance(one, Tensor):
+        return one[:0]
+    if isinstance(one, dict):
+        return type(one)({key: _emptied(value, two[key]) for key, value in one.items()})
+    if isinstance(one, (list, tuple)):
+        if len(one) == 1 and len(two) == 2:
+            return type(one)()
+        items = [_emptied(a, b) for a, b in zip(one, two, strict=True)]
+        return type(one)(*items) if hasattr(one, "_fields") else type(one)(items)
+    return one
 
 
 class DPDataLoader(DataLoader):

@@ -244,19 +244,23 @@ class _Attached:
                              "first: DP-SGD clips each example's gradient")
         if self.pending is not None and not self.pending.done:
             self.pending.stale = True
-        self._depth = 1
-        stack = self._stack = ExitStack()
-        if batch_size == 0 or self.mode == "vmap":
-            params = self._trainable()
-            for p in params:
-                p.requires_grad_(False)
-            stack.callback(lambda: [p.requires_grad_(True) for p in params])
-            self.pending = _Pending(batch_size, None)
-            if batch_size:
-                self.pending.finish = self._vmap_finish(self.pending, args, kwargs)
-        else:
-            recording = stack.enter_context(self.engine.recording(args, kwargs))
-            self.pending = _Pending(batch_size, recording.clipped_grad_sum)
+        stack = ExitStack()
+        try:
+            if batch_size == 0 or self.mode == "vmap":
+                params = self._trainable()
+                for p in params:
+                    p.requires_grad_(False)
+                stack.callback(lambda: [p.requires_grad_(True) for p in params])
+                pending = _Pending(batch_size, None)
+                if batch_size:
+                    pending.finish = self._vmap_finish(pending, args, kwargs)
+            else:
+                recording = stack.enter_context(self.engine.recording(args, kwargs))
+                pending = _Pending(batch_size, recording.clipped_grad_sum)
+        except BaseException:
+            stack.close()
+            raise
+        self._depth, self._stack, self.pending = 1, stack, pending
         return None
 
     def _after(self, module: nn.Module, args: tuple, kwargs: dict, output):
@@ -268,6 +272,8 @@ class _Attached:
         self._stack.close()
         self._stack = None
         pending = self.pending
+        if output is None:  # the forward raised (the hook is called anyway, to restore the parameters)
+            return None
         leaves, spec = tree_flatten(output)
         floating = [i for i, v in enumerate(leaves) if isinstance(v, Tensor) and v.is_floating_point()]
         if pending.finish is None or self.mode == "vmap":

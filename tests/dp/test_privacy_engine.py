@@ -441,3 +441,83 @@ def test_bad_arguments_are_named():
             noise_generator=torch.Generator())
     with pytest.raises(ValueError, match="not the module's"):
         engine.make_private(module=_mlp(), optimizer=sgd, data_loader=loader, noise_multiplier=1.0, max_grad_norm=1.0)
+
+
+def test_torch_compile_of_the_private_model():
+    eager, _ = _persample_run("mlp")
+    model = _model("mlp")
+    model, optimizer, criterion, loader = persample.PrivacyEngine().make_private(
+        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.5),
+        data_loader=DataLoader(_data("mlp"), batch_size=16), criterion=nn.CrossEntropyLoss(), noise_multiplier=0.0,
+        max_grad_norm=C)
+    compiled = torch.compile(model)
+    torch.manual_seed(1)
+    _train(compiled, optimizer, criterion, loader)
+    _assert_same_parameters(model, eager, _model("mlp"))
+
+
+class _Raises(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(6, 4)
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        if self.calls > 2:  # the engine's planning forward and the first step go through
+            raise KeyError("the user's forward failed")
+        return self.fc(x)
+
+
+def test_a_forward_that_raises_leaves_the_model_trainable():
+    model = _Raises()
+    model, optimizer, loader = persample.PrivacyEngine().make_private(
+        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        data_loader=DataLoader(_data("mlp"), batch_size=16), noise_multiplier=1.0, max_grad_norm=1.0)
+    x, y = _data("mlp")[:8]
+    F.cross_entropy(model(x), y).backward()
+    optimizer.step()
+    with pytest.raises(KeyError):
+        model(x)
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_secure_mode_has_no_generator_state():
+    model = _mlp()
+    engine = persample.PrivacyEngine(secure_mode=True)
+    model, optimizer, loader = engine.make_private(
+        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        data_loader=DataLoader(_data("mlp"), batch_size=16, generator=torch.Generator().manual_seed(0)),
+        noise_multiplier=1.0, max_grad_norm=1.0)
+    assert loader.batch_sampler.secure_mode and loader.batch_sampler.generator is None
+    for x, y in loader:
+        optimizer.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        optimizer.step()
+    state = engine.state_dict()
+    assert state["sample_generators"] == [None] and state["noise_generators"] == [None]
+    assert state["history"] == [(1.0, 16 / 48, 3)]
+
+
+class _Records(torch.utils.data.Dataset):
+    """Examples as dicts with a non-tensor field, collated by a custom function."""
+
+    def __len__(self):
+        return 10
+
+    def __getitem__(self, i):
+        return {"x": torch.full((3,), float(i)), "id": f"record-{i}"}
+
+
+def _collate(items):
+    return {"x": torch.stack([item["x"] for item in items]), "ids": [item["id"] for item in items]}
+
+
+def test_any_map_style_dataset_with_its_collate_fn():
+    loader = persample.DPDataLoader.from_data_loader(DataLoader(_Records(), batch_size=1, collate_fn=_collate,
+                                                                generator=torch.Generator().manual_seed(0)))
+    assert loader.sample_rate == 0.1 and len(loader) == 10
+    batches = list(loader)
+    assert any(len(b["x"]) for b in batches)
+    empty = next(b for b in batches if len(b["x"]) == 0)  # this seed's batches include an empty one
+    assert empty["x"].shape == (0, 3) and empty["ids"] == []
