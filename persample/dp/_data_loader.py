@@ -146,23 +146,20 @@ class DPDataLoader(DataLoader):
     def from_data_loader(cls, data_loader: DataLoader, *, generator: torch.Generator | None = None,
                          secure_mode: bool = False) -> "DPDataLoader":
         """The Poisson-sampled counterpart of ``data_loader``: the same dataset, collate function and worker
-        settings, ``sample_rate = batch_size / len(dataset)`` (the user's batch size becomes the expected one)
-        and as many steps per epoch as ``data_loader`` has batches.
+        settings, as many steps per epoch as ``data_loader`` has batches and ``sample_rate = 1 /
+        len(data_loader)``, so that an epoch is one pass over the data in expectation (Opacus's convention;
+        the expected batch size is ``len(dataset) / len(data_loader)``, the batch size when it divides the
+        dataset).
 
         Raises:
-            ValueError: ``data_loader`` has no fixed ``batch_size`` (a custom ``batch_sampler``) or an empty
-                dataset.
+            ValueError: ``data_loader`` has no batches (an empty dataset).
         """
         if isinstance(data_loader, DPDataLoader):
             return data_loader
         dataset = data_loader.dataset
-        if data_loader.batch_size is None:
-            raise ValueError("data_loader has no batch_size (it was built with a batch_sampler): build it with "
-                             "batch_size=<expected batch size>, which sets the Poisson sample rate")
-        if len(dataset) == 0:
-            raise ValueError("data_loader's dataset is empty")
-        sample_rate = min(1.0, data_loader.batch_size / len(dataset))
-        return cls(dataset, sample_rate=sample_rate, steps=max(1, len(data_loader)),
+        if len(data_loader) == 0:
+            raise ValueError("data_loader has no batches (an empty dataset?)")
+        return cls(dataset, sample_rate=1 / len(data_loader), steps=len(data_loader),
                    collate_fn=data_loader.collate_fn,
                    generator=None if secure_mode else (generator or data_loader.generator),
                    secure_mode=secure_mode, num_workers=data_loader.num_workers,

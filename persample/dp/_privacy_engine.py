@@ -52,12 +52,14 @@ Design:
 * **The data loader** (:class:`persample.DPDataLoader`) samples Poisson batches over the user's dataset with its
   ``collate_fn``, empty batches included (a forward on an empty batch records nothing and its backward adds
   nothing; the step then adds noise only).
-* **Defaults.** ``accountant="prv"`` like Opacus 1.6's ``PrivacyEngine`` (tighter than RDP for the same run;
-  :class:`persample.DPOptimizer` keeps ``"rdp"``). The sample rate is ``batch_size / len(dataset)``, the rate
-  the loader actually samples with, so the user's ``batch_size`` is the expected batch size, with
-  ``len(data_loader)`` steps per epoch. Opacus uses ``1 / len(data_loader)`` and an expected batch size of
-  ``int(len(dataset) / len(data_loader))``: the same when ``batch_size`` divides the dataset, otherwise a
-  slightly smaller rate (and epsilon) for a batch slightly below the one asked for.
+* **Defaults: those of Opacus 1.6's ``PrivacyEngine``**, so that a run reports the same epsilon after the switch.
+  ``accountant="prv"`` (tighter than RDP for the same run; :class:`persample.DPOptimizer` and ``persample train``
+  keep ``"rdp"``). The sample rate is ``1 / len(data_loader)`` with ``len(data_loader)`` steps per epoch: an
+  epoch is one pass over the data in expectation, and ``make_private_with_epsilon``'s ``epochs`` mean that.
+  The expected batch size is then ``len(dataset) / len(data_loader)``: the loader's ``batch_size`` when it
+  divides the dataset, slightly less otherwise; the noisy sum is divided by exactly that (Opacus by its
+  integer part). ``persample train`` samples at ``batch_size / n`` for ``round(n / batch_size)`` steps per
+  epoch, which keeps the batch size and makes an epoch about one pass.
 * **Checkpoints**: :meth:`PrivacyEngine.state_dict` holds the accountant's history and, outside secure mode, the
   states of the sampling and noise generators; the model's and optimizer's own ``state_dict`` are the user's.
   A run resumed from them reports the same epsilon and, with seeded generators, draws the same batches and
@@ -451,8 +453,8 @@ class PrivacyEngine:
             module: the model; returned as is, with hooks (its ``state_dict`` keeps its keys). Its inputs
                 have the batch dimension first. No BatchNorm.
             optimizer: any ``torch.optim.Optimizer`` over the module's parameters.
-            data_loader: a ``DataLoader`` over a map-style dataset with a ``batch_size``, which becomes the
-                expected batch size of Poisson sampling.
+            data_loader: a ``DataLoader`` over a map-style dataset; Poisson sampling at ``1 / len(data_loader)``
+                (see the module docstring).
             noise_multiplier: ``sigma`` >= 0; the noise std on the clipped sum is ``sigma * max_grad_norm``.
             max_grad_norm: the per-example clipping bound ``C`` > 0 (flat clipping over all parameters).
             criterion: a ``torch.nn`` loss module with ``reduction`` ``"mean"`` or ``"sum"``, wrapped to give
@@ -461,7 +463,7 @@ class PrivacyEngine:
             loss_reduction: without ``criterion``, whether the loss is the ``"mean"`` or ``"sum"`` over the
                 batch of per-example losses.
             poisson_sampling: replace the loader by a :class:`persample.DPDataLoader` (the accountant's
-                assumption). ``False`` keeps the loader; the accounting is then an approximation.
+                assumption). ``False`` keeps the loader, accounted at ``1 / len(data_loader)``: an approximation.
             clipping: ``"flat"`` only.
             noise_generator: seeded ``torch.Generator`` for the noise (not in secure mode).
             grad_sample_mode: ``"ghost"`` (the fast engine, default) or ``"vmap"`` (the ``torch.func`` pipeline).
@@ -508,11 +510,9 @@ class PrivacyEngine:
 
         if poisson_sampling:
             loader = DPDataLoader.from_data_loader(data_loader, secure_mode=self.secure_mode)
-            sample_rate = loader.sample_rate
         else:
             loader = data_loader
-            sample_rate = (data_loader.batch_size / len(data_loader.dataset) if data_loader.batch_size
-                           else 1 / len(data_loader))
+        sample_rate = 1 / len(data_loader)
         expected_batch_size = sample_rate * len(loader.dataset)
         dp = DPOptimizer(optimizer, module.named_parameters(), noise_multiplier=noise_multiplier,
                          max_grad_norm=max_grad_norm, expected_batch_size=expected_batch_size,
@@ -549,10 +549,10 @@ class PrivacyEngine:
         """
         if not isinstance(epochs, int) or epochs < 1:
             raise ValueError(f"epochs must be an int >= 1, got {epochs!r}")
-        if not isinstance(data_loader, DataLoader) or data_loader.batch_size is None:
-            raise ValueError("data_loader must be a DataLoader with a batch_size (the expected batch size)")
-        sample_rate = min(1.0, data_loader.batch_size / len(data_loader.dataset))
-        sigma = noise_multiplier_for(target_epsilon, target_delta, sample_rate, steps=epochs * len(data_loader),
+        if not isinstance(data_loader, DataLoader) or len(data_loader) == 0:
+            raise ValueError("data_loader must be a DataLoader with at least one batch")
+        sigma = noise_multiplier_for(target_epsilon, target_delta, 1 / len(data_loader),
+                                     steps=epochs * len(data_loader),
                                      accountant=self.accountant.mechanism, epsilon_tolerance=epsilon_tolerance)
         return self.make_private(module=module, optimizer=optimizer, data_loader=data_loader,
                                  noise_multiplier=sigma, max_grad_norm=max_grad_norm, **kwargs)

@@ -149,15 +149,15 @@ def test_same_epsilon_as_opacus(accountant):
     assert ours.get_epsilon(1e-5) == pytest.approx(theirs.get_epsilon(1e-5), rel=1e-6)
 
 
-def test_defaults_prv_and_the_loaders_own_sample_rate():
+def test_defaults_are_opacus_prv_and_one_pass_per_epoch():
     model = _mlp()
     engine = persample.PrivacyEngine()
     _, optimizer, loader = engine.make_private(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
                                                data_loader=DataLoader(_data("mlp", 50), batch_size=16),
                                                noise_multiplier=1.0, max_grad_norm=1.0)
     assert engine.accountant.mechanism == "prv"
-    assert loader.sample_rate == 16 / 50 and len(loader) == 4
-    assert optimizer.expected_batch_size == pytest.approx(16.0)
+    assert loader.sample_rate == 1 / 4 and len(loader) == 4
+    assert optimizer.expected_batch_size == pytest.approx(12.5)
 
 
 def test_make_private_with_epsilon_spends_the_budget():
@@ -173,6 +173,12 @@ def test_make_private_with_epsilon_spends_the_budget():
             F.cross_entropy(model(x), y).backward()
             optimizer.step()
     assert 3.9 < engine.get_epsilon(1e-5) <= 4.0
+    model = _mlp()
+    _, theirs, _ = opacus.PrivacyEngine(accountant="rdp").make_private_with_epsilon(
+        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        data_loader=DataLoader(_data("mlp"), batch_size=16), target_epsilon=4.0, target_delta=1e-5, epochs=2,
+        max_grad_norm=1.0)
+    assert optimizer.noise_multiplier == theirs.noise_multiplier
 
 
 def _checkpointed_run(stop_after: int | None, epochs: int = 3):
@@ -516,7 +522,7 @@ def _collate(items):
 def test_any_map_style_dataset_with_its_collate_fn():
     loader = persample.DPDataLoader.from_data_loader(DataLoader(_Records(), batch_size=1, collate_fn=_collate,
                                                                 generator=torch.Generator().manual_seed(0)))
-    assert loader.sample_rate == 0.1 and len(loader) == 10
+    assert loader.sample_rate == pytest.approx(0.1) and len(loader) == 10
     batches = list(loader)
     assert any(len(b["x"]) for b in batches)
     empty = next(b for b in batches if len(b["x"]) == 0)  # this seed's batches include an empty one
