@@ -571,8 +571,7 @@ class PrivacyEngine:
         """The privacy state: the accountant's history and, outside secure mode, the sampling and noise
         generators' states (one entry per ``make_private``, None where PyTorch's global generator is used)."""
         return {
-            "accountant": self.accountant.mechanism,
-            "history": self.accountant.history,
+            "accountant": self.accountant.state_dict(),
             "secure_mode": self.secure_mode,
             "sample_generators": [None if self.secure_mode else _generator_state(getattr(
                 loader.batch_sampler, "generator", None)) for loader in self._loaders],
@@ -586,18 +585,15 @@ class PrivacyEngine:
         Raises:
             ValueError: a different accountant or secure mode, or another number of ``make_private`` calls.
         """
-        if state_dict["accountant"] != self.accountant.mechanism or state_dict["secure_mode"] != self.secure_mode:
-            raise ValueError(f"the state is of a {state_dict['accountant']!r} accountant with secure_mode="
+        mechanism = state_dict["accountant"]["mechanism"]
+        if mechanism != self.accountant.mechanism or state_dict["secure_mode"] != self.secure_mode:
+            raise ValueError(f"the state is of a {mechanism!r} accountant with secure_mode="
                              f"{state_dict['secure_mode']}, this engine has {self.accountant.mechanism!r} and "
                              f"secure_mode={self.secure_mode}")
         if len(state_dict["noise_generators"]) != len(self._attached):
             raise ValueError(f"the state has {len(state_dict['noise_generators'])} private models, this engine "
                              f"{len(self._attached)}: call make_private as in the saved run before loading")
-        accountant = PrivacyAccountant(self.accountant.mechanism)
-        for noise_multiplier, sample_rate, steps in state_dict["history"]:
-            accountant.step(noise_multiplier=noise_multiplier, sample_rate=sample_rate, num_steps=steps)
-        # In place: every private optimizer records into this accountant.
-        self.accountant.__dict__.update(accountant.__dict__)
+        self.accountant.load_state_dict(state_dict["accountant"])
         for loader, state in zip(self._loaders, state_dict["sample_generators"], strict=True):
             _set_generator_state(getattr(loader.batch_sampler, "generator", None), state, "sampling")
         for attached, state in zip(self._attached, state_dict["noise_generators"], strict=True):

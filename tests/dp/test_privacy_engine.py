@@ -502,7 +502,7 @@ def test_secure_mode_has_no_generator_state():
         optimizer.step()
     state = engine.state_dict()
     assert state["sample_generators"] == [None] and state["noise_generators"] == [None]
-    assert state["history"] == [(1.0, 16 / 48, 3)]
+    assert state["accountant"] == {"mechanism": "prv", "history": [(1.0, 16 / 48, 3)]}
 
 
 class _Records(torch.utils.data.Dataset):
