@@ -11,17 +11,19 @@ Every variant runs the same loop body on the same fixed batch (the loaders' Pois
 would only add spread): ``optimizer.zero_grad(); loss = criterion(model(x), y); loss.backward();
 optimizer.step()`` with AdamW, noise_multiplier 1 and max_grad_norm 1 for the private ones; a GPT's loss is the
 cross-entropy of the logits flattened to ``(B * T, V)``. The GPTs index their positional table with
-``arange(T).expand(B, T)`` and tie the head to the token table, the layout Opacus's hooks accept. Times are medians
-of the timed steps after warm-up, the variants built side by side and timed in alternation, one step each per
-round (CUDA synchronized around each step), so that a change in the host's speed hits all alike; peak memory is
-``torch.cuda.max_memory_allocated`` over one step after a warm-up step with the variant alone on the GPU (model,
-optimizer state and all), CUDA only. A variant that
-fails is recorded with the exception's name (``OOM`` for out of memory). Prints a table; ``--save`` appends it to
+``arange(T).expand(B, T)`` and tie the head to the token table, the layout Opacus's hooks accept; Opacus's ghost
+clipping refuses tied weights, so it also runs with an untied head (a model with ``V * d`` more parameters) and
+the positions as a contiguous ``arange(T).repeat(B, 1)`` (it fails on the expanded one). Times
+are medians of the timed steps after warm-up, the variants built side by side and timed in alternation, one step
+each per round (CUDA synchronized around each step), so that a change in the host's speed hits all alike. On the
+CPU the time is the process's CPU time with one thread (``time.process_time``): on a shared machine, wall time
+measures the other jobs as much as the step. Peak memory is ``torch.cuda.max_memory_allocated`` over one step after
+a warm-up step with the variant alone on the GPU (model, optimizer state and all), CUDA only. A variant that fails
+is recorded with the exception's name (``OOM`` for out of memory). Prints a table; ``--save`` appends it to
 ``benchmarks/RESULTS.md``.
 """
 
 import argparse
-import copy
 import gc
 import os
 import shlex
@@ -73,11 +75,12 @@ QUICK = [Config("digits CNN B=16", "cnn", batch=16),
          Config("tiny GPT d=32 L=2 V=128 B=4 T=16", "gpt", batch=4, seq=16, vocab=128, d=32, layers=2, heads=2)]
 
 
-def build(cfg: Config) -> nn.Module:
+def build(cfg: Config, tied: bool = True) -> nn.Module:
     torch.manual_seed(0)
     if cfg.kind == "cnn":
         return DigitsCNN()
-    return GPT(cfg.vocab, cfg.d, cfg.layers, cfg.heads, cfg.seq, positions="expand", tied=True)
+    # Opacus's ghost norm of an embedding views its indices, which needs them contiguous: "repeat", not "expand".
+    return GPT(cfg.vocab, cfg.d, cfg.layers, cfg.heads, cfg.seq, positions="expand" if tied else "repeat", tied=tied)
 
 
 def batch_of(cfg: Config, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -115,6 +118,10 @@ def make_loop(variant: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor):
             return model, optimizer, criterion
         model, optimizer, criterion, _ = PrivacyEngine().make_private(**options, criterion=criterion,
                                                                       grad_sample_mode="ghost")
+        # Opacus's criterion takes the logits' shape to average a sequence's tokens per sequence.
+        ghost = criterion
+        criterion = (lambda logits, y: ghost(logits, y, shape=(len(x), y.numel() // len(x))) if y.ndim == 1 and
+                     len(y) != len(x) else ghost(logits, y))
         return model, optimizer, criterion
     if variant == "persample make_private, criterion":
         model, optimizer, criterion, _ = persample.PrivacyEngine().make_private(**options, criterion=criterion)
@@ -124,13 +131,16 @@ def make_loop(variant: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor):
 
 
 VARIANTS = ["normal step", "Opacus make_private, hooks", "Opacus make_private, ghost",
-            "persample make_private, criterion", "persample make_private, loss_reduction"]
+            "Opacus make_private, ghost, untied head", "persample make_private, criterion",
+            "persample make_private, loss_reduction"]
+UNTIED = "Opacus make_private, ghost, untied head"  # GPTs only: Opacus's ghost clipping refuses tied weights
 
 
 def prepare(cfg: Config, variant: str, device: torch.device, precision: str):
     """The variant's loop body on the benchmark's batch, as a function of no arguments."""
     x, y = batch_of(cfg, device)
-    model, optimizer, criterion = make_loop(variant, copy.deepcopy(build(cfg)).to(device), x, y)
+    model = build(cfg, tied=variant != UNTIED).to(device)
+    model, optimizer, criterion = make_loop(variant.removesuffix(", untied head"), model, x, y)
     context = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
 
     def step():
@@ -144,12 +154,15 @@ def prepare(cfg: Config, variant: str, device: torch.device, precision: str):
 
 
 def timed(step, device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    """Wall seconds of one step on CUDA; on the CPU the process's CPU seconds (one thread, see ``main``)."""
+    if device.type != "cuda":
+        start = time.process_time()
+        step()
+        return time.process_time() - start
+    torch.cuda.synchronize()
     start = time.perf_counter()
     step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    torch.cuda.synchronize()
     return time.perf_counter() - start
 
 
@@ -173,7 +186,7 @@ def in_alternation(cfg: Config, variants: list[str], device: torch.device, preci
     """``{variant: median seconds per step, or the failure}``: every variant built side by side and timed one
     step each per round, so that a change of the host's speed (other jobs on the machine) hits all alike."""
     steps, results = {}, {}
-    for variant in variants:
+    for variant in [v for v in variants if v != UNTIED or cfg.kind == "gpt"]:
         try:
             steps[variant] = prepare(cfg, variant, device, precision)
             for _ in range(warmup):
@@ -203,7 +216,8 @@ def header(device: torch.device, quick: bool) -> str:
     title = f"## make_private{' (quick: a check of the script, not a measurement)' if quick else ''}"
     return (f"{title} — {date} — {machine} — commit {commit}\n\n`{command}`; torch {torch.__version__}, opacus "
             f"{opacus.__version__}; max_grad_norm={MAX_GRAD_NORM}, noise_multiplier={NOISE_MULTIPLIER}, AdamW, "
-            "the same fixed batch every step.")
+            "the same fixed batch every step"
+            + ("; CPU time per step, one thread." if device.type == "cpu" else "."))
 
 
 def table(rows: list[dict]) -> str:
@@ -239,6 +253,9 @@ def main() -> None:
     args = parser.parse_args()
 
     device = torch.device(args.device)
+    if device.type == "cpu":
+        # One thread and CPU time: on a shared machine, wall time measures the other jobs as much as the step.
+        torch.set_num_threads(1)
     configs = QUICK if args.quick else CUDA if device.type == "cuda" else CPU
     if args.quick:
         args.warmup, args.iters = 1, 2
@@ -251,7 +268,7 @@ def main() -> None:
                 seconds = in_alternation(cfg, args.variants, device, precision, args.warmup, args.iters)
                 peaks = {}
                 if device.type == "cuda":
-                    for variant in args.variants:
+                    for variant in seconds:
                         if not isinstance(seconds[variant], str):
                             try:
                                 peaks[variant] = peak_memory(cfg, variant, device, precision)
@@ -260,7 +277,7 @@ def main() -> None:
             gc.collect()
             normal = seconds.get("normal step")
             normal = None if normal is None or isinstance(normal, str) else (normal, peaks.get("normal step"))
-            for variant in args.variants:
+            for variant in [v for v in args.variants if v in seconds]:
                 rows.append(dict(config=cfg.name, precision=precision, variant=variant, seconds=seconds[variant],
                                  peak=peaks.get(variant), normal=normal))
                 shown = seconds[variant] if isinstance(seconds[variant], str) else f"{seconds[variant] * 1e3:.1f} ms"
