@@ -284,7 +284,7 @@ class GhostClipping:
     Args:
         model: any module; its trainable parameters (``requires_grad``) are the ones clipped. Exact rules
             for ``nn.Linear`` (any input rank), ``nn.Embedding``, ``nn.LayerNorm``, ``nn.RMSNorm``,
-            ``nn.Conv2d`` and transformers' ``Conv1D``; other modules with parameters go through
+            ``nn.GroupNorm``, ``nn.Conv2d`` and transformers' ``Conv1D``; other modules with parameters go through
             ``torch.func`` (exact, slower).
         max_grad_norm: the clipping bound ``C`` (> 0): ``c_b = min(1, C / (norm_b + 1e-6))``.
         ignore_index: targets not counted in an example's mean loss (default loss only).
