@@ -527,3 +527,20 @@ def test_any_map_style_dataset_with_its_collate_fn():
     assert any(len(b["x"]) for b in batches)
     empty = next(b for b in batches if len(b["x"]) == 0)  # this seed's batches include an empty one
     assert empty["x"].shape == (0, 3) and empty["ids"] == []
+
+
+def test_physical_batches_stay_aligned_with_prefetching_workers():
+    """The end of a logical batch travels with its last physical batch, not with the sampler (which workers'
+    prefetching runs ahead): two workers give the run of none."""
+    runs = []
+    for workers in (0, 2):
+        model = _model("mlp")
+        model, optimizer, loader = persample.PrivacyEngine().make_private(
+            module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.5),
+            data_loader=DataLoader(_data("mlp"), batch_size=24, num_workers=workers), noise_multiplier=0.0,
+            max_grad_norm=C)
+        torch.manual_seed(1)
+        _train(model, optimizer, nn.CrossEntropyLoss(), loader, max_physical=5,
+               make_manager=persample.BatchMemoryManager)
+        runs.append(model)
+    _assert_same_parameters(runs[1], runs[0], _model("mlp"))
