@@ -45,7 +45,7 @@ def test_epochs_are_steps_over_sample_rate():
 
 
 def test_no_steps_and_no_noise():
-    privacy = persample.persample.PrivacyAccountant("prv")
+    privacy = persample.PrivacyAccountant("prv")
     assert privacy.epsilon(1e-5) == 0.0
     privacy.step(noise_multiplier=0.0, sample_rate=0.1)
     assert privacy.epsilon(1e-5) == math.inf
