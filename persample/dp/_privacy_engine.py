@@ -385,7 +385,9 @@ class PrivateLoss:
             per_example = rows.sum(1)
         else:
             per_example = rows.sum(1) / self._denominators(target, rows)
-        per_example.register_hook(lambda g: setattr(pending, "scale", g.detach()))
+        # Summed over the criterion's calls that reach the backward (two terms of one loss add their scales).
+        per_example.register_hook(lambda g: setattr(pending, "scale", g.detach() if pending.scale is None
+                                                    else pending.scale + g.detach()))
         return per_example.mean() if self.reduction == "mean" else per_example.sum()
 
     def _denominators(self, target: Tensor, rows: Tensor) -> Tensor:

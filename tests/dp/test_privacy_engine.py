@@ -385,6 +385,25 @@ def test_a_loss_that_bypasses_the_criterion_raises():
         F.cross_entropy(model(x), y).backward()
 
 
+def test_a_loss_of_several_criterion_terms_and_any_scale():
+    """``(criterion(out, y) + 3 * criterion(out, y)) / 8`` is ``loss_b / 2`` per example: the step is that of
+    ``criterion(out, y)`` (the step is of the clipped per-example gradients, whatever the loss's scale)."""
+    steps = []
+    x, y = _data("mlp")[:16]
+    _, bound = _reference(_model("mlp"), x, y)  # some examples clipped, some not
+    for combine in (lambda loss1, loss2: loss1, lambda loss1, loss2: (loss1 + 3 * loss2) / 8):
+        model = _model("mlp")
+        model, optimizer, criterion, loader = persample.PrivacyEngine().make_private(
+            module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+            data_loader=DataLoader(_data("mlp"), batch_size=16), criterion=nn.CrossEntropyLoss(),
+            noise_multiplier=0.0, max_grad_norm=bound)
+        out = model(x)
+        combine(criterion(out, y), criterion(out, y)).backward()
+        steps.append(optimizer.dp._summed)
+    for name, g in steps[0].items():
+        torch.testing.assert_close(steps[1][name], g, msg=name)
+
+
 def test_a_criterion_without_mean_or_sum_is_refused():
     model = _mlp()
     with pytest.raises(ValueError, match="reduction 'mean' or 'sum'"):
