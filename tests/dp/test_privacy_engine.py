@@ -563,3 +563,17 @@ def test_physical_batches_stay_aligned_with_prefetching_workers():
                make_manager=persample.BatchMemoryManager)
         runs.append(model)
     _assert_same_parameters(runs[1], runs[0], _model("mlp"))
+
+
+def test_secure_poisson_batches_have_the_binomial_size_and_ignore_seeds():
+    """50 secure batches over 1000 examples at q = 0.1: the total size is Binomial(50000, 0.1) (mean 5000, sd
+    67.1); |total - 5000| < 5.5 sd fails by chance with probability below 1e-7. Batches from the OS CSPRNG do
+    not repeat under the same torch seed."""
+    batches = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        batches.append(list(persample.dp.PoissonBatchSampler(1000, 0.1, steps=50, secure_mode=True)))
+    total = sum(len(b) for b in batches[0])
+    assert abs(total - 5000) < 5.5 * (50000 * 0.1 * 0.9) ** 0.5
+    assert batches[0] != batches[1]
+    assert all(b == sorted(set(b)) and all(0 <= i < 1000 for i in b) for b in batches[0])
