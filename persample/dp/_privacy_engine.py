@@ -500,6 +500,9 @@ class PrivacyEngine:
                              "compute a per-example mean or sum yourself (loss_reduction)")
         if self.secure_mode and noise_generator is not None:
             raise ValueError("secure_mode=True draws the noise from the OS CSPRNG: pass noise_generator=None")
+        if isinstance(module, torch._dynamo.eval_frame.OptimizedModule):
+            raise TypeError("module is compiled (torch.compile) already: make the model private first, then compile "
+                            "the returned one (model = torch.compile(model)), whose forward then runs the hooks")
         if any(a.module is module for a in self._attached):
             raise ValueError("this module is private already (make_private was called on it)")
         batch_norms = [name for name, m in module.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
