@@ -11,9 +11,10 @@ Design:
 
 * **The model is the user's own module**, not a wrapper: ``make_private`` registers a forward pre-hook and a
   forward hook on it (removed by :meth:`PrivacyEngine.detach`). Its ``state_dict`` keeps the user's keys (no
-  ``_module.`` prefix), ``model is module`` holds, ``train()``/``eval()`` are untouched. A forward with gradients
-  enabled is recorded by the fast engine (:meth:`persample.GhostClipping.recording`): the trainable
-  parameters are frozen for that forward, each hooked layer keeps its input, and the user's
+  ``_module.`` prefix), ``model is module`` holds, ``train()``/``eval()`` are untouched, and
+  ``torch.compile(model)`` of the returned model runs the hooks (a model compiled before is refused). A forward
+  with gradients enabled is recorded by the fast engine (:meth:`persample.GhostClipping.recording`): the
+  trainable parameters are frozen for that forward, each hooked layer keeps its input, and the user's
   ``loss.backward()`` delivers each layer's output gradient, from which the engine forms per-example norms
   (ghost norms or per-example gradients, whichever is cheaper per layer, the ``torch.func`` fallback for a
   module without a rule) and the clipped sum, with no ``param.grad`` computed by the backward. Forwards
@@ -474,7 +475,7 @@ class PrivacyEngine:
             ValueError: a value out of range, BatchNorm in the module, optimizer parameters not in the module,
                 a module made private already, a criterion without a ``"mean"``/``"sum"`` reduction,
                 ``noise_generator`` in secure mode.
-            TypeError: arguments of the wrong type.
+            TypeError: arguments of the wrong type, or a module compiled already (compile the returned one).
         """
         if not isinstance(module, nn.Module):
             raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
