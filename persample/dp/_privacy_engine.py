@@ -475,7 +475,8 @@ class PrivacyEngine:
             ValueError: a value out of range, BatchNorm in the module, optimizer parameters not in the module,
                 a module made private already, a criterion without a ``"mean"``/``"sum"`` reduction,
                 ``noise_generator`` in secure mode.
-            TypeError: arguments of the wrong type, or a module compiled already (compile the returned one).
+            TypeError: arguments of the wrong type, a module compiled already (compile the returned one) or
+                wrapped in ``DataParallel``/``DistributedDataParallel``.
         """
         if not isinstance(module, nn.Module):
             raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
@@ -504,6 +505,9 @@ class PrivacyEngine:
         if isinstance(module, torch._dynamo.eval_frame.OptimizedModule):
             raise TypeError("module is compiled (torch.compile) already: make the model private first, then compile "
                             "the returned one (model = torch.compile(model)), whose forward then runs the hooks")
+        if isinstance(module, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            raise TypeError(f"module is wrapped in {type(module).__name__}: make_private takes the model itself, on "
+                            "one process (its noise and accounting are those of a single process)")
         if any(a.module is module for a in self._attached):
             raise ValueError("this module is private already (make_private was called on it)")
         batch_norms = [name for name, m in module.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]

@@ -489,6 +489,14 @@ def test_a_model_compiled_before_make_private_is_refused_with_the_order_named():
                                                noise_multiplier=1.0, max_grad_norm=1.0)
 
 
+def test_a_data_parallel_wrapper_is_refused():
+    model = nn.DataParallel(_mlp())
+    with pytest.raises(TypeError, match="DataParallel"):
+        persample.PrivacyEngine().make_private(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                                               data_loader=DataLoader(_data("mlp"), batch_size=16),
+                                               noise_multiplier=1.0, max_grad_norm=1.0)
+
+
 class _Raises(nn.Module):
     def __init__(self):
         super().__init__()
