@@ -1,6 +1,7 @@
 """The user's own training loop made private, side by side: time per logical step and peak memory of a normal
 step, Opacus 1.6's ``PrivacyEngine.make_private`` (hooks, and ghost clipping with its criterion) and
-``persample.PrivacyEngine.make_private`` (the fast engine; with and without the criterion), on the digits CNN, a
+``persample.PrivacyEngine.make_private`` (the fast engine; with and without the criterion) and, for what
+``make_private`` adds, the engine in its own loop (``GhostClipping`` + ``DPOptimizer``), on the digits CNN, a
 small GPT and (CUDA only) a GPT-2-small-sized model, in fp32 and bf16 autocast.
 
     python benchmarks/make_private.py                 # CUDA if present, else the CPU sizes
@@ -132,16 +133,35 @@ def make_loop(variant: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor):
 
 VARIANTS = ["normal step", "Opacus make_private, hooks", "Opacus make_private, ghost",
             "Opacus make_private, ghost, untied head", "persample make_private, criterion",
-            "persample make_private, loss_reduction"]
+            "persample make_private, loss_reduction", "persample GhostClipping, its own loop"]
 UNTIED = "Opacus make_private, ghost, untied head"  # GPTs only: Opacus's ghost clipping refuses tied weights
+
+
+def engine_loop(model: nn.Module, x: torch.Tensor, y: torch.Tensor, context):
+    """The engine and ``persample.DPOptimizer`` called directly (README's loop): what ``make_private`` costs on
+    top of them."""
+    engine = persample.GhostClipping(model, max_grad_norm=MAX_GRAD_NORM)
+    dp = persample.DPOptimizer(torch.optim.AdamW(model.parameters(), lr=LR), model.named_parameters(),
+                               noise_multiplier=NOISE_MULTIPLIER, max_grad_norm=MAX_GRAD_NORM,
+                               expected_batch_size=len(x), sample_rate=0.01)
+
+    def step():
+        with context:
+            out = engine.clipped_grad_sum(x, y)
+        dp.accumulate(out.grads, len(x))
+        dp.step()
+
+    return step
 
 
 def prepare(cfg: Config, variant: str, device: torch.device, precision: str):
     """The variant's loop body on the benchmark's batch, as a function of no arguments."""
     x, y = batch_of(cfg, device)
     model = build(cfg, tied=variant != UNTIED).to(device)
-    model, optimizer, criterion = make_loop(variant.removesuffix(", untied head"), model, x, y)
     context = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
+    if variant == "persample GhostClipping, its own loop":
+        return engine_loop(model, x, y, context)
+    model, optimizer, criterion = make_loop(variant.removesuffix(", untied head"), model, x, y)
 
     def step():
         optimizer.zero_grad()
