@@ -71,6 +71,7 @@ Design:
 """
 
 import copy
+import warnings
 from collections.abc import Callable
 from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass
@@ -466,7 +467,8 @@ class PrivacyEngine:
             loss_reduction: without ``criterion``, whether the loss is the ``"mean"`` or ``"sum"`` over the
                 batch of per-example losses.
             poisson_sampling: replace the loader by a :class:`persample.DPDataLoader` (the accountant's
-                assumption). ``False`` keeps the loader, accounted at ``1 / len(data_loader)``: an approximation.
+                assumption). ``False`` keeps the loader, accounted at ``1 / len(data_loader)``: an approximation,
+                with a warning.
             clipping: ``"flat"`` only.
             noise_generator: seeded ``torch.Generator`` for the noise (not in secure mode).
             grad_sample_mode: ``"ghost"`` (the fast engine, default) or ``"vmap"`` (the ``torch.func`` pipeline).
@@ -521,6 +523,9 @@ class PrivacyEngine:
         if poisson_sampling:
             loader = DPDataLoader.from_data_loader(data_loader, secure_mode=self.secure_mode)
         else:
+            warnings.warn(f"poisson_sampling=False: the accountant assumes each example joins each batch "
+                          f"independently with probability 1/{len(data_loader)}, which data_loader's batches do not "
+                          "do; the epsilon reported is an approximation", UserWarning, stacklevel=2)
             loader = data_loader
         sample_rate = 1 / len(data_loader)
         expected_batch_size = sample_rate * len(loader.dataset)

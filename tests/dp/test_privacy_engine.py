@@ -497,6 +497,21 @@ def test_a_data_parallel_wrapper_is_refused():
                                                noise_multiplier=1.0, max_grad_norm=1.0)
 
 
+def test_without_poisson_sampling_the_loader_is_kept_with_a_warning_and_detach_restores_the_model():
+    model = _mlp()
+    loader = DataLoader(_data("mlp"), batch_size=16, shuffle=True)
+    engine = persample.PrivacyEngine()
+    with pytest.warns(UserWarning, match="approximation"):
+        model, optimizer, returned = engine.make_private(
+            module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), data_loader=loader,
+            noise_multiplier=1.0, max_grad_norm=1.0, poisson_sampling=False)
+    assert returned is loader and optimizer.dp.sample_rate == 1 / 3
+    engine.detach()
+    x, y = _data("mlp")[:8]
+    F.cross_entropy(model(x), y).backward()  # an ordinary backward again: param.grad, nothing accumulated
+    assert all(p.grad is not None for p in model.parameters()) and optimizer.dp._summed is None
+
+
 class _Raises(nn.Module):
     def __init__(self):
         super().__init__()
