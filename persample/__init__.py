@@ -10,9 +10,12 @@ A fused Triton cross-entropy that yields each example's loss and logit gradient 
 
 from persample.checks import NonFiniteGradientWarning
 from persample.dp import (
+    BatchMemoryManager,
+    DPDataLoader,
     DPOptimizer,
     PoissonSampler,
     PrivacyAccountant,
+    PrivacyEngine,
     add_noise,
     epsilon_for,
     gaussian_noise,
@@ -39,15 +42,18 @@ from persample.per_sample import (
 )
 
 __all__ = [
+    "BatchMemoryManager",
     "ClippedGradSum",
     "ClippedSum",
     "CrossEntropyLoss",
+    "DPDataLoader",
     "DPOptimizer",
     "GhostClipping",
     "HeadGradNorms",
     "NonFiniteGradientWarning",
     "PoissonSampler",
     "PrivacyAccountant",
+    "PrivacyEngine",
     "add_noise",
     "clip_factors",
     "clip_per_layer",

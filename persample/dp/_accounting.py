@@ -50,6 +50,21 @@ class PrivacyAccountant:
         """``[(noise_multiplier, sample_rate, steps), ...]`` in the order taken (a copy)."""
         return list(self._opacus.history)
 
+    def state_dict(self) -> dict:
+        """``{"mechanism", "history"}``: what :meth:`load_state_dict` restores (a checkpoint of the run)."""
+        return {"mechanism": self.mechanism, "history": self.history}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Replaces the recorded steps by those of :meth:`state_dict`.
+
+        Raises:
+            ValueError: a state of the other mechanism.
+        """
+        if state_dict["mechanism"] != self.mechanism:
+            raise ValueError(f"the state is of a {state_dict['mechanism']!r} accountant, this one is "
+                             f"{self.mechanism!r}")
+        self._opacus.history = [tuple(entry) for entry in state_dict["history"]]
+
     @property
     def steps(self) -> int:
         """Total steps recorded."""

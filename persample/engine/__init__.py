@@ -13,9 +13,11 @@ materializing per-example gradients, from one forward and one backward.
 from persample.engine.ghost_clipping import (
     ClippedGradSum,
     GhostClipping,
+    Recording,
     clipped_grad_sum,
     per_sample_grad_norms_fast,
 )
 from persample.engine.registry import register_rule
 
-__all__ = ["ClippedGradSum", "GhostClipping", "clipped_grad_sum", "per_sample_grad_norms_fast", "register_rule"]
+__all__ = ["ClippedGradSum", "GhostClipping", "Recording", "clipped_grad_sum", "per_sample_grad_norms_fast",
+           "register_rule"]

@@ -47,7 +47,7 @@ first size equals ``B``; an integer input with a leading dimension of 1 (``arang
 ``position_ids``) is shared the same way. Every use of a parameter must happen inside a module that owns it.
 """
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import replace
 from typing import Literal, NamedTuple
@@ -337,9 +337,9 @@ class GhostClipping:
             grads[p] = total
         return grads
 
-    def _plan_for(self, args: tuple) -> Plan:
+    def _plan_for(self, args: tuple, kwargs: dict | None = None) -> Plan:
         if self._plan is None or not self._plan.is_current():
-            self._plan = make_plan(self.model, args)
+            self._plan = make_plan(self.model, args, kwargs)
         return self._plan
 
     def _backward(self, inputs, targets) -> tuple[Step, Tensor, Callable[[], None]]:
@@ -362,6 +362,12 @@ class GhostClipping:
             with torch.autocast(output.device.type, enabled=False):
                 torch.autograd.backward(output, output_grad)
         del output, output_grad
+        self._after_backward(step, losses.is_cuda)
+        return step, losses, finish
+
+    @staticmethod
+    def _after_backward(step: Step, on_cuda: bool) -> None:
+        """The fallbacks' per-example gradients, then the forms stacked and packed."""
         for call, grads, constant in step.fallbacks:
             if any(g is not None for g in grads):
                 step.add(call, fallback.per_example_grads(call, grads, step.is_batched, constant))
@@ -370,10 +376,32 @@ class GhostClipping:
         # at replay, while the stacks' large new blocks, which the memory freed earlier in the step cannot serve,
         # would grow the graph's pool for good (by how much: benchmarks/RESULTS.md, "Figures quoted from code").
         # The forms are then reduced one parameter at a time.
-        if not (losses.is_cuda and torch.cuda.is_current_stream_capturing()):
+        if not (on_cuda and torch.cuda.is_current_stream_capturing()):
             step.stacks = pop_stacks(step.forms)
             step.pack_dense()
-        return step, losses, finish
+
+    @contextmanager
+    def recording(self, args: tuple, kwargs: dict | None = None) -> Iterator["Recording"]:
+        """Records the one forward ``model(*args, **kwargs)`` that the caller runs inside, for a backward that
+        the caller runs too, from any loss ``sum_b scale_b * loss_b`` (``loss_b`` depending on example ``b``'s
+        output alone); after that backward, :meth:`Recording.clipped_grad_sum` with the ``scale``.
+
+        The trainable parameters are frozen for the forward, so that backward computes no ``param.grad``: the
+        clipped sums come from the recording. This is how :class:`persample.PrivacyEngine` keeps a user's
+        ``loss.backward()``.
+
+        Raises:
+            ValueError: no tensor with a batch dimension among the inputs.
+        """
+        kwargs = kwargs or {}
+        batch_size = _batch_size((args, kwargs))
+        plan = self._plan_for(args, kwargs)
+        first = next((v for v in tree_leaves((args, kwargs)) if isinstance(v, Tensor)), None)
+        index_ndim = first.ndim if not first.is_floating_point() else None
+        step = Step(batch_size, index_ndim, self.strategy)
+        autocast = any(torch.is_autocast_enabled(d) for d in {p.device.type for p in plan.trainable.values()})
+        with recording(plan, step, autocast):
+            yield Recording(self, step)
 
     def _norms(self, step: Step) -> Tensor:
         params = list(self._plan.trainable.values())
@@ -389,6 +417,42 @@ class GhostClipping:
             device = params[0].device if params else torch.device("cpu")
             return torch.zeros(step.batch_size, dtype=acc, device=device)
         return torch.cat(terms).sum(0).clamp_min(0).sqrt()
+
+
+class Recording:
+    """One forward recorded by :meth:`GhostClipping.recording`, waiting for the caller's backward."""
+
+    def __init__(self, engine: GhostClipping, step: Step):
+        self._engine, self._step = engine, step
+
+    @property
+    def batch_size(self) -> int:
+        return self._step.batch_size
+
+    @torch.no_grad()
+    def clipped_grad_sum(self, scale: Tensor) -> tuple[dict[str, Tensor], Tensor]:
+        """``(grads, norms)`` as in :class:`ClippedGradSum`, once the backward of ``sum_b scale_b * loss_b`` is
+        done; ``scale: (B,)`` (e.g. ``1 / B`` for a mean). The backward's gradients are ``scale_b`` times the
+        per-example ones: the norms are divided by ``|scale_b|`` and the clipped sum is of ``grad loss_b``
+        itself, so the loss's scale does not change the step. An example with ``scale_b == 0`` adds nothing
+        (its norm reads 0). Call once.
+        """
+        engine, step = self._engine, self._step
+        plan = engine._plan
+        engine._after_backward(step, scale.is_cuda)
+        with _no_autocast(plan):
+            scaled = engine._norms(step)
+            scale = scale.to(device=scaled.device, dtype=scaled.dtype).expand(step.batch_size)
+            inverse = torch.where(scale != 0, scale.reciprocal(), torch.zeros_like(scale))
+            norms = scaled * inverse.abs()
+            # The engine's non-finite policy: such an example gets a factor of 0 and zeros for its factors.
+            finite = torch.isfinite(norms)
+            positions = [] if bool(finite.all()) else torch.nonzero(~finite).flatten().tolist()
+            handle_nonfinite(positions, step.batch_size, engine.nonfinite, stacklevel=3)
+            factors = torch.where(finite, (engine.max_grad_norm / (norms + 1e-6)).clamp(max=1.0), 0.0)
+            engine._drop_examples(step, finite)
+            grads = engine._clipped_sums(step, factors * torch.where(finite, inverse, 0.0))
+        return {name: grads[p] if p in grads else torch.zeros_like(p) for name, p in plan.trainable.items()}, norms
 
 
 def clipped_grad_sum(model: nn.Module, inputs: Tensor | tuple, targets: Tensor, *, max_grad_norm: float,

@@ -57,11 +57,12 @@ class Plan:
         return [p.requires_grad for p in self.parameters] == self.flags
 
 
-def make_plan(model: nn.Module, args: tuple) -> Plan:
-    """The plan for ``model``'s trainable parameters, from one extra forward on ``args`` under ``no_grad``."""
+def make_plan(model: nn.Module, args: tuple, kwargs: dict | None = None) -> Plan:
+    """The plan for ``model``'s trainable parameters, from one extra forward on ``args`` (and ``kwargs``) under
+    ``no_grad``."""
     parameters = list(model.parameters())
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    uses = parameter_uses(model, lambda: model(*args), {id(p): p for p in trainable.values()})
+    uses = parameter_uses(model, lambda: model(*args, **(kwargs or {})), {id(p): p for p in trainable.values()})
     hooked = {}
     for module, used in uses.items():
         ids = {id(p) for p in used.values()}

@@ -79,3 +79,14 @@ def test_bad_step():
         persample.PrivacyAccountant().step(noise_multiplier=-1.0, sample_rate=0.1)
     with pytest.raises(ValueError, match="sample_rate"):
         persample.PrivacyAccountant().step(noise_multiplier=1.0, sample_rate=0.0)
+
+
+def test_state_dict_round_trip():
+    accountant = persample.PrivacyAccountant("rdp")
+    accountant.step(noise_multiplier=1.1, sample_rate=0.01, num_steps=30)
+    accountant.step(noise_multiplier=0.9, sample_rate=0.02, num_steps=5)
+    restored = persample.PrivacyAccountant("rdp")
+    restored.load_state_dict(accountant.state_dict())
+    assert restored.history == accountant.history and restored.epsilon(1e-5) == accountant.epsilon(1e-5)
+    with pytest.raises(ValueError, match="'rdp' accountant"):
+        persample.PrivacyAccountant("prv").load_state_dict(accountant.state_dict())

@@ -436,3 +436,24 @@ def test_dp_optimizer_step_engine_equals_vmap_pipeline(monkeypatch):
         stepped.append(dict(model.named_parameters()))
     for name, p in stepped[0].items():
         torch.testing.assert_close(stepped[1][name], p, rtol=1e-10, atol=1e-12, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_recording_with_the_callers_backward_equals_the_step():
+    """``recording`` + the caller's backward of ``sum_b scale_b * loss_b`` gives the step's norms and clipped sum
+    whatever the scale (its sign included); an example of scale 0 adds nothing."""
+    model = TinyGPT().double()
+    idx, targets = tokens()
+    engine = GhostClipping(model, max_grad_norm=0.05)
+    expected = engine.clipped_grad_sum(idx, targets)
+    for scale, kept in [([0.5, -2.0, 1.0, 3.0], 4), ([0.25, 4.0, 1.0, 0.0], 3)]:
+        scale = torch.tensor(scale, dtype=torch.float64)
+        with engine.recording((idx,)) as recorded:
+            output = model(idx)
+        (lm_loss(output, targets) * scale).sum().backward()
+        assert all(p.grad is None for p in model.parameters())
+        grads, norms = recorded.clipped_grad_sum(scale)
+        reference = engine.clipped_grad_sum(idx[:kept], targets[:kept])
+        torch.testing.assert_close(norms[:kept], expected.norms[:kept])
+        for name, g in reference.grads.items():
+            torch.testing.assert_close(grads[name], g, msg=name)
+    assert (expected.norms > 0.05).sum() not in (0, 4)  # some examples clipped, some not
