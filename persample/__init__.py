@@ -9,6 +9,8 @@ A fused Triton cross-entropy that yields each example's loss and logit gradient 
 """
 
 from persample.dp import (
+    DistributedDPOptimizer,
+    DistributedPoissonSampler,
     DPOptimizer,
     PoissonSampler,
     PrivacyAccountant,
@@ -40,6 +42,8 @@ __all__ = [
     "ClippedGradSum",
     "CrossEntropyLoss",
     "DPOptimizer",
+    "DistributedDPOptimizer",
+    "DistributedPoissonSampler",
     "GhostClipping",
     "HeadGradNorms",
     "PoissonSampler",

@@ -40,7 +40,9 @@ from typing import Literal, NamedTuple
 
 import torch
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils._pytree import tree_flatten, tree_leaves, tree_map_only, tree_unflatten
 
 from persample.engine import rules  # noqa: F401  (registers the rules)
@@ -285,7 +287,11 @@ class GhostClipping:
         model: any module; its trainable parameters (``requires_grad``) are the ones clipped. Exact rules
             for ``nn.Linear`` (any input rank), ``nn.Embedding``, ``nn.LayerNorm``, ``nn.RMSNorm``,
             ``nn.Conv2d`` and transformers' ``Conv1D``; other modules with parameters go through
-            ``torch.func`` (exact, slower).
+            ``torch.func`` (exact, slower). A ``DistributedDataParallel`` model is unwrapped (its ``.module``
+            runs, so DDP's gradient all-reduce never does; reduce the clipped sums with
+            :class:`persample.DistributedDPOptimizer`). Under ``fully_shard`` (FSDP2) the forward and backward
+            gather each module's weights as usual, the sums come back full-size, named as the model's
+            parameters, and every module with trainable parameters needs a rule.
         max_grad_norm: the clipping bound ``C`` (> 0): ``c_b = min(1, C / (norm_b + 1e-6))``.
         ignore_index: targets not counted in an example's mean loss (default loss only).
         loss_fn: ``loss_fn(output, targets) -> (B,)`` per-example losses instead of the default
@@ -319,7 +325,9 @@ class GhostClipping:
             raise ValueError(f"strategy must be one of {_STRATEGIES}, got {strategy!r}")
         if cuda_graph not in (None, "post", "step"):
             raise ValueError(f"cuda_graph must be None, 'post' or 'step', got {cuda_graph!r}")
-        self.model = model
+        # DDP's forward would prepare its reducer for a backward that, here, computes no parameter gradient;
+        # the clipped sums are reduced by persample.DistributedDPOptimizer instead.
+        self.model = model.module if isinstance(model, DistributedDataParallel) else model
         self.max_grad_norm = float(max_grad_norm)
         self.ignore_index = ignore_index
         self.loss_fn = loss_fn
@@ -352,7 +360,7 @@ class GhostClipping:
                 norms, grads = self._graphed(step)
             else:
                 norms, grads = self._norms_and_clipped_sums(step)
-        result = ClippedGradSum({name: grads[p] if p in grads else torch.zeros_like(p)
+        result = ClippedGradSum({name: grads[p] if p in grads else torch.zeros(p.shape, dtype=p.dtype, device=p.device)
                                  for name, p in self._plan.trainable.items()}, norms, losses)
         return result, finish, step.classes
 
@@ -410,7 +418,12 @@ class GhostClipping:
             ids = {id(p) for p in used.values()}
             constant = [m for m in module.modules() if m is not module and m in uses
                         and ids & {id(p) for p in uses[m].values()}]
-            hooked[module] = _Hooked(module, rule_for(module, set(used)), used, constant)
+            rule = rule_for(module, set(used))
+            if rule is None and any(isinstance(p, DTensor) for p in used.values()):
+                raise ValueError(f"{type(module).__name__} has sharded parameters (fully_shard) and no rule of the "
+                                 "engine: its torch.func fallback needs the gathered weights after the backward. "
+                                 "Use modules with rules (Linear, Embedding, LayerNorm, RMSNorm, Conv2d, Conv1D)")
+            hooked[module] = _Hooked(module, rule, used, constant)
         used = list({id(p): p for h in hooked.values() for p in h.used.values()}.values())
         self._plan = _Plan(trainable, hooked, used, parameters, [p.requires_grad for p in parameters])
         return self._plan
