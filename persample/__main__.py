@@ -1,4 +1,4 @@
-"""``python -m persample ...``, as the ``persample`` command; what ``torchrun -m persample train`` starts on each rank."""
+"""``python -m persample ...``, as the ``persample`` command; what ``torchrun -m persample train`` runs per rank."""
 
 import sys
 
