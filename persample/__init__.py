@@ -11,6 +11,8 @@ A fused Triton cross-entropy that yields each example's loss and logit gradient 
 from persample.checks import NonFiniteGradientWarning
 from persample.dp import (
     BatchMemoryManager,
+    DistributedDPOptimizer,
+    DistributedPoissonSampler,
     DPDataLoader,
     DPOptimizer,
     PoissonSampler,
@@ -48,6 +50,8 @@ __all__ = [
     "CrossEntropyLoss",
     "DPDataLoader",
     "DPOptimizer",
+    "DistributedDPOptimizer",
+    "DistributedPoissonSampler",
     "GhostClipping",
     "HeadGradNorms",
     "NonFiniteGradientWarning",

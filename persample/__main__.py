@@ -1,4 +1,4 @@
-"""``python -m persample``: the ``persample`` command (:mod:`persample.app.cli`)."""
+"""``python -m persample ...``, as the ``persample`` command; what ``torchrun -m persample train`` runs per rank."""
 
 import sys
 

@@ -7,6 +7,7 @@ written. Warnings (a run that is not private) are one line on stderr too.
 
 import argparse
 import importlib.metadata
+import os
 import sys
 import warnings
 from collections.abc import Sequence
@@ -67,6 +68,9 @@ def _parser() -> argparse.ArgumentParser:
                             "--secure-mode draws (default: %(default)s)")
     train.add_argument("--device", default=_DEFAULTS.device,
                        help="auto (a GPU if there is one), cpu, cuda, cuda:1, mps (default: %(default)s)")
+    train.add_argument("--nproc", type=int, default=1,
+                       help="data-parallel processes on this host, started by torchrun (same as "
+                            "torchrun --nproc-per-node N -m persample train ...)")
     progress = train.add_mutually_exclusive_group()
     progress.add_argument("--progress", dest="progress", action="store_true", default=None,
                           help="always show the progress bar (default: only on a terminal)")
@@ -77,7 +81,12 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs ``persample <command> ...``; returns the exit status (130 when interrupted, 2 for bad settings)."""
     parser = _parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
+    if args.nproc < 1:
+        parser.exit(2, f"persample train: error: --nproc must be >= 1, got {args.nproc}\n")
+    if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        return _torchrun(args.nproc, argv)
     config = TrainConfig(
         epochs=args.epochs, batch_size=args.batch_size, sample_rate=args.sample_rate,
         max_physical_batch_size=args.max_physical_batch_size, noise_multiplier=args.noise_multiplier,
@@ -98,6 +107,22 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
     print(f"persample train: warning: {message}", file=sys.stderr, flush=True)
+
+
+def _torchrun(nproc: int, argv: list[str]) -> int:
+    """Starts ``nproc`` ranks of ``python -m persample`` with torchrun on this host (the ``--nproc`` option
+    dropped; the ranks see ``WORLD_SIZE``); returns 0, or 1 if a rank failed."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, run
+
+    drop = {i for i, a in enumerate(argv) if a == "--nproc"}
+    rest = [a for i, a in enumerate(argv) if i not in drop and i - 1 not in drop and not a.startswith("--nproc=")]
+    try:
+        run(get_args_parser().parse_args(["--standalone", f"--nproc-per-node={nproc}", "-m", "persample", *rest]))
+    except ChildFailedError as error:
+        print(f"persample train: a process failed: {error}", file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":

@@ -10,6 +10,13 @@ gradients (the ordinary batch gradient), so both runs report per-example gradien
 An example whose gradient is not finite contributes zero (``nonfinite="zero"``): each epoch's line and the
 report count them, and their norms are left out of the norm statistics and the histogram.
 ``nonfinite="raise"`` stops the run at the first one.
+
+Launched by ``torchrun`` (``WORLD_SIZE`` > 1 in the environment), the DP run is data parallel: the model is
+wrapped in ``DistributedDataParallel`` (which broadcasts rank 0's parameters), each rank takes its part of the
+same global Poisson batch (:class:`persample.DistributedPoissonSampler`) and
+:class:`persample.DistributedDPOptimizer` sums the clipped sums over the ranks and adds the noise once. The
+accountant sees the same steps at the same sample rate as in one process, so the epsilon is the same; rank 0
+prints and writes the report, with every rank's gradient norms.
 """
 
 import math
@@ -21,13 +28,21 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from persample.app.digits import DigitsCNN, digits_split
 from persample.app.report import RunReport
 from persample.checks import NonFiniteGradientWarning, check_nonfinite
-from persample.dp import DPOptimizer, PoissonSampler, noise_multiplier_for
+from persample.dp import (
+    DistributedDPOptimizer,
+    DistributedPoissonSampler,
+    DPOptimizer,
+    PoissonSampler,
+    noise_multiplier_for,
+)
 from persample.engine import GhostClipping
 from persample.loss import cross_entropy
 from persample.per_sample import clip_per_sample, per_sample_grads, per_sample_norms
@@ -71,6 +86,16 @@ def train_digits(config: TrainConfig) -> dict:
     _check(config)
     device = _device(config.device)
     _check_out(config.out)
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if distributed:
+        if not config.dp:
+            raise ValueError("the non-private baseline (--no-dp) runs in one process: launch it without torchrun")
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(device)
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    leader = not distributed or dist.get_rank() == 0
     torch.manual_seed(config.seed)
     x_train, y_train, x_test, y_test = (t.to(device) for t in digits_split())
     n = len(y_train)
@@ -102,28 +127,37 @@ def train_digits(config: TrainConfig) -> dict:
         noise = None if config.secure_mode else torch.Generator(device).manual_seed(config.seed + 1)
         engine = GhostClipping(model, max_grad_norm=config.max_grad_norm, nonfinite=config.nonfinite) \
             if config.engine == "fast" else None
-        dp_optimizer = DPOptimizer(optimizer, model.named_parameters(), noise_multiplier=noise_multiplier,
-                                   max_grad_norm=config.max_grad_norm, expected_batch_size=sample_rate * n,
-                                   sample_rate=sample_rate, accountant=config.accountant, generator=noise,
-                                   secure_mode=config.secure_mode)
+        # DDP broadcasts rank 0's parameters; the engines would run its .module anyway, and the optimizer reduces.
+        kind = DistributedDPOptimizer if distributed else DPOptimizer
+        named = DistributedDataParallel(model).module.named_parameters() if distributed else model.named_parameters()
+        dp_optimizer = kind(optimizer, named, noise_multiplier=noise_multiplier,
+                            max_grad_norm=config.max_grad_norm, expected_batch_size=sample_rate * n,
+                            sample_rate=sample_rate, accountant=config.accountant, generator=noise,
+                            secure_mode=config.secure_mode)
 
     settings = {**asdict(config), "device": str(device), "sample_rate": sample_rate,
                 "noise_multiplier": noise_multiplier, "train_examples": n, "test_examples": len(y_test)}
-    report = RunReport(config.out, settings, config.max_grad_norm if config.dp else None)
+    if distributed:
+        settings["world_size"] = dist.get_world_size()
+    report = RunReport(config.out, settings, config.max_grad_norm if config.dp else None) if leader else None
     privacy = (f"noise_multiplier={noise_multiplier:.3f}, max_grad_norm={config.max_grad_norm}, "
                f"sample_rate={sample_rate:.4f}, delta={config.delta}" if config.dp else "no DP (--no-dp)")
-    _say(f"digits: {n} train / {len(y_test)} test examples on {device}; {config.epochs} epochs x "
-         f"{steps_per_epoch} steps; {privacy}")
+    say = _say if leader else _quiet
+    say(f"digits: {n} train / {len(y_test)} test examples on {device}; {config.epochs} epochs x "
+         f"{steps_per_epoch} steps; {privacy}" + (f"; {dist.get_world_size()} processes" if distributed else ""))
 
     bar = tqdm(total=config.epochs * steps_per_epoch, unit="step", file=sys.stderr,
-               disable=None if config.progress is None else not config.progress)
+               disable=not leader or (None if config.progress is None else not config.progress))
     epoch = 0
     skipped = 0
     try:
         for epoch in range(1, config.epochs + 1):
             started = time.perf_counter()
             model.train()
-            if config.dp:
+            if distributed:
+                batches = DistributedPoissonSampler(n, sample_rate, steps=steps_per_epoch, generator=sampling,
+                                                    secure_mode=secure)
+            elif config.dp:
                 batches = PoissonSampler(n, sample_rate, steps=steps_per_epoch, generator=sampling, secure_mode=secure)
             else:
                 batches = torch.randperm(n, generator=sampling).split(batch_size)
@@ -138,6 +172,11 @@ def train_digits(config: TrainConfig) -> dict:
                     norms.append(_baseline_step(model, optimizer, x_train[idx], y_train[idx]))
                 bar.update()
             norms = torch.cat(norms)
+            if distributed:  # the report shows every rank's examples
+                parts: list = [None] * dist.get_world_size()
+                dist.all_gather_object(parts, (norms.cpu(), sizes))
+                norms = torch.cat([part for part, _ in parts])
+                sizes = [sum(counts) for counts in zip(*(counts for _, counts in parts), strict=True)]
             finite = norms.isfinite()
             nonfinite = int((~finite).sum())
             skipped += nonfinite
@@ -153,20 +192,22 @@ def train_digits(config: TrainConfig) -> dict:
                    if config.dp and len(norms) else math.nan,
                    "nonfinite_examples": nonfinite,
                    "seconds": round(time.perf_counter() - started, 3)}
-            report.add_epoch(row, norms)
-            dropped = f"  non-finite examples skipped {nonfinite}" if nonfinite else ""
-            bar.write(f"epoch {epoch:3d}/{config.epochs}  train loss {row['train_loss']:.4f}  "
-                      f"test accuracy {accuracy:.4f}  epsilon {epsilon:.3f}{dropped}", file=sys.stdout)
+            if leader:
+                report.add_epoch(row, norms)
+                dropped = f"  non-finite examples skipped {nonfinite}" if nonfinite else ""
+                bar.write(f"epoch {epoch:3d}/{config.epochs}  train loss {row['train_loss']:.4f}  "
+                          f"test accuracy {accuracy:.4f}  epsilon {epsilon:.3f}{dropped}", file=sys.stdout)
             sys.stdout.flush()
     except KeyboardInterrupt:
         bar.close()
         # Every step taken spent privacy, the steps of the unfinished epoch too.
         spent = dp_optimizer.epsilon(config.delta) if config.dp else math.inf
-        report.finish("interrupted", {"epochs_finished": epoch - 1, "epsilon": spent,
-                                      "steps": dp_optimizer.accountant.steps if config.dp else None})
-        _say(f"interrupted during epoch {epoch}; the finished epochs are in {report.out}")
+        if leader:
+            report.finish("interrupted", {"epochs_finished": epoch - 1, "epsilon": spent,
+                                          "steps": dp_optimizer.accountant.steps if config.dp else None})
+        say(f"interrupted during epoch {epoch}; the finished epochs are in {config.out}")
         if config.dp:
-            _say(f"epsilon spent (delta={config.delta:g}): {spent:.3f} over {dp_optimizer.accountant.steps} steps")
+            say(f"epsilon spent (delta={config.delta:g}): {spent:.3f} over {dp_optimizer.accountant.steps} steps")
         raise
     bar.close()
 
@@ -175,16 +216,17 @@ def train_digits(config: TrainConfig) -> dict:
     result = {"test_accuracy": accuracy, "epsilon": epsilon, "delta": config.delta if config.dp else None,
               "accountant": config.accountant if config.dp else None, "noise_multiplier": noise_multiplier,
               "epochs_finished": config.epochs, "nonfinite_examples": skipped}
-    report.finish("finished", result)
+    if leader:
+        report.finish("finished", result)
     correct = round(accuracy * len(y_test))
-    _say(f"test accuracy: {accuracy:.4f} ({correct}/{len(y_test)})")
+    say(f"test accuracy: {accuracy:.4f} ({correct}/{len(y_test)})")
     if skipped:
-        _say(f"non-finite examples skipped: {skipped} (each contributed zero to its step)")
+        say(f"non-finite examples skipped: {skipped} (each contributed zero to its step)")
     if config.dp:
-        _say(f"epsilon (delta={config.delta:g}): {epsilon:.3f} [{config.accountant} accountant]")
+        say(f"epsilon (delta={config.delta:g}): {epsilon:.3f} [{config.accountant} accountant]")
     else:
-        _say("epsilon: inf (no DP: --no-dp)")
-    _say(f"report: {report.out}/report.json, gradient-norm histogram: {report.out}/grad_norms.png")
+        say("epsilon: inf (no DP: --no-dp)")
+    say(f"report: {config.out}/report.json, gradient-norm histogram: {config.out}/grad_norms.png")
     return result
 
 
@@ -283,6 +325,10 @@ def _check_out(out: str) -> None:
 
 def _say(line: str) -> None:
     print(line, flush=True)
+
+
+def _quiet(line: str) -> None:
+    """What ranks other than 0 print: nothing (rank 0 speaks for the run)."""
 
 
 @torch.no_grad()

@@ -54,6 +54,8 @@ from typing import Literal, NamedTuple
 
 import torch
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils._pytree import tree_leaves
 
 from persample.checks import check_nonfinite, handle_nonfinite, refuse_batch_norm
@@ -143,7 +145,11 @@ class GhostClipping:
         model: any module; its trainable parameters (``requires_grad``) are the ones clipped. Exact rules
             for ``nn.Linear`` (any input rank), ``nn.Embedding``, ``nn.LayerNorm``, ``nn.RMSNorm``,
             ``nn.Conv1d``/``Conv2d``/``Conv3d``, ``nn.GroupNorm`` and transformers' ``Conv1D``; other modules
-            with parameters go through ``torch.func`` (exact, slower).
+            with parameters go through ``torch.func`` (exact, slower). A ``DistributedDataParallel`` model is
+            unwrapped (its ``.module`` runs, so DDP's gradient all-reduce never does; reduce the clipped sums with
+            :class:`persample.DistributedDPOptimizer`). Under ``fully_shard`` (FSDP2) the forward and backward
+            gather each module's weights as usual, the sums come back full-size, named as the model's
+            parameters, and every module with trainable parameters needs a rule.
         max_grad_norm: the clipping bound ``C`` (> 0): ``c_b = min(1, C / (norm_b + 1e-6))``.
         ignore_index: targets not counted in an example's mean loss (default loss only).
         loss_fn: ``loss_fn(output, targets) -> (B,)`` per-example losses instead of the default
@@ -195,7 +201,9 @@ class GhostClipping:
         if cuda_graph not in (None, "post", "step"):
             raise ValueError(f"cuda_graph must be None, 'post' or 'step', got {cuda_graph!r}")
         check_nonfinite(nonfinite)
-        self.model = model
+        # DDP's forward would prepare its reducer for a backward that, here, computes no parameter gradient;
+        # the clipped sums are reduced by persample.DistributedDPOptimizer instead.
+        self.model = model.module if isinstance(model, DistributedDataParallel) else model
         self.max_grad_norm = float(max_grad_norm)
         self.ignore_index = ignore_index
         self.loss_fn = loss_fn
@@ -259,7 +267,7 @@ class GhostClipping:
                 norms, grads, finite = self._graphed(step, losses)
             else:
                 norms, grads, finite = self._norms_and_clipped_sums(step, losses)
-        result = ClippedGradSum({name: grads[p] if p in grads else torch.zeros_like(p)
+        result = ClippedGradSum({name: grads[p] if p in grads else torch.zeros(p.shape, dtype=p.dtype, device=p.device)
                                  for name, p in self._plan.trainable.items()}, norms, losses)
         return (result, finite), finish, step.classes
 
@@ -340,6 +348,12 @@ class GhostClipping:
     def _plan_for(self, args: tuple, kwargs: dict | None = None) -> Plan:
         if self._plan is None or not self._plan.is_current():
             self._plan = make_plan(self.model, args, kwargs)
+            for hooked in self._plan.modules.values():
+                if hooked.rule is None and any(isinstance(p, DTensor) for p in hooked.used.values()):
+                    raise ValueError(
+                        f"{type(hooked.module).__name__} has sharded parameters (fully_shard) and no rule of the "
+                        "engine: its torch.func fallback needs the gathered weights after the backward. Use modules "
+                        "with rules (Linear, Embedding, LayerNorm, RMSNorm, GroupNorm, Conv, Conv1D)")
         return self._plan
 
     def _backward(self, inputs, targets) -> tuple[Step, Tensor, Callable[[], None]]:

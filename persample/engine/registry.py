@@ -35,6 +35,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from torch.distributed.fsdp import FSDPModule
 
 from persample.engine.forms import Form
 
@@ -92,7 +93,9 @@ def register_rule(*module_types: type[nn.Module] | str, params: tuple[str, ...],
 
 
 def rule_for(module: nn.Module, used: set[str]) -> Rule | None:
-    """The registered rule for ``module`` if it covers every parameter name in ``used``, else None."""
-    cls = type(module)
+    """The registered rule for ``module`` if it covers every parameter name in ``used``, else None.
+    ``fully_shard`` (FSDP2) gives a module the class ``FSDP<Type>(FSDPModule, Type)``, whose forward is
+    ``Type``'s: the rule of ``Type``."""
+    cls = next(c for c in type(module).__mro__ if not issubclass(c, FSDPModule))
     rule = RULES.get(cls) or RULES.get(f"{cls.__module__}.{cls.__qualname__}")
     return rule if rule is not None and used <= rule.params else None

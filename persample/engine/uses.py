@@ -7,6 +7,11 @@ accounts for the parameters used inside ``M.forward`` outside its children's cal
 parameter used directly (``nn.MultiheadAttention`` passes ``out_proj.weight`` to a function and never calls
 ``out_proj``), which the fallback of ``M`` then covers. Property reads (``.shape``, ``.dtype``) produce no
 tensor and are not uses.
+
+A wrapper may swap a module's parameters for others during its forward: ``fully_shard`` (FSDP2) registers
+the gathered, unsharded parameter in place of the sharded DTensor while the module runs. A parameter seen
+at a module's call in the slot of a trainable one stands for it, so uses are found, and reported, in terms
+of the model's own parameters.
 """
 
 from collections.abc import Callable
@@ -21,14 +26,17 @@ class _Recorder(TorchFunctionMode):
     def __init__(self, trainable: dict[int, nn.Parameter], stack: list[nn.Module], found: set):
         super().__init__()
         self.trainable, self.stack, self.found = trainable, stack, found
+        self.stand_ins: dict[int, nn.Parameter] = {}  # id of a swapped-in parameter -> the model's own
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         if self.stack and any(isinstance(v, Tensor) for v in tree_leaves(out)):
             for v in tree_leaves((args, kwargs)):
-                if isinstance(v, nn.Parameter) and id(v) in self.trainable:
-                    self.found.add((self.stack[-1], id(v)))
+                if isinstance(v, nn.Parameter):
+                    p = self.trainable.get(id(v), self.stand_ins.get(id(v)))
+                    if p is not None:
+                        self.found.add((self.stack[-1], id(p)))
         return out
 
 
@@ -43,9 +51,15 @@ def parameter_uses(model: nn.Module, forward: Callable[[], object], trainable: d
     stack: list[nn.Module] = []
     found: set[tuple[nn.Module, int]] = set()
     handles = []
+    recorder = _Recorder(trainable, stack, found)
+    own = {(m, name): p for m in model.modules() for name, p in m._parameters.items() if id(p) in trainable}
 
     def enter(module, args):
         stack.append(module)
+        for name, p in module._parameters.items():
+            mine = own.get((module, name))
+            if mine is not None and p is not mine:
+                recorder.stand_ins[id(p)] = mine
 
     def leave(module, args, output):
         stack.pop()
@@ -56,7 +70,7 @@ def parameter_uses(model: nn.Module, forward: Callable[[], object], trainable: d
     cuda = sorted({p.device.index or 0 for p in trainable.values() if p.device.type == "cuda"})
     try:
         # The extra forward must not advance the random streams (dropout) of the step that follows.
-        with torch.random.fork_rng(devices=cuda), torch.no_grad(), _Recorder(trainable, stack, found):
+        with torch.random.fork_rng(devices=cuda), torch.no_grad(), recorder:
             forward()
     finally:
         for h in handles:

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
+from torch.nn.parallel import DistributedDataParallel
 
 from persample.checks import refuse_batch_norm
 from persample.loss import cross_entropy
@@ -49,7 +50,8 @@ def per_sample_grads(
     Args:
         model: maps a batch ``inputs[i:i+1]`` to raw logits ``(1, ..., V)``. Buffers are used, not
             differentiated; parameters with ``requires_grad=False`` are skipped. Dropout and other random
-            ops draw independently for each example.
+            ops draw independently for each example. A ``DistributedDataParallel`` model is unwrapped (the
+            names are those of its ``.module``).
         inputs: ``(B, ...)``, one example per row.
         targets: ``(B, ...)``: ``(B,)`` class indices for a classifier, ``(B, T)`` tokens for a sequence
             model (``ignore_index`` rows are not counted).
@@ -69,6 +71,8 @@ def per_sample_grads(
         TypeError: ``inputs``/``targets``/``mask`` that are not tensors.
     """
     _check_arguments(inputs, targets, mask, chunk_size)
+    # Its .module, so that DDP's forward (and its reducer) stays out of vmap; the names are the module's.
+    model = model.module if isinstance(model, DistributedDataParallel) else model
     refuse_batch_norm(model.named_modules())
     params = {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
     if inputs.shape[0] == 0:
