@@ -128,7 +128,7 @@ def plot(rows: list[dict], path: Path, confidence: float) -> None:
                 label="black-box (loss), Gaussian trade-off")
     ax.set_xlabel("noise multiplier σ")
     ax.set_ylabel(f"ε at δ = {rows[0]['delta']:g}")
-    ax.set_yscale("log")
+    ax.set_ylim(bottom=0)
     ax.set_title(f"Claimed ε and audited lower bounds (confidence {confidence:g})")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
