@@ -192,7 +192,7 @@ def clopper_pearson_bound(scores, inserted, *, delta: float, confidence: float =
         >>> rng = np.random.default_rng(0)
         >>> inserted = rng.random(10_000) < 0.5
         >>> bound = clopper_pearson_bound(rng.normal(2.0 * inserted), inserted, delta=1e-5)
-        >>> 0 < bound.epsilon < 2.5
+        >>> 0 < bound.epsilon < gdp_epsilon(2.0, 1e-5)  # the truth for these Gaussian scores
         True
 
     References:
@@ -214,7 +214,7 @@ def gaussian_bound(scores, inserted, *, delta: float, confidence: float = 0.95, 
         >>> inserted = rng.random(10_000) < 0.5
         >>> bound = gaussian_bound(rng.normal(1.0 * inserted), inserted, delta=1e-5)
         >>> round(gdp_epsilon(1.0, 1e-5), 2), 3.0 < bound.epsilon < gdp_epsilon(1.0, 1e-5)
-        (4.39, True)
+        (4.38, True)
 
     References:
         Nasr et al. 2023 (above), section 5; Dong, Roth and Su, "Gaussian differential privacy", JRSS B 2022.
