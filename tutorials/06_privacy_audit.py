@@ -31,6 +31,8 @@
 
 # %%
 import os
+import tempfile
+from pathlib import Path
 
 import torch
 
@@ -186,8 +188,10 @@ results = [result if claim == 2.0 else audit(claim) for claim in claims]
 rows = [{"noise_multiplier": r.noise_multiplier, "claimed_epsilon": r.claimed_epsilon, "delta": r.delta,
          **{f"white_box_{name}": b.epsilon for name, b in r.white_box.items()},
          **{f"black_box_{name}": b.epsilon for name, b in r.black_box.items()}} for r in results]
-plot_audit(rows, "audit.png", 0.95)
-plt.imshow(plt.imread("audit.png"))
+png = Path(tempfile.mkdtemp()) / "audit.png"  # persample audit writes it to --out
+plot_audit(rows, png, 0.95)
+plt.figure(figsize=(8, 5.2))
+plt.imshow(plt.imread(png))
 plt.axis("off")
 plt.show()
 for row in rows:
