@@ -112,14 +112,13 @@ def _print(result: AuditResult) -> None:
 
 def plot(rows: list[dict], path: Path, confidence: float) -> None:
     """Claimed and audited epsilon against the noise multiplier, one line per bound, to ``path`` (PNG)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # A Figure without pyplot: no backend is chosen or changed (the caller may be a notebook).
+    from matplotlib.figure import Figure
 
     rows = sorted(rows, key=lambda row: row["noise_multiplier"])
     sigmas = [row["noise_multiplier"] for row in rows]
-    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=100)
+    fig = Figure(figsize=(6.4, 4.2), dpi=100)
+    ax = fig.subplots()
     ax.plot(sigmas, [row["claimed_epsilon"] for row in rows], "k-o", label="claimed (accountant)")
     for (name, label), style in zip(_BOUNDS.items(), ("-s", "-^", "-v"), strict=True):
         ax.plot(sigmas, [row[f"white_box_{name}"] for row in rows], style, label=f"white-box, {label}")
@@ -134,7 +133,6 @@ def plot(rows: list[dict], path: Path, confidence: float) -> None:
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
-    plt.close(fig)
 
 
 def _say(line: str) -> None:
