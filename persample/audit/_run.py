@@ -178,29 +178,31 @@ def audit_dp_sgd(
     claimed = epsilon_for(noise_multiplier, delta, sample_rate, steps, accountant=accountant)
     _warn_if_weak(num_canaries, sample_rate, steps, claimed, delta, confidence)
     coins = torch.Generator().manual_seed(seed)
-    n_data = len(targets)
+    # The training set is assembled on the CPU (the coins' generator lives there), then moved to the data's device.
+    device, x, y = inputs.device, inputs.detach().cpu(), targets.cpu()
+    n_data = len(y)
 
     wb_inserted = torch.rand(num_canaries, generator=coins) < 0.5
     wb_ids = wb_inserted.nonzero().flatten()
     bb_source = torch.randperm(n_data, generator=coins)[:black_box_canaries]
-    bb_labels = (targets[bb_source] + torch.randint(1, num_classes, (len(bb_source),), generator=coins)) % num_classes
+    bb_labels = (y[bb_source] + torch.randint(1, num_classes, (len(bb_source),), generator=coins)) % num_classes
     bb_inserted = torch.rand(len(bb_source), generator=coins) < 0.5
 
-    ordinary = torch.full((n_data,), num_canaries)
     bb_in = bb_source[bb_inserted]
-    data = torch.cat([pack(inputs, ordinary), pack(inputs[bb_in], torch.full((len(bb_in),), num_canaries)),
-                      pack(inputs.new_zeros((len(wb_ids), *inputs.shape[1:])), wb_ids)])
-    labels = torch.cat([targets, bb_labels[bb_inserted], torch.zeros(len(wb_ids), dtype=targets.dtype)])
+    data = torch.cat([pack(x, torch.full((n_data,), num_canaries)),
+                      pack(x[bb_in], torch.full((len(bb_in),), num_canaries)),
+                      pack(x.new_zeros((len(wb_ids), *x.shape[1:])), wb_ids)]).to(device)
+    labels = torch.cat([y, bb_labels[bb_inserted], torch.zeros(len(wb_ids), dtype=y.dtype)]).to(device)
     n = len(labels)
 
     wrapped = CanaryModel(model, num_canaries, tuple(inputs.shape[1:]), num_classes, max_grad_norm=max_grad_norm)
-    wrapped.to(inputs.device)
+    wrapped.to(device)
     inner = (optimizer or _default_optimizer)(model.parameters())
     if not isinstance(inner, torch.optim.Optimizer):
         raise TypeError(f"optimizer(params) must return a torch.optim.Optimizer, got {type(inner).__name__}")
     # Learning rate 0: the block stays at 0, so every canary's gradient is the same Dirac at every step.
     inner.add_param_group({"params": list(wrapped.canary_block.parameters()), "lr": 0.0, "weight_decay": 0.0})
-    noise = torch.Generator(inputs.device).manual_seed(seed + 1)
+    noise = torch.Generator(device).manual_seed(seed + 1)
     dp = dp_optimizer(inner, wrapped.named_parameters(), noise_multiplier=noise_multiplier,
                       max_grad_norm=max_grad_norm, expected_batch_size=sample_rate * n, sample_rate=sample_rate,
                       accountant=accountant, generator=noise)
@@ -217,7 +219,7 @@ def audit_dp_sgd(
     wrapped.train()
     for idx in tqdm(PoissonSampler(n, sample_rate, steps=steps, generator=sampling), total=steps, unit="step",
                     desc="audit", file=sys.stderr, disable=None if progress is None else not progress):
-        idx = idx.to(inputs.device)
+        idx = idx.to(device)
         for part in idx.split(max_physical_batch_size):
             dp.accumulate(clipped_sum(wrapped, data[part], labels[part], max_grad_norm), len(part))
         dp.step()
@@ -232,7 +234,8 @@ def audit_dp_sgd(
     if black_box_canaries:
         model.eval()
         with torch.no_grad():
-            bb_scores = -cross_entropy(model(inputs[bb_source]), bb_labels, reduction="none").double().cpu().numpy()
+            logits = model(inputs[bb_source.to(device)])
+            bb_scores = -cross_entropy(logits, bb_labels.to(device), reduction="none").double().cpu().numpy()
         model.train()
         bb_flags = bb_inserted.numpy()
         black_box = bounds(bb_scores, bb_flags, delta=delta, confidence=confidence)
