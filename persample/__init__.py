@@ -4,10 +4,11 @@ A fused Triton cross-entropy that yields each example's loss and logit gradient 
 ``torch.func`` pipeline for per-sample gradients and clipping, and DP-SGD on top. The packages, by concern:
 ``loss`` (the fused cross-entropy and linear head), ``per_sample`` (the ``torch.func`` pipeline), ``engine``
 (per-example norms and clipped sums from one backward), ``dp`` (sampling, noise, optimizer, accounting),
-``integrations`` (transformers, Opacus) and ``app`` (the digits command line). The Triton kernels are
-``persample.kernels``.
+``audit`` (lower bounds on the epsilon a run really has), ``integrations`` (transformers, Opacus) and ``app``
+(the digits command line). The Triton kernels are ``persample.kernels``.
 """
 
+from persample.audit import audit_dp_sgd
 from persample.checks import NonFiniteGradientWarning
 from persample.dp import (
     BatchMemoryManager,
@@ -59,6 +60,7 @@ __all__ = [
     "PrivacyAccountant",
     "PrivacyEngine",
     "add_noise",
+    "audit_dp_sgd",
     "clip_factors",
     "clip_per_layer",
     "clip_per_sample",
