@@ -20,7 +20,7 @@ resolves a function of ``transformers.loss.loss_utils`` (``ForCausalLMLoss``, ``
 * :class:`DPTrainer` (:mod:`._trainer`) fine-tunes with DP-SGD: Poisson sampling, the fast engine's per-sequence
   clipping, noise once per logical step, the accountant's epsilon logged and checkpointed.
 
-transformers is imported only when these functions run, never by ``import persample``.
+transformers is imported by this package, never by ``import persample``.
 """
 
 from persample.integrations.transformers._fused_linear import (
@@ -36,8 +36,11 @@ from persample.integrations.transformers._loss import (
     sequence_classification_loss,
     shift_labels_left,
 )
+from persample.integrations.transformers._trainer import DPTrainer, DPTrainingArguments
 
 __all__ = [
+    "DPTrainer",
+    "DPTrainingArguments",
     "FUSED_LINEAR_ARCHITECTURES",
     "FusedLossHandle",
     "apply_fused_linear_cross_entropy",
