@@ -135,3 +135,34 @@ def test_bad_arguments(tmp_path):
     classifier = transformers.GPT2Model(transformers.GPT2Config(vocab_size=VOCAB, n_embd=16, n_layer=1, n_head=2))
     with pytest.raises(ValueError, match="GPT2Model"):
         _trainer(tmp_path, model=classifier, noise_multiplier=1.0)
+
+
+def test_sequence_classifier_is_clipped_per_sequence(tmp_path):
+    """A classifier's per-sequence loss is the cross-entropy of its label: one noise-free step equals the
+    engine by hand on the same Poisson batch."""
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                      num_attention_heads=2, num_key_value_heads=1, pad_token_id=0, num_labels=3)
+    model = transformers.LlamaForSequenceClassification(config)
+    start = {name: p.detach().clone() for name, p in model.named_parameters()}
+    rows = [{**row, "labels": torch.tensor(i % 3)} for i, row in enumerate(_dataset())]
+    trainer = DPTrainer(model, _args(tmp_path, noise_multiplier=0.0, max_steps=1), train_dataset=rows,
+                        data_collator=_collate)
+    idx = trainer.get_train_dataloader().batch_sampler.logical_batches(0)[0]
+    trainer.train()
+
+    reference = transformers.LlamaForSequenceClassification(config)
+    reference.load_state_dict(start)
+    data = _collate(rows)
+    view = torch.nn.Module()
+    view.model = reference
+    view.forward = lambda ids, mask: reference(input_ids=ids, attention_mask=mask).logits
+    summed = None
+    for part in idx.tensor_split(PARTS):
+        for chunk in part.split(BATCH):
+            out = persample.GhostClipping(view, max_grad_norm=0.1).clipped_grad_sum(
+                (data["input_ids"][chunk], data["attention_mask"][chunk]), data["labels"][chunk])
+            summed = out.grads if summed is None else {k: summed[k] + v for k, v in out.grads.items()}
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p, start[name] - 0.5 * summed["model." + name] / (BATCH * PARTS), rtol=1e-5,
+                                   atol=1e-6, msg=name)
