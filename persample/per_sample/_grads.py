@@ -142,14 +142,17 @@ def _check_forward(model: nn.Module, inputs: Tensor, loss_fn: LossFn) -> None:
     """Eval-mode forwards of the first examples together and of the first alone: refuses a forward that
     mixes examples and warns if the logits are already log-probabilities."""
     x = inputs[:_CHECK_EXAMPLES]
-    training = model.training
+    # Each module's own mode is restored: model.train(flag) would set the whole tree to the top module's mode,
+    # switching on the dropout of a model held in eval mode inside a wrapper left in train mode.
+    modes = [(module, module.training) for module in model.modules()]
     model.eval()
     try:
         with torch.no_grad():
             batched = model(x)
             alone = model(x[:1]) if x.shape[0] > 1 else batched
     finally:
-        model.train(training)
+        for module, training in modes:
+            module.training = training
     if not isinstance(batched, Tensor):
         raise TypeError(f"the model must return a tensor of logits, got {type(batched).__name__}")
     if x.shape[0] > 1 and batched.ndim >= 1 and alone.shape == batched[:1].shape:

@@ -248,3 +248,14 @@ def test_conv_on_a_permuted_input():
     model.conv = nn.Conv2d(2, 4, 3, padding=1).double()
     inputs, targets = torch.randn(4, 6, 6, 2, dtype=torch.float64), torch.randint(0, 4, (4,))
     _assert_close(persample.per_sample_grads(model, inputs, targets), _loop_reference(model, inputs, targets))
+
+
+def test_each_module_keeps_its_training_mode():
+    """The check's eval-mode forward restores every module's own mode: a model held in eval mode inside a wrapper
+    left in train mode keeps its dropout off (model.train(flag) would have switched it on)."""
+    inner = nn.Sequential(nn.Linear(4, 3), nn.Dropout(0.5)).eval()
+    model = nn.Sequential(inner)
+    x, y = torch.randn(5, 4), torch.randint(0, 3, (5,))
+    grads = persample.per_sample_grads(model, x, y)
+    assert model.training and not inner.training and not inner[1].training
+    torch.testing.assert_close(grads, persample.per_sample_grads(model, x, y))  # no dropout: the same gradients twice

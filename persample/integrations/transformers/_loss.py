@@ -1,21 +1,4 @@
-"""Hugging Face transformers: compute a model's loss with :func:`persample.cross_entropy`.
-
-Since transformers 4.46, models do not build a ``CrossEntropyLoss`` in ``forward``: they call
-``self.loss_function(logits=..., labels=..., vocab_size=..., num_items_in_batch=..., ...)``, a property that
-resolves a function of ``transformers.loss.loss_utils`` (``ForCausalLMLoss``, ``ForSequenceClassificationLoss``,
-...) from the model's class name, and that function shifts the labels. Swapping a module-level
-``CrossEntropyLoss`` therefore does nothing; replacing ``loss_function`` does.
-
-* :func:`apply_fused_loss` replaces it on one model instance, :func:`apply_fused_loss_to_class` on a class
-  (every instance, present and future); both return a handle whose ``remove()`` undoes it.
-* :func:`causal_lm_loss` and :func:`sequence_classification_loss` are the replacements: the same arguments
-  and the same result as transformers' functions (label shift, ``ignore_index``, ``shift_labels``,
-  ``num_items_in_batch`` for gradient accumulation), with the cross-entropy fused. One difference: a batch
-  whose labels are all ``ignore_index`` gives loss 0 instead of NaN.
-* :func:`per_sequence_loss` gives one loss per example (the mean over its counted tokens), what DP-SGD clips.
-
-transformers is imported only when these functions run, never by ``import persample``.
-"""
+"""transformers' loss functions replaced by persample's fused cross-entropy, and one loss per sequence."""
 
 import inspect
 
@@ -37,8 +20,9 @@ def _fixed_cross_entropy(logits: Tensor, target: Tensor, num_items_in_batch, ign
     return loss / num_items_in_batch
 
 
-def _shift(labels: Tensor, ignore_index: int) -> Tensor:
-    """Position t is scored against token t + 1; the last position has no next token."""
+def shift_labels_left(labels: Tensor, ignore_index: int) -> Tensor:
+    """``labels (..., T)`` -> ``(..., T)``: position t is scored against token t + 1, as causal LMs are; the last
+    position has no next token and gets ``ignore_index``."""
     return F.pad(labels[..., 1:], (0, 1), value=ignore_index)
 
 
@@ -59,7 +43,7 @@ def causal_lm_loss(
     """
     logits = logits.float()
     if shift_labels is None:
-        shift_labels = _shift(labels, ignore_index)
+        shift_labels = shift_labels_left(labels, ignore_index)
     logits = logits.reshape(-1, vocab_size)
     return _fixed_cross_entropy(logits, shift_labels.reshape(-1).to(logits.device), num_items_in_batch,
                                 ignore_index)
@@ -103,7 +87,7 @@ def per_sequence_loss(logits: Tensor, labels: Tensor, *, shift: bool = True, ign
         per-example gradients are clipped; it works under ``torch.func`` (``vmap``, ``grad``).
     """
     if shift:
-        labels = _shift(labels, ignore_index)
+        labels = shift_labels_left(labels, ignore_index)
     acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
     rows = cross_entropy(logits, labels, ignore_index=ignore_index, reduction="none").to(acc)
     counted = (labels != ignore_index).sum(-1).to(acc)
