@@ -410,9 +410,12 @@ class _FusedNone(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):
         logits, target, weight, weight_sum, lse = ctx.saved_tensors
-        args = (logits, target, weight, weight_sum, lse, grad_loss.reshape(-1), *ctx.options)
+        grad_rows = grad_loss.reshape(-1)
         # With create_graph=True, through the Function that refuses a second derivative.
-        grad = _CrossEntropyRowsBwd.apply(*args) if torch.is_grad_enabled() else backward_impl(*args)
+        if torch.is_grad_enabled():
+            grad = _CrossEntropyRowsBwd.apply(logits, target, weight, weight_sum, None, lse, grad_rows, *ctx.options)
+        else:
+            grad = backward_impl(logits, target, weight, weight_sum, lse, grad_rows, *ctx.options)
         return grad, None, None, None, None, None, None
 
 
