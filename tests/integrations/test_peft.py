@@ -7,6 +7,10 @@ import torch
 import torch.nn.functional as F
 
 transformers = pytest.importorskip("transformers")
+
+from tests.integrations.conftest import needs_transformers_5  # noqa: E402
+
+pytestmark = needs_transformers_5
 peft = pytest.importorskip("peft")
 
 import persample  # noqa: E402

@@ -9,6 +9,10 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from tests.integrations.conftest import needs_transformers_5  # noqa: E402
+
+pytestmark = needs_transformers_5
+
 import persample  # noqa: E402
 from persample.integrations.transformers import DPTrainer, DPTrainingArguments  # noqa: E402
 

@@ -7,6 +7,10 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from tests.integrations.conftest import needs_transformers_5  # noqa: E402
+
+pytestmark = needs_transformers_5
+
 from persample.integrations.transformers import apply_fused_linear_cross_entropy  # noqa: E402
 
 VOCAB, B, T, WIDTH = 256, 3, 9, 32  # V above the MLP width 4d: the logits are the largest activation
