@@ -129,7 +129,14 @@ def cross_entropy(
         finish()
         return loss
     scale, finish = prepare(logits2d, V, target1d, weight, ignore_index, reduction)
-    if reduction == "none":
+    if not transforms_active() and not _ops.use_triton(logits2d) and _ops.is_plain(*options[1:]):
+        # The PyTorch path without label smoothing, softcap or z-loss: F.cross_entropy's passes (see _ops).
+        loss_rows = _ops.plain_differentiable_rows(logits2d, target1d, weight, options[0])
+        if reduction == "none":
+            loss = loss_rows.reshape(shape).to(logits.dtype)
+        else:
+            loss = (loss_rows.sum() * scale[0, 0]).to(logits.dtype)
+    elif reduction == "none":
         loss_rows, _ = _ops.differentiable_rows(logits2d, target1d, weight, weight_sum, None, *options)
         loss = loss_rows.reshape(shape).to(logits.dtype)
     else:

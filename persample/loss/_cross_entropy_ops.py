@@ -12,7 +12,8 @@ flattened from :mod:`persample.loss._cross_entropy`. Three ops:
 All three have vmap rules and fake-tensor implementations, so they batch under ``vmap`` and stay opaque
 (no graph break) under ``torch.compile``. CUDA tensors (and CPU tensors when ``TRITON_INTERPRET=1``) run
 the Triton kernels; other CPU tensors run :func:`_rows_torch` / :func:`_grad_torch`, the same formulas in
-PyTorch.
+PyTorch, or in the plain case (no label smoothing, softcap or z-loss) :func:`plain_rows` / :func:`plain_grad`,
+which make as few passes over the logits as ``F.cross_entropy`` (:class:`_PlainRows` in eager autograd).
 
 Outside torch.func transforms and torch.compile, on the Triton path, ``reduction="mean"``/``"sum"`` take a
 faster path, :class:`_FusedMeanSum`: the forward kernel already writes the gradient of the reduced loss and
@@ -124,6 +125,56 @@ def _grad_torch(logits, target, weight, weight_sum, lse, a, b, ignore_index, lab
     return g.to(logits.dtype)
 
 
+# The plain case (no label smoothing, softcap or z-loss, the common one) in as few passes over the (N, V) logits
+# as F.cross_entropy: one log_softmax, whose output is the only (N, V) tensor the forward keeps, and for the
+# gradient one exp and in-place updates; the rows that are not counted are zeroed afterwards, only they (an
+# ignored row's logits may be NaN or inf, which must not reach its gradient).
+
+
+def is_plain(label_smoothing, softcap, z_loss) -> bool:
+    return label_smoothing == 0 and softcap == 0 and z_loss == 0
+
+
+def plain_rows(logits, target, weight, ignore_index):
+    """``(loss (N,), lse (N,), log_probs (N, V), counted, invalid, t)``: each row's (weighted) loss, NaN for an
+    invalid target, and its log-sum-exp, both 0 on a row not counted; ``log_probs`` and both rows in float32
+    (float64)."""
+    counted, invalid, t = _row_status(target, logits.shape[-1], ignore_index)
+    log_probs = torch.log_softmax(logits, -1, dtype=_acc(logits.dtype))
+    log_p = log_probs.gather(1, t[:, None])[:, 0]
+    # log p_t = x_t - lse: the lse without another pass over the rows, except those whose x_t is -inf.
+    x_t = logits.gather(1, t[:, None])[:, 0].to(log_p.dtype)
+    lse = _fill_uncounted(x_t - log_p, counted, None)
+    lost = (counted & x_t.isneginf()).nonzero()[:, 0]
+    if lost.numel():
+        lse[lost] = torch.logsumexp(logits[lost].to(log_p.dtype), -1)
+    loss = log_p.neg() if weight is None else log_p * weight.to(log_p.dtype)[t].neg()
+    return _fill_uncounted(loss, counted, invalid), lse, log_probs, counted, invalid, t
+
+
+def plain_grad(probs, counted, invalid, t, weight, scale_rows, dtype):
+    """``scale_rows * dL/dlogits`` in ``dtype`` from the softmax ``probs (N, V)`` (float32/float64), which it
+    overwrites: ``coef * (probs - onehot(t))`` with ``coef = scale_rows * weight[t]`` on counted rows."""
+    coef = scale_rows.to(probs.dtype)
+    if weight is not None:
+        coef = coef * weight.to(probs.dtype)[t]
+    coef = coef.expand(t.shape)
+    g = probs.mul_(coef[:, None]).scatter_add_(1, t[:, None], coef[:, None].neg())
+    return _fill_uncounted(g, counted, invalid).to(dtype)
+
+
+def _fill_uncounted(x, counted, invalid):
+    """``x`` with the rows that are not counted set to 0 (NaN for an invalid target, unless ``invalid`` is None),
+    in place; only those rows are touched."""
+    uncounted = (~counted).nonzero()[:, 0]
+    if uncounted.numel():
+        x.index_fill_(0, uncounted, 0.0)
+        bad = invalid.nonzero()[:, 0] if invalid is not None else uncounted[:0]
+        if bad.numel():
+            x.index_fill_(0, bad, float("nan"))
+    return x
+
+
 def forward_impl(logits, target, weight, weight_sum, scale, ignore_index, label_smoothing, softcap,
                   z_loss, with_grad, out=None, share=False):
     """(loss, lse, grad or None) for a ``scale`` of shape (1,), (N,), (1, 2) or (N, 2) (the pairs ``(a, b)`` of
@@ -133,6 +184,15 @@ def forward_impl(logits, target, weight, weight_sum, scale, ignore_index, label_
         with _on_device_of(logits):
             return _kernels.cross_entropy_fwd(logits, target, weight, weight_sum, scale, ignore_index,
                                               label_smoothing, softcap, z_loss, with_grad, out, share=share)[:3]
+    if is_plain(label_smoothing, softcap, z_loss):
+        loss, lse, log_probs, counted, invalid, t = plain_rows(logits, target, weight, ignore_index)
+        a = lse.new_ones(()) if scale is None else _factors(scale, logits.shape[0], lse.dtype)[0]
+        if share:
+            loss = loss * a
+        if not with_grad:
+            return loss, lse, None
+        grad = plain_grad(log_probs.exp_(), counted, invalid, t, weight, a, logits.dtype)
+        return loss, lse, grad if out is None else out.copy_(grad)
     loss, lse = _rows_torch(logits, target, weight, weight_sum, scale if share else None, ignore_index,
                             label_smoothing, softcap, z_loss)
     if not with_grad:
@@ -154,6 +214,11 @@ def backward_impl(logits, target, weight, weight_sum, lse, grad_rows, ignore_ind
     if scale is not None:
         scale_a, scale_b = _factors(scale, logits.shape[0], lse.dtype)
         a, b = a * scale_a, b * scale_b
+    if is_plain(label_smoothing, softcap, z_loss):
+        counted, invalid, t = _row_status(target, logits.shape[-1], ignore_index)
+        probs = logits.to(lse.dtype).sub(lse[:, None]).exp_()
+        grad = plain_grad(probs, counted, invalid, t, weight, a, logits.dtype)
+        return grad if out is None else out.copy_(grad)
     grad = _grad_torch(logits, target, weight, weight_sum, lse, a.expand(lse.shape), b.expand(lse.shape),
                        ignore_index, label_smoothing, softcap, z_loss)
     return grad if out is None else out.copy_(grad)
@@ -296,6 +361,46 @@ def with_grad(logits, target, weight, weight_sum, grad_scale, share, ignore_inde
                                        label_smoothing, softcap, z_loss)
     return forward_impl(logits, target, weight, weight_sum, grad_scale, ignore_index, label_smoothing, softcap,
                         z_loss, True, share=share)
+
+
+class _PlainRows(torch.autograd.Function):
+    """The plain case on the PyTorch path in eager autograd: the forward keeps the log-probabilities (as
+    F.cross_entropy's log_softmax does), not the logits, and the backward turns them into the gradient in place
+    of a copy. The gradient is computed once: a second derivative raises, as on the other paths."""
+
+    @staticmethod
+    def forward(ctx, logits, target, weight, ignore_index):
+        loss, _, log_probs, counted, invalid, t = plain_rows(logits, target, weight, ignore_index)
+        ctx.save_for_backward(log_probs, counted, invalid, t, weight)
+        ctx.dtype = logits.dtype
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        log_probs, counted, invalid, t, weight = ctx.saved_tensors
+        # Not in place: a second backward through the same graph (retain_graph=True) reads them again.
+        grad = plain_grad(log_probs.exp(), counted, invalid, t, weight, grad_loss, ctx.dtype)
+        if torch.is_grad_enabled():  # create_graph=True: a gradient whose own derivative raises
+            grad = _Refuses.apply(grad, torch.zeros((), device=grad.device, requires_grad=True))
+        return grad, None, None, None
+
+
+class _Refuses(torch.autograd.Function):
+    """A copy of ``grad`` that requires grad through the scalar leaf ``anchor`` and whose derivative raises."""
+
+    @staticmethod
+    def forward(ctx, grad, anchor):
+        return grad.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _CrossEntropyRowsBwd.backward(ctx, grad)
+
+
+def plain_differentiable_rows(logits, target, weight, ignore_index):
+    """Each row's loss (N,) (float32, float64 for float64 logits), differentiable w.r.t. ``logits``: the plain
+    case (see :func:`is_plain`) on the PyTorch path, outside torch.func transforms and torch.compile."""
+    return _PlainRows.apply(logits, target, weight, ignore_index)
 
 
 def differentiable_rows(logits, target, weight, weight_sum, scale, ignore_index, label_smoothing, softcap, z_loss):

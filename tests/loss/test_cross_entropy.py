@@ -509,3 +509,35 @@ def test_z_loss_under_weights_per_example_with_vmap(path, monkeypatch):
             h = head.clone().requires_grad_()
             _weighted_with_z(inputs[i] @ h.T, target[i], weight, "mean", 0.05, 0.0).backward()
             assert rel_err(per_example[i], h.grad) < TOL[torch.float64]
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+def test_pytorch_plain_path_with_a_target_logit_of_minus_inf(reduction, monkeypatch):
+    """The plain case's PyTorch path reads the log-sum-exp off the target's log-probability; where that logit is
+    -inf it recomputes the row's: the loss is inf and the gradient the finite softmax minus the one-hot."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    logits = torch.randn(3, 7, dtype=torch.float64)
+    target = torch.tensor([2, 5, 0])
+    logits[1, 5] = float("-inf")
+    rows, dlogits = persample.cross_entropy_with_grad(logits, target)
+    assert torch.isinf(rows[1]) and torch.isfinite(rows[[0, 2]]).all()
+    expected = torch.softmax(logits, -1) - F.one_hot(target, 7)
+    torch.testing.assert_close(dlogits, expected)
+    x = logits.clone().requires_grad_()
+    persample.cross_entropy(x, target, reduction=reduction).sum().backward()
+    torch.testing.assert_close(x.grad, expected * (1 / 3 if reduction == "mean" else 1))
+
+
+def test_pytorch_plain_path_second_backward_and_double_derivative(monkeypatch):
+    """retain_graph=True: a second backward gives the same gradient (the saved log-probabilities are not
+    overwritten); create_graph=True: the gradient's own derivative raises."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    x = torch.randn(4, 9, requires_grad=True)
+    t = torch.tensor([0, -100, 3, 8])
+    loss = persample.cross_entropy(x, t)
+    (g1,) = torch.autograd.grad(loss, x, retain_graph=True)
+    (g2,) = torch.autograd.grad(loss, x)
+    assert torch.equal(g1, g2) and (g1[1] == 0).all()
+    (g,) = torch.autograd.grad(persample.cross_entropy(x, t), x, create_graph=True)
+    with pytest.raises(NotImplementedError, match="second derivatives"):
+        g.sum().backward()
