@@ -8,11 +8,17 @@ and the peak memory beyond the logits, in units of the logits' size. Prints a ma
 the date, GPU and commit (``results.py``: the cross_entropy section of RESULTS.md, appended to HISTORY.md).
 
     python benchmarks/cross_entropy.py                 # the three shapes of issue 2, on CUDA
+    python benchmarks/cross_entropy.py --device cpu    # the PyTorch path (no GPU, no interpreter), CPU shapes
     python benchmarks/cross_entropy.py --quick         # a small shape (CPU or GPU) to check the script
+
+Each row also gives its time and peak memory as a multiple of ``F.cross_entropy``'s (eager) with the same
+reduction, measured in the same run. On the CPU the peak memory is read off the profiler's allocation events
+(there are no allocator statistics), and torch.compile and Liger (GPU kernels) are left out.
 """
 
 import argparse
 import statistics
+import time
 
 import torch
 import torch.nn.functional as F
@@ -21,41 +27,42 @@ from results import add_save_flag, header, publish
 import persample
 
 SHAPES = [(8192, 32000, torch.bfloat16), (8192, 128256, torch.bfloat16), (4096, 128256, torch.float32)]
+# The small GPT of dp_step.py (B=32, T=128, V=8192), a larger vocabulary, and bfloat16.
+CPU_SHAPES = [(4096, 8192, torch.float32), (1024, 32000, torch.float32), (4096, 8192, torch.bfloat16)]
 
 
-def bench(fn, reps: int) -> float:
+def one_call_ms(fn, cuda: bool) -> float:
+    """Milliseconds of one fn() from an idle GPU (CUDA events), or of wall clock on the CPU."""
+    if not cuda:
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e3
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end)
+
+
+def bench(fn, reps: int, cuda: bool = True) -> float:
     """Median milliseconds of one isolated fn() (the GPU idle before it), timed with CUDA events (wall clock
     on CPU): the host's work before the first kernel shows in full."""
     for _ in range(3):
         fn()
-    times = []
-    for _ in range(reps):
-        if torch.cuda.is_available():
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            torch.cuda.synchronize()
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            import time
-
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    return statistics.median(one_call_ms(fn, cuda) for _ in range(reps))
 
 
-def bench_back_to_back(fn, reps: int, rounds: int = 1) -> tuple[float, float]:
+def bench_back_to_back(fn, reps: int, rounds: int = 1, cuda: bool = True) -> tuple[float, float]:
     """Milliseconds per fn() with ``reps`` calls queued back to back, as in a training loop where the host
     runs ahead of the GPU: launch latency hides behind the previous call's kernels, host syncs do not.
     Returns (the median over ``rounds`` such blocks, the slowest block): a block that a rare stall of the lent
     machine's host hit (a few ms now and then, seen in GPU timelines) shows in the second, not in the first.
     ``reps // 2`` calls first warm the host's path up, as the steps before it do in training: the same run timed
     ``persample mean`` at 72% of the floor after 3 warm-up calls and at 82-83% after hundreds."""
-    if not torch.cuda.is_available():
-        ms = bench(fn, reps)
+    if not cuda:
+        ms = bench(fn, reps, cuda)
         return ms, ms
     for _ in range(max(3, reps // 2)):
         fn()
@@ -72,10 +79,25 @@ def bench_back_to_back(fn, reps: int, rounds: int = 1) -> tuple[float, float]:
     return statistics.median(blocks), max(blocks)
 
 
-def peak_extra(fn, logits_bytes: int) -> float:
+def alternating_ratio(fn, reference, reps: int, cuda: bool) -> float:
+    """The median over ``reps`` rounds of the time of one ``fn()`` over that of one ``reference()``, timed one
+    after the other: a change in the machine's speed (a shared host) hits both alike."""
+    return statistics.median(one_call_ms(fn, cuda) / one_call_ms(reference, cuda) for _ in range(reps))
+
+
+def peak_extra(fn, logits_bytes: int, cuda: bool = True) -> float:
     """Peak memory allocated during fn() beyond what was allocated before, in units of the logits."""
-    if not torch.cuda.is_available():
-        return float("nan")
+    if not cuda:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            fn()
+        held = peak = 0
+        events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+        for event in sorted(events, key=lambda e: e.start_ns()):  # every allocation (+) and free (-)
+            held += event.nbytes()
+            peak = max(peak, held)
+        return peak / logits_bytes
     fn()
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
@@ -95,8 +117,6 @@ def variants(x, target, upstream_rows):
             x.grad = None  # dropped inside the timed region, as an optimizer step would consume it
         return run
 
-    compiled = torch.compile(lambda x, t: F.cross_entropy(x, t))
-    compiled_none = torch.compile(lambda x, t: F.cross_entropy(x, t, reduction="none"))
     out = {
         "persample mean": autograd(lambda x, t: persample.cross_entropy(x, t)),
         "persample none (random upstream)": autograd(
@@ -105,9 +125,15 @@ def variants(x, target, upstream_rows):
         "torch eager mean": autograd(lambda x, t: F.cross_entropy(x, t)),
         "torch eager none (random upstream)": autograd(
             lambda x, t: F.cross_entropy(x, t, reduction="none"), upstream_rows),
-        "torch.compile mean": autograd(compiled),
-        "torch.compile none (random upstream)": autograd(compiled_none, upstream_rows),
+        "persample sum": autograd(lambda x, t: persample.cross_entropy(x, t, reduction="sum")),
+        "torch eager sum": autograd(lambda x, t: F.cross_entropy(x, t, reduction="sum")),
     }
+    if not x.is_cuda:
+        return out
+    compiled = torch.compile(lambda x, t: F.cross_entropy(x, t))
+    compiled_none = torch.compile(lambda x, t: F.cross_entropy(x, t, reduction="none"))
+    out["torch.compile mean"] = autograd(compiled)
+    out["torch.compile none (random upstream)"] = autograd(compiled_none, upstream_rows)
     try:
         from liger_kernel.transformers import LigerCrossEntropyLoss
 
@@ -177,9 +203,11 @@ def main():
     parser.add_argument("--rounds", type=int, default=5, help="blocks of queued calls per variant")
     parser.add_argument("--sweep", action="store_true", help="also sweep the kernel's block size and warps")
     add_save_flag(parser)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cuda", "cpu"])
     args = parser.parse_args()
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    shapes = [(256, 1000, torch.float32)] if args.quick else SHAPES
+    device = args.device
+    cuda = device == "cuda"
+    shapes = [(256, 1000, torch.float32)] if args.quick else SHAPES if device == "cuda" else CPU_SHAPES
 
     rows = []
     for N, V, dtype in shapes:
@@ -190,37 +218,47 @@ def main():
         upstream_rows = torch.rand(N, device=device, dtype=dtype)
         logits_bytes = x.numel() * x.element_size()
         err_loss, err_grad = check(x, target)
-        copy_ms, _ = bench_back_to_back(lambda x=x: torch.empty_like(x).copy_(x), args.queued_reps, args.rounds)
+        copy_ms, _ = bench_back_to_back(lambda x=x: torch.empty_like(x).copy_(x), args.queued_reps, args.rounds, cuda)
         bandwidth = 2 * logits_bytes / copy_ms / 1e6  # GB/s: read + write
         shape = f"{N}x{V} {str(dtype).removeprefix('torch.')}"
         print(f"{shape}: copy {copy_ms:.3f} ms ({bandwidth:.0f} GB/s); persample vs float64: loss rel err "
               f"{err_loss:.1e}, grad rel err {err_grad:.1e}", flush=True)
         if args.sweep:
             sweep(x.detach(), target, args.reps)
-        for name, fn in variants(x, target, upstream_rows).items():
+        fns = variants(x, target, upstream_rows)
+        peaks = {}
+        for name, fn in fns.items():
             if fn is None:
-                rows.append((shape, name, "n/a", "n/a", "n/a", "n/a", "n/a", "n/a"))
+                rows.append([shape, name, "n/a", "n/a", "n/a", "n/a", "n/a", "n/a", "", ""])
                 continue
             try:
-                ms, slowest = bench_back_to_back(fn, args.queued_reps, args.rounds)
-                alone = bench(fn, args.reps)
-                extra = peak_extra(fn, logits_bytes)
-                rows.append((shape, name, f"{ms:.3f}", f"{100 * copy_ms / ms:.0f}%", f"{100 * copy_ms / slowest:.0f}%",
-                             f"{alone:.3f}", f"{100 * copy_ms / alone:.0f}%", f"{extra:.2f}x"))
+                ms, slowest = bench_back_to_back(fn, args.queued_reps, args.rounds, cuda)
+                alone = bench(fn, args.reps, cuda)
+                peaks[name] = extra = peak_extra(fn, logits_bytes, cuda)
+                rows.append([shape, name, f"{ms:.3f}", f"{100 * copy_ms / ms:.0f}%", f"{100 * copy_ms / slowest:.0f}%",
+                             f"{alone:.3f}", f"{100 * copy_ms / alone:.0f}%", f"{extra:.2f}x", "", ""])
             except Exception as exc:
-                rows.append((shape, name, f"crash: {type(exc).__name__}", "", "", "", "", ""))
+                rows.append([shape, name, f"crash: {type(exc).__name__}", "", "", "", "", "", "", ""])
             print(" | ".join(rows[-1]), flush=True)
+        for row in rows:
+            name, reference = row[1], row[1].replace("persample", "torch eager")
+            if row[0] == shape and name.startswith("persample ") and name in peaks and reference in peaks:
+                time_ratio = alternating_ratio(fns[name], fns[reference], args.reps, cuda)
+                # Peaks with the logits counted, as the whole step's memory counts them.
+                row[8:] = [f"{time_ratio:.2f}x", f"{(1 + peaks[name]) / (1 + peaks[reference]):.2f}x"]
+                print(f"{name} / {reference}: {row[8]} time, {row[9]} memory", flush=True)
         del x
 
     table = ["| shape | variant | fwd+bwd ms | % of memory floor | % of floor, slowest block | isolated call ms | "
-             "% of floor, isolated | extra peak memory (x logits) |",
-             "|---|---|---|---|---|---|---|---|"] + ["| " + " | ".join(r) + " |" for r in rows]
+             "% of floor, isolated | extra peak memory (x logits) | time x torch eager | memory x torch eager |",
+             "|---|---|---|---|---|---|---|---|---|---|"] + ["| " + " | ".join(r) + " |" for r in rows]
     context = header("cross_entropy", device,
                      "memory floor: one read of the logits and one write of the gradient, timed as a device copy "
                      f"of the logits in the same run; fwd+bwd ms: the median of {args.rounds} blocks of "
                      f"{args.queued_reps} calls queued back to back (as in training), next to the slowest block; "
                      "isolated call: the median of single calls with the GPU idle before each (host overhead in "
-                     "full)")
+                     "full); x torch eager: the median ratio of single calls timed in alternation with "
+                     "F.cross_entropy's of the same reduction, and the ratio of the peaks (the logits included)")
     publish("cross_entropy", context + "\n\n" + "\n".join(table), args)
 
 if __name__ == "__main__":
