@@ -1,11 +1,12 @@
 """One DP-SGD step, side by side: time per step and peak memory of a normal training step, the per-sample
 ``vmap`` pipeline, the fast engine (``persample.GhostClipping``) and Opacus (hooks, functorch, ghost
-clipping), on GPT-style language models in fp32 and bf16 autocast and on a small CNN.
+clipping), on GPT-style language models, a small CNN and a WRN-16-4 with GroupNorm, in fp32 and bf16 autocast.
 
     python benchmarks/dp_step.py                 # CUDA, the real sizes (about 5 minutes on an H100)
     python benchmarks/dp_step.py --max-batch     # also the largest batch each fits (doubling search)
     python benchmarks/dp_step.py --models 1      # only GPT-2-small (indices into the model list)
     python benchmarks/dp_step.py --quick         # tiny sizes, runs anywhere (a check of the script)
+    python benchmarks/dp_step.py --device cpu --models 0 2 3 --precisions fp32 --iters 3 --warmup 1
 
 Every DP variant clips each example's gradient (the loss of an example is its mean cross-entropy over its
 tokens), adds Gaussian noise, averages by the batch size and takes an AdamW step; the normal step is
@@ -13,8 +14,8 @@ forward, ``F.cross_entropy`` (mean), backward, AdamW step. A variant that fails 
 with the exception's name (``OOM`` for out of memory). Opacus is tried with the positional embedding
 indexed by ``arange(T)``, and if that crashes by ``arange(T).expand(B, T)``, by ``arange(T).repeat(B, 1)``,
 then the same with an untied LM head (the label says which ran).
-Times are medians over timed steps after warm-up (CUDA events on a GPU, from an idle GPU each); on the GPT
-models the normal step and the fast engine are also timed in alternation (the lent machines' host speed
+Times are medians over timed steps after warm-up (CUDA events on a GPU, from an idle GPU each); for every
+model the normal step and the fast engine are also timed in alternation (the lent machines' host speed
 drifts), per round one step each from an idle GPU and then five steps each back to back, as a training loop
 runs them; the medians of the per-round ratios are quoted next to the target. Peak memory is
 ``torch.cuda.max_memory_allocated`` over the timed steps (model, optimizer state and all), absolute and
@@ -47,6 +48,7 @@ from steps import (
     Config,
     build_model,
     make_batch,
+    on_device,
 )
 from torch.func import functional_call, grad, vmap
 
@@ -215,12 +217,20 @@ def alternation(ratios: tuple, reference: str) -> str:
             f"{burst:.2f}x {BURST} steps back to back, {burst_low:.2f}-{burst_high:.2f}")
 
 
-def targets(rows, paired: dict) -> list[str]:
-    """The issue's targets for the fast engine on the GPT models: <= 1.3x a normal step's time and <= 1.2x its
+def time_target(config: str, device: torch.device) -> float:
+    """The fast engine's target time as a multiple of the normal step's (issues 18 and 22): on the GPU 1.2x for
+    GPT-2-small, 1.3x otherwise; on the CPU 1.5x for the convolutional networks, 1.3x for the GPTs."""
+    if device.type == "cuda":
+        return 1.2 if "GPT-2-small" in config else 1.3
+    return 1.3 if "GPT" in config else 1.5
+
+
+def targets(rows, paired: dict, device: torch.device) -> list[str]:
+    """The issues' targets for the fast engine: at most :func:`time_target` a normal step's time and 1.2x its
     peak memory, faster than Opacus hooks and as lean as Opacus ghost clipping. ``paired``: ``{(config,
     precision): {(variant, reference): ...}}`` from :func:`paired_ratios`."""
     lines = []
-    for (config, precision) in dict.fromkeys((r["config"], r["precision"]) for r in rows if "GPT" in r["config"]):
+    for (config, precision) in dict.fromkeys((r["config"], r["precision"]) for r in rows):
         group = {r["variant"].split(" [")[0]: r for r in rows if (r["config"], r["precision"]) == (config, precision)}
         hooks, ghost = group.get("Opacus hooks"), group.get("Opacus ghost clipping")
         for variant in FAST_VARIANTS:
@@ -232,7 +242,8 @@ def targets(rows, paired: dict) -> list[str]:
             measured = paired.get((config, precision), {})
             if (variant, "normal step") in measured:
                 line += f" ({alternation(measured[(variant, 'normal step')], 'the normal step')})"
-            line += (f" (target <= 1.3x), {fast['peak'][0] / normal_peak[0]:.2f}x memory (target <= 1.2x; reserved "
+            line += (f" (target <= {time_target(config, device)}x), {fast['peak'][0] / normal_peak[0]:.2f}x memory "
+                     f"(target <= 1.2x; reserved "
                      f"{fast['peak'][1] / normal_peak[1]:.2f}x)")
             baseline = group.get(BASELINES.get(variant))
             if baseline and not isinstance(baseline["seconds"], str) and baseline["peak"]:
@@ -285,7 +296,7 @@ def main() -> None:
                         help="which models, by index into the list above (default: all)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--paired-rounds", type=int, default=20,
-                        help="rounds of the alternating normal / fast engine timing on the GPT models (0: skip)")
+                        help="rounds of the alternating normal / fast engine timing (0: skip)")
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--max-batch", action="store_true", help="also search the largest batch that fits")
     parser.add_argument("--max-batch-cap", type=int, default=16, help="search up to this multiple of the batch")
@@ -298,6 +309,7 @@ def main() -> None:
     configs = QUICK if args.quick else FULL
     if args.models is not None:
         configs = [configs[i] for i in args.models]
+    configs = [on_device(cfg, device) for cfg in configs]
     if args.quick:
         args.warmup, args.iters = min(args.warmup, 1), min(args.iters, 2)
     deadline = time.perf_counter() + args.max_batch_budget_s
@@ -334,10 +346,10 @@ def main() -> None:
         fast = [v for v in fast if v not in CUDA_ONLY]
     if args.paired_rounds and "normal step" in args.variants and fast:
         for cfg in configs:
-            for precision in args.precisions if cfg.kind == "gpt" else ():
+            for precision in args.precisions:
                 paired[(cfg.name, precision)] = paired_ratios(cfg, device, precision, fast, args.warmup,
                                                               args.paired_rounds)
-    notes = targets(rows, paired) + checks
+    notes = targets(rows, paired, device) + checks
     try:
         import opacus
 

@@ -8,6 +8,7 @@ the batch size and take an AdamW step. ``dp_step.py`` times them side by side; `
 ``profile_step.py`` look inside the normal step and the fast engine's.
 """
 
+import dataclasses
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -17,7 +18,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 import persample
-from persample.models import CNN, GPT
+from persample.models import CNN, GPT, WideResNet
 
 MAX_GRAD_NORM = 1.0
 NOISE_MULTIPLIER = 1.0
@@ -27,14 +28,17 @@ LR = 1e-4
 @dataclass(frozen=True)
 class Config:
     name: str
-    kind: str  # "gpt" or "cnn"
+    kind: str  # "gpt", "cnn" or "wrn"
     batch: int
+    cpu_batch: int = 0  # the batch on the CPU, if not ``batch``
     seq: int = 0  # GPT
     vocab: int = 0
     d: int = 0
     layers: int = 0
     heads: int = 0
-    size: int = 0  # CNN image side
+    size: int = 0  # CNN / WRN image side
+    depth: int = 0  # WRN
+    widen: int = 0
     classes: int = 10
 
 
@@ -43,11 +47,21 @@ FULL = [
     Config("GPT-2-small d=768 L=12 V=32000 B=16 T=256", "gpt", batch=16, seq=256, vocab=32000, d=768, layers=12,
            heads=12),
     Config("CNN 3 conv B=256 32x32", "cnn", batch=256, size=32),
+    Config("WRN-16-4 GroupNorm B=256 32x32", "wrn", batch=256, cpu_batch=32, size=32, depth=16, widen=4),
 ]
 QUICK = [
     Config("tiny GPT d=32 L=2 V=128 B=4 T=16", "gpt", batch=4, seq=16, vocab=128, d=32, layers=2, heads=2),
     Config("tiny CNN B=8 16x16", "cnn", batch=8, size=16),
+    Config("tiny WRN-10-1 GroupNorm B=4 16x16", "wrn", batch=4, size=16, depth=10, widen=1),
 ]
+
+
+def on_device(cfg: Config, device: torch.device) -> Config:
+    """``cfg`` with its CPU batch (and its name saying so) when ``device`` is the CPU."""
+    if device.type == "cuda" or not cfg.cpu_batch:
+        return cfg
+    return dataclasses.replace(cfg, name=cfg.name.replace(f"B={cfg.batch}", f"B={cfg.cpu_batch}"),
+                               batch=cfg.cpu_batch)
 
 
 # How a GPT is built: (positions, tied). Ours always run the first; Opacus tries them in order.
@@ -58,6 +72,8 @@ def build_model(cfg: Config, layout: tuple[str, bool] = LAYOUTS[0]) -> nn.Module
     torch.manual_seed(0)
     if cfg.kind == "gpt":
         return GPT(cfg.vocab, cfg.d, cfg.layers, cfg.heads, cfg.seq, positions=layout[0], tied=layout[1])
+    if cfg.kind == "wrn":
+        return WideResNet(cfg.depth, cfg.widen, cfg.classes)
     return CNN(cfg.classes)
 
 
