@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from persample.checks import check_max_grad_norm, check_noise_multiplier, check_sample_rate
 from persample.dp._accounting import Mechanism, PrivacyAccountant
-from persample.dp._noise import add_noise
+from persample.dp._noise import gaussian_noise
 
 
 class DPOptimizer:
@@ -105,6 +105,12 @@ class DPOptimizer:
                 sum that is not finite (clipping gives a finite sum; a NaN or inf comes from gradients that
                 bypassed its non-finite policy), which is not added: a NaN never reaches the parameters.
         """
+        self._add(summed_clipped, num_examples, owned=False)
+
+    def _add(self, summed_clipped: Mapping[str, Tensor], num_examples: int, owned: bool) -> None:
+        """:meth:`accumulate`; with ``owned`` the optimizer may keep the tensors of a first batch as its sums
+        rather than copy them (the caller made them for it and does not read them again): one copy of the
+        gradients fewer at the peak."""
         if not isinstance(num_examples, int) or num_examples < 0:
             raise ValueError(f"num_examples must be an int >= 0, got {num_examples!r}")
         if set(summed_clipped) != set(self.params):
@@ -122,7 +128,8 @@ class DPOptimizer:
                              "gradients bypassed the non-finite policy of clip_per_sample / GhostClipping "
                              "(nonfinite='zero' drops such examples); nothing was accumulated")
         if self._summed is None:
-            self._summed = {name: summed_clipped[name].detach().to(p.dtype).clone() for name, p in self.params.items()}
+            self._summed = {name: _own(summed_clipped[name].detach(), p.dtype, owned)
+                            for name, p in self.params.items()}
         else:
             for name, total in self._summed.items():
                 total.add_(summed_clipped[name].detach().to(total.dtype))
@@ -133,10 +140,16 @@ class DPOptimizer:
         ``expected_batch_size``, writes ``p.grad``, steps the wrapped optimizer, records the step for
         accounting, and clears the accumulation."""
         summed = self._summed or {name: torch.zeros_like(p) for name, p in self.params.items()}
-        noisy = add_noise(summed, self.noise_multiplier * self.max_grad_norm, generator=self.generator,
-                          secure_mode=self.secure_mode)
+        self._summed = None
+        std = self.noise_multiplier * self.max_grad_norm
+        # In place, one parameter at a time: the sums become the gradients, and beyond them the step holds one
+        # parameter's noise at a time (the noise is drawn in the parameters' order, as add_noise draws it).
         for name, p in self.params.items():
-            p.grad = (noisy[name] / self.expected_batch_size).to(p.dtype)
+            total = summed.pop(name)
+            if std > 0:
+                total.add_(gaussian_noise(total.shape, std, device=total.device, dtype=total.dtype,
+                                          generator=self.generator, secure_mode=self.secure_mode))
+            p.grad = total.div_(self.expected_batch_size)
         self.optimizer.step()
         self.accountant.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate)
         self._clear()
@@ -153,3 +166,10 @@ class DPOptimizer:
     def _clear(self) -> None:
         self._summed = None
         self.num_examples = 0
+
+
+def _own(t: Tensor, dtype: torch.dtype, owned: bool) -> Tensor:
+    """``t`` in ``dtype`` as a tensor the optimizer may modify: a conversion is already a copy, and an ``owned``
+    tensor is the caller's gift."""
+    converted = t.to(dtype)
+    return converted if owned or converted is not t else converted.clone()

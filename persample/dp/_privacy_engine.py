@@ -192,7 +192,7 @@ class PrivateOptimizer(torch.optim.Optimizer):
                                "batch of the data loader is one DP-SGD step, so gradients cannot be accumulated over "
                                "several of them (the accountant would count one step). Step after every batch, or "
                                "split a large batch with persample.BatchMemoryManager")
-        self.dp.accumulate(grads, num_examples)
+        self.dp._add(grads, num_examples, owned=True)  # the engine's fresh sums, read by nobody else
         self._accepting = False
 
 

@@ -124,6 +124,24 @@ def test_seeded_noise_reproduces():
         torch.testing.assert_close(a, b)
 
 
+def test_step_is_in_place_and_draws_the_noise_of_add_noise():
+    """The step turns the accumulated sums into the gradients in place (no second or third copy of the
+    gradients at its peak), and its noise is add_noise's with the same generator: seeded runs are unchanged."""
+    torch.manual_seed(1)
+    model = _model()
+    dp = _dp(model, noise_multiplier=0.7, generator=torch.Generator().manual_seed(5))
+    x, y = _data(6)
+    summed = _clipped_sum(model, x, y)
+    dp.accumulate(summed, 6)
+    storage = {name: t.data_ptr() for name, t in dp._summed.items()}
+    assert all(storage[name] != summed[name].data_ptr() for name in summed)  # accumulate copies the caller's
+    dp.step()
+    expected = persample.add_noise(summed, 0.7 * 0.5, generator=torch.Generator().manual_seed(5))
+    for name, p in model.named_parameters():
+        assert p.grad.data_ptr() == storage[name]
+        torch.testing.assert_close(p.grad, expected[name] / 4.0, rtol=1e-12, atol=0)
+
+
 def test_step_overwrites_stale_gradients_and_zero_grad_clears():
     model = _model()
     dp = _dp(model, lr=0.0)
