@@ -5,7 +5,7 @@ median of several blocks of such calls, and the slowest block) and the median ti
 GPU idle before it, so the host's launch work shows), each as a fraction of the memory floor (reading the
 logits once and writing their gradient once, timed as a device-to-device copy of the logits in the same run),
 and the peak memory beyond the logits, in units of the logits' size. Prints a markdown table and saves it with
-the date, GPU and commit (``results.py``: the cross_entropy section of RESULTS.md, appended to HISTORY.md).
+the date, GPU and commit (``results.py``: the cross_entropy (cross_entropy_cpu) section of RESULTS.md, appended to HISTORY.md).
 
     python benchmarks/cross_entropy.py                 # the three shapes of issue 2, on CUDA
     python benchmarks/cross_entropy.py --device cpu    # the PyTorch path (no GPU, no interpreter), CPU shapes
@@ -252,14 +252,15 @@ def main():
     table = ["| shape | variant | fwd+bwd ms | % of memory floor | % of floor, slowest block | isolated call ms | "
              "% of floor, isolated | extra peak memory (x logits) | time x torch eager | memory x torch eager |",
              "|---|---|---|---|---|---|---|---|---|---|"] + ["| " + " | ".join(r) + " |" for r in rows]
-    context = header("cross_entropy", device,
+    section = "cross_entropy" if device == "cuda" else "cross_entropy_cpu"  # a CPU run keeps the GPU table
+    context = header(section, device,
                      "memory floor: one read of the logits and one write of the gradient, timed as a device copy "
                      f"of the logits in the same run; fwd+bwd ms: the median of {args.rounds} blocks of "
                      f"{args.queued_reps} calls queued back to back (as in training), next to the slowest block; "
                      "isolated call: the median of single calls with the GPU idle before each (host overhead in "
                      "full); x torch eager: the median ratio of single calls timed in alternation with "
                      "F.cross_entropy's of the same reduction, and the ratio of the peaks (the logits included)")
-    publish("cross_entropy", context + "\n\n" + "\n".join(table), args)
+    publish(section, context + "\n\n" + "\n".join(table), args)
 
 if __name__ == "__main__":
     main()

@@ -23,7 +23,7 @@ relative to the normal step, and next to it ``max_memory_reserved``: a CUDA grap
 reserved between replays without counting its free blocks as allocated, so for the graphed variants the
 reserved figure is the one to compare. The CUDA-graph variants (``cuda_graph='step'`` and the normal step
 captured the same way, its like-for-like baseline) run on CUDA only. The variants are in ``steps.py``. The
-table is printed and saved (``results.py``: the dp_step section of ``RESULTS.md``, appended to ``HISTORY.md``).
+table is printed and saved (``results.py``: the dp_step section of ``RESULTS.md``, dp_step_cpu for the CPU, appended to ``HISTORY.md``).
 """
 
 import argparse
@@ -356,9 +356,10 @@ def main() -> None:
         opacus_version = opacus.__version__
     except ImportError:
         opacus_version = "not installed"
-    context = header("dp_step", device, f"opacus {opacus_version}",
+    section = "dp_step" if device.type == "cuda" else "dp_step_cpu"  # a CPU run keeps the GPU table
+    context = header(section, device, f"opacus {opacus_version}",
                      f"max_grad_norm={MAX_GRAD_NORM}, noise_multiplier={NOISE_MULTIPLIER}, AdamW")
-    publish("dp_step", f"{context}\n\n{table(rows, args.max_batch)}\n\n" + "\n".join(f"- {n}" for n in notes), args)
+    publish(section, f"{context}\n\n{table(rows, args.max_batch)}\n\n" + "\n".join(f"- {n}" for n in notes), args)
 
 
 if __name__ == "__main__":
