@@ -5,7 +5,8 @@ median of several blocks of such calls, and the slowest block) and the median ti
 GPU idle before it, so the host's launch work shows), each as a fraction of the memory floor (reading the
 logits once and writing their gradient once, timed as a device-to-device copy of the logits in the same run),
 and the peak memory beyond the logits, in units of the logits' size. Prints a markdown table and saves it with
-the date, GPU and commit (``results.py``: the cross_entropy (cross_entropy_cpu) section of RESULTS.md, appended to HISTORY.md).
+the date, GPU and commit (``results.py``: the cross_entropy section of RESULTS.md, or cross_entropy_cpu, appended
+to HISTORY.md).
 
     python benchmarks/cross_entropy.py                 # the three shapes of issue 2, on CUDA
     python benchmarks/cross_entropy.py --device cpu    # the PyTorch path (no GPU, no interpreter), CPU shapes

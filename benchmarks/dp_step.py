@@ -23,7 +23,8 @@ relative to the normal step, and next to it ``max_memory_reserved``: a CUDA grap
 reserved between replays without counting its free blocks as allocated, so for the graphed variants the
 reserved figure is the one to compare. The CUDA-graph variants (``cuda_graph='step'`` and the normal step
 captured the same way, its like-for-like baseline) run on CUDA only. The variants are in ``steps.py``. The
-table is printed and saved (``results.py``: the dp_step section of ``RESULTS.md``, dp_step_cpu for the CPU, appended to ``HISTORY.md``).
+table is printed and saved (``results.py``: the dp_step section of ``RESULTS.md``, dp_step_cpu for the CPU,
+appended to ``HISTORY.md``).
 """
 
 import argparse
