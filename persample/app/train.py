@@ -195,8 +195,10 @@ def train_digits(config: TrainConfig) -> dict:
             if leader:
                 report.add_epoch(row, norms)
                 dropped = f"  non-finite examples skipped {nonfinite}" if nonfinite else ""
+                # The first epoch's time includes the one-off work (kernel compilation, CUDA start-up).
                 bar.write(f"epoch {epoch:3d}/{config.epochs}  train loss {row['train_loss']:.4f}  "
-                          f"test accuracy {accuracy:.4f}  epsilon {epsilon:.3f}{dropped}", file=sys.stdout)
+                          f"test accuracy {accuracy:.4f}  epsilon {epsilon:.3f}  {row['seconds']:.1f} s{dropped}",
+                          file=sys.stdout)
             sys.stdout.flush()
     except KeyboardInterrupt:
         bar.close()
