@@ -56,13 +56,11 @@ class DPTrainingArguments(TrainingArguments):
             ``per_sample_max_grad_norm`` that is not a positive finite number (besides ``TrainingArguments``' own).
 
     Examples:
-        >>> import tempfile
         >>> from persample.integrations.transformers import DPTrainingArguments
-        >>> args = DPTrainingArguments(tempfile.mkdtemp(), target_epsilon=8.0, per_sample_max_grad_norm=0.5,
-        ...                            report_to=[])
+        >>> args = DPTrainingArguments("dp-run", target_epsilon=8.0, per_sample_max_grad_norm=0.5, report_to=[])
         >>> args.target_delta, args.accountant, args.max_grad_norm
         (1e-05, 'rdp', 0.0)
-        >>> DPTrainingArguments(tempfile.mkdtemp(), report_to=[])  # no privacy parameter given
+        >>> DPTrainingArguments("dp-run", report_to=[])  # no privacy parameter given
         Traceback (most recent call last):
         ...
         ValueError: give exactly one of noise_multiplier and target_epsilon, got noise_multiplier=None, ...
@@ -180,7 +178,8 @@ class DPTrainer(Trainer):
         ...     vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2))
         >>> ids = torch.randint(0, 64, (32, 8))
         >>> data = [{"input_ids": row, "attention_mask": torch.ones_like(row), "labels": row} for row in ids]
-        >>> args = DPTrainingArguments(tempfile.mkdtemp(), per_device_train_batch_size=4,
+        >>> output_dir = tempfile.TemporaryDirectory()
+        >>> args = DPTrainingArguments(output_dir.name, per_device_train_batch_size=4,
         ...                            gradient_accumulation_steps=2, max_steps=2, target_epsilon=8.0,
         ...                            per_sample_max_grad_norm=1.0, use_cpu=True, report_to=[], save_strategy="no",
         ...                            disable_tqdm=True)
@@ -191,6 +190,7 @@ class DPTrainer(Trainer):
         {...}
         >>> trainer.accountant.steps, 0 < trainer.epsilon <= 8.0
         (2, True)
+        >>> output_dir.cleanup()
 
     References:
         Abadi et al., "Deep Learning with Differential Privacy", CCS 2016 (DP-SGD);
