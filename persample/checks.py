@@ -21,7 +21,24 @@ _SHOWN_POSITIONS = 10
 
 
 class NonFiniteGradientWarning(UserWarning):
-    """Examples of a batch had a non-finite gradient or loss and contributed zero to the clipped sum."""
+    """Examples of a batch had a non-finite gradient or loss and contributed zero to the clipped sum.
+
+    Examples:
+        >>> import warnings
+        >>> import torch
+        >>> import persample
+        >>> with warnings.catch_warnings(record=True) as caught:
+        ...     warnings.simplefilter("always")
+        ...     summed = persample.clip_per_sample({"w": torch.tensor([[1.0], [float("nan")]])}, 1.0)
+        >>> [type(w.message).__name__ for w in caught], summed.nonfinite
+        (['NonFiniteGradientWarning'], 1)
+        >>> with warnings.catch_warnings():
+        ...     warnings.simplefilter("error", persample.NonFiniteGradientWarning)  # to stop the run instead
+        ...     persample.clip_per_sample({"w": torch.tensor([[1.0], [float("nan")]])}, 1.0)
+        Traceback (most recent call last):
+        ...
+        persample.checks.NonFiniteGradientWarning: 1 of 2 examples have a non-finite (NaN or inf) gradient ...
+    """
 
 
 def check_nonfinite(nonfinite: str) -> None:

@@ -24,6 +24,28 @@ class PrivacyAccountant:
     Args:
         mechanism: ``"rdp"`` (:class:`opacus.accountants.RDPAccountant`) or ``"prv"``
             (:class:`opacus.accountants.PRVAccountant`).
+
+    Raises:
+        ValueError: an unknown ``mechanism``.
+
+    Examples:
+        >>> import persample
+        >>> accountant = persample.PrivacyAccountant("rdp")
+        >>> accountant.step(noise_multiplier=1.0, sample_rate=0.01, num_steps=600)
+        >>> accountant.step(noise_multiplier=1.0, sample_rate=0.01, num_steps=400)  # merged with the last entry
+        >>> accountant.history, accountant.steps
+        ([(1.0, 0.01, 1000)], 1000)
+        >>> round(accountant.epsilon(1e-5), 1)
+        2.1
+        >>> prv = persample.PrivacyAccountant("prv")
+        >>> prv.step(noise_multiplier=1.0, sample_rate=0.01, num_steps=1000)
+        >>> prv.epsilon(1e-5) < accountant.epsilon(1e-5)  # the same run, a tighter account
+        True
+
+    References:
+        Mironov, "Rényi Differential Privacy", CSF 2017; Mironov, Talwar and Zhang, "Rényi Differential Privacy of
+        the Sampled Gaussian Mechanism", 2019 (``"rdp"``); Gopi, Lee and Wutschitz, "Numerical Composition of
+        Differential Privacy", NeurIPS 2021 (``"prv"``).
     """
 
     def __init__(self, mechanism: Mechanism = "rdp"):
@@ -89,7 +111,24 @@ def epsilon_for(
     *,
     accountant: Mechanism = "rdp",
 ) -> float:
-    """The epsilon at ``delta`` after ``steps`` DP-SGD steps at ``noise_multiplier`` and ``sample_rate``."""
+    """The epsilon at ``delta`` after ``steps`` DP-SGD steps at ``noise_multiplier`` and ``sample_rate``.
+
+    Raises:
+        ValueError: as :meth:`PrivacyAccountant.step` and :meth:`PrivacyAccountant.epsilon`, or an unknown
+            ``accountant``.
+
+    Examples:
+        >>> import persample
+        >>> round(persample.epsilon_for(1.0, 1e-5, 0.01, 1000), 1)  # noise_multiplier, delta, sample_rate, steps
+        2.1
+        >>> persample.epsilon_for(1.0, 1e-5, 0.01, 1000, accountant="prv") < 2.1
+        True
+
+    References:
+        Mironov, "Rényi Differential Privacy", CSF 2017; Mironov, Talwar and Zhang, "Rényi Differential Privacy of
+        the Sampled Gaussian Mechanism", 2019 (``"rdp"``); Gopi, Lee and Wutschitz, "Numerical Composition of
+        Differential Privacy", NeurIPS 2021 (``"prv"``).
+    """
     privacy = PrivacyAccountant(accountant)
     privacy.step(noise_multiplier=noise_multiplier, sample_rate=sample_rate, num_steps=steps)
     return privacy.epsilon(delta)
@@ -113,6 +152,17 @@ def noise_multiplier_for(
     Raises:
         ValueError: ``target_epsilon`` not > 0, ``delta`` not in (0, 1), ``sample_rate`` not in (0, 1],
             neither or both of ``steps``/``epochs``, or a budget too small for any noise (Opacus's error).
+
+    Examples:
+        >>> import persample
+        >>> sigma = persample.noise_multiplier_for(3.0, 1e-5, 0.01, epochs=10)  # 1000 steps
+        >>> 2.9 < persample.epsilon_for(sigma, 1e-5, 0.01, 1000) <= 3.0
+        True
+
+    References:
+        Mironov, "Rényi Differential Privacy", CSF 2017; Mironov, Talwar and Zhang, "Rényi Differential Privacy of
+        the Sampled Gaussian Mechanism", 2019 (``"rdp"``); Gopi, Lee and Wutschitz, "Numerical Composition of
+        Differential Privacy", NeurIPS 2021 (``"prv"``).
     """
     if not (isinstance(target_epsilon, (int, float)) and target_epsilon > 0 and math.isfinite(target_epsilon)):
         raise ValueError(f"target_epsilon must be a finite number > 0, got {target_epsilon!r}")

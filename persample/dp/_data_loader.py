@@ -116,9 +116,18 @@ class DPDataLoader(DataLoader):
         **kwargs: other ``DataLoader`` arguments (``num_workers``, ``pin_memory``, ...).
 
     Examples:
-        >>> loader = DPDataLoader(TensorDataset(x, y), sample_rate=64 / len(x))
-        >>> for xb, yb in loader:     # len(xb) ~ Binomial(len(x), 64 / len(x)), possibly 0
-        ...     ...
+        >>> import torch
+        >>> from torch.utils.data import TensorDataset
+        >>> import persample
+        >>> data = TensorDataset(torch.randn(64, 4), torch.randint(0, 3, (64,)))
+        >>> loader = persample.DPDataLoader(data, sample_rate=16 / 64, generator=torch.Generator().manual_seed(0))
+        >>> len(loader), loader.expected_batch_size
+        (4, 16.0)
+        >>> for xb, yb in loader:  # len(xb) ~ Binomial(64, 1/4) each, possibly 0
+        ...     assert xb.shape[1:] == (4,) and len(xb) == len(yb)
+        >>> empty = persample.DPDataLoader(data, sample_rate=1e-9, steps=1, generator=torch.Generator().manual_seed(0))
+        >>> [(tuple(xb.shape), yb.dtype) for xb, yb in empty]  # the structure of a real batch, zero rows
+        [((0, 4), torch.int64)]
 
     References:
         Abadi et al., "Deep Learning with Differential Privacy", CCS 2016 (DP-SGD with Poisson sampling).
@@ -221,14 +230,32 @@ class BatchMemoryManager:
         max_physical_batch_size: the largest physical batch (>= 1).
         optimizer: the optimizer returned by ``make_private``.
 
-    Examples:
-        >>> with BatchMemoryManager(data_loader=loader, max_physical_batch_size=32, optimizer=optimizer) as batches:
-        ...     for x, y in batches:
-        ...         optimizer.zero_grad(); criterion(model(x), y).backward(); optimizer.step()
-
     Raises:
         ValueError: ``max_physical_batch_size`` not an int >= 1; a loader without a batch sampler.
         TypeError: an optimizer without ``signal_skip_step``.
+
+    Examples:
+        >>> import torch
+        >>> from torch.utils.data import DataLoader, TensorDataset
+        >>> import persample
+        >>> data = TensorDataset(torch.randn(64, 4), torch.randint(0, 3, (64,)))
+        >>> model = torch.nn.Linear(4, 3)
+        >>> model, optimizer, criterion, loader = persample.PrivacyEngine().make_private(
+        ...     module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        ...     data_loader=DataLoader(data, batch_size=32), criterion=torch.nn.CrossEntropyLoss(),
+        ...     noise_multiplier=1.0, max_grad_norm=1.0)
+        >>> sizes = []
+        >>> with persample.BatchMemoryManager(data_loader=loader, max_physical_batch_size=8,
+        ...                                   optimizer=optimizer) as batches:
+        ...     for x, y in batches:  # the step of the last physical batch of each logical batch takes effect
+        ...         optimizer.zero_grad(); criterion(model(x), y).backward(); optimizer.step()
+        ...         sizes.append(len(x))
+        >>> max(sizes) <= 8, optimizer.accountant.steps  # 2 logical batches (64 / 32 in expectation)
+        (True, 2)
+
+    References:
+        Abadi et al., "Deep Learning with Differential Privacy", CCS 2016 (a "lot", the unit of noise and
+        accounting, computed in smaller batches).
     """
 
     def __init__(self, *, data_loader: DataLoader, max_physical_batch_size: int, optimizer: StepSignal):

@@ -66,15 +66,27 @@ class DistributedDPOptimizer(DPOptimizer):
             1-D mesh; seeded generators with the same seed on every rank while some parameter is sharded.
 
     Examples:
-        >>> # torchrun --nproc-per-node 2 train.py, after init_process_group("gloo" or "nccl"):
-        >>> # ddp = DistributedDataParallel(model)
-        >>> # engine = persample.GhostClipping(ddp.module, max_grad_norm=1.0)
-        >>> # dp = persample.DistributedDPOptimizer(torch.optim.AdamW(ddp.parameters()), ddp.module.named_parameters(),
-        >>> #     noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=q * n, sample_rate=q)
-        >>> # for idx in persample.DistributedPoissonSampler(n, q):
-        >>> #     for part in idx.split(64):
-        >>> #         dp.accumulate(engine.clipped_grad_sum(x[part], y[part]).grads, len(part))
-        >>> #     dp.step()
+        Under ``torchrun --nproc-per-node 2 train.py`` each process runs the same loop on its own part of every
+        batch; here a process group of one, in this process, runs it:
+
+        >>> import torch
+        >>> import torch.distributed as dist
+        >>> import persample
+        >>> dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)  # torchrun: env://
+        >>> model = torch.nn.Linear(4, 3)  # with DDP: ddp = DistributedDataParallel(model), then ddp.module
+        >>> n, q = 32, 0.25
+        >>> x, y = torch.randn(n, 4), torch.randint(0, 3, (n,))
+        >>> engine = persample.GhostClipping(model, max_grad_norm=1.0)
+        >>> dp = persample.DistributedDPOptimizer(torch.optim.SGD(model.parameters(), lr=0.1),
+        ...                                       model.named_parameters(), noise_multiplier=1.0,
+        ...                                       max_grad_norm=1.0, expected_batch_size=q * n, sample_rate=q)
+        >>> for idx in persample.DistributedPoissonSampler(n, q, steps=2):  # this rank's examples of each batch
+        ...     for part in idx.split(4):  # physical batches
+        ...         dp.accumulate(engine.clipped_grad_sum(x[part], y[part]).grads, len(part))
+        ...     dp.step()  # the sums reduced over the ranks, noise drawn once
+        >>> dp.world_size, dp.accountant.steps
+        (1, 2)
+        >>> dist.destroy_process_group()
 
     References:
         Abadi et al., "Deep Learning with Differential Privacy", CCS 2016.

@@ -38,6 +38,22 @@ def gaussian_noise(
 
     Raises:
         ValueError: ``std`` negative or not finite; ``generator`` together with ``secure_mode``.
+
+    Examples:
+        >>> import torch
+        >>> import persample
+        >>> noise = persample.gaussian_noise((1000, 100), 2.0, generator=torch.Generator().manual_seed(0))
+        >>> noise.shape, noise.dtype, round(noise.std().item(), 1)
+        (torch.Size([1000, 100]), torch.float32, 2.0)
+        >>> secure = persample.gaussian_noise((3,), 1.0, dtype=torch.float64, secure_mode=True)  # os.urandom
+        >>> secure.dtype
+        torch.float64
+
+    References:
+        Abadi et al., "Deep Learning with Differential Privacy", CCS 2016 (the Gaussian noise of DP-SGD).
+        Secure mode: Mironov, "On Significance of the Least Significant Bits for Differential Privacy", CCS 2012
+        (the attack on floating-point samplers); Holohan and Braghin, "Secure Random Sampling in Differential
+        Privacy", ESORICS 2021 (the sum of draws that hides it).
     """
     if not (isinstance(std, (int, float)) and math.isfinite(std) and std >= 0):
         raise ValueError(f"std must be a finite number >= 0, got {std!r}")
@@ -65,6 +81,20 @@ def add_noise(
 
     Raises:
         ValueError: as :func:`gaussian_noise`.
+
+    Examples:
+        >>> import torch
+        >>> import persample
+        >>> summed = {"w": torch.zeros(2, 3), "b": torch.zeros(2, dtype=torch.float64)}
+        >>> noisy = persample.add_noise(summed, 1.0, generator=torch.Generator().manual_seed(0))
+        >>> {name: (tuple(g.shape), g.dtype) for name, g in noisy.items()}
+        {'w': ((2, 3), torch.float32), 'b': ((2,), torch.float64)}
+
+    References:
+        Abadi et al., "Deep Learning with Differential Privacy", CCS 2016 (the Gaussian noise of DP-SGD).
+        Secure mode: Mironov, "On Significance of the Least Significant Bits for Differential Privacy", CCS 2012
+        (the attack on floating-point samplers); Holohan and Braghin, "Secure Random Sampling in Differential
+        Privacy", ESORICS 2021 (the sum of draws that hides it).
     """
     return {name: g + gaussian_noise(g.shape, std, device=g.device, dtype=g.dtype, generator=generator,
                                      secure_mode=secure_mode)

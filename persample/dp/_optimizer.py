@@ -42,6 +42,25 @@ class DPOptimizer:
 
     Raises:
         ValueError: a value out of range, or a trainable parameter that is not in ``optimizer``.
+
+    Examples:
+        >>> import torch
+        >>> import persample
+        >>> model = torch.nn.Linear(4, 3)
+        >>> dp = persample.DPOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model.named_parameters(),
+        ...                            noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=8,
+        ...                            sample_rate=0.01, generator=torch.Generator().manual_seed(0))
+        >>> x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))  # one Poisson batch, here one physical batch
+        >>> dp.accumulate(persample.clip_per_sample(persample.per_sample_grads(model, x, y), 1.0), len(x))
+        >>> dp.step()  # noise once, divided by expected_batch_size, the SGD step, the accountant's record
+        >>> model.weight.grad.shape, dp.accountant.history
+        (torch.Size([3, 4]), [(1.0, 0.01, 1)])
+        >>> 0 < dp.epsilon(1e-5) < 1
+        True
+
+    References:
+        Abadi et al., "Deep Learning with Differential Privacy", CCS 2016 (DP-SGD); McMahan et al., "Learning
+        Differentially Private Recurrent Language Models", ICLR 2018 (the sum divided by the expected batch size).
     """
 
     def __init__(

@@ -413,12 +413,23 @@ class PrivacyEngine:
         secure_mode: noise and Poisson sampling from the OS CSPRNG (no seedable generator may be passed).
 
     Examples:
+        >>> import torch
+        >>> import torch.nn.functional as F
+        >>> from torch.utils.data import DataLoader, TensorDataset
+        >>> import persample
+        >>> data = TensorDataset(torch.randn(64, 4), torch.randint(0, 3, (64,)))
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
         >>> engine = persample.PrivacyEngine()
-        >>> model, optimizer, loader = engine.make_private(module=model, optimizer=optimizer, data_loader=loader,
-        ...                                                noise_multiplier=1.1, max_grad_norm=1.0)
-        >>> for x, y in loader:
+        >>> private, optimizer, loader = engine.make_private(
+        ...     module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        ...     data_loader=DataLoader(data, batch_size=16), noise_multiplier=1.1, max_grad_norm=1.0)
+        >>> private is model, type(loader).__name__, len(loader)  # the user's model, with hooks
+        (True, 'DPDataLoader', 4)
+        >>> for x, y in loader:  # the user's loop, unchanged
         ...     optimizer.zero_grad(); F.cross_entropy(model(x), y).backward(); optimizer.step()
-        >>> engine.get_epsilon(delta=1e-5)
+        >>> round(engine.get_epsilon(delta=1e-5), 1)  # 4 steps at sample rate 1/4, "prv"
+        3.6
+        >>> engine.detach()  # the hooks are gone: the model trains normally again
 
     References:
         Abadi et al., "Deep Learning with Differential Privacy", CCS 2016. Li et al., "Large Language Models
@@ -479,6 +490,26 @@ class PrivacyEngine:
                 ``noise_generator`` in secure mode.
             TypeError: arguments of the wrong type, a module compiled already (compile the returned one) or
                 wrapped in ``DataParallel``/``DistributedDataParallel``.
+
+        Examples:
+            >>> import torch
+            >>> from torch.utils.data import DataLoader, TensorDataset
+            >>> import persample
+            >>> data = TensorDataset(torch.randn(32, 4), torch.randint(0, 3, (32,)))
+            >>> model = torch.nn.Linear(4, 3)
+            >>> model, optimizer, criterion, loader = persample.PrivacyEngine(accountant="rdp").make_private(
+            ...     module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+            ...     data_loader=DataLoader(data, batch_size=8), criterion=torch.nn.CrossEntropyLoss(),
+            ...     noise_multiplier=1.0, max_grad_norm=1.0, noise_generator=torch.Generator().manual_seed(0))
+            >>> x, y = next(iter(loader))
+            >>> optimizer.zero_grad(); criterion(model(x), y).backward(); optimizer.step()
+            >>> optimizer.noise_multiplier, optimizer.expected_batch_size  # 32 examples / 4 batches
+            (1.0, 8.0)
+
+        References:
+            Yousefpour et al., "Opacus: User-Friendly Differential Privacy Library in PyTorch", 2021 (the
+            signature); Li et al., "Large Language Models Can Be Strong Differentially Private Learners", ICLR
+            2022 (ghost clipping, behind ``criterion=``).
         """
         if not isinstance(module, nn.Module):
             raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
@@ -561,6 +592,26 @@ class PrivacyEngine:
 
         Raises:
             ValueError: as :meth:`make_private`, ``epochs`` not an int >= 1, or a budget no noise reaches.
+
+        Examples:
+            >>> import torch
+            >>> from torch.utils.data import DataLoader, TensorDataset
+            >>> import persample
+            >>> data = TensorDataset(torch.randn(64, 4), torch.randint(0, 3, (64,)))
+            >>> model = torch.nn.Linear(4, 3)
+            >>> engine = persample.PrivacyEngine(accountant="rdp")
+            >>> model, optimizer, loader = engine.make_private_with_epsilon(
+            ...     module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+            ...     data_loader=DataLoader(data, batch_size=16), target_epsilon=3.0, target_delta=1e-5, epochs=5,
+            ...     max_grad_norm=1.0)
+            >>> steps = 5 * len(loader)  # the run the noise was chosen for
+            >>> epsilon = persample.epsilon_for(optimizer.noise_multiplier, 1e-5, 1 / len(loader), steps)
+            >>> 2.9 < epsilon <= 3.0
+            True
+
+        References:
+            Mironov, "Rényi Differential Privacy", CSF 2017; Gopi, Lee and Wutschitz, "Numerical Composition of
+            Differential Privacy", NeurIPS 2021 (the accountants whose epsilon is inverted).
         """
         if not isinstance(epochs, int) or epochs < 1:
             raise ValueError(f"epochs must be an int >= 1, got {epochs!r}")

@@ -37,9 +37,18 @@ class PoissonSampler:
             with ``secure_mode``.
 
     Examples:
-        >>> sampler = PoissonSampler(1000, 0.01, steps=3, secure_mode=True)
-        >>> [len(batch) for batch in sampler]  # Binomial(1000, 0.01) each, different every run
-        [12, 7, 9]
+        >>> import torch
+        >>> import persample
+        >>> sampler = persample.PoissonSampler(1000, 0.01, generator=torch.Generator().manual_seed(0))
+        >>> len(sampler), sampler.expected_batch_size  # round(1 / 0.01) batches: one epoch in expectation
+        (100, 10.0)
+        >>> sizes = [len(batch) for batch in sampler]  # each Binomial(1000, 0.01), possibly 0
+        >>> 5 < sum(sizes) / len(sizes) < 15
+        True
+        >>> x = torch.randn(1000, 4)
+        >>> batch = next(iter(persample.PoissonSampler(1000, 0.01, secure_mode=True)))  # from os.urandom
+        >>> x[batch].shape[1:], batch.dtype
+        (torch.Size([4]), torch.int64)
 
     References:
         Mironov, Talwar and Zhang, "Rényi Differential Privacy of the Sampled Gaussian Mechanism", 2019 (the
@@ -106,9 +115,15 @@ class DistributedPoissonSampler(PoissonSampler):
             no ``rank``/``world_size`` and no initialized process group.
 
     Examples:
-        >>> sampler = DistributedPoissonSampler(10, 0.5, rank=1, world_size=2,
-        ...                                      generator=torch.Generator().manual_seed(0))
-        >>> all(int(i) % 2 == 1 for batch in sampler for i in batch)
+        >>> import torch
+        >>> import persample
+        >>> rank0, rank1 = [list(persample.DistributedPoissonSampler(10, 0.5, rank=rank, world_size=2,
+        ...                                                          generator=torch.Generator().manual_seed(0)))
+        ...                 for rank in (0, 1)]  # as on two processes, the same seed on each
+        >>> all(int(i) % 2 == 1 for batch in rank1 for i in batch)  # rank 1 owns the odd examples
+        True
+        >>> single = persample.PoissonSampler(10, 0.5, generator=torch.Generator().manual_seed(0))
+        >>> all(torch.equal(torch.cat([a, b]).sort().values, whole) for a, b, whole in zip(rank0, rank1, single))
         True
 
     References:

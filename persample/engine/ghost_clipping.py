@@ -81,6 +81,15 @@ class ClippedGradSum(NamedTuple):
     ``losses``: ``(B,)`` each example's loss (detached).
     ``nonfinite``: how many examples had a norm or loss that is not finite and contributed zero to ``grads``
     (their ``norms`` and ``losses`` are as computed: NaN or inf).
+
+    Examples:
+        >>> import torch
+        >>> import persample
+        >>> out = persample.clipped_grad_sum(torch.nn.Linear(4, 3), torch.randn(5, 4), torch.randint(0, 3, (5,)),
+        ...                                  max_grad_norm=1.0)
+        >>> grads, norms, losses, nonfinite = out
+        >>> sorted(grads), norms.shape, losses.shape, nonfinite
+        (['bias', 'weight'], torch.Size([5]), torch.Size([5]), 0)
     """
 
     grads: dict[str, Tensor]
@@ -182,9 +191,12 @@ class GhostClipping:
         (torch.Size([16]), torch.Size([8, 4]), 0)
 
     References:
-        Li et al., "Large Language Models Can Be Strong Differentially Private Learners", ICLR 2022 (ghost
-        clipping); Bu et al., "Differentially Private Optimization on Large Model at Small Cost", ICML 2023
-        (choosing ghost norms or materialized gradients per layer).
+        Goodfellow, "Efficient Per-Example Gradient Computations", 2015 (per-example norms of a linear layer from
+        its inputs and output gradients); Li, Tramèr, Liang and Hashimoto, "Large Language Models Can Be Strong
+        Differentially Private Learners", ICLR 2022 (ghost clipping: the norms of sequence layers without
+        per-example gradients); Bu, Wang, Zha and Karypis, "Differentially Private Optimization on Large Model at
+        Small Cost", ICML 2023 (book-keeping: the clipped sum from the same backward; ghost norms or materialized
+        gradients chosen per layer).
     """
 
     def __init__(self, model: nn.Module, *, max_grad_norm: float, ignore_index: int = -100,
@@ -473,7 +485,24 @@ def clipped_grad_sum(model: nn.Module, inputs: Tensor | tuple, targets: Tensor, 
                      ignore_index: int = -100, loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
                      strategy: Strategy = "auto") -> ClippedGradSum:
     """One-off form of :meth:`GhostClipping.clipped_grad_sum` (which, in a training loop, finds the
-    parameter uses only once)."""
+    parameter uses only once). Arguments as :class:`GhostClipping`; returns :class:`ClippedGradSum`.
+
+    Raises:
+        TypeError, ValueError: as :class:`GhostClipping` and :meth:`GhostClipping.clipped_grad_sum`.
+
+    Examples:
+        >>> import torch
+        >>> import persample
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+        >>> x, y = torch.randn(6, 4), torch.randint(0, 3, (6,))
+        >>> fast = persample.clipped_grad_sum(model, x, y, max_grad_norm=0.1)
+        >>> slow = persample.clip_per_sample(persample.per_sample_grads(model, x, y), 0.1)  # per-example grads
+        >>> all(torch.allclose(fast.grads[name], slow[name], atol=1e-6) for name in slow)
+        True
+
+    References:
+        As :class:`GhostClipping`.
+    """
     engine = GhostClipping(model, max_grad_norm=max_grad_norm, ignore_index=ignore_index, loss_fn=loss_fn,
                            strategy=strategy)
     return engine.clipped_grad_sum(inputs, targets)
@@ -483,7 +512,23 @@ def per_sample_grad_norms_fast(model: nn.Module, inputs: Tensor | tuple, targets
                                ignore_index: int = -100, loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
                                strategy: Strategy = "auto") -> Tensor:
     """``(B,)`` each example's gradient norm without materializing per-example gradients: the norms of
-    :meth:`GhostClipping.clipped_grad_sum`, without the clipping."""
+    :meth:`GhostClipping.clipped_grad_sum`, without the clipping (float32, float64 for float64 models).
+
+    Raises:
+        TypeError, ValueError: as :func:`clipped_grad_sum`.
+
+    Examples:
+        >>> import torch
+        >>> import persample
+        >>> model = torch.nn.Sequential(torch.nn.Embedding(10, 8), torch.nn.LayerNorm(8), torch.nn.Linear(8, 10))
+        >>> tokens, targets = torch.randint(0, 10, (4, 6)), torch.randint(0, 10, (4, 6))  # (B, T)
+        >>> fast = persample.per_sample_grad_norms_fast(model, tokens, targets)
+        >>> torch.allclose(fast, persample.per_sample_grad_norms(model, tokens, targets), rtol=1e-4)
+        True
+
+    References:
+        As :class:`GhostClipping`.
+    """
     engine = GhostClipping(model, max_grad_norm=1.0, ignore_index=ignore_index, loss_fn=loss_fn,
                            strategy=strategy)
     return engine.per_sample_grad_norms(inputs, targets)

@@ -230,7 +230,27 @@ def with_grad_check_later(logits: Tensor, target: Tensor, *, weight: Tensor | No
 
 
 class CrossEntropyLoss(nn.Module):
-    """Module form of :func:`cross_entropy`, with the same keyword arguments (``weight`` is a buffer)."""
+    """Module form of :func:`cross_entropy`, with the same keyword arguments (``weight`` is a buffer);
+    ``forward(logits, target, mask=None)``.
+
+    Raises:
+        ValueError: an unknown ``reduction`` (the other arguments are checked at each call, as
+            :func:`cross_entropy` does).
+
+    Examples:
+        >>> import torch
+        >>> import persample
+        >>> criterion = persample.CrossEntropyLoss(label_smoothing=0.1, z_loss=1e-4)
+        >>> criterion
+        CrossEntropyLoss(reduction='mean', ignore_index=-100, label_smoothing=0.1, softcap=None, z_loss=0.0001)
+        >>> logits, target = torch.randn(2, 5, 10), torch.randint(0, 10, (2, 5))
+        >>> torch.equal(criterion(logits, target),
+        ...             persample.cross_entropy(logits, target, label_smoothing=0.1, z_loss=1e-4))
+        True
+
+    References:
+        As :func:`cross_entropy` (``z_loss``, ``softcap``).
+    """
 
     def __init__(
         self,

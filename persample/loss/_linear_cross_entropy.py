@@ -154,7 +154,17 @@ def _per_example_scale(target: Tensor, class_weight: Tensor | None, ignore_index
 
 
 class HeadGradNorms(NamedTuple):
-    """Per-example results of :func:`linear_cross_entropy_head_grad_norms`, each of shape ``(B,)``."""
+    """Per-example results of :func:`linear_cross_entropy_head_grad_norms`, each of shape ``(B,)``: ``loss``,
+    and the gradient norms of the head's ``weight`` and ``bias`` (None without a bias).
+
+    Examples:
+        >>> import torch
+        >>> import persample
+        >>> out = persample.linear_cross_entropy_head_grad_norms(torch.randn(2, 3, 4), torch.randn(5, 4),
+        ...                                                      torch.randint(0, 5, (2, 3)))
+        >>> out._fields, out.weight.shape, out.bias
+        (('loss', 'weight', 'bias'), torch.Size([2]), None)
+    """
 
     loss: Tensor
     weight: Tensor
@@ -202,6 +212,23 @@ def linear_cross_entropy_head_grad_norms(
     Raises:
         TypeError, ValueError: as :func:`linear_cross_entropy`; ValueError if ``hidden`` is not 3-D or
         ``reduction`` is ``"none"``.
+
+    Examples:
+        >>> import torch
+        >>> import persample
+        >>> hidden, head = torch.randn(3, 5, 8), torch.nn.Linear(8, 20)  # (B, T, d), V = 20
+        >>> target = torch.randint(0, 20, (3, 5))
+        >>> out = persample.linear_cross_entropy_head_grad_norms(hidden, head.weight, target, bias=head.bias)
+        >>> out.loss.shape, out.weight.shape, out.bias.shape
+        (torch.Size([3]), torch.Size([3]), torch.Size([3]))
+        >>> persample.cross_entropy(head(hidden[1]), target[1]).backward()  # example 1 alone, by autograd
+        >>> torch.allclose(out.weight[1], head.weight.grad.norm(), rtol=1e-4)
+        True
+
+    References:
+        Goodfellow, "Efficient Per-Example Gradient Computations", 2015; Li, Tramèr, Liang and Hashimoto, "Large
+        Language Models Can Be Strong Differentially Private Learners", ICLR 2022 (the ghost norm of a layer
+        applied to a sequence, ``<A @ A.T, G @ G.T>``).
     """
     V = _check_head(hidden, weight, bias, target, chunk_size)
     if hidden.ndim != 3:

@@ -41,6 +41,17 @@ def per_sample_norms(grads: Grads) -> Tensor:
 
     Raises:
         ValueError: empty ``grads`` or differing batch sizes.
+
+    Examples:
+        >>> import torch
+        >>> import persample
+        >>> grads = {"w": torch.tensor([[3.0, 0.0], [1.0, 1.0]]), "b": torch.tensor([[4.0], [1.0]])}
+        >>> persample.per_sample_norms(grads)  # sqrt(9 + 16), sqrt(1 + 1 + 1)
+        tensor([5.0000, 1.7321])
+
+    References:
+        Abadi et al., "Deep Learning with Differential Privacy", CCS 2016 (the norm of each example's gradient
+        over all parameters, which flat clipping bounds).
     """
     batch = _batch_size(grads)
     acc = torch.float64 if any(g.dtype == torch.float64 for g in grads.values()) else torch.float32
@@ -51,7 +62,15 @@ def per_sample_norms(grads: Grads) -> Tensor:
 class ClippedSum(dict):
     """What :func:`clip_per_sample` and :func:`clip_per_layer` return: the dict ``{name: param.shape}`` of
     clipped sums, and ``nonfinite``, the number of examples whose gradient was not finite and that contributed
-    zero."""
+    zero.
+
+    Examples:
+        >>> import torch
+        >>> import persample
+        >>> summed = persample.clip_per_sample({"w": torch.tensor([[3.0, 4.0], [0.3, 0.4]])}, 1.0)
+        >>> isinstance(summed, dict), sorted(summed), summed.nonfinite
+        (True, ['w'], 0)
+    """
 
     def __init__(self, sums: Mapping[str, Tensor], nonfinite: int = 0):
         super().__init__(sums)
@@ -63,6 +82,16 @@ def clip_factors(norms: Tensor, max_grad_norm: float) -> Tensor:
 
     Raises:
         ValueError: ``max_grad_norm`` not > 0.
+
+    Examples:
+        >>> import torch
+        >>> import persample
+        >>> persample.clip_factors(torch.tensor([0.5, 2.0, float("inf")]), 1.0)  # kept, halved, dropped
+        tensor([1.0000, 0.5000, 0.0000])
+
+    References:
+        Abadi et al., "Deep Learning with Differential Privacy", CCS 2016 (the clipping
+        ``g / max(1, ||g|| / C)``; the ``1e-6`` is Opacus's).
     """
     check_max_grad_norm(max_grad_norm)
     factors = (max_grad_norm / (norms + _EPS)).clamp(max=1.0)
@@ -137,6 +166,23 @@ def clip_per_layer(
     Raises:
         ValueError: a bound not > 0, groups that do not partition ``grads``, bounds that do not match the groups,
             an unknown ``nonfinite``, or with ``nonfinite="raise"`` an example whose norm is not finite.
+
+    Examples:
+        >>> import torch
+        >>> import persample
+        >>> grads = {"fc.weight": torch.tensor([[[3.0, 4.0]]]), "fc.bias": torch.tensor([[0.0]]),
+        ...          "out.weight": torch.tensor([[[0.1, 0.0]]])}  # one example
+        >>> summed = persample.clip_per_layer(grads, 2 ** 0.5)  # two layers, each clipped to 1
+        >>> summed["fc.weight"], summed["out.weight"]
+        (tensor([[0.6000, 0.8000]]), tensor([[0.1000, 0.0000]]))
+        >>> bounds = {"fc": 0.5, "out": 1.0}  # the whole example is then bounded by sqrt(0.5**2 + 1**2)
+        >>> persample.clip_per_layer(grads, bounds)["fc.weight"]
+        tensor([[0.3000, 0.4000]])
+
+    References:
+        McMahan et al., "Learning Differentially Private Recurrent Language Models", ICLR 2018 (per-layer
+        clipping, the bound ``sqrt(sum_g C_g**2)``); Abadi et al., "Deep Learning with Differential Privacy",
+        CCS 2016.
     """
     _batch_size(grads)
     check_nonfinite(nonfinite)

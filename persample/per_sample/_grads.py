@@ -69,6 +69,22 @@ def per_sample_grads(
             ``inputs``/``targets``/``mask``, a loss that is not one value per example, a bad ``chunk_size``,
             or a model that cannot run per example under ``vmap``.
         TypeError: ``inputs``/``targets``/``mask`` that are not tensors.
+
+    Examples:
+        >>> import torch
+        >>> import persample
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+        >>> x, y = torch.randn(5, 4), torch.randint(0, 3, (5,))
+        >>> grads = persample.per_sample_grads(model, x, y)  # one gradient per example and parameter
+        >>> {name: tuple(g.shape) for name, g in grads.items()}
+        {'0.weight': (5, 8, 4), '0.bias': (5, 8), '2.weight': (5, 3, 8), '2.bias': (5, 3)}
+        >>> persample.cross_entropy(model(x[3:4]), y[3:4]).backward()  # example 3 alone, by autograd
+        >>> torch.allclose(grads["0.weight"][3], model[0].weight.grad, atol=1e-6)
+        True
+
+    References:
+        Abadi et al., "Deep Learning with Differential Privacy", CCS 2016 (the per-example gradients that
+        DP-SGD clips).
     """
     _check_arguments(inputs, targets, mask, chunk_size)
     # Its .module, so that DDP's forward (and its reducer) stays out of vmap; the names are the module's.
@@ -115,7 +131,23 @@ def per_sample_grad_norms(
 ) -> Tensor:
     """The L2 norm of each example's gradient over all trainable parameters, shape ``(B,)``.
 
-    Same arguments and errors as :func:`per_sample_grads`.
+    Same arguments and errors as :func:`per_sample_grads`; the norms are those of :func:`per_sample_norms`
+    (float32, float64 for float64 gradients).
+
+    Examples:
+        >>> import torch
+        >>> import persample
+        >>> model = torch.nn.Linear(4, 3)
+        >>> x, y = torch.randn(6, 4), torch.randint(0, 3, (6,))
+        >>> norms = persample.per_sample_grad_norms(model, x, y)
+        >>> norms.shape
+        torch.Size([6])
+        >>> grads = persample.per_sample_grads(model, x, y)
+        >>> torch.allclose(norms, torch.cat([g.flatten(1) for g in grads.values()], 1).norm(dim=1))
+        True
+
+    References:
+        Abadi et al., "Deep Learning with Differential Privacy", CCS 2016 (the norms that DP-SGD clips).
     """
     grads = per_sample_grads(model, inputs, targets, loss_fn=loss_fn, mask=mask, chunk_size=chunk_size)
     return per_sample_norms(grads)

@@ -98,8 +98,18 @@ def apply_fused_linear_cross_entropy(model, *, chunk_size: int | None = None) ->
             is patched already.
 
     Examples:
-        >>> with apply_fused_linear_cross_entropy(model):  # doctest: +SKIP
-        ...     model(input_ids=ids, attention_mask=mask, labels=ids).loss.backward()
+        >>> import torch
+        >>> import transformers
+        >>> from persample.integrations.transformers import apply_fused_linear_cross_entropy
+        >>> model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        ...     vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2))
+        >>> ids = torch.randint(0, 64, (2, 8))
+        >>> reference = model(input_ids=ids, labels=ids).loss
+        >>> with apply_fused_linear_cross_entropy(model, chunk_size=4):
+        ...     out = model(input_ids=ids, labels=ids)
+        ...     out.loss.backward()
+        >>> out.logits is None, torch.allclose(out.loss, reference, rtol=1e-5)
+        (True, True)
 
     References:
         Wijmans et al., "Cut Your Losses in Large-Vocabulary Language Models", 2024 (losses without logits);

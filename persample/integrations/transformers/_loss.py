@@ -22,7 +22,14 @@ def _fixed_cross_entropy(logits: Tensor, target: Tensor, num_items_in_batch, ign
 
 def shift_labels_left(labels: Tensor, ignore_index: int) -> Tensor:
     """``labels (..., T)`` -> ``(..., T)``: position t is scored against token t + 1, as causal LMs are; the last
-    position has no next token and gets ``ignore_index``."""
+    position has no next token and gets ``ignore_index``.
+
+    Examples:
+        >>> import torch
+        >>> from persample.integrations.transformers import shift_labels_left
+        >>> shift_labels_left(torch.tensor([[5, 6, 7, 8]]), -100)
+        tensor([[   6,    7,    8, -100]])
+    """
     return F.pad(labels[..., 1:], (0, 1), value=ignore_index)
 
 
@@ -40,6 +47,22 @@ def causal_lm_loss(
     ``logits (B, T, V)``, ``labels (B, T)`` (or ``shift_labels (B, T)``, already shifted). The logits are upcast
     to float32 first, as transformers does, so that the loss and gradients match the unpatched model in every
     dtype. Other keyword arguments (attention kwargs that models forward along) are ignored, as there.
+
+    Examples:
+        >>> import torch
+        >>> from transformers.loss.loss_utils import ForCausalLMLoss
+        >>> from persample.integrations.transformers import causal_lm_loss
+        >>> logits, labels = torch.randn(2, 6, 10), torch.randint(0, 10, (2, 6))
+        >>> labels[1, 4:] = -100  # padding
+        >>> torch.allclose(causal_lm_loss(logits, labels, 10), ForCausalLMLoss(logits, labels, 10))
+        True
+        >>> torch.allclose(causal_lm_loss(logits, labels, 10, num_items_in_batch=12),  # gradient accumulation
+        ...                ForCausalLMLoss(logits, labels, 10, num_items_in_batch=12))
+        True
+
+    References:
+        Wolf et al., "Transformers: State-of-the-Art Natural Language Processing", EMNLP 2020 (System
+        Demonstrations) (the function replaced).
     """
     logits = logits.float()
     if shift_labels is None:
@@ -55,6 +78,20 @@ def sequence_classification_loss(labels: Tensor, pooled_logits: Tensor, config, 
     ``pooled_logits (B, num_labels)``, ``labels (B,)``. Single-label classification goes through the fused
     cross-entropy; regression and multi-label classification (``config.problem_type``, inferred exactly as
     transformers does when unset) are left to transformers' function.
+
+    Examples:
+        >>> import torch
+        >>> from transformers import PretrainedConfig
+        >>> from transformers.loss.loss_utils import ForSequenceClassificationLoss
+        >>> from persample.integrations.transformers import sequence_classification_loss
+        >>> logits, labels = torch.randn(4, 3), torch.tensor([0, 2, 1, 2])
+        >>> ours = sequence_classification_loss(labels, logits, PretrainedConfig(num_labels=3))
+        >>> torch.allclose(ours, ForSequenceClassificationLoss(labels, logits, PretrainedConfig(num_labels=3)))
+        True
+
+    References:
+        Wolf et al., "Transformers: State-of-the-Art Natural Language Processing", EMNLP 2020 (System
+        Demonstrations) (the function replaced).
     """
     from transformers.loss.loss_utils import ForSequenceClassificationLoss
 
@@ -85,6 +122,22 @@ def per_sequence_loss(logits: Tensor, labels: Tensor, *, shift: bool = True, ign
     Returns:
         ``(...)`` in float32 (float64 for float64 logits). Its sum over a batch is the DP-SGD objective whose
         per-example gradients are clipped; it works under ``torch.func`` (``vmap``, ``grad``).
+
+    Examples:
+        >>> import torch
+        >>> import torch.nn.functional as F
+        >>> from persample.integrations.transformers import per_sequence_loss
+        >>> logits, labels = torch.randn(2, 6, 10), torch.randint(0, 10, (2, 6))
+        >>> labels[1, 3:] = -100  # the second sequence has 3 tokens: 2 next-token targets
+        >>> losses = per_sequence_loss(logits, labels)
+        >>> losses.shape
+        torch.Size([2])
+        >>> torch.allclose(losses[1], F.cross_entropy(logits[1, :2], labels[1, 1:3]))
+        True
+
+    References:
+        Li, Tramèr, Liang and Hashimoto, "Large Language Models Can Be Strong Differentially Private Learners",
+        ICLR 2022 (the sequence as the unit of privacy in DP fine-tuning).
     """
     if shift:
         labels = shift_labels_left(labels, ignore_index)
@@ -95,7 +148,20 @@ def per_sequence_loss(logits: Tensor, labels: Tensor, *, shift: bool = True, ign
 
 
 class FusedLossHandle:
-    """Undoes :func:`apply_fused_loss` or :func:`apply_fused_loss_to_class`; also a context manager."""
+    """Undoes :func:`apply_fused_loss` or :func:`apply_fused_loss_to_class`; also a context manager.
+
+    Examples:
+        >>> import transformers
+        >>> from persample.integrations.transformers import apply_fused_loss, causal_lm_loss
+        >>> model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        ...     vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2))
+        >>> handle = apply_fused_loss(model)
+        >>> model.loss_function is causal_lm_loss
+        True
+        >>> handle.remove(); handle.remove()  # the second call does nothing
+        >>> model.loss_function is causal_lm_loss
+        False
+    """
 
     def __init__(self, undo):
         self._undo = undo
@@ -149,6 +215,23 @@ def apply_fused_loss(model) -> FusedLossHandle:
     Raises:
         TypeError: ``model`` is not a transformers ``PreTrainedModel``.
         ValueError: its loss is another one, it computes its loss inline, or the fused loss is applied already.
+
+    Examples:
+        >>> import torch
+        >>> import transformers
+        >>> from persample.integrations.transformers import apply_fused_loss
+        >>> model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        ...     vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2))
+        >>> ids = torch.randint(0, 64, (2, 8))
+        >>> reference = model(input_ids=ids, labels=ids).loss
+        >>> with apply_fused_loss(model):  # or handle = apply_fused_loss(model); ...; handle.remove()
+        ...     fused = model(input_ids=ids, labels=ids).loss
+        >>> torch.allclose(fused, reference)
+        True
+
+    References:
+        Wolf et al., "Transformers: State-of-the-Art Natural Language Processing", EMNLP 2020 (System
+        Demonstrations) (its ``loss_function``).
     """
     cls = type(model)
     _check_model_class(cls)
@@ -194,6 +277,21 @@ def apply_fused_loss_to_class(cls) -> FusedLossHandle:
     Raises:
         TypeError: ``cls`` is not a ``PreTrainedModel`` subclass.
         ValueError: ``cls.forward`` computes its loss inline, or the class is patched already.
+
+    Examples:
+        >>> import transformers
+        >>> from persample.integrations.transformers import apply_fused_loss_to_class, causal_lm_loss
+        >>> config = transformers.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32,
+        ...                                   num_hidden_layers=1, num_attention_heads=2)
+        >>> with apply_fused_loss_to_class(transformers.LlamaForCausalLM):
+        ...     transformers.LlamaForCausalLM(config).loss_function is causal_lm_loss  # created after the patch
+        True
+        >>> transformers.LlamaForCausalLM(config).loss_function is causal_lm_loss
+        False
+
+    References:
+        Wolf et al., "Transformers: State-of-the-Art Natural Language Processing", EMNLP 2020 (System
+        Demonstrations) (its ``loss_function``).
     """
     _check_model_class(cls)
     base = inspect.getattr_static(cls, "loss_function")

@@ -50,6 +50,24 @@ class DPTrainingArguments(TrainingArguments):
 
     ``max_grad_norm`` (the Trainer's clipping of the batch gradient) defaults to 0 here: the per-example bound is
     ``per_sample_max_grad_norm``.
+
+    Raises:
+        ValueError: neither or both of ``noise_multiplier`` and ``target_epsilon``, or a
+            ``per_sample_max_grad_norm`` that is not a positive finite number (besides ``TrainingArguments``' own).
+
+    Examples:
+        >>> from persample.integrations.transformers import DPTrainingArguments
+        >>> args = DPTrainingArguments("dp-run", target_epsilon=8.0, per_sample_max_grad_norm=0.5, report_to=[])
+        >>> args.target_delta, args.accountant, args.max_grad_norm
+        (1e-05, 'rdp', 0.0)
+        >>> DPTrainingArguments("dp-run", report_to=[])  # no privacy parameter given
+        Traceback (most recent call last):
+        ...
+        ValueError: give exactly one of noise_multiplier and target_epsilon, got noise_multiplier=None, ...
+
+    References:
+        Abadi et al., "Deep Learning with Differential Privacy", CCS 2016 (the noise multiplier and the clipping
+        bound).
     """
 
     per_sample_max_grad_norm: float = field(default=1.0, metadata={"help": "DP-SGD's per-sequence clipping bound C"})
@@ -152,9 +170,27 @@ class DPTrainer(Trainer):
         ValueError: no ``train_dataset``, an unsupported model class, or more than one process.
 
     Examples:
-        >>> args = DPTrainingArguments("out", per_device_train_batch_size=8, gradient_accumulation_steps=4,
-        ...                            target_epsilon=8.0, per_sample_max_grad_norm=1.0)  # doctest: +SKIP
-        >>> DPTrainer(peft_model, args, train_dataset=data, data_collator=collate).train()  # doctest: +SKIP
+        >>> import tempfile
+        >>> import torch
+        >>> import transformers
+        >>> from persample.integrations.transformers import DPTrainer, DPTrainingArguments
+        >>> model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        ...     vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2))
+        >>> ids = torch.randint(0, 64, (32, 8))
+        >>> data = [{"input_ids": row, "attention_mask": torch.ones_like(row), "labels": row} for row in ids]
+        >>> output_dir = tempfile.TemporaryDirectory()
+        >>> args = DPTrainingArguments(output_dir.name, per_device_train_batch_size=4,
+        ...                            gradient_accumulation_steps=2, max_steps=2, target_epsilon=8.0,
+        ...                            per_sample_max_grad_norm=1.0, use_cpu=True, report_to=[], save_strategy="no",
+        ...                            disable_tqdm=True)
+        >>> trainer = DPTrainer(model, args, train_dataset=data)  # a peft model trains its adapters only
+        >>> trainer.sample_rate, trainer.expected_batch_size  # 4 * 2 of 32 examples
+        (0.25, 8.0)
+        >>> _ = trainer.train()  # prints the Trainer's summary of the run
+        {...}
+        >>> trainer.accountant.steps, 0 < trainer.epsilon <= 8.0
+        (2, True)
+        >>> output_dir.cleanup()
 
     References:
         Abadi et al., "Deep Learning with Differential Privacy", CCS 2016 (DP-SGD);
