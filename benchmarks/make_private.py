@@ -42,12 +42,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from models import GPT  # noqa: E402
-
-import persample  # noqa: E402
-from persample.app.digits import DigitsCNN  # noqa: E402
+import persample
+from persample.app.digits import DigitsCNN
+from persample.models import GPT
 
 MAX_GRAD_NORM = 1.0
 NOISE_MULTIPLIER = 1.0
