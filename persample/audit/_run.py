@@ -15,6 +15,13 @@ Both sets of scores go through the three bounds of :mod:`persample.audit._bounds
 accountant's epsilon for the claimed ``noise_multiplier``, ``sample_rate`` and ``steps``; the optimizer and the
 engine are swappable (``dp_optimizer=``, ``engine=``), so a different implementation of the same claim
 (another noise source, clipping, a distributed optimizer) is audited against it unchanged.
+
+Distributed: when ``dp_optimizer`` returns a :class:`persample.DistributedDPOptimizer`, every rank calls
+:func:`audit_dp_sgd` with the same arguments (and a model initialized the same, which the optimizer checks);
+each rank trains on its part of every batch (:class:`persample.DistributedPoissonSampler`, one seed on every
+rank, so that the union is the one-process batch), the optimizer sums the parts and adds the noise, and every
+rank scores the same noisy gradient and returns the same result. The audited claim is unchanged: the run is
+the one-process run with the work split, so any difference the split makes to the privacy shows as a bound.
 """
 
 import math
@@ -39,7 +46,7 @@ from persample.audit._bounds import (
 )
 from persample.audit._canaries import CanaryModel, CanaryScores, pack
 from persample.checks import check_max_grad_norm, check_mechanism, check_sample_rate
-from persample.dp import DPOptimizer, PoissonSampler, epsilon_for
+from persample.dp import DistributedDPOptimizer, DistributedPoissonSampler, DPOptimizer, PoissonSampler, epsilon_for
 from persample.engine import GhostClipping
 from persample.loss import cross_entropy
 from persample.per_sample import clip_per_sample, per_sample_grads
@@ -140,7 +147,8 @@ def audit_dp_sgd(
         dp_optimizer: called like :class:`persample.DPOptimizer` (``optimizer, named_parameters, *,
             noise_multiplier, max_grad_norm, expected_batch_size, sample_rate, accountant, generator``); must
             return an object with ``accumulate``, ``step`` and ``zero_grad`` that writes the noisy gradient
-            to each parameter's ``.grad``.
+            to each parameter's ``.grad``. A :class:`persample.DistributedDPOptimizer` makes the audit
+            distributed (module docstring): call it on every rank.
         black_box_canaries: mislabeled copies of training examples, each inserted with probability 1/2 (0:
             no black-box audit; else >= 16).
         max_physical_batch_size: the physical batch size of the engine.
@@ -215,10 +223,15 @@ def audit_dp_sgd(
                           max_grad_norm=max_grad_norm, expected_batch_size=sample_rate * n)
 
     sampling = torch.Generator().manual_seed(seed + 2)
+    rank = dp.rank if isinstance(dp, DistributedDPOptimizer) else 0
+    batches = (DistributedPoissonSampler(n, sample_rate, steps=steps, generator=sampling, rank=dp.rank,
+                                         world_size=dp.world_size)
+               if isinstance(dp, DistributedDPOptimizer) else PoissonSampler(n, sample_rate, steps=steps,
+                                                                             generator=sampling))
     block = wrapped.canary_block.weight
     wrapped.train()
-    for idx in tqdm(PoissonSampler(n, sample_rate, steps=steps, generator=sampling), total=steps, unit="step",
-                    desc="audit", file=sys.stderr, disable=None if progress is None else not progress):
+    for idx in tqdm(batches, total=steps, unit="step", desc="audit", file=sys.stderr,
+                    disable=True if rank else None if progress is None else not progress):
         idx = idx.to(device)
         for part in idx.split(max_physical_batch_size):
             dp.accumulate(clipped_sum(wrapped, data[part], labels[part], max_grad_norm), len(part))

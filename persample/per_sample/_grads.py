@@ -21,6 +21,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 from torch.func import functional_call, grad, vmap
 from torch.nn.parallel import DistributedDataParallel
 
@@ -67,7 +68,7 @@ def per_sample_grads(
     Raises:
         ValueError: BatchNorm in the model, a forward that mixes examples, batch sizes that differ between
             ``inputs``/``targets``/``mask``, a loss that is not one value per example, a bad ``chunk_size``,
-            or a model that cannot run per example under ``vmap``.
+            a model that cannot run per example under ``vmap``, or a model sharded by ``fully_shard`` (FSDP2).
         TypeError: ``inputs``/``targets``/``mask`` that are not tensors.
 
     Examples:
@@ -91,6 +92,15 @@ def per_sample_grads(
     model = model.module if isinstance(model, DistributedDataParallel) else model
     refuse_batch_norm(model.named_modules())
     params = {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
+    sharded = [name for name, p in params.items() if isinstance(p, DTensor)]
+    if sharded:
+        # FSDP2's forward hooks gather and free the weights around each call, as collectives: under vmap the
+        # per-example forwards would mix the sharded and gathered weights and run a number of collectives that
+        # differs between ranks.
+        raise ValueError(f"per_sample_grads cannot run a model sharded by fully_shard (FSDP2): its parameters "
+                         f"{sharded[:3]}{'...' if len(sharded) > 3 else ''} are DTensors. Use the fast engine, "
+                         "persample.GhostClipping(model, max_grad_norm=...).clipped_grad_sum(x, y), which works "
+                         "under fully_shard, or wrap the model in DistributedDataParallel instead")
     if inputs.shape[0] == 0:
         return {name: p.new_zeros((0, *p.shape)) for name, p in params.items()}
     _check_forward(model, inputs, loss_fn)

@@ -234,3 +234,26 @@ def test_every_option_has_help_and_its_default_once(capsys):
         assert " ".join(help_text.split()).count("(default:") <= 1, block
     for option in ("--epochs", "--delta", "--accountant", "--seed"):
         assert any(b.startswith(option) and "(default: " in b for b in blocks), option
+
+
+def test_two_processes_report_the_epsilon_of_one(tmp_path, capsys):
+    # `persample train --nproc 2` relaunches itself under torchrun (gloo, CPU); the accountant must record the
+    # global sample rate once per step, so both runs spend the same epsilon (1 epoch, 21 steps at epsilon 3).
+    options = ["train", "--epochs", "1", "--batch-size", "64", "--lr", "0.1", "--no-progress", "--target-epsilon", "3"]
+    environment = {**os.environ, "TRITON_INTERPRET": "0", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "persample", *options, "--nproc", "2", "--out", str(tmp_path / "two")],
+                          capture_output=True, text=True, timeout=240, env=environment, check=False)
+    assert done.returncode == 0, done.stderr[-8000:]
+    assert "; 2 processes" in done.stdout
+    assert main([*options, "--out", str(tmp_path / "one")]) == 0
+    one_out = capsys.readouterr().out
+
+    def epsilon_line(out):
+        return next(line for line in out.splitlines() if line.startswith("epsilon (delta=1e-05):"))
+
+    assert epsilon_line(done.stdout) == epsilon_line(one_out)
+    two, one = (json.loads((tmp_path / name / "report.json").read_text()) for name in ("two", "one"))
+    assert two["config"]["world_size"] == 2 and two["status"] == "finished"
+    assert two["result"]["epsilon"] == pytest.approx(one["result"]["epsilon"], rel=1e-12)
+    assert two["result"]["noise_multiplier"] == one["result"]["noise_multiplier"]
+    assert [e["steps"] for e in two["epochs"]] == [e["steps"] for e in one["epochs"]] == [21]

@@ -151,12 +151,25 @@ def disagreement(setting: str) -> str:
     return "no error"
 
 
+def fsdp_vmap() -> str:
+    """The vmap pipeline on a fully_shard model: a clear error on every rank, naming the fast engine."""
+    model = _model()
+    fully_shard(model)
+    x, y = _data()
+    try:
+        persample.per_sample_grads(model, x[:3], y[:3])
+    except ValueError as error:
+        return str(error)
+    return "no error"
+
+
 def main(out: str) -> None:
     dist.init_process_group("gloo", timeout=timedelta(seconds=30))
     torch.set_num_threads(1)
     results = {}
     for wrapper, pipeline in (("ddp", "fast"), ("ddp", "vmap"), ("fsdp", "fast")):
         results[f"equivalence {wrapper} {pipeline}"] = equivalence(wrapper, pipeline)
+    results["fsdp vmap"] = fsdp_vmap()
     results["empty part ddp"] = equivalence("ddp", "fast", n=1)
     results["empty part fsdp"] = equivalence("fsdp", "fast", n=1)
     for wrapper in ("ddp", "fsdp"):

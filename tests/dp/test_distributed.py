@@ -45,6 +45,12 @@ def test_two_ranks_take_the_steps_of_one_process_on_the_union(launched, case):
         assert r["moved"] > 1e-2, "the parameters moved: the comparison is not of two untouched models"
 
 
+def test_the_vmap_pipeline_under_fully_shard_is_a_clear_error(launched):
+    for results in launched["by rank"]:
+        assert re.search(r"cannot run a model sharded by fully_shard .* Use the fast engine, persample.GhostClipping",
+                         results["fsdp vmap"])
+
+
 @pytest.mark.parametrize("wrapper", ["ddp", "fsdp"])
 def test_a_rank_with_an_empty_part_still_steps(launched, wrapper):
     # One example, two ranks: rank 1's partition is empty; it joins every collective and ends where rank 0 does.
