@@ -170,3 +170,32 @@ def test_sequence_classifier_is_clipped_per_sequence(tmp_path):
     for name, p in model.named_parameters():
         torch.testing.assert_close(p, start[name] - 0.5 * summed["model." + name] / (BATCH * PARTS), rtol=1e-5,
                                    atol=1e-6, msg=name)
+
+
+def test_secure_mode_draws_from_the_os_and_resumes(tmp_path, monkeypatch):
+    """secure_mode: no seeded generator exists, the noise and the batches read os.urandom (32 bytes per noise
+    value, 8 per example per batch), two runs with one seed differ, and a resumed run keeps the epsilon."""
+    import os
+
+    drawn = []
+    urandom = os.urandom
+    monkeypatch.setattr(os, "urandom", lambda n: drawn.append(n) or urandom(n))
+    trainer = _trainer(tmp_path / "a", noise_multiplier=1.0, max_steps=2, secure_mode=True)
+    assert trainer.noise_generator is None
+    trainer.train()
+    numel = sum(p.numel() for p in trainer.model.parameters())
+    batches = drawn.count(8 * N)  # the epoch's Poisson batches, 8 bytes per example each
+    assert batches >= 2 and sum(drawn) - 8 * N * batches == 2 * 32 * numel  # each step's noise: 32 bytes a value
+    other = _trainer(tmp_path / "b", noise_multiplier=1.0, max_steps=2, secure_mode=True)
+    other.train()
+    assert not torch.equal(next(trainer.model.parameters()), next(other.model.parameters()))
+
+    first = _trainer(tmp_path / "c", noise_multiplier=1.0, max_steps=2, secure_mode=True, save_strategy="steps",
+                     save_steps=2)
+    first.train()
+    state = torch.load(tmp_path / "c" / "checkpoint-2" / "dp_state.pt", weights_only=True)
+    assert state["noise_generator"] is None
+    resumed = _trainer(tmp_path / "c", noise_multiplier=1.0, secure_mode=True)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "c" / "checkpoint-2"))
+    assert resumed.accountant.steps == 4
+    assert resumed.epsilon == persample.epsilon_for(1.0, 1e-5, resumed.sample_rate, 4)
