@@ -24,6 +24,12 @@ How a ``Trainer`` run maps onto DP-SGD:
   generator's state (none in secure mode: there is no state to save) are saved in each checkpoint
   (``dp_state.pt``) and restored by ``train(resume_from_checkpoint=...)``.
 
+A causal LM patched with :func:`persample.integrations.transformers.apply_fused_linear_cross_entropy` is clipped
+without its logits as well: the engine runs the model up to its last hidden states and computes each sequence's
+loss, and a trainable head's per-example norms and clipped sum, with the fused linear cross-entropy
+(``GhostClipping(..., head=lm_head)``), in the patch's chunks. A trainable head tied to the input embedding
+(GPT-2 fully fine-tuned) is refused there (``ValueError``): freeze it (as LoRA does) or leave the model unpatched.
+
 Supported: causal LMs (the per-sequence loss is the mean over its next-token targets, as
 :func:`persample.integrations.transformers.per_sequence_loss`) and single-label sequence classifiers (the
 cross-entropy of each sequence's label), peft models around either. One process (no DDP/FSDP yet).
@@ -119,6 +125,19 @@ class _Logits(nn.Module):
         return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
 
 
+class _Hidden(nn.Module):
+    """A patched causal LM as the engine sees it: ``(input_ids, attention_mask) -> last hidden states (B, T, d)``,
+    the head left to the engine's fused loss."""
+
+    def __init__(self, model: nn.Module, body: nn.Module):
+        super().__init__()
+        self.model = model
+        self.body = [body]  # the decoder inside ``model``, called directly (a list: not registered twice)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        return self.body[0](input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+
 class _SavePrivacyState(TrainerCallback):
     def __init__(self, trainer: "DPTrainer"):
         self.trainer = trainer
@@ -129,10 +148,15 @@ class _SavePrivacyState(TrainerCallback):
             torch.save(self.trainer.privacy_state(), os.path.join(folder, _STATE_FILE))
 
 
+def _unwrap_peft(model: nn.Module) -> nn.Module:
+    """The transformers model inside a ``peft.PeftModel`` (or ``model`` itself)."""
+    get_base_model = getattr(model, "get_base_model", None)
+    return get_base_model() if callable(get_base_model) else model
+
+
 def _task(model: nn.Module) -> str:
     """``"causal_lm"`` or ``"classification"``, from the transformers class (inside a peft model)."""
-    get_base_model = getattr(model, "get_base_model", None)
-    name = type(get_base_model() if callable(get_base_model) else model).__name__
+    name = type(_unwrap_peft(model)).__name__
     if name.endswith(("ForCausalLM", "LMHeadModel")):
         return "causal_lm"
     if name.endswith("ForSequenceClassification"):
@@ -233,7 +257,14 @@ class DPTrainer(Trainer):
 
     def _engine_for(self) -> GhostClipping:
         if self._engine is None:
-            self._engine = GhostClipping(_Logits(self.model), max_grad_norm=self.args.per_sample_max_grad_norm)
+            inner = _unwrap_peft(self.model)
+            bound = self.args.per_sample_max_grad_norm
+            if self.task == "causal_lm" and getattr(inner.forward, "_persample_fused_linear", False):
+                self._engine = GhostClipping(_Hidden(self.model, inner.base_model), max_grad_norm=bound,
+                                             head=inner.get_output_embeddings(),
+                                             head_chunk_size=inner.forward._persample_chunk_size)
+            else:
+                self._engine = GhostClipping(_Logits(self.model), max_grad_norm=bound)
         return self._engine
 
     def _autocast(self):
