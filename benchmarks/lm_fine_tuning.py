@@ -9,22 +9,26 @@ Reported: the median step time and the step's peak memory above what was allocat
 their gradients, the batch), also as a share of one ``(B, T, V)`` logits tensor in the model's dtype.
 
 Table 2, DP LoRA: one ``training_step`` of ``DPTrainer`` (LoRA adapters on q/k/v/o, noise and per-sequence
-clipping) against ``transformers.Trainer``'s on the same LoRA model and batch.
+clipping) against ``transformers.Trainer``'s on the same LoRA model and batch (float32 weights, bf16 autocast on
+the GPU as ``TrainingArguments(bf16=True)`` sets it), with the model as built and with
+``apply_fused_linear_cross_entropy`` (under DP the engine then clips with the head's fused per-example norms).
 
     python benchmarks/lm_fine_tuning.py            # CUDA: a 1B-class config (Llama-3.2-1B shapes), bfloat16
     python benchmarks/lm_fine_tuning.py --cpu      # the CPU: a small config, float32
+    python benchmarks/lm_fine_tuning.py --quick    # a tiny config on any device, to check the script (not saved)
 
-On CUDA the peak comes from ``torch.cuda.max_memory_allocated``; on the CPU each variant runs in its own process,
-whose peak resident memory (``VmHWM``, reset through ``/proc/self/clear_refs``) is read around the step, with
+Every variant runs in its own process, so that one that fails (out of memory, a missing package) gives a crash row
+and the others still run. On CUDA the peak comes from ``torch.cuda.max_memory_allocated``; on the CPU from the
+process's peak resident memory (``VmHWM``, reset through ``/proc/self/clear_refs``) read around the step, with
 glibc returning large blocks to the system at once (``MALLOC_MMAP_THRESHOLD_``) so that the peak is the step's.
 Liger's kernels are Triton: on the CPU they run (slowly) in Triton's interpreter, and their time means nothing.
-Prints markdown tables and appends them to benchmarks/RESULTS.md (``--no-results``: do not).
+Prints markdown tables and saves them (``results.py``: the lm_fine_tuning section of RESULTS.md, appended to
+HISTORY.md; ``--no-save``: do not).
 Targets (issue 21): the loss side's extra memory at most 5% of the logits and no slower than Liger's; the DP LoRA
 step at most 1.2x the time and 1.1x the peak memory of the step without DP.
 """
 
 import argparse
-import datetime
 import json
 import os
 import statistics
@@ -35,8 +39,8 @@ import time
 from pathlib import Path
 
 import torch
+from results import add_save_flag, header, publish
 
-RESULTS = Path(__file__).with_name("RESULTS.md")
 LOSSES = ["transformers", "persample apply_fused_loss", "persample apply_fused_linear_cross_entropy",
           "Liger fused_linear_cross_entropy"]
 CONFIGS = {  # Llama-3.2-1B's shapes on the GPU; a small one for the CPU
@@ -44,16 +48,21 @@ CONFIGS = {  # Llama-3.2-1B's shapes on the GPU; a small one for the CPU
                 num_attention_heads=32, num_key_value_heads=8, batch=8, seq=1024, dtype="bfloat16"),
     "cpu": dict(vocab_size=32000, hidden_size=256, intermediate_size=688, num_hidden_layers=2,
                 num_attention_heads=4, num_key_value_heads=2, batch=4, seq=256, dtype="float32"),
+    "quick": dict(vocab_size=2048, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                  num_attention_heads=2, num_key_value_heads=1, batch=2, seq=64, dtype="float32"),
 }
+LORA = [(False, False), (True, False), (False, True), (True, True)]  # (DP, no-logits patch)
 
 
-def build(shape: dict, device: str):
+def build(shape: dict, device: str, dtype: torch.dtype | None = None):
     import transformers
 
     dims = {k: v for k, v in shape.items() if k not in ("batch", "seq", "dtype")}
     config = transformers.LlamaConfig(**dims, max_position_embeddings=shape["seq"], pad_token_id=0)
     torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(config).to(device, getattr(torch, shape["dtype"])).train()
+    with torch.device(device):  # initialized where it runs: a 1B model's random init on the CPU takes long
+        model = transformers.LlamaForCausalLM(config)
+    model = model.to(dtype or getattr(torch, shape["dtype"])).train()
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(1, shape["vocab_size"], (shape["batch"], shape["seq"]), generator=g).to(device)
     return model, dict(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids)
@@ -133,16 +142,21 @@ def loss_step(variant: str, shape: dict, device: str, reps: int) -> dict:
     return dict(ms=median_ms(step, reps, cuda), peak=peak.bytes)
 
 
-def dp_lora_step(dp: bool, shape: dict, device: str, reps: int) -> dict:
+def dp_lora_step(variant: list, shape: dict, device: str, reps: int) -> dict:
+    """One ``training_step`` of a LoRA model, ``variant = [dp, patched]``, as ``Trainer.train`` runs it: the model
+    prepared by the Trainer's accelerator (bf16 autocast when the arguments set it), at the last part of a
+    logical batch."""
     import peft
     import transformers
 
-    from persample.integrations.transformers import DPTrainer, DPTrainingArguments
+    from persample.integrations.transformers import DPTrainer, DPTrainingArguments, apply_fused_linear_cross_entropy
 
-    model, batch = build(shape, device)
+    dp, patched = variant
     bf16 = shape["dtype"] == "bfloat16"
-    model = peft.get_peft_model(model.float() if bf16 else model,
-                                peft.LoraConfig(r=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+    model, batch = build(shape, device, torch.float32)  # float32 weights, bf16 autocast: Trainer's bf16=True
+    model = peft.get_peft_model(model, peft.LoraConfig(r=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+    if patched:
+        apply_fused_linear_cross_entropy(model)
     rows = [{k: v[i].cpu() for k, v in batch.items()} for i in range(len(batch["input_ids"]))]
     common = dict(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=len(rows), report_to=[], bf16=bf16,
                   use_cpu=device == "cpu", disable_tqdm=True)
@@ -152,11 +166,13 @@ def dp_lora_step(dp: bool, shape: dict, device: str, reps: int) -> dict:
     else:
         trainer = transformers.Trainer(model, transformers.TrainingArguments(**common), train_dataset=rows * 4)
     trainer.create_optimizer_and_scheduler(num_training_steps=10)
+    prepared = trainer.accelerator.prepare(model)  # what train() does: autocast around the forward
+    trainer.current_gradient_accumulation_steps = 1  # set by train()'s loop; Trainer divides the loss by it
     trainer.accelerator.gradient_state._set_sync_gradients(True)  # as at the last part of a logical batch
     inputs = {k: v.clone() for k, v in batch.items()}
 
     def step():
-        trainer.training_step(model, inputs)
+        trainer.training_step(prepared, inputs)
         model.zero_grad(set_to_none=False)
 
     step()
@@ -166,28 +182,19 @@ def dp_lora_step(dp: bool, shape: dict, device: str, reps: int) -> dict:
     return dict(ms=median_ms(step, reps, cuda), peak=peak.bytes)
 
 
-def in_subprocess(kind: str, variant, shape: dict, device: str, reps: int, timeout: float) -> dict:
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "TRITON_INTERPRET": "1" if "Liger" in str(variant) else "0"}
+def run(kind: str, variant, shape: dict, device: str, reps: int, timeout: float) -> dict:
+    """One variant in a process of its own: a crash, a hang or an out-of-memory there is a row of the table."""
+    env = {**os.environ, "TRITON_INTERPRET": "1" if "Liger" in str(variant) and device == "cpu" else "0"}
+    if device == "cpu":
+        env["MALLOC_MMAP_THRESHOLD_"] = "65536"
     cmd = [sys.executable, __file__, "--worker", json.dumps([kind, variant, shape, device, reps])]
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
     except subprocess.TimeoutExpired:
-        return dict(error=f"over {timeout} s")
+        return dict(error=f"over {timeout:g} s")
     if done.returncode != 0:
-        return dict(error=(done.stderr.strip().splitlines() or ["?"])[-1][:120])
+        return dict(error=(done.stderr.strip().splitlines() or [f"exit {done.returncode}"])[-1][:160])
     return json.loads(done.stdout.strip().splitlines()[-1])
-
-
-def run(kind: str, variant, shape: dict, device: str, reps: int, timeout: float) -> dict:
-    if device == "cpu":
-        return in_subprocess(kind, variant, shape, device, reps, timeout)
-    try:
-        fn = loss_step if kind == "loss" else dp_lora_step
-        return fn(variant, shape, device, reps)
-    except Exception as exc:  # recorded in the table, not fatal
-        return dict(error=f"{type(exc).__name__}: {exc}"[:120])
-    finally:
-        torch.cuda.empty_cache()
 
 
 def mib(b: int) -> str:
@@ -197,10 +204,12 @@ def mib(b: int) -> str:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cpu", action="store_true", help="the small config on the CPU")
+    parser.add_argument("--quick", action="store_true", help="a tiny config on any device, to check the script")
     parser.add_argument("--reps", type=int, default=None, help="timed steps per variant")
     parser.add_argument("--skip-liger", action="store_true", help="leave Liger out (slow in Triton's interpreter)")
-    parser.add_argument("--timeout", type=float, default=600, help="seconds per variant on the CPU")
-    parser.add_argument("--no-results", action="store_true", help="do not append to benchmarks/RESULTS.md")
+    parser.add_argument("--timeout", type=float, default=None,
+                        help="seconds per variant (default: 180 on CUDA, 600 on the CPU)")
+    add_save_flag(parser)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -209,10 +218,12 @@ def main():
         print(json.dumps(fn(variant, shape, device, reps)))
         return
     cuda = torch.cuda.is_available() and not args.cpu
-    if not cuda and not args.cpu:
+    if not cuda and not (args.cpu or args.quick):
         parser.error("the 1B-class benchmark needs a CUDA GPU; use --cpu for the small config")
-    device, shape = ("cuda", CONFIGS["gpu"]) if cuda else ("cpu", CONFIGS["cpu"])
+    device = "cuda" if cuda else "cpu"
+    shape = CONFIGS["quick" if args.quick else "gpu" if cuda else "cpu"]
     reps = args.reps or (10 if cuda else 3)
+    timeout = args.timeout or (180 if cuda else 600)
     dtype = getattr(torch, shape["dtype"])
     logits = shape["batch"] * shape["seq"] * shape["vocab_size"] * dtype.itemsize
 
@@ -220,35 +231,33 @@ def main():
     for variant in LOSSES:
         if variant.startswith("Liger") and args.skip_liger:
             continue
-        r = run("loss", variant, shape, device, reps if not (variant.startswith("Liger") and not cuda) else 1,
-                args.timeout)
+        slow = variant.startswith("Liger") and not cuda  # Triton's interpreter: one step is enough
+        r = run("loss", variant, shape, device, 1 if slow else reps, timeout)
+        name = variant + (" (Triton interpreter)" if slow else "")
         if "error" in r:
-            rows.append(f"| {variant} | crash: {r['error']} | | |")
+            rows.append(f"| {name} | crash: {r['error']} | | |")
         else:
-            rows.append(f"| {variant} | {r['ms']:,.0f} ms | {mib(r['peak'])} | {r['peak'] / logits:.2f}x |")
-    dp_rows = ["| LoRA step | step time | peak above start |", "|---|---|---|"]
-    results = {dp: run("dp", dp, shape, device, reps, args.timeout) for dp in (False, True)}
-    for dp, r in results.items():
-        name = "DPTrainer (noise, per-sequence clipping)" if dp else "Trainer (no DP)"
-        dp_rows.append(f"| {name} | crash: {r['error']} | |" if "error" in r else
-                       f"| {name} | {r['ms']:,.0f} ms | {mib(r['peak'])} |")
-    if all("error" not in r for r in results.values()):
-        dp_rows.append(f"| ratio | {results[True]['ms'] / results[False]['ms']:.2f}x | "
-                       f"{results[True]['peak'] / max(results[False]['peak'], 1):.2f}x |")
+            rows.append(f"| {name} | {r['ms']:,.0f} ms | {mib(r['peak'])} | {r['peak'] / logits:.2f}x |")
 
-    where = torch.cuda.get_device_name() if cuda else "CPU"
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=Path(__file__).parent).stdout.strip() or "unknown"
+    dp_rows = ["| LoRA step | step time | peak above start | DP / no DP (time, peak) |", "|---|---|---|---|"]
+    results = {}
+    for dp, patched in LORA:
+        r = results[dp, patched] = run("dp", [dp, patched], shape, device, reps, timeout)
+        name = ("DPTrainer (noise, per-sequence clipping)" if dp else "Trainer (no DP)") + \
+            (", apply_fused_linear_cross_entropy" if patched else "")
+        base = results.get((False, patched))
+        ratio = ""
+        if dp and "error" not in r and base is not None and "error" not in base:
+            ratio = f"{r['ms'] / base['ms']:.2f}x, {r['peak'] / max(base['peak'], 1):.2f}x"
+        dp_rows.append(f"| {name} | crash: {r['error']} | | |" if "error" in r else
+                       f"| {name} | {r['ms']:,.0f} ms | {mib(r['peak'])} | {ratio} |")
+
     dims = ", ".join(f"{k}={v}" for k, v in shape.items())
-    text = "\n".join([
-        f"## lm_fine_tuning — {datetime.date.today()} — {where} — commit {commit}", "",
-        f"Llama config: {dims}; one (B, T, V) logits tensor: {mib(logits)}; torch {torch.__version__}; "
-        f"median of {reps} steps.", "", *rows, "", "DP LoRA (r=16 on q/k/v/o), one training_step on the same batch:",
-        "", *dp_rows, ""])
-    print(text)
-    if not args.no_results:
-        with RESULTS.open("a") as f:
-            f.write(text + "\n")
+    context = header("lm_fine_tuning", device, f"Llama config: {dims}",
+                     f"one (B, T, V) logits tensor: {mib(logits)}", f"median of {reps} steps")
+    text = "\n".join([context, "", *rows, "",
+                      "DP LoRA (r=16 on q/k/v/o), one training_step on the same batch:", "", *dp_rows])
+    publish("lm_fine_tuning", text, args)
 
 
 if __name__ == "__main__":

@@ -59,7 +59,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils._pytree import tree_leaves
 
 from persample.checks import check_nonfinite, handle_nonfinite, refuse_batch_norm
-from persample.engine import rules  # noqa: F401  (registers the rules)
+from persample.engine import fused_head, rules  # noqa: F401  (rules: registers the rules)
 from persample.engine.forms import batched_dot, clipped_sum, inner
 from persample.engine.graphed import GraphedPost, GraphedStep
 from persample.engine.output_grad import loss_and_output_grad
@@ -141,6 +141,10 @@ def _read_later(finite: Tensor) -> Callable[[], list[int]]:
     return read
 
 
+def _nothing() -> None:
+    pass
+
+
 class GhostClipping:
     """Per-example gradient norms and the clipped, summed gradient of ``model``, at about the cost of a
     normal training step (see the module docstring for how).
@@ -177,11 +181,18 @@ class GhostClipping:
             (clip factor 0), is counted in the result's ``nonfinite`` and named in a
             :class:`~persample.checks.NonFiniteGradientWarning`; ``"raise"`` raises ``ValueError`` naming the
             batch positions (after the step's work, before anything is returned).
+        head: a causal LM's output ``nn.Linear`` when ``model`` returns the last hidden states ``(B, T, d)``
+            instead of the logits: the loss is the cross-entropy of ``head``'s logits computed chunk by chunk
+            (:mod:`persample.engine.fused_head`), so the step never holds ``(B, T, V)`` logits; a trainable head
+            (it may sit inside ``model``, unused by its forward) is clipped with the fused per-example norms.
+            Not with ``loss_fn``, ``cuda_graph`` or :meth:`recording`; a trainable head tied to a parameter the
+            model's forward uses (an input embedding) raises ``ValueError`` at the step.
+        head_chunk_size: tokens per chunk of the head's logits (see :func:`persample.linear_cross_entropy`).
 
     Raises:
-        TypeError: ``model`` is not an ``nn.Module`` or ``loss_fn`` is not callable.
-        ValueError: ``max_grad_norm`` is not a positive finite number, or an unknown ``strategy``, ``cuda_graph``
-            or ``nonfinite``.
+        TypeError: ``model`` is not an ``nn.Module``, ``loss_fn`` is not callable or ``head`` not an ``nn.Linear``.
+        ValueError: ``max_grad_norm`` is not a positive finite number, an unknown ``strategy``, ``cuda_graph``
+            or ``nonfinite``, or ``head`` with ``loss_fn`` or ``cuda_graph``.
 
     Examples:
         >>> model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
@@ -201,7 +212,8 @@ class GhostClipping:
 
     def __init__(self, model: nn.Module, *, max_grad_norm: float, ignore_index: int = -100,
                  loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None, strategy: Strategy = "auto",
-                 cuda_graph: Literal["post", "step"] | None = None, nonfinite: Literal["zero", "raise"] = "zero"):
+                 cuda_graph: Literal["post", "step"] | None = None, nonfinite: Literal["zero", "raise"] = "zero",
+                 head: nn.Linear | None = None, head_chunk_size: int | None = None):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         if not (isinstance(max_grad_norm, int | float) and 0 < max_grad_norm < float("inf")):
@@ -213,6 +225,14 @@ class GhostClipping:
         if cuda_graph not in (None, "post", "step"):
             raise ValueError(f"cuda_graph must be None, 'post' or 'step', got {cuda_graph!r}")
         check_nonfinite(nonfinite)
+        if head is not None:
+            if not isinstance(head, nn.Linear):
+                raise TypeError(f"head must be an nn.Linear (the output layer), got {type(head).__name__}")
+            if loss_fn is not None or cuda_graph is not None:
+                raise ValueError("head= sets the loss (the fused linear cross-entropy) and runs eagerly: pass "
+                                 f"loss_fn=None and cuda_graph=None, got loss_fn={loss_fn!r}, "
+                                 f"cuda_graph={cuda_graph!r}")
+        self.head, self.head_chunk_size = head, head_chunk_size
         # DDP's forward would prepare its reducer for a backward that, here, computes no parameter gradient;
         # the clipped sums are reduced by persample.DistributedDPOptimizer instead.
         self.model = model.module if isinstance(model, DistributedDataParallel) else model
@@ -355,6 +375,8 @@ class GhostClipping:
             while forms:
                 total += clipped_sum(forms.pop(), factors, p.dtype)
             grads[p] = total
+        if step.head is not None and step.head.params:
+            grads.update(fused_head.clipped_sums(step.head, factors))
         return grads
 
     def _plan_for(self, args: tuple, kwargs: dict | None = None) -> Plan:
@@ -381,15 +403,31 @@ class GhostClipping:
         autocast = any(torch.is_autocast_enabled(d) for d in devices)
         with recording(plan, step, autocast), torch.enable_grad():
             output = self.model(*args)
-        losses, output_grad, finish = loss_and_output_grad(output, targets, ignore_index=self.ignore_index,
-                                                           loss_fn=self.loss_fn)
-        step.classes = output.shape[-1] if self.loss_fn is None else None
+        if self.head is None:
+            losses, output_grad, finish = loss_and_output_grad(output, targets, ignore_index=self.ignore_index,
+                                                               loss_fn=self.loss_fn)
+            step.classes = output.shape[-1] if self.loss_fn is None else None
+        else:  # linear_cross_entropy checks the targets itself
+            losses, output_grad, step.head = fused_head.loss_and_hidden_grad(
+                output, self.head, targets, self._trainable_head(plan), ignore_index=self.ignore_index,
+                chunk_size=self.head_chunk_size)
+            finish = _nothing
         if output.requires_grad:
             with torch.autocast(output.device.type, enabled=False):
                 torch.autograd.backward(output, output_grad)
         del output, output_grad
         self._after_backward(step, losses.is_cuda)
         return step, losses, finish
+
+    def _trainable_head(self, plan: Plan) -> dict[str, nn.Parameter]:
+        """The head's trainable parameters by role; refuses a trainable head that the model's forward uses too."""
+        trainable = {role: p for role, p in self.head.named_parameters(recurse=False) if p.requires_grad}
+        tied = [role for role, p in trainable.items() if any(p is q for q in plan.used)]
+        if tied:
+            raise ValueError(f"the head's {tied[0]} is trainable and used by the model's forward too (tied to an "
+                             "input embedding): head= cannot clip it (the cross term of the two uses is not "
+                             "computed); freeze it, untie it, or give the engine the logits")
+        return trainable
 
     @staticmethod
     def _after_backward(step: Step, on_cuda: bool) -> None:
@@ -419,6 +457,8 @@ class GhostClipping:
         Raises:
             ValueError: no tensor with a batch dimension among the inputs.
         """
+        if self.head is not None:
+            raise ValueError("recording() runs the caller's loss: it does not combine with head=")
         kwargs = kwargs or {}
         batch_size = _batch_size((args, kwargs))
         plan = self._plan_for(args, kwargs)
@@ -435,6 +475,8 @@ class GhostClipping:
         # Rows of (k, B) squared-norm terms, summed in one op.
         terms = [batched_dot(flat, flat).to(acc)[None] for flat, _ in step.packed]
         terms.extend(stack_norms(stack).to(acc) for stack in step.stacks)
+        if step.head is not None and step.head.sq_norms is not None:
+            terms.append(step.head.sq_norms.to(acc)[None])
         for forms in step.forms.values():
             for i, x in enumerate(forms):
                 terms.append(inner(x, x).to(acc)[None])

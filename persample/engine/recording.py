@@ -86,6 +86,7 @@ class Step:
     packed: list[tuple[Tensor, list[nn.Parameter]]] = field(default_factory=list)
     stacks: list[OuterStack] = field(default_factory=list)
     anchors: dict[torch.device, Tensor] = field(default_factory=dict)
+    head: object = None  # the fused head's HeadStep (persample.engine.fused_head), when the engine has a head
 
     def is_batched(self, x: Tensor) -> bool:
         if x.ndim == 0 or x.shape[0] != self.batch_size:

@@ -170,3 +170,60 @@ def test_sequence_classifier_is_clipped_per_sequence(tmp_path):
     for name, p in model.named_parameters():
         torch.testing.assert_close(p, start[name] - 0.5 * summed["model." + name] / (BATCH * PARTS), rtol=1e-5,
                                    atol=1e-6, msg=name)
+
+
+def test_secure_mode_draws_from_the_os_and_resumes(tmp_path, monkeypatch):
+    """secure_mode: no seeded generator exists, the noise and the batches read os.urandom (32 bytes per noise
+    value, 8 per example per batch), two runs with one seed differ, and a resumed run keeps the epsilon."""
+    import os
+
+    drawn = []
+    urandom = os.urandom
+    monkeypatch.setattr(os, "urandom", lambda n: drawn.append(n) or urandom(n))
+    trainer = _trainer(tmp_path / "a", noise_multiplier=1.0, max_steps=2, secure_mode=True)
+    assert trainer.noise_generator is None
+    trainer.train()
+    numel = sum(p.numel() for p in trainer.model.parameters())
+    batches = drawn.count(8 * N)  # the epoch's Poisson batches, 8 bytes per example each
+    assert batches >= 2 and sum(drawn) - 8 * N * batches == 2 * 32 * numel  # each step's noise: 32 bytes a value
+    other = _trainer(tmp_path / "b", noise_multiplier=1.0, max_steps=2, secure_mode=True)
+    other.train()
+    assert not torch.equal(next(trainer.model.parameters()), next(other.model.parameters()))
+
+    first = _trainer(tmp_path / "c", noise_multiplier=1.0, max_steps=2, secure_mode=True, save_strategy="steps",
+                     save_steps=2)
+    first.train()
+    state = torch.load(tmp_path / "c" / "checkpoint-2" / "dp_state.pt", weights_only=True)
+    assert state["noise_generator"] is None
+    resumed = _trainer(tmp_path / "c", noise_multiplier=1.0, secure_mode=True)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "c" / "checkpoint-2"))
+    assert resumed.accountant.steps == 4
+    assert resumed.epsilon == persample.epsilon_for(1.0, 1e-5, resumed.sample_rate, 4)
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_no_logits_patch_gives_the_same_run(tmp_path, lora):
+    """A model patched with apply_fused_linear_cross_entropy is clipped by the engine from its hidden states and
+    the fused head (the trainable head's norms from linear_cross_entropy_head_grad_norms): noise-free, the run
+    equals the unpatched one, full fine-tuning and LoRA."""
+    from persample.integrations.transformers import apply_fused_linear_cross_entropy
+
+    peft = pytest.importorskip("peft") if lora else None
+    runs = []
+    for patched in (False, True):
+        model = _model()
+        if lora:
+            model = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"],
+                                                               init_lora_weights=False))
+        if patched:
+            apply_fused_linear_cross_entropy(model, chunk_size=T)
+        trainer = _trainer(tmp_path / str(patched), model=model, noise_multiplier=0.0, max_steps=2)
+        start = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+        trainer.train()
+        assert all(not torch.equal(p, start[name]) for name, p in model.named_parameters() if "lora_B" in name
+                   or (not lora and name == "lm_head.weight"))
+        inner = model.get_base_model() if lora else model
+        assert (trainer._engine_for().head is inner.lm_head) == patched
+        runs.append(trainer.model)
+    for (name, p), q in zip(runs[1].named_parameters(), runs[0].parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)

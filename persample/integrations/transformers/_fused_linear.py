@@ -158,6 +158,7 @@ def apply_fused_linear_cross_entropy(model, *, chunk_size: int | None = None) ->
         return type(out)(loss=loss, **{key: value for key, value in out.items() if key != "logits"})
 
     forward._persample_fused_linear = True
+    forward._persample_chunk_size = chunk_size  # DPTrainer's engine computes the head's logits in the same chunks
     inner.forward = forward
 
     def undo():

@@ -8,18 +8,27 @@ How a ``Trainer`` run maps onto DP-SGD:
   is ``Binomial(n, sample_rate)`` around the batch the arguments describe. Epoch ``e``'s batches come from
   ``PoissonSampler(n, sample_rate, steps=round(1 / sample_rate), generator=Generator().manual_seed(seed + e))``
   (``seed``: ``data_seed`` or ``seed``): a resumed run draws the same batches and skips those it trained on.
+  With ``secure_mode=True`` the batches come from the OS CSPRNG instead (``PoissonSampler(secure_mode=True)``):
+  not reproducible, and a resumed run draws fresh ones.
 * **Physical batches**: the logical batch is cut into ``gradient_accumulation_steps`` consecutive parts, one per
   ``training_step``, and each part into slices of at most ``per_device_train_batch_size`` examples, each one
   forward and backward of :class:`persample.GhostClipping`, which clips each sequence's gradient to
   ``per_sample_max_grad_norm`` and sums.
 * **Noise**: at the last part, ``p.grad = (sum of clipped gradients + N(0, (noise_multiplier * C)^2)) /
   expected batch size`` for the trainable parameters (the adapters of a peft model), then the Trainer's own
-  optimizer and scheduler step as usual. The Trainer's ``max_grad_norm`` (clipping of that noisy mean) defaults
-  to 0, off, here.
+  optimizer and scheduler step as usual. The noise comes from a ``torch.Generator`` seeded with ``seed``, or with
+  ``secure_mode=True`` from the OS CSPRNG (:func:`persample.add_noise`'s secure mode). The Trainer's
+  ``max_grad_norm`` (clipping of that noisy mean) defaults to 0, off, here.
 * **Accounting**: one Poisson-subsampled Gaussian step per optimizer step in a :class:`persample.PrivacyAccountant`;
   ``epsilon`` is logged with the loss (so to every ``report_to``), and the accountant's history and the noise
-  generator's state are saved in each checkpoint (``dp_state.pt``) and restored by
-  ``train(resume_from_checkpoint=...)``.
+  generator's state (none in secure mode: there is no state to save) are saved in each checkpoint
+  (``dp_state.pt``) and restored by ``train(resume_from_checkpoint=...)``.
+
+A causal LM patched with :func:`persample.integrations.transformers.apply_fused_linear_cross_entropy` is clipped
+without its logits as well: the engine runs the model up to its last hidden states and computes each sequence's
+loss, and a trainable head's per-example norms and clipped sum, with the fused linear cross-entropy
+(``GhostClipping(..., head=lm_head)``), in the patch's chunks. A trainable head tied to the input embedding
+(GPT-2 fully fine-tuned) is refused there (``ValueError``): freeze it (as LoRA does) or leave the model unpatched.
 
 Supported: causal LMs (the per-sequence loss is the mean over its next-token targets, as
 :func:`persample.integrations.transformers.per_sequence_loss`) and single-label sequence classifiers (the
@@ -76,6 +85,8 @@ class DPTrainingArguments(TrainingArguments):
     target_delta: float = field(default=1e-5, metadata={"help": "delta of the (epsilon, delta) guarantee"})
     accountant: str = field(default="rdp", metadata={"help": "'rdp' or 'prv' (Opacus's accountants)"})
     max_grad_norm: float = field(default=0.0, metadata={"help": "clipping of the noisy batch gradient; 0: off"})
+    secure_mode: bool = field(default=False, metadata={
+        "help": "draw the noise and the Poisson batches from the OS CSPRNG (not reproducible by seed)"})
 
     def __post_init__(self):
         super().__post_init__()
@@ -90,8 +101,9 @@ class DPTrainingArguments(TrainingArguments):
 class _PoissonBatches(Sampler):
     """Each Poisson logical batch of an epoch as ``parts`` consecutive index lists (some may be empty)."""
 
-    def __init__(self, num_examples: int, sample_rate: float, parts: int, seed: int):
+    def __init__(self, num_examples: int, sample_rate: float, parts: int, seed: int, secure_mode: bool = False):
         self.dataset_size, self.sample_rate, self.parts, self.seed = num_examples, sample_rate, parts, seed
+        self.secure_mode = secure_mode
         self.steps = max(1, round(1 / sample_rate))
         self.epoch = 0
 
@@ -99,6 +111,8 @@ class _PoissonBatches(Sampler):
         self.epoch = epoch
 
     def logical_batches(self, epoch: int) -> list[Tensor]:
+        if self.secure_mode:
+            return list(PoissonSampler(self.dataset_size, self.sample_rate, steps=self.steps, secure_mode=True))
         generator = torch.Generator().manual_seed(self.seed + epoch)
         return list(PoissonSampler(self.dataset_size, self.sample_rate, steps=self.steps, generator=generator))
 
@@ -129,6 +143,19 @@ class _Logits(nn.Module):
         return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
 
 
+class _Hidden(nn.Module):
+    """A patched causal LM as the engine sees it: ``(input_ids, attention_mask) -> last hidden states (B, T, d)``,
+    the head left to the engine's fused loss."""
+
+    def __init__(self, model: nn.Module, body: nn.Module):
+        super().__init__()
+        self.model = model
+        self.body = [body]  # the decoder inside ``model``, called directly (a list: not registered twice)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        return self.body[0](input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+
 class _SavePrivacyState(TrainerCallback):
     def __init__(self, trainer: "DPTrainer"):
         self.trainer = trainer
@@ -139,10 +166,15 @@ class _SavePrivacyState(TrainerCallback):
             torch.save(self.trainer.privacy_state(), os.path.join(folder, _STATE_FILE))
 
 
+def _unwrap_peft(model: nn.Module) -> nn.Module:
+    """The transformers model inside a ``peft.PeftModel`` (or ``model`` itself)."""
+    get_base_model = getattr(model, "get_base_model", None)
+    return get_base_model() if callable(get_base_model) else model
+
+
 def _task(model: nn.Module) -> str:
     """``"causal_lm"`` or ``"classification"``, from the transformers class (inside a peft model)."""
-    get_base_model = getattr(model, "get_base_model", None)
-    name = type(get_base_model() if callable(get_base_model) else model).__name__
+    name = type(_unwrap_peft(model)).__name__
     if name.endswith(("ForCausalLM", "LMHeadModel")):
         return "causal_lm"
     if name.endswith("ForSequenceClassification"):
@@ -163,6 +195,7 @@ class DPTrainer(Trainer):
 
     Attributes:
         accountant: the :class:`persample.PrivacyAccountant` of the run; ``epsilon`` reads it.
+        noise_generator: the seeded ``torch.Generator`` of the noise, None with ``secure_mode=True``.
         noise_multiplier, sample_rate, expected_batch_size: the run's DP-SGD parameters.
 
     Raises:
@@ -223,7 +256,8 @@ class DPTrainer(Trainer):
             steps = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * steps_per_epoch)
             self.noise_multiplier = noise_multiplier_for(args.target_epsilon, args.target_delta, self.sample_rate,
                                                          steps=steps, accountant=args.accountant)
-        self.noise_generator = torch.Generator().manual_seed(args.seed)
+        # Secure mode: no seedable generator at all, so nothing predictable can reach the noise.
+        self.noise_generator = None if args.secure_mode else torch.Generator().manual_seed(args.seed)
         self._engine: GhostClipping | None = None
         self._summed: dict[str, Tensor] | None = None
         self.add_callback(_SavePrivacyState(self))
@@ -252,13 +286,21 @@ class DPTrainer(Trainer):
             return collator(features)
 
         seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
-        batches = _PoissonBatches(self.dataset_size, self.sample_rate, self.args.gradient_accumulation_steps, seed)
+        batches = _PoissonBatches(self.dataset_size, self.sample_rate, self.args.gradient_accumulation_steps, seed,
+                                  secure_mode=self.args.secure_mode)
         return _EpochLoader(dataset, batch_sampler=batches, collate_fn=collate,
                             num_workers=self.args.dataloader_num_workers, pin_memory=self.args.dataloader_pin_memory)
 
     def _engine_for(self) -> GhostClipping:
         if self._engine is None:
-            self._engine = GhostClipping(_Logits(self.model), max_grad_norm=self.args.per_sample_max_grad_norm)
+            inner = _unwrap_peft(self.model)
+            bound = self.args.per_sample_max_grad_norm
+            if self.task == "causal_lm" and getattr(inner.forward, "_persample_fused_linear", False):
+                self._engine = GhostClipping(_Hidden(self.model, inner.base_model), max_grad_norm=bound,
+                                             head=inner.get_output_embeddings(),
+                                             head_chunk_size=inner.forward._persample_chunk_size)
+            else:
+                self._engine = GhostClipping(_Logits(self.model), max_grad_norm=bound)
         return self._engine
 
     def _autocast(self):
@@ -303,7 +345,7 @@ class DPTrainer(Trainer):
         params = dict(self._engine_for().model.named_parameters())
         summed = self._summed or {name: torch.zeros_like(p) for name, p in params.items() if p.requires_grad}
         noisy = add_noise(summed, self.noise_multiplier * self.args.per_sample_max_grad_norm,
-                          generator=self.noise_generator)
+                          generator=self.noise_generator, secure_mode=self.args.secure_mode)
         for name, value in noisy.items():
             params[name].grad = (value / self.expected_batch_size).to(params[name].dtype)
         self.accountant.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate)
@@ -315,8 +357,10 @@ class DPTrainer(Trainer):
         super().log(logs, *args, **kwargs)
 
     def privacy_state(self) -> dict:
-        """What a checkpoint keeps: the accountant's history and the noise generator's state."""
-        return {"history": self.accountant.history, "noise_generator": self.noise_generator.get_state(),
+        """What a checkpoint keeps: the accountant's history and the noise generator's state (None in secure
+        mode, which has no generator)."""
+        generator = self.noise_generator.get_state() if self.noise_generator is not None else None
+        return {"history": self.accountant.history, "noise_generator": generator,
                 "noise_multiplier": self.noise_multiplier, "sample_rate": self.sample_rate}
 
     def load_privacy_state(self, state: dict) -> None:
@@ -331,7 +375,9 @@ class DPTrainer(Trainer):
         self.accountant = PrivacyAccountant(self.args.accountant)
         for noise_multiplier, sample_rate, steps in state["history"]:
             self.accountant.step(noise_multiplier=noise_multiplier, sample_rate=sample_rate, num_steps=steps)
-        self.noise_generator.set_state(state["noise_generator"])
+        # A secure run has no generator to restore; a seeded run resumed from a secure checkpoint keeps its seed.
+        if self.noise_generator is not None and state["noise_generator"] is not None:
+            self.noise_generator.set_state(state["noise_generator"])
 
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
         """``Trainer.train``; resuming also restores the privacy state saved with the checkpoint.
