@@ -22,8 +22,8 @@ and the others still run. On CUDA the peak comes from ``torch.cuda.max_memory_al
 process's peak resident memory (``VmHWM``, reset through ``/proc/self/clear_refs``) read around the step, with
 glibc returning large blocks to the system at once (``MALLOC_MMAP_THRESHOLD_``) so that the peak is the step's.
 Liger's kernels are Triton: on the CPU they run (slowly) in Triton's interpreter, and their time means nothing.
-Prints markdown tables and saves them (``results.py``: the lm_fine_tuning section of RESULTS.md, appended to
-HISTORY.md; ``--no-save``: do not).
+Prints markdown tables and saves them (``results.py``: the lm_fine_tuning section of RESULTS.md, lm_fine_tuning_cpu for
+the CPU, appended to HISTORY.md; ``--no-save``: do not).
 Targets (issue 21): the loss side's extra memory at most 5% of the logits and no slower than Liger's; the DP LoRA
 step at most 1.2x the time and 1.1x the peak memory of the step without DP.
 """
@@ -257,7 +257,7 @@ def main():
                      f"one (B, T, V) logits tensor: {mib(logits)}", f"median of {reps} steps")
     text = "\n".join([context, "", *rows, "",
                       "DP LoRA (r=16 on q/k/v/o), one training_step on the same batch:", "", *dp_rows])
-    publish("lm_fine_tuning", text, args)
+    publish("lm_fine_tuning" if cuda else "lm_fine_tuning_cpu", text, args)  # a CPU run keeps the GPU table
 
 
 if __name__ == "__main__":

@@ -20,25 +20,21 @@ each per round (CUDA synchronized around each step), so that a change in the hos
 CPU the time is the process's CPU time with one thread (``time.process_time``): on a shared machine, wall time
 measures the other jobs as much as the step. Peak memory is ``torch.cuda.max_memory_allocated`` over one step after
 a warm-up step with the variant alone on the GPU (model, optimizer state and all), CUDA only. A variant that fails
-is recorded with the exception's name (``OOM`` for out of memory). Prints a table; ``--save`` appends it to
-``benchmarks/RESULTS.md``.
+is recorded with the exception's name (``OOM`` for out of memory). Prints a table and saves it
+(``results.py``: the make_private section of RESULTS.md, make_private_cpu for the CPU; ``--no-save``: do not).
 """
 
 import argparse
 import gc
-import os
-import shlex
 import statistics
-import subprocess
 import sys
 import time
 import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
-from datetime import datetime, timezone
-from pathlib import Path
 
 import torch
+from results import add_save_flag, header, publish
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -219,24 +215,6 @@ def in_alternation(cfg: Config, variants: list[str], device: torch.device, preci
     return results
 
 
-def header(device: torch.device, quick: bool) -> str:
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).parent, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = os.environ.get("PERSAMPLE_COMMIT", "unknown")
-    import opacus
-
-    machine = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
-    date = datetime.now(timezone.utc).strftime("%Y-%m-%d")
-    command = shlex.join(["python", "benchmarks/make_private.py", *sys.argv[1:]])
-    title = f"## make_private{' (quick: a check of the script, not a measurement)' if quick else ''}"
-    return (f"{title} — {date} — {machine} — commit {commit}\n\n`{command}`; torch {torch.__version__}, opacus "
-            f"{opacus.__version__}; max_grad_norm={MAX_GRAD_NORM}, noise_multiplier={NOISE_MULTIPLIER}, AdamW, "
-            "the same fixed batch every step"
-            + ("; CPU time per step, one thread." if device.type == "cpu" else "."))
-
-
 def table(rows: list[dict]) -> str:
     lines = ["| model | precision | variant | time / step | × normal | peak memory | × normal |",
              "|---|---|---|---|---|---|---|"]
@@ -266,7 +244,7 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", default=VARIANTS, choices=VARIANTS, metavar="VARIANT")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--iters", type=int, default=10, help="rounds of timed steps, one step per variant each")
-    parser.add_argument("--save", action="store_true", help="append the table to benchmarks/RESULTS.md")
+    add_save_flag(parser)
     args = parser.parse_args()
 
     device = torch.device(args.device)
@@ -299,12 +277,13 @@ def main() -> None:
                                  peak=peaks.get(variant), normal=normal))
                 shown = seconds[variant] if isinstance(seconds[variant], str) else f"{seconds[variant] * 1e3:.1f} ms"
                 print(f"  {variant}: {shown}", file=sys.stderr)
-    report = f"{header(device, args.quick)}\n\n{table(rows)}\n"
-    print(report)
-    if args.save:
-        with open(Path(__file__).parent / "RESULTS.md", "a") as f:
-            f.write("\n" + report)
+    import opacus
 
+    section = "make_private" if device.type == "cuda" else "make_private_cpu"  # a CPU run keeps the GPU table
+    context = header(section, device, f"opacus {opacus.__version__}",
+                     f"max_grad_norm={MAX_GRAD_NORM}, noise_multiplier={NOISE_MULTIPLIER}, AdamW, the same fixed batch "
+                     "every step" + ("; CPU time per step, one thread" if device.type == "cpu" else ""))
+    publish(section, f"{context}\n\n{table(rows)}", args)
 
 if __name__ == "__main__":
     main()

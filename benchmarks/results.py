@@ -28,7 +28,11 @@ def add_save_flag(parser: argparse.ArgumentParser) -> None:
 
 
 def commit() -> str:
-    """The short hash of HEAD, ``+`` if tracked files differ from it; ``PERSAMPLE_COMMIT`` in a copy without .git."""
+    """The short hash of HEAD, ``+`` if tracked files differ from it; ``PERSAMPLE_COMMIT`` when set (a copy of the
+    tree whose .git is absent or stale, as on a lent GPU machine)."""
+    if os.environ.get("PERSAMPLE_COMMIT"):
+        return os.environ["PERSAMPLE_COMMIT"]
+
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], capture_output=True, text=True, cwd=FOLDER, check=True).stdout.strip()
 
