@@ -18,10 +18,18 @@ from persample.app.train import TrainConfig, train_digits
 _DEFAULTS = TrainConfig()
 
 
+def _version() -> str:
+    """The installed distribution's version; a source tree on ``PYTHONPATH`` (not installed) has none to read."""
+    try:
+        return importlib.metadata.version("persample")
+    except importlib.metadata.PackageNotFoundError:
+        return "(not installed: source tree)"
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="persample", description="Per-sample gradients and DP-SGD for PyTorch.")
     parser.add_argument("--version", action="version",
-                        version=f"%(prog)s {importlib.metadata.version('persample')}")
+                        version=f"%(prog)s {_version()}")
     commands = parser.add_subparsers(dest="command", required=True)
     train = commands.add_parser(
         "train", help="train a small CNN on scikit-learn's digits with DP-SGD",

@@ -32,6 +32,18 @@ def test_console_script_is_declared():
     assert entry.value == "persample.app.cli:main"
 
 
+def test_runs_from_a_source_tree_that_is_not_installed(monkeypatch, capsys):
+    # As on a machine given the repository on PYTHONPATH: no distribution metadata to read the version from.
+    def missing(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", missing)
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0
+    assert "not installed" in capsys.readouterr().out
+
+
 def test_dp_training_end_to_end(tmp_path, capsys):
     assert main([*REDUCED, "--out", str(tmp_path), "--target-epsilon", "3", "--delta", "1e-5"]) == 0
     lines = capsys.readouterr().out.splitlines()
