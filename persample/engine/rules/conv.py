@@ -9,6 +9,15 @@ factors when ``L (m + n) < m n`` (the ghost norm ``<A_b A_b^T, G_b G_b^T>``: dee
 else the materialized ``(B, m, n)`` gradients (early layers on large maps, where ``L`` is large). Grouped
 convolutions are materialized: each group's block is ``(m / groups, n)``, which the factors rarely beat.
 
+The materialized gradients are made one of two ways, whichever measured faster for the layer's shapes, dtype and
+device (timed once, on the first step that meets them, outside any CUDA graph capture):
+
+* ``"grouped"``: one weight gradient of a convolution with the batch as groups, input ``(1, B C_in, ...)``,
+  output gradient ``(1, B C_out, ...)``, ``B * groups`` groups (Rochette et al., 2019). The backend's own
+  weight-gradient kernel (oneDNN, cuDNN) runs, the patches are never copied out, and on large maps it costs
+  about what the normal step's weight gradient does.
+* ``"unfold"``: the patches as above and one batched product per chunk of examples.
+
 Padding of any mode (``'same'`` included) is applied with ``F.pad``; the patches are then strided views of the
 padded input (``Tensor.unfold`` per spatial dimension, every ``dilation``-th tap). Materializing runs over the
 batch in chunks: a chunk's patches are copied into a buffer of at most ``_CPU_CHUNK`` / ``_CUDA_CHUNK`` elements
@@ -17,6 +26,8 @@ input) never exist at once. On the CPU small chunks are faster as well: a large 
 page faults than the product, and small buffers are reused and stay in cache; on a GPU, launches cost, so
 chunks are large.
 """
+
+import time
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +40,9 @@ _CPU_CHUNK = 1 << 20
 _CUDA_CHUNK = 1 << 25
 
 _Conv = nn.Conv1d | nn.Conv2d | nn.Conv3d
+
+METHOD: str | None = None  # "grouped" or "unfold" forces one way of materializing (tests); None: the faster
+_FASTEST: dict[tuple, str] = {}  # the measured choice per layer configuration, shapes, dtypes and device
 
 
 def _explicit_padding(module: _Conv) -> list[int]:
@@ -83,6 +97,74 @@ def _materialized(module: _Conv, x: Tensor, G: Tensor) -> Tensor:
     return out
 
 
+def _grouped(module: _Conv, x: Tensor, grad_output: Tensor) -> Tensor:
+    """``(B, *weight.shape)`` each example's weight gradient in float32 (float64), from the weight gradient of
+    one convolution whose groups are the batch's examples (times the module's groups)."""
+    B, dims = x.shape[0], len(module.kernel_size)
+    pads = _explicit_padding(module)
+    before, after = pads[0::2][::-1], pads[1::2][::-1]
+    if module.padding_mode == "zeros" and before == after:
+        padding = before
+    else:  # asymmetric ('same' with an even span) or not zeros: padded here, as the module's forward does
+        x = F.pad(x, pads, mode="constant" if module.padding_mode == "zeros" else module.padding_mode)
+        padding = [0] * dims
+    x = x.to(grad_output.dtype)
+    # Only the weight's shape is read: a broadcast scalar stands for the (B C_out, C_in / groups, *kernel) weight.
+    shape = (B * module.out_channels, *module.weight.shape[1:])
+    weight = grad_output.new_zeros(()).expand(shape)
+    _, grad, _ = torch.ops.aten.convolution_backward(
+        grad_output.reshape(1, -1, *grad_output.shape[2:]), x.reshape(1, -1, *x.shape[2:]), weight, None,
+        list(module.stride), padding, list(module.dilation), False, [0] * dims, B * module.groups,
+        [False, True, False])
+    return grad.view(B, *module.weight.shape).to(acc_dtype(grad_output))
+
+
+def _unfolded(module: _Conv, x: Tensor, grad_output: Tensor) -> Tensor:
+    return _materialized(module, x, grad_output.reshape(x.shape[0], module.out_channels, -1))
+
+
+_WAYS = {"grouped": _grouped, "unfold": _unfolded}
+
+
+def _capturing(x: Tensor) -> bool:
+    return x.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
+def _timed(way, module: _Conv, x: Tensor, grad_output: Tensor) -> tuple[float, Tensor | None]:
+    """The faster of two timed runs after a warm-up, and the last result (inf and None if the backend refuses)."""
+    try:
+        best, out = float("inf"), way(module, x, grad_output)
+        for _ in range(2):
+            if x.is_cuda:
+                torch.cuda.synchronize(x.device)
+            start = time.perf_counter()
+            out = way(module, x, grad_output)
+            if x.is_cuda:
+                torch.cuda.synchronize(x.device)
+            best = min(best, time.perf_counter() - start)
+        return best, out
+    except (RuntimeError, NotImplementedError):
+        return float("inf"), None
+
+
+def per_example_grads(module: _Conv, x: Tensor, grad_output: Tensor) -> Tensor:
+    """``(B, *weight.shape)`` each example's weight gradient in float32 (float64): by the way that measured
+    faster for this configuration (:data:`METHOD` forces one)."""
+    if METHOD is not None:
+        return _WAYS[METHOD](module, x, grad_output)
+    key = (x.device, x.dtype, grad_output.dtype, tuple(x.shape), tuple(grad_output.shape), module.kernel_size,
+           module.stride, module.dilation, module.groups, str(module.padding), module.padding_mode)
+    way = _FASTEST.get(key)
+    if way is None:
+        if _capturing(x):  # no timing inside a CUDA graph capture (the warm-up steps before it measure)
+            return _unfolded(module, x, grad_output)
+        timings = {name: _timed(fn, module, x, grad_output) for name, fn in _WAYS.items()}
+        way = _FASTEST[key] = min(timings, key=lambda name: timings[name][0])
+        if timings[way][1] is not None:
+            return timings[way][1]
+    return _WAYS[way](module, x, grad_output)
+
+
 @register_rule(nn.Conv1d, nn.Conv2d, nn.Conv3d, params=("weight", "bias"), cast_input=True)
 def conv(call: Call, grad_output: Tensor, strategy: str) -> dict[str, Form]:
     module, x = call.module, call.args[0]
@@ -97,7 +179,7 @@ def conv(call: Call, grad_output: Tensor, strategy: str) -> dict[str, Form]:
             A = _windows(module, x).permute(order).reshape(B, L, n)
             forms["weight"] = Outer(G.transpose(1, 2), A, module.weight.shape)
         else:
-            forms["weight"] = Dense(_materialized(module, x, G))
+            forms["weight"] = Dense(per_example_grads(module, x, grad_output))
     if "bias" in call.params:
         forms["bias"] = Dense(G.sum(2, dtype=acc_dtype(G)))
     return forms

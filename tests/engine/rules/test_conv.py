@@ -64,8 +64,39 @@ def test_conv(cls, conv, strategy):
 
 
 @pytest.mark.parametrize("cls", list(SPATIAL), ids=lambda c: c.__name__)
+@pytest.mark.parametrize("conv", list(CONVS))
+@pytest.mark.parametrize("way", ["grouped", "unfold"])
+def test_both_ways_of_materializing(cls, conv, way, monkeypatch):
+    """The batch-as-groups convolution and the unfolded patches each give every example's gradient."""
+    monkeypatch.setattr(conv_rule, "METHOD", way)
+    _check(cls, _options(conv, cls), "materialize")
+
+
+def test_the_faster_way_is_measured_once_per_configuration(monkeypatch):
+    monkeypatch.setattr(conv_rule, "_FASTEST", {})
+    calls = {"grouped": 0, "unfold": 0}
+    for name, fn in list(conv_rule._WAYS.items()):
+        def counted(*args, _fn=fn, _name=name):
+            calls[_name] += 1
+            return _fn(*args)
+        monkeypatch.setitem(conv_rule._WAYS, name, counted)
+    module = nn.Conv2d(3, 4, 3, stride=2, padding=1)
+    x, G = torch.randn(5, 3, 9, 9), torch.randn(5, 4, 5, 5)
+    first = conv_rule.per_example_grads(module, x, G)
+    assert calls == {"grouped": 3, "unfold": 3}  # a warm-up and two timed runs each; the winner's result reused
+    (way,) = conv_rule._FASTEST.values()
+    second = conv_rule.per_example_grads(module, x, G)
+    assert calls[way] == 4 and sum(calls.values()) == 7
+    torch.testing.assert_close(first, second)
+    torch.testing.assert_close(conv_rule._grouped(module, x, G), conv_rule._unfolded(module, x, G))
+    conv_rule.per_example_grads(module, torch.randn(6, 3, 9, 9), torch.randn(6, 4, 5, 5))  # a new batch size
+    assert len(conv_rule._FASTEST) == 2
+
+
+@pytest.mark.parametrize("cls", list(SPATIAL), ids=lambda c: c.__name__)
 def test_materialized_in_chunks(cls, monkeypatch):
     """Chunks of one and of several examples (the last one short) give the whole batch's gradients."""
+    monkeypatch.setattr(conv_rule, "METHOD", "unfold")
     for chunk in (1, 3 * 4 * 3 * 3 * 40):
         monkeypatch.setattr(conv_rule, "_CPU_CHUNK", chunk)
         _check(cls, _options("groups", cls), "materialize", batch=5)
