@@ -135,13 +135,16 @@ def is_plain(label_smoothing, softcap, z_loss) -> bool:
     return label_smoothing == 0 and softcap == 0 and z_loss == 0
 
 
-def plain_rows(logits, target, weight, ignore_index):
+def plain_rows(logits, target, weight, ignore_index, keep_dtype=False):
     """``(loss (N,), lse (N,), log_probs (N, V), counted, invalid, t)``: each row's (weighted) loss, NaN for an
-    invalid target, and its log-sum-exp, both 0 on a row not counted; ``log_probs`` and both rows in float32
-    (float64)."""
+    invalid target, and its log-sum-exp, both 0 on a row not counted; both rows in float32 (float64), and
+    ``log_probs`` too unless ``keep_dtype`` and the logits are bfloat16: then in bfloat16, as ``F.cross_entropy``
+    keeps them (its log_softmax accumulates in float32 and rounds its output once), half the memory and bytes of
+    float32. Not for float16, whose subnormals would cost a confident row's small loss most of its digits."""
     counted, invalid, t = _row_status(target, logits.shape[-1], ignore_index)
-    log_probs = torch.log_softmax(logits, -1, dtype=_acc(logits.dtype))
-    log_p = log_probs.gather(1, t[:, None])[:, 0]
+    keep_dtype = keep_dtype and logits.dtype == torch.bfloat16
+    log_probs = torch.log_softmax(logits, -1, dtype=None if keep_dtype else _acc(logits.dtype))
+    log_p = log_probs.gather(1, t[:, None])[:, 0].to(_acc(logits.dtype))
     # log p_t = x_t - lse: the lse without another pass over the rows, except those whose x_t is -inf.
     x_t = logits.gather(1, t[:, None])[:, 0].to(log_p.dtype)
     lse = _fill_uncounted(x_t - log_p, counted, None)
@@ -370,7 +373,7 @@ class _PlainRows(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, target, weight, ignore_index):
-        loss, _, log_probs, counted, invalid, t = plain_rows(logits, target, weight, ignore_index)
+        loss, _, log_probs, counted, invalid, t = plain_rows(logits, target, weight, ignore_index, keep_dtype=True)
         ctx.save_for_backward(log_probs, counted, invalid, t, weight)
         ctx.dtype = logits.dtype
         return loss
