@@ -162,7 +162,11 @@ def plain_grad(probs, counted, invalid, t, weight, scale_rows, dtype):
     if weight is not None:
         coef = coef * weight.to(probs.dtype)[t]
     coef = coef.expand(t.shape)
-    g = probs.mul_(coef[:, None]).scatter_add_(1, t[:, None], coef[:, None].neg())
+    g = probs.mul_(coef[:, None])
+    # One entry per row: a gather and an index_put, not scatter_add_ (which on the CPU copies a bfloat16 tensor
+    # whole to accumulate in float32).
+    rows = torch.arange(t.shape[0], device=t.device)
+    g[rows, t] = g[rows, t] - coef.to(g.dtype)
     return _fill_uncounted(g, counted, invalid).to(dtype)
 
 
