@@ -25,6 +25,7 @@ saves the casts and reshapes around the kernels. Both check the targets inside t
 """
 
 import contextlib
+import math
 
 import torch
 
@@ -155,6 +156,15 @@ def plain_rows(logits, target, weight, ignore_index, keep_dtype=False):
     return _fill_uncounted(loss, counted, invalid), lse, log_probs, counted, invalid, t
 
 
+def probs_from(log_probs, in_place=True):
+    """``exp(log_probs)`` (written over ``log_probs`` if ``in_place``), with log-probabilities below
+    ``log(tiny) + 1`` raised to it first: their exponentials (under ``3e-38`` in float32, ``3e-308`` in float64)
+    would be subnormal, which the CPU's exp computes several times slower (a GPT's logits put a quarter of a row
+    there), and the gradient they enter, ``p - onehot``, cannot tell them from that floor."""
+    floor = math.log(torch.finfo(log_probs.dtype).tiny) + 1
+    return (log_probs.clamp_min_(floor) if in_place else log_probs.clamp_min(floor)).exp_()
+
+
 def plain_grad(probs, counted, invalid, t, weight, scale_rows, dtype):
     """``scale_rows * dL/dlogits`` in ``dtype`` from the softmax ``probs (N, V)`` (float32/float64), which it
     overwrites: ``coef * (probs - onehot(t))`` with ``coef = scale_rows * weight[t]`` on counted rows."""
@@ -198,7 +208,7 @@ def forward_impl(logits, target, weight, weight_sum, scale, ignore_index, label_
             loss = loss * a
         if not with_grad:
             return loss, lse, None
-        grad = plain_grad(log_probs.exp_(), counted, invalid, t, weight, a, logits.dtype)
+        grad = plain_grad(probs_from(log_probs), counted, invalid, t, weight, a, logits.dtype)
         return loss, lse, grad if out is None else out.copy_(grad)
     loss, lse = _rows_torch(logits, target, weight, weight_sum, scale if share else None, ignore_index,
                             label_smoothing, softcap, z_loss)
@@ -223,7 +233,7 @@ def backward_impl(logits, target, weight, weight_sum, lse, grad_rows, ignore_ind
         a, b = a * scale_a, b * scale_b
     if is_plain(label_smoothing, softcap, z_loss):
         counted, invalid, t = _row_status(target, logits.shape[-1], ignore_index)
-        probs = logits.to(lse.dtype).sub(lse[:, None]).exp_()
+        probs = probs_from(logits.to(lse.dtype).sub(lse[:, None]))
         grad = plain_grad(probs, counted, invalid, t, weight, a, logits.dtype)
         return grad if out is None else out.copy_(grad)
     grad = _grad_torch(logits, target, weight, weight_sum, lse, a.expand(lse.shape), b.expand(lse.shape),
@@ -386,7 +396,7 @@ class _PlainRows(torch.autograd.Function):
     def backward(ctx, grad_loss):
         log_probs, counted, invalid, t, weight = ctx.saved_tensors
         # Not in place: a second backward through the same graph (retain_graph=True) reads them again.
-        grad = plain_grad(log_probs.exp(), counted, invalid, t, weight, grad_loss, ctx.dtype)
+        grad = plain_grad(probs_from(log_probs, in_place=False), counted, invalid, t, weight, grad_loss, ctx.dtype)
         if torch.is_grad_enabled():  # create_graph=True: a gradient whose own derivative raises
             grad = _Refuses.apply(grad, torch.zeros((), device=grad.device, requires_grad=True))
         return grad, None, None, None

@@ -541,3 +541,25 @@ def test_pytorch_plain_path_second_backward_and_double_derivative(monkeypatch):
     (g,) = torch.autograd.grad(persample.cross_entropy(x, t), x, create_graph=True)
     with pytest.raises(NotImplementedError, match="second derivatives"):
         g.sum().backward()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_pytorch_plain_path_with_log_probabilities_below_the_subnormal_floor(dtype, monkeypatch):
+    """Logits spread over hundreds (as a GPT's are) put many log-probabilities below log(tiny), whose exponentials
+    the backward raises to about 3 * tiny instead of computing subnormals: the loss and the gradient stay those of
+    float64 autograd, the same row's retained graph gives the same gradient, and nothing is NaN."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    logits = (torch.randn(6, 50, dtype=torch.float64) * 150).to(dtype)
+    target = torch.tensor([0, 7, -100, 49, 3, 3])
+    ref = logits.double().requires_grad_()
+    F.cross_entropy(ref, target, reduction="sum").backward()
+    assert (torch.log_softmax(ref.detach(), -1) < -87.4).float().mean() > 0.3  # the floor is really crossed
+    x = logits.clone().requires_grad_()
+    loss = persample.cross_entropy(x, target, reduction="sum")
+    (grad,) = torch.autograd.grad(loss, x, retain_graph=True)
+    (again,) = torch.autograd.grad(loss, x)
+    tol = {torch.float32: 1e-6, torch.bfloat16: 2e-2, torch.float64: 1e-12}[dtype]
+    scale = ref.grad.abs().max().item()
+    assert torch.isfinite(grad).all() and torch.equal(grad, again)
+    assert (grad.double() - ref.grad).abs().max().item() <= tol * scale
+    assert abs(loss.item() - F.cross_entropy(ref.detach(), target, reduction="sum").item()) <= tol * abs(loss.item())
