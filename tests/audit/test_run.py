@@ -19,9 +19,6 @@ mu_lb <= 1.07 against a true 2) with probability about 6e-13 (at most 6e-11). Bo
 """
 
 import math
-import os
-import subprocess
-import sys
 import warnings
 from pathlib import Path
 
@@ -33,10 +30,10 @@ from persample import DPOptimizer, per_sample_grads
 from persample.app.digits import DigitsCNN, digits_split
 from persample.audit import CanaryModel, CanaryScores, audit_dp_sgd
 from persample.audit._canaries import pack
+from tests.torchrun import torchrun
 
 CONFIDENCE = 1 - 1e-4
 CANARIES = 4000
-ROOT = Path(__file__).resolve().parents[2]
 SCENARIOS = Path(__file__).with_name("distributed_scenarios.py")
 
 
@@ -95,11 +92,7 @@ def test_skipped_clipping_is_caught_without_assumption(data):
 @pytest.fixture(scope="module")
 def four_ranks(tmp_path_factory):
     out = tmp_path_factory.mktemp("audit") / "results.pt"
-    environment = {**os.environ, "TRITON_INTERPRET": "0", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "4",
-               str(SCENARIOS), str(out)]
-    done = subprocess.run(command, cwd=ROOT, env=environment, capture_output=True, text=True, timeout=240)
-    assert done.returncode == 0, f"torchrun failed:\n{done.stdout[-4000:]}\n{done.stderr[-8000:]}"
+    torchrun(SCENARIOS, str(out), nproc=4, timeout=240, root_on_path=True)
     results = torch.load(out, weights_only=False)
     assert results["world_size"] == 4
     assert all(theirs == results["rank 0"] for theirs in results["by rank"]), "every rank audits the same run"

@@ -1,21 +1,14 @@
 """benchmarks/dp_step_distributed.py keeps working: its ``--quick`` run on 2 gloo ranks (CPU) prints the table."""
 
-import os
 import re
-import subprocess
-import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.torchrun import ROOT, torchrun
+
 SCRIPT = ROOT / "benchmarks" / "dp_step_distributed.py"
 
 
 def test_quick_run_on_two_ranks_prints_the_table():
-    environment = {**os.environ, "TRITON_INTERPRET": "0", "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(SCRIPT),
-               "--quick", "--no-save", "--models", "1"]
-    done = subprocess.run(command, cwd=ROOT, env=environment, capture_output=True, text=True, timeout=180)
-    assert done.returncode == 0, f"torchrun failed:\n{done.stdout[-4000:]}\n{done.stderr[-8000:]}"
+    done = torchrun(SCRIPT, "--quick", "--no-save", "--models", "1", nproc=2, timeout=180)
     out = done.stdout
     assert "## dp_step_distributed" in out and "2 ranks (gloo)" in out
     assert "saved:" not in done.stderr

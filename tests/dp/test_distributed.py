@@ -6,10 +6,7 @@ one ``torchrun --nproc-per-node 2`` launch of :mod:`tests.dp.distributed_scenari
 and the process group one of 30 s, so a hang fails the tests instead of stalling CI.
 """
 
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,19 +14,15 @@ import torch
 
 import persample
 from tests.dp.test_noise import assert_gaussian
+from tests.torchrun import torchrun
 
-ROOT = Path(__file__).resolve().parents[2]
 SCENARIOS = Path(__file__).with_name("distributed_scenarios.py")
 
 
 @pytest.fixture(scope="module")
 def launched(tmp_path_factory):
     out = tmp_path_factory.mktemp("distributed") / "results.pt"
-    environment = {**os.environ, "TRITON_INTERPRET": "0", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-               str(SCENARIOS), str(out)]
-    done = subprocess.run(command, cwd=ROOT, env=environment, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, f"torchrun failed:\n{done.stdout[-4000:]}\n{done.stderr[-8000:]}"
+    torchrun(SCENARIOS, str(out), nproc=2, timeout=300, root_on_path=True)
     return torch.load(out, weights_only=False)
 
 
