@@ -13,6 +13,7 @@ batch size (``sample_rate * dataset size``), not the realized one, keeps the sen
 fixed: the realized size depends on which examples were sampled, so it is private too.
 """
 
+import functools
 import math
 from collections.abc import Iterable, Mapping
 
@@ -22,6 +23,8 @@ from torch import Tensor, nn
 from persample.checks import check_max_grad_norm, check_noise_multiplier, check_sample_rate
 from persample.dp._accounting import Mechanism, PrivacyAccountant
 from persample.dp._noise import gaussian_noise
+
+NOISE_BUCKET_NUMEL = 1 << 24  # elements of noise drawn at once by DPOptimizer.step (64 MiB in float32)
 
 
 class DPOptimizer:
@@ -139,10 +142,8 @@ class DPOptimizer:
             if tuple(summed_clipped[name].shape) != tuple(p.shape):
                 raise ValueError(f"summed_clipped[{name!r}] has shape {tuple(summed_clipped[name].shape)}, "
                                  f"expected the parameter's shape {tuple(p.shape)} (sum over the batch first)")
-        # One host sync for all parameters.
-        finite = torch.stack([summed_clipped[name].detach().isfinite().all() for name in self.params])
-        if not bool(finite.all()):
-            names = [name for name, ok in zip(self.params, finite.tolist(), strict=True) if not ok]
+        names = _nonfinite([summed_clipped[name].detach() for name in self.params], list(self.params))
+        if names:
             raise ValueError(f"summed_clipped has NaN or inf values in {names}: clipped sums are finite, so these "
                              "gradients bypassed the non-finite policy of clip_per_sample / GhostClipping "
                              "(nonfinite='zero' drops such examples); nothing was accumulated")
@@ -161,14 +162,21 @@ class DPOptimizer:
         summed = self._summed or {name: torch.zeros_like(p) for name, p in self.params.items()}
         self._summed = None
         std = self.noise_multiplier * self.max_grad_norm
-        # In place, one parameter at a time: the sums become the gradients, and beyond them the step holds one
-        # parameter's noise at a time (the noise is drawn in the parameters' order, as add_noise draws it).
-        for name, p in self.params.items():
-            total = summed.pop(name)
+        # In place: the sums become the gradients. The noise is drawn one bucket of parameters (same dtype and
+        # device, in the parameters' order, at most NOISE_BUCKET_NUMEL elements unless one parameter is larger)
+        # at a time: a few kernel launches per bucket instead of three per parameter, and at most one bucket of
+        # noise held beyond the gradients.
+        for names in _buckets(summed, NOISE_BUCKET_NUMEL):
+            totals = [summed[name] for name in names]
             if std > 0:
-                total.add_(gaussian_noise(total.shape, std, device=total.device, dtype=total.dtype,
-                                          generator=self.generator, secure_mode=self.secure_mode))
-            p.grad = total.div_(self.expected_batch_size)
+                sizes = [t.numel() for t in totals]
+                noise = gaussian_noise((sum(sizes),), std, device=totals[0].device, dtype=totals[0].dtype,
+                                       generator=self.generator, secure_mode=self.secure_mode)
+                torch._foreach_add_(totals, [n.view(t.shape) for n, t in zip(noise.split(sizes), totals, strict=True)])
+                del noise
+            torch._foreach_div_(totals, self.expected_batch_size)
+        for name, p in self.params.items():
+            p.grad = summed[name]
         self.optimizer.step()
         self.accountant.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate)
         self._clear()
@@ -192,3 +200,35 @@ def _own(t: Tensor, dtype: torch.dtype, owned: bool) -> Tensor:
     tensor is the caller's gift."""
     converted = t.to(dtype)
     return converted if owned or converted is not t else converted.clone()
+
+
+def _buckets(tensors: Mapping[str, Tensor], cap: int) -> list[list[str]]:
+    """The names in order, grouped by dtype and device, a group cut where it would pass ``cap`` elements."""
+    buckets: list[list[str]] = []
+    open_: dict[tuple, tuple[list[str], int]] = {}
+    for name, t in tensors.items():
+        key = (t.dtype, t.device)
+        names, size = open_.get(key, ([], 0))
+        if names and size + t.numel() > cap:
+            buckets.append(names)
+            names, size = [], 0
+        open_[key] = (names + [name], size + t.numel())
+    buckets.extend(names for names, _ in open_.values() if names)
+    return buckets
+
+
+def _nonfinite(tensors: list[Tensor], names: list[str]) -> list[str]:
+    """The names of the tensors holding a NaN or an inf, with one host sync: the L1 norms of all tensors (a few
+    multi-tensor kernels on CUDA), summed in float32 or wider, are finite exactly when the tensors are, unless a
+    sum of finite values overflows; a non-finite norm is confirmed element-wise."""
+    if not tensors:
+        return []
+    if any(not t.is_floating_point() for t in tensors):
+        return [name for name, t in zip(names, tensors, strict=True) if not bool(t.isfinite().all())]
+    accumulate = functools.reduce(torch.promote_types, {t.dtype for t in tensors}, torch.float32)
+    norms = torch._foreach_norm(tensors, 1, dtype=accumulate)
+    finite = torch.stack([n.to(norms[0].device) for n in norms]).isfinite()
+    if bool(finite.all()):
+        return []
+    suspects = [i for i, ok in enumerate(finite.tolist()) if not ok]
+    return [names[i] for i in suspects if not bool(tensors[i].isfinite().all())]

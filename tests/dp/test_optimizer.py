@@ -124,11 +124,25 @@ def test_seeded_noise_reproduces():
         torch.testing.assert_close(a, b)
 
 
-def test_step_is_in_place_and_draws_the_noise_of_add_noise():
+def _bucket_noise(summed, buckets, std, seed):
+    """The noise DPOptimizer.step draws: one gaussian_noise per bucket of names, split in their order."""
+    generator = torch.Generator().manual_seed(seed)
+    noise = {}
+    for names in buckets:
+        sizes = [summed[name].numel() for name in names]
+        flat = persample.gaussian_noise((sum(sizes),), std, dtype=summed[names[0]].dtype, generator=generator)
+        noise.update({name: n.view(summed[name].shape) for name, n in zip(names, flat.split(sizes), strict=True)})
+    return noise
+
+
+@pytest.mark.parametrize("cap", [1 << 24, 32, 1])
+def test_step_is_in_place_and_draws_the_noise_bucket_by_bucket(monkeypatch, cap):
     """The step turns the accumulated sums into the gradients in place (no second or third copy of the
-    gradients at its peak), and its noise is add_noise's with the same generator: seeded runs are unchanged."""
+    gradients at its peak), and draws the noise one bucket of parameters at a time, in their order, a bucket cut
+    where it would pass NOISE_BUCKET_NUMEL elements (a larger parameter alone): seeded runs reproduce."""
+    monkeypatch.setattr(persample.dp._optimizer, "NOISE_BUCKET_NUMEL", cap)
     torch.manual_seed(1)
-    model = _model()
+    model = _model()  # parameters of 40, 8, 24 and 3 elements
     dp = _dp(model, noise_multiplier=0.7, generator=torch.Generator().manual_seed(5))
     x, y = _data(6)
     summed = _clipped_sum(model, x, y)
@@ -136,10 +150,42 @@ def test_step_is_in_place_and_draws_the_noise_of_add_noise():
     storage = {name: t.data_ptr() for name, t in dp._summed.items()}
     assert all(storage[name] != summed[name].data_ptr() for name in summed)  # accumulate copies the caller's
     dp.step()
-    expected = persample.add_noise(summed, 0.7 * 0.5, generator=torch.Generator().manual_seed(5))
+    names = [name for name, _ in model.named_parameters()]
+    buckets = {1 << 24: [names], 32: [names[:1], names[1:3], names[3:]], 1: [[name] for name in names]}[cap]
+    noise = _bucket_noise(summed, buckets, 0.7 * 0.5, seed=5)
     for name, p in model.named_parameters():
         assert p.grad.data_ptr() == storage[name]
-        torch.testing.assert_close(p.grad, expected[name] / 4.0, rtol=1e-12, atol=0)
+        torch.testing.assert_close(p.grad, (summed[name] + noise[name]) / 4.0, rtol=1e-12, atol=0)
+
+
+def test_noise_buckets_keep_dtypes_and_devices_apart():
+    """Parameters of another dtype go into their own bucket (one flat draw per dtype), each gradient in its own
+    dtype."""
+    model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+    model[2].float()
+    dp = _dp(model, noise_multiplier=1.0, generator=torch.Generator().manual_seed(2))
+    summed = {name: torch.zeros_like(p) for name, p in model.named_parameters()}
+    dp.accumulate(summed, 1)
+    dp.step()
+    noise = _bucket_noise(summed, [["0.weight", "0.bias"], ["2.weight", "2.bias"]], 0.5, seed=2)
+    for name, p in model.named_parameters():
+        assert p.grad.dtype == p.dtype
+        torch.testing.assert_close(p.grad, noise[name] / 4.0, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_large_finite_sums_are_accepted(dtype):
+    """The finiteness check sums absolute values: a sum that overflows although every value is finite is
+    confirmed element by element, not refused."""
+    model = nn.Linear(4096, 16).to(dtype)
+    dp = _dp(model, lr=0.0)
+    big = torch.finfo(dtype).max / 2
+    summed = {"weight": torch.full((16, 4096), big, dtype=dtype), "bias": torch.zeros(16, dtype=dtype)}
+    dp.accumulate(summed, 1)
+    assert dp.num_examples == 1
+    summed["bias"][3] = float("nan")
+    with pytest.raises(ValueError, match=r"NaN or inf values in \['bias'\]"):
+        dp.accumulate(summed, 1)
 
 
 def test_step_overwrites_stale_gradients_and_zero_grad_clears():
