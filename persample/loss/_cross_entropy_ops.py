@@ -202,7 +202,11 @@ def forward_impl(logits, target, weight, weight_sum, scale, ignore_index, label_
             return _kernels.cross_entropy_fwd(logits, target, weight, weight_sum, scale, ignore_index,
                                               label_smoothing, softcap, z_loss, with_grad, out, share=share)[:3]
     if is_plain(label_smoothing, softcap, z_loss):
-        loss, lse, log_probs, counted, invalid, t = plain_rows(logits, target, weight, ignore_index)
+        if with_grad and logits.dtype == torch.float16:
+            return _plain_with_grad_by_chunks(logits, target, weight, ignore_index, scale, share, out)
+        # bfloat16: the log-probabilities in bfloat16, as F.cross_entropy keeps them, become the gradient in place.
+        loss, lse, log_probs, counted, invalid, t = plain_rows(logits, target, weight, ignore_index,
+                                                               keep_dtype=with_grad)
         a = lse.new_ones(()) if scale is None else _factors(scale, logits.shape[0], lse.dtype)[0]
         if share:
             loss = loss * a
@@ -218,6 +222,35 @@ def forward_impl(logits, target, weight, weight_sum, scale, ignore_index, label_
     grad = _grad_torch(logits, target, weight, weight_sum, lse, a.expand(lse.shape), b.expand(lse.shape),
                        ignore_index, label_smoothing, softcap, z_loss)
     return loss, lse, grad if out is None else out.copy_(grad)
+
+
+CHUNK_NUMEL = 1 << 20  # (rows x V) elements of float32 work per chunk of _plain_with_grad_by_chunks (4 MiB)
+
+
+def _plain_with_grad_by_chunks(logits, target, weight, ignore_index, scale, share, out):
+    """``forward_impl``'s plain case with the gradient for float16 logits (whose log-probabilities stay float32:
+    see :func:`plain_rows`): the float32 work (log-softmax, exp, the gradient before its rounding) one chunk of
+    rows at a time, each chunk's gradient rounded into the output, so that beyond the logits and the gradient the
+    call holds one chunk of float32 (the whole float32 rows would be twice the logits, and their rounding a third
+    copy). Same values as the unchunked formulas."""
+    N, V = logits.shape
+    grad = out if out is not None else torch.empty_like(logits)
+    a_all = None if scale is None else _factors(scale, N, _acc(logits.dtype))[0]
+    losses, lses = [], []
+    rows = max(1, CHUNK_NUMEL // max(V, 1))
+    for start in range(0, N, rows):
+        part = slice(start, min(start + rows, N))
+        loss, lse, log_probs, counted, invalid, t = plain_rows(logits[part], target[part], weight, ignore_index)
+        a = lse.new_ones(()) if a_all is None else (a_all if a_all.numel() == 1 else a_all[part])
+        if share:
+            loss = loss * a
+        grad[part] = plain_grad(probs_from(log_probs), counted, invalid, t, weight, a, logits.dtype)
+        losses.append(loss)
+        lses.append(lse)
+    if not losses:  # N = 0
+        empty = logits.new_zeros(0, dtype=_acc(logits.dtype))
+        return empty, empty.clone(), grad
+    return torch.cat(losses), torch.cat(lses), grad
 
 
 def backward_impl(logits, target, weight, weight_sum, lse, grad_rows, ignore_index, label_smoothing, softcap,

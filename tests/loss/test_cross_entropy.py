@@ -563,3 +563,34 @@ def test_pytorch_plain_path_with_log_probabilities_below_the_subnormal_floor(dty
     assert torch.isfinite(grad).all() and torch.equal(grad, again)
     assert (grad.double() - ref.grad).abs().max().item() <= tol * scale
     assert abs(loss.item() - F.cross_entropy(ref.detach(), target, reduction="sum").item()) <= tol * abs(loss.item())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+def test_pytorch_with_grad_in_chunks_of_rows(dtype, reduction, monkeypatch):
+    """cross_entropy_with_grad on the PyTorch path works on float16/bfloat16 logits one chunk of rows at a time
+    (at most CHUNK_NUMEL float32 elements held): chunks of 3 rows, a last one short, an ignored and a -inf target
+    logit among them, give the values of one chunk exactly, and those of float64 autograd to the dtype's
+    rounding."""
+    from persample.loss import _cross_entropy_ops as ops
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    g = torch.Generator().manual_seed(4)
+    V = 37
+    logits = (torch.randn(11, V, generator=g, dtype=torch.float64) * 6).to(dtype)
+    target = torch.randint(0, V, (11,), generator=g)
+    target[4] = -100
+    logits[7, target[7]] = float("-inf")
+    monkeypatch.setattr(ops, "CHUNK_NUMEL", 3 * V)
+    loss, grad = persample.cross_entropy_with_grad(logits, target, reduction=reduction)
+    monkeypatch.setattr(ops, "CHUNK_NUMEL", 1 << 30)
+    whole_loss, whole_grad = persample.cross_entropy_with_grad(logits, target, reduction=reduction)
+    assert torch.equal(loss, whole_loss) and torch.equal(grad, whole_grad) and grad.dtype == dtype
+    ref = logits.double().requires_grad_()
+    rows = F.cross_entropy(ref, target, reduction="none")  # row 7's loss is inf, its gradient finite
+    counted = (target != -100).sum()
+    reference = {"none": rows, "mean": rows.sum() / counted, "sum": rows.sum()}[reduction]
+    (expected,) = torch.autograd.grad(reference, ref, torch.ones_like(reference))
+    assert torch.isinf(loss).any() and torch.isfinite(grad).all()
+    torch.testing.assert_close(loss.double(), reference.detach(), rtol=2e-2, atol=1e-2)
+    torch.testing.assert_close(grad.double(), expected, rtol=2e-2, atol=1e-2 / V)
