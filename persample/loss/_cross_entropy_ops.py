@@ -202,11 +202,9 @@ def forward_impl(logits, target, weight, weight_sum, scale, ignore_index, label_
             return _kernels.cross_entropy_fwd(logits, target, weight, weight_sum, scale, ignore_index,
                                               label_smoothing, softcap, z_loss, with_grad, out, share=share)[:3]
     if is_plain(label_smoothing, softcap, z_loss):
-        if with_grad and logits.dtype == torch.float16:
+        if with_grad and logits.dtype != _acc(logits.dtype):
             return _plain_with_grad_by_chunks(logits, target, weight, ignore_index, scale, share, out)
-        # bfloat16: the log-probabilities in bfloat16, as F.cross_entropy keeps them, become the gradient in place.
-        loss, lse, log_probs, counted, invalid, t = plain_rows(logits, target, weight, ignore_index,
-                                                               keep_dtype=with_grad)
+        loss, lse, log_probs, counted, invalid, t = plain_rows(logits, target, weight, ignore_index)
         a = lse.new_ones(()) if scale is None else _factors(scale, logits.shape[0], lse.dtype)[0]
         if share:
             loss = loss * a
@@ -228,11 +226,13 @@ CHUNK_NUMEL = 1 << 20  # (rows x V) elements of float32 work per chunk of _plain
 
 
 def _plain_with_grad_by_chunks(logits, target, weight, ignore_index, scale, share, out):
-    """``forward_impl``'s plain case with the gradient for float16 logits (whose log-probabilities stay float32:
-    see :func:`plain_rows`): the float32 work (log-softmax, exp, the gradient before its rounding) one chunk of
-    rows at a time, each chunk's gradient rounded into the output, so that beyond the logits and the gradient the
-    call holds one chunk of float32 (the whole float32 rows would be twice the logits, and their rounding a third
-    copy). Same values as the unchunked formulas."""
+    """``forward_impl``'s plain case with the gradient for float16/bfloat16 logits: the float32 work (log-softmax,
+    exp, the gradient before its one rounding) one chunk of rows at a time, each chunk's gradient rounded into the
+    output, so that beyond the logits and the gradient the call holds one chunk of float32 (the whole float32
+    rows would be twice the logits, and their rounding a third copy). Same values as the unchunked formulas.
+    Not bfloat16 log-probabilities, as the autograd path keeps them to match F.cross_entropy: rounding ``log p``
+    to 8 bits moves ``p`` by ``|log p| / 256`` relative, which the fused linear head and the engine, compared
+    with float32 references, cannot afford."""
     N, V = logits.shape
     grad = out if out is not None else torch.empty_like(logits)
     a_all = None if scale is None else _factors(scale, N, _acc(logits.dtype))[0]
