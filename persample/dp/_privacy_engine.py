@@ -201,7 +201,7 @@ class _Pending:
     """One recorded forward waiting for its backward."""
 
     batch_size: int
-    finish: Callable[[Tensor], tuple[dict[str, Tensor], Tensor]] | None  # None: empty batch
+    finish: Callable[[Tensor | float], tuple[dict[str, Tensor], Tensor]] | None  # None: empty batch
     scale: Tensor | None = None  # d loss / d loss_b, from the criterion's hook
     done: bool = False
     stale: bool = False
@@ -316,8 +316,9 @@ class _Attached:
                                    "with that criterion, whose per-example losses the clipping needs")
             scale = pending.scale
         else:
-            scale = torch.full((pending.batch_size,), 1.0 / pending.batch_size if self.loss_reduction == "mean"
-                               else 1.0)
+            # One number: the engine makes it on the model's device (a tensor from the host would be a copy that
+            # waits for the backward).
+            scale = 1.0 / pending.batch_size if self.loss_reduction == "mean" else 1.0
         self._busy = True
         try:
             grads, _ = pending.finish(scale)
@@ -327,7 +328,7 @@ class _Attached:
         self.optimizer._accumulate(grads, pending.batch_size)
 
     def _vmap_finish(self, pending: _Pending, args: tuple, kwargs: dict,
-                     ) -> Callable[[Tensor], tuple[dict[str, Tensor], Tensor]]:
+                     ) -> Callable[[Tensor | float], tuple[dict[str, Tensor], Tensor]]:
         if len(args) != 1 or kwargs or not isinstance(args[0], Tensor):
             raise ValueError("grad_sample_mode='vmap' takes a model called with one tensor, model(x); use the "
                              "default grad_sample_mode='ghost' for other signatures")
@@ -335,8 +336,10 @@ class _Attached:
         device = x.device.type
         autocast = (device, torch.get_autocast_dtype(device)) if torch.is_autocast_enabled(device) else None
 
-        def finish(scale: Tensor) -> tuple[dict[str, Tensor], Tensor]:
+        def finish(scale: Tensor | float) -> tuple[dict[str, Tensor], Tensor]:
             grad_out = pending.grad_output
+            if not isinstance(scale, Tensor):
+                scale = torch.full((pending.batch_size,), scale, device=grad_out.device, dtype=grad_out.dtype)
             inverse = torch.where(scale != 0, scale.reciprocal(), torch.zeros_like(scale)).to(grad_out)
             targets = grad_out * inverse.view(-1, *([1] * (grad_out.ndim - 1)))
             with torch.autocast(*autocast) if autocast else nullcontext():

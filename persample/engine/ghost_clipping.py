@@ -498,28 +498,35 @@ class Recording:
         return self._step.batch_size
 
     @torch.no_grad()
-    def clipped_grad_sum(self, scale: Tensor) -> tuple[dict[str, Tensor], Tensor]:
+    def clipped_grad_sum(self, scale: Tensor | float) -> tuple[dict[str, Tensor], Tensor]:
         """``(grads, norms)`` as in :class:`ClippedGradSum`, once the backward of ``sum_b scale_b * loss_b`` is
-        done; ``scale: (B,)`` (e.g. ``1 / B`` for a mean). The backward's gradients are ``scale_b`` times the
-        per-example ones: the norms are divided by ``|scale_b|`` and the clipped sum is of ``grad loss_b``
-        itself, so the loss's scale does not change the step. An example with ``scale_b == 0`` adds nothing
-        (its norm reads 0). Call once.
+        done; ``scale``: ``(B,)``, or one number for every example (e.g. ``1 / B`` for a mean, made on the
+        norms' device: no copy from the host). The backward's gradients are ``scale_b`` times the per-example
+        ones: the norms are divided by ``|scale_b|`` and the clipped sum is of ``grad loss_b`` itself, so the
+        loss's scale does not change the step. An example with ``scale_b == 0`` adds nothing (its norm reads 0).
+        As in :meth:`GhostClipping.clipped_grad_sum`, the host does not wait for the norms: the non-finite
+        examples (policy ``nonfinite``) are found from a copy of their mask read after the clipped sums are
+        queued, and the warning or error comes before anything is returned. Call once.
         """
         engine, step = self._engine, self._step
         plan = engine._plan
-        engine._after_backward(step, scale.is_cuda)
+        on_cuda = scale.is_cuda if isinstance(scale, Tensor) else torch.cuda.is_initialized()
+        engine._after_backward(step, on_cuda)
         with _no_autocast(plan):
             scaled = engine._norms(step)
-            scale = scale.to(device=scaled.device, dtype=scaled.dtype).expand(step.batch_size)
+            if isinstance(scale, Tensor):
+                scale = scale.to(device=scaled.device, dtype=scaled.dtype).expand(step.batch_size)
+            else:
+                scale = torch.full((step.batch_size,), float(scale), device=scaled.device, dtype=scaled.dtype)
             inverse = torch.where(scale != 0, scale.reciprocal(), torch.zeros_like(scale))
             norms = scaled * inverse.abs()
             # The engine's non-finite policy: such an example gets a factor of 0 and zeros for its factors.
             finite = torch.isfinite(norms)
-            positions = [] if bool(finite.all()) else torch.nonzero(~finite).flatten().tolist()
-            handle_nonfinite(positions, step.batch_size, engine.nonfinite, stacklevel=3)
             factors = torch.where(finite, (engine.max_grad_norm / (norms + 1e-6)).clamp(max=1.0), 0.0)
             engine._drop_examples(step, finite)
             grads = engine._clipped_sums(step, factors * torch.where(finite, inverse, 0.0))
+            read = _read_later(finite)
+        handle_nonfinite(read(), step.batch_size, engine.nonfinite, stacklevel=3)
         return {name: grads[p] if p in grads else torch.zeros_like(p) for name, p in plan.trainable.items()}, norms
 
 
