@@ -60,7 +60,7 @@ from torch.utils._pytree import tree_leaves
 
 from persample.checks import check_nonfinite, handle_nonfinite, refuse_batch_norm
 from persample.engine import fused_head, rules  # noqa: F401  (rules: registers the rules)
-from persample.engine.forms import batched_dot, clipped_sum, inner
+from persample.engine.forms import Form, batched_dot, clipped_sum, inner
 from persample.engine.graphed import GraphedPost, GraphedStep
 from persample.engine.output_grad import loss_and_output_grad
 from persample.engine.recording import Plan, Step, make_plan, recording
@@ -340,25 +340,38 @@ class GhostClipping:
 
     @staticmethod
     def _drop_examples(step: Step, finite: Tensor) -> None:
-        """Replaces the factors of the examples that are not ``finite`` by zeros (new tensors: a factor can be the
-        caller's input). On the CPU, where knowing costs no wait, only when there are such examples."""
+        """Zeros the factors of the examples that are not ``finite``. The stacks and packed blocks, which the
+        engine made, in place; the other forms' factors (which can be the caller's input, or a layer's
+        activation) later, one form at a time by :meth:`_clipped_sums` right before its sum, as new tensors:
+        all of them at once would be a second copy of every factor at the step's peak. On the CPU, where knowing
+        costs no wait, only when there are such examples."""
         if not finite.is_cuda and bool(finite.all()):
             return
-        done: dict[int, Tensor] = {}  # a Summed bias's G is its weight's: zeroed once
+        dropped = ~finite
 
-        def drop(t: Tensor, dim: int = 0) -> Tensor:
-            if id(t) not in done:
-                shape = [1] * t.ndim
-                shape[dim] = -1
-                done[id(t)] = torch.where(finite.view(shape), t, 0)
-            return done[id(t)]
+        def zero(t: Tensor, dim: int) -> None:
+            shape = [1] * t.ndim
+            shape[dim] = -1
+            t.masked_fill_(dropped.view(shape), 0)
 
-        step.packed = [(drop(flat), params) for flat, params in step.packed]
+        for flat, _ in step.packed:
+            zero(flat, 0)
         for stack in step.stacks:
-            stack.G, stack.A = drop(stack.G, 1), drop(stack.A, 1)
-        for forms in step.forms.values():
-            forms[:] = [replace(x, **{name: drop(getattr(x, name)) for name in ("g", "G", "A") if hasattr(x, name)})
-                        for x in forms]
+            zero(stack.G, 1)
+            if stack.A is not stack.G:
+                zero(stack.A, 1)
+        step.finite = finite
+
+    @staticmethod
+    def _kept(x: Form, finite: Tensor | None) -> Form:
+        """``x`` with the factors of the examples that are not ``finite`` replaced by zeros (new tensors)."""
+        if finite is None:
+            return x
+
+        def drop(t: Tensor) -> Tensor:
+            return torch.where(finite.view(-1, *([1] * (t.ndim - 1))), t, 0)
+
+        return replace(x, **{name: drop(getattr(x, name)) for name in ("g", "G", "A") if hasattr(x, name)})
 
     @staticmethod
     def _clipped_sums(step: Step, factors: Tensor) -> dict[nn.Parameter, Tensor]:
@@ -369,11 +382,12 @@ class GhostClipping:
         step.packed.clear()
         while step.stacks:
             grads.update(stack_clipped_sums(step.stacks.pop(), factors))
+        finite, step.finite = step.finite, None
         for p in list(step.forms):
             forms = step.forms.pop(p)
-            total = clipped_sum(forms.pop(), factors, p.dtype)
+            total = clipped_sum(GhostClipping._kept(forms.pop(), finite), factors, p.dtype)
             while forms:
-                total += clipped_sum(forms.pop(), factors, p.dtype)
+                total += clipped_sum(GhostClipping._kept(forms.pop(), finite), factors, p.dtype)
             grads[p] = total
         if step.head is not None and step.head.params:
             grads.update(fused_head.clipped_sums(step.head, factors))
