@@ -25,6 +25,9 @@ HISTORY = FOLDER / "HISTORY.md"
 def add_save_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-save", action="store_true",
                         help="print the report only; write neither RESULTS.md nor HISTORY.md")
+    parser.add_argument("--section", metavar="NAME",
+                        help="save under this section of RESULTS.md instead of the benchmark's own (a partial run, "
+                             "e.g. some models only, that should not replace the full table)")
 
 
 def commit() -> str:
@@ -70,6 +73,10 @@ def publish(name: str, report: str, args: argparse.Namespace, results: Path = RE
     """Prints ``report`` and, unless ``--no-save`` or ``--quick``, makes it ``name``'s section of RESULTS.md
     (replacing the one there, or added at the end) and appends it to HISTORY.md."""
     report = report.strip() + "\n"
+    section_name = getattr(args, "section", None)
+    if section_name:
+        report = report.replace(f"## {name} ", f"## {section_name} ", 1)
+        name = section_name
     print(report)
     if args.no_save or getattr(args, "quick", False):
         return
