@@ -84,6 +84,7 @@ def train_digits(config: TrainConfig) -> dict:
         KeyboardInterrupt: re-raised after the report is marked "interrupted"; finished epochs are kept.
     """
     _check(config)
+    begun = time.perf_counter()
     device = _device(config.device)
     _check_out(config.out)
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -150,6 +151,8 @@ def train_digits(config: TrainConfig) -> dict:
                disable=not leader or (None if config.progress is None else not config.progress))
     epoch = 0
     skipped = 0
+    set_up = time.perf_counter() - begun
+    epoch_seconds: list[float] = []
     try:
         for epoch in range(1, config.epochs + 1):
             started = time.perf_counter()
@@ -192,6 +195,7 @@ def train_digits(config: TrainConfig) -> dict:
                    if config.dp and len(norms) else math.nan,
                    "nonfinite_examples": nonfinite,
                    "seconds": round(time.perf_counter() - started, 3)}
+            epoch_seconds.append(row["seconds"])
             if leader:
                 report.add_epoch(row, norms)
                 dropped = f"  non-finite examples skipped {nonfinite}" if nonfinite else ""
@@ -217,7 +221,9 @@ def train_digits(config: TrainConfig) -> dict:
     epsilon = dp_optimizer.epsilon(config.delta) if config.dp else math.inf
     result = {"test_accuracy": accuracy, "epsilon": epsilon, "delta": config.delta if config.dp else None,
               "accountant": config.accountant if config.dp else None, "noise_multiplier": noise_multiplier,
-              "epochs_finished": config.epochs, "nonfinite_examples": skipped}
+              "epochs_finished": config.epochs, "nonfinite_examples": skipped,
+              "seconds": {"set_up": round(set_up, 3), "first_epoch": epoch_seconds[0],
+                          "other_epochs": round(sum(epoch_seconds[1:]), 3)}}
     if leader:
         report.finish("finished", result)
     correct = round(accuracy * len(y_test))
@@ -228,6 +234,12 @@ def train_digits(config: TrainConfig) -> dict:
         say(f"epsilon (delta={config.delta:g}): {epsilon:.3f} [{config.accountant} accountant]")
     else:
         say("epsilon: inf (no DP: --no-dp)")
+    # The first epoch apart: it holds the one-off work (Triton's kernel compilation, CUDA's start-up).
+    others = len(epoch_seconds) - 1
+    say(f"time: {set_up:.1f} s set-up (data, model, device), {epoch_seconds[0]:.1f} s first epoch (one-off "
+        f"compilation included)" + (f", {sum(epoch_seconds[1:]):.1f} s the other {others} epoch"
+                                    f"{'s' if others > 1 else ''} ({sum(epoch_seconds[1:]) / others:.2f} s each)"
+                                    if others else ""))
     say(f"report: {config.out}/report.json, gradient-norm histogram: {config.out}/grad_norms.png")
     return result
 
