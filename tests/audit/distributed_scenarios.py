@@ -62,3 +62,10 @@ def main(out: str) -> None:
 if __name__ == "__main__":
     os.environ.setdefault("TRITON_INTERPRET", "0")
     main(sys.argv[1])
+    # The results are written and the process group destroyed. Under load, torch 2.13's interpreter teardown
+    # after these scenarios sometimes aborts a rank ("terminate called without an active exception", no Python
+    # frame left: a C++ thread destroyed while joinable), which would fail the run after its work is done; the
+    # teardown is skipped.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
