@@ -219,11 +219,13 @@ def train_digits(config: TrainConfig) -> dict:
 
     accuracy = _accuracy(model, x_test, y_test)
     epsilon = dp_optimizer.epsilon(config.delta) if config.dp else math.inf
+    # The first epoch apart: it holds the one-off work (Triton's kernel compilation, CUDA's start-up).
+    others, rest = len(epoch_seconds) - 1, sum(epoch_seconds[1:])
     result = {"test_accuracy": accuracy, "epsilon": epsilon, "delta": config.delta if config.dp else None,
               "accountant": config.accountant if config.dp else None, "noise_multiplier": noise_multiplier,
               "epochs_finished": config.epochs, "nonfinite_examples": skipped,
               "seconds": {"set_up": round(set_up, 3), "first_epoch": epoch_seconds[0],
-                          "other_epochs": round(sum(epoch_seconds[1:]), 3)}}
+                          "other_epochs": round(rest, 3)}}
     if leader:
         report.finish("finished", result)
     correct = round(accuracy * len(y_test))
@@ -234,12 +236,9 @@ def train_digits(config: TrainConfig) -> dict:
         say(f"epsilon (delta={config.delta:g}): {epsilon:.3f} [{config.accountant} accountant]")
     else:
         say("epsilon: inf (no DP: --no-dp)")
-    # The first epoch apart: it holds the one-off work (Triton's kernel compilation, CUDA's start-up).
-    others = len(epoch_seconds) - 1
     say(f"time: {set_up:.1f} s set-up (data, model, device), {epoch_seconds[0]:.1f} s first epoch (one-off "
-        f"compilation included)" + (f", {sum(epoch_seconds[1:]):.1f} s the other {others} epoch"
-                                    f"{'s' if others > 1 else ''} ({sum(epoch_seconds[1:]) / others:.2f} s each)"
-                                    if others else ""))
+        f"compilation included)" + (f", {rest:.1f} s the other {others} epoch{'s' if others > 1 else ''} "
+                                    f"({rest / others:.2f} s each)" if others else ""))
     say(f"report: {config.out}/report.json, gradient-norm histogram: {config.out}/grad_norms.png")
     return result
 

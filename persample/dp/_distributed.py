@@ -44,7 +44,7 @@ from torch.distributed.tensor import DTensor, Shard
 
 from persample.dp._accounting import Mechanism, PrivacyAccountant
 from persample.dp._noise import gaussian_noise
-from persample.dp._optimizer import DPOptimizer
+from persample.dp._optimizer import DPOptimizer, buckets
 
 
 class DistributedDPOptimizer(DPOptimizer):
@@ -205,18 +205,7 @@ class DistributedDPOptimizer(DPOptimizer):
 
     def _buckets(self, sums: Mapping[str, Tensor], row_numel) -> list[list[str]]:
         """Names in order, grouped by dtype and device, cut where a bucket would pass ``bucket_cap_mb``."""
-        buckets: list[list[str]] = []
-        open_: dict[tuple, tuple[list[str], int]] = {}
-        for name, g in sums.items():
-            key = (g.dtype, g.device)
-            names, size = open_.get(key, ([], 0))
-            nbytes = row_numel(name, g) * g.element_size()
-            if names and size + nbytes > self.bucket_bytes:
-                buckets.append(names)
-                names, size = [], 0
-            open_[key] = (names + [name], size + nbytes)
-        buckets.extend(names for names, _ in open_.values())
-        return buckets
+        return buckets(sums, self.bucket_bytes, lambda name, g: row_numel(name, g) * g.element_size())
 
     def _all_reduce(self, sums: Mapping[str, Tensor], std: float) -> dict[str, Tensor]:
         sent = []

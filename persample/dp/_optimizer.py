@@ -166,7 +166,7 @@ class DPOptimizer:
         # device, in the parameters' order, at most NOISE_BUCKET_NUMEL elements unless one parameter is larger)
         # at a time: a few kernel launches per bucket instead of three per parameter, and at most one bucket of
         # noise held beyond the gradients.
-        for names in _buckets(summed, NOISE_BUCKET_NUMEL):
+        for names in buckets(summed, NOISE_BUCKET_NUMEL):
             totals = [summed[name] for name in names]
             if std > 0:
                 sizes = [t.numel() for t in totals]
@@ -202,19 +202,21 @@ def _own(t: Tensor, dtype: torch.dtype, owned: bool) -> Tensor:
     return converted if owned or converted is not t else converted.clone()
 
 
-def _buckets(tensors: Mapping[str, Tensor], cap: int) -> list[list[str]]:
-    """The names in order, grouped by dtype and device, a group cut where it would pass ``cap`` elements."""
-    buckets: list[list[str]] = []
+def buckets(tensors: Mapping[str, Tensor], cap: int, size=lambda name, t: t.numel()) -> list[list[str]]:
+    """The names in order, grouped by dtype and device, a group cut where it would pass ``cap`` (in the units of
+    ``size(name, tensor)``, elements by default); a tensor larger than ``cap`` is a bucket alone."""
+    done: list[list[str]] = []
     open_: dict[tuple, tuple[list[str], int]] = {}
     for name, t in tensors.items():
         key = (t.dtype, t.device)
-        names, size = open_.get(key, ([], 0))
-        if names and size + t.numel() > cap:
-            buckets.append(names)
-            names, size = [], 0
-        open_[key] = (names + [name], size + t.numel())
-    buckets.extend(names for names, _ in open_.values() if names)
-    return buckets
+        names, total = open_.get(key, ([], 0))
+        this = size(name, t)
+        if names and total + this > cap:
+            done.append(names)
+            names, total = [], 0
+        open_[key] = (names + [name], total + this)
+    done.extend(names for names, _ in open_.values())
+    return done
 
 
 def _nonfinite(tensors: list[Tensor], names: list[str]) -> list[str]:
