@@ -1,7 +1,6 @@
 """One way for the tests to start a script on several CPU processes: ``torchrun --standalone`` (gloo in the
 scripts), Triton's interpreter off, one thread per process, and a timeout, so that a hang fails the test instead
-of stalling CI. The processes import the installed ``persample``; scenario scripts that import ``tests.…`` ask
-for the repository root on their path with ``root_on_path=True``."""
+of stalling CI. The processes import the installed ``persample``; the repository root is not put on their path."""
 
 import os
 import subprocess
@@ -11,13 +10,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def torchrun(script: Path, *args: str, nproc: int, timeout: float,
-             root_on_path: bool = False) -> subprocess.CompletedProcess:
+def torchrun(script: Path, *args: str, nproc: int, timeout: float) -> subprocess.CompletedProcess:
     """Runs ``script args`` on ``nproc`` processes from the repository root; fails the test, with the tail of
     both outputs, unless every process exits with 0."""
     environment = {**os.environ, "TRITON_INTERPRET": "0", "OMP_NUM_THREADS": "1"}
-    if root_on_path:
-        environment["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
                str(script), *args]
     done = subprocess.run(command, cwd=ROOT, env=environment, capture_output=True, text=True, timeout=timeout)

@@ -92,7 +92,7 @@ def test_skipped_clipping_is_caught_without_assumption(data):
 @pytest.fixture(scope="module")
 def four_ranks(tmp_path_factory):
     out = tmp_path_factory.mktemp("audit") / "results.pt"
-    torchrun(SCENARIOS, str(out), nproc=4, timeout=240, root_on_path=True)
+    torchrun(SCENARIOS, str(out), nproc=4, timeout=240)
     results = torch.load(out, weights_only=False)
     assert results["world_size"] == 4
     assert all(theirs == results["rank 0"] for theirs in results["by rank"]), "every rank audits the same run"

@@ -22,7 +22,7 @@ SCENARIOS = Path(__file__).with_name("distributed_scenarios.py")
 @pytest.fixture(scope="module")
 def launched(tmp_path_factory):
     out = tmp_path_factory.mktemp("distributed") / "results.pt"
-    torchrun(SCENARIOS, str(out), nproc=2, timeout=300, root_on_path=True)
+    torchrun(SCENARIOS, str(out), nproc=2, timeout=300)
     return torch.load(out, weights_only=False)
 
 
