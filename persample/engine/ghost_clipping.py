@@ -335,18 +335,18 @@ class GhostClipping:
         norms = self._norms(step)
         finite = torch.isfinite(norms) & torch.isfinite(losses).to(norms.device)
         factors = torch.where(finite, (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0), 0.0)
-        self._drop_examples(step, finite)
-        return norms, self._clipped_sums(step, factors), finite
+        kept = self._drop_examples(step, finite)
+        return norms, self._clipped_sums(step, factors, kept), finite
 
     @staticmethod
-    def _drop_examples(step: Step, finite: Tensor) -> None:
-        """Zeros the factors of the examples that are not ``finite``. The stacks and packed blocks, which the
-        engine made, in place; the other forms' factors (which can be the caller's input, or a layer's
-        activation) later, one form at a time by :meth:`_clipped_sums` right before its sum, as new tensors:
-        all of them at once would be a second copy of every factor at the step's peak. On the CPU, where knowing
-        costs no wait, only when there are such examples."""
+    def _drop_examples(step: Step, finite: Tensor) -> Tensor | None:
+        """Zeros the factors of the examples that are not ``finite``: the stacks and packed blocks, which the
+        engine made, in place. Returns the mask for the other forms' factors (which can be the caller's input, or
+        a layer's activation), which :meth:`_clipped_sums` zeroes one form at a time right before its sum, as new
+        tensors: all of them at once would be a second copy of every factor at the step's peak. On the CPU, where
+        knowing costs no wait, only when there are such examples (None otherwise)."""
         if not finite.is_cuda and bool(finite.all()):
-            return
+            return None
         dropped = ~finite
 
         def zero(t: Tensor, dim: int) -> None:
@@ -360,7 +360,7 @@ class GhostClipping:
             zero(stack.G, 1)
             if stack.A is not stack.G:
                 zero(stack.A, 1)
-        step.finite = finite
+        return finite
 
     @staticmethod
     def _kept(x: Form, finite: Tensor | None) -> Form:
@@ -374,7 +374,7 @@ class GhostClipping:
         return replace(x, **{name: drop(getattr(x, name)) for name in ("g", "G", "A") if hasattr(x, name)})
 
     @staticmethod
-    def _clipped_sums(step: Step, factors: Tensor) -> dict[nn.Parameter, Tensor]:
+    def _clipped_sums(step: Step, factors: Tensor, kept: Tensor | None = None) -> dict[nn.Parameter, Tensor]:
         grads: dict[nn.Parameter, Tensor] = {}
         for flat, params in step.packed:
             summed = factors.to(flat.dtype) @ flat
@@ -382,12 +382,11 @@ class GhostClipping:
         step.packed.clear()
         while step.stacks:
             grads.update(stack_clipped_sums(step.stacks.pop(), factors))
-        finite, step.finite = step.finite, None
         for p in list(step.forms):
             forms = step.forms.pop(p)
-            total = clipped_sum(GhostClipping._kept(forms.pop(), finite), factors, p.dtype)
+            total = clipped_sum(GhostClipping._kept(forms.pop(), kept), factors, p.dtype)
             while forms:
-                total += clipped_sum(GhostClipping._kept(forms.pop(), finite), factors, p.dtype)
+                total += clipped_sum(GhostClipping._kept(forms.pop(), kept), factors, p.dtype)
             grads[p] = total
         if step.head is not None and step.head.params:
             grads.update(fused_head.clipped_sums(step.head, factors))
@@ -537,8 +536,8 @@ class Recording:
             # The engine's non-finite policy: such an example gets a factor of 0 and zeros for its factors.
             finite = torch.isfinite(norms)
             factors = torch.where(finite, (engine.max_grad_norm / (norms + 1e-6)).clamp(max=1.0), 0.0)
-            engine._drop_examples(step, finite)
-            grads = engine._clipped_sums(step, factors * torch.where(finite, inverse, 0.0))
+            kept = engine._drop_examples(step, finite)
+            grads = engine._clipped_sums(step, factors * torch.where(finite, inverse, 0.0), kept)
             read = _read_later(finite)
         handle_nonfinite(read(), step.batch_size, engine.nonfinite, stacklevel=3)
         return {name: grads[p] if p in grads else torch.zeros_like(p) for name, p in plan.trainable.items()}, norms

@@ -87,7 +87,6 @@ class Step:
     stacks: list[OuterStack] = field(default_factory=list)
     anchors: dict[torch.device, Tensor] = field(default_factory=dict)
     head: object = None  # the fused head's HeadStep (persample.engine.fused_head), when the engine has a head
-    finite: Tensor | None = None  # (B,) the examples kept, whose forms' factors _clipped_sums zeroes elsewhere
 
     def is_batched(self, x: Tensor) -> bool:
         if x.ndim == 0 or x.shape[0] != self.batch_size:
