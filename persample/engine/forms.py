@@ -14,6 +14,11 @@ A layer rule describes each example's gradient of a parameter in one of four for
   the backward, so that the biases of same-shaped layers are summed with their weights' stack
   (:mod:`persample.engine.stacks`), not one op per layer. Otherwise it becomes :class:`Dense` by
   :func:`as_dense`, which :func:`inner` and :func:`clipped_sum` apply first.
+* :class:`Implicit` — ``grad_b`` known only to its layer's rule, from the layer's input ``x`` and output
+  gradient ``G`` (batch first) as they are: a convolution weight, whose factors as an Outer (the unfolded
+  patches, ``prod(kernel) / prod(stride)`` times the input) would hold several times the memory of ``x``
+  itself. The rule's :class:`ImplicitOps` give each example's squared norm, the weighted sum and, for the
+  rare cross term with another form, the materialized gradients.
 
 :func:`inner` gives ``<grad_b(x), grad_b(y)>`` for every example without forming either gradient. With
 ``x is y`` that is the squared norm; for two uses of one parameter (an embedding tied to the LM head, a
@@ -31,6 +36,7 @@ Work on ``(B, T, T')`` intermediates is split along the batch so that one chunk 
 
 import functools
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import Tensor
@@ -62,7 +68,28 @@ class Summed:
     G: Tensor  # (B, T, m): the gradients of the output positions that the bias was added to
 
 
-Form = Dense | Outer | Rows | Summed
+class ImplicitOps(Protocol):
+    """What a rule that returns :class:`Implicit` forms provides. Equal (and hashing equal) across steps for the
+    same layer: a CUDA graph of the engine's post-backward is keyed on it."""
+
+    def sq_norms(self, x: Tensor, G: Tensor) -> Tensor:
+        """``(B,)`` each example's squared gradient norm, float32 (float64 for float64)."""
+
+    def weighted_sum(self, x: Tensor, G: Tensor, c: Tensor) -> Tensor:
+        """``sum_b c_b grad_b`` in the parameter's shape, ``c (B,)`` in ``G``'s dtype."""
+
+    def per_example(self, x: Tensor, G: Tensor) -> Tensor:
+        """``(B, *param_shape)`` every example's gradient, float32 (float64 for float64)."""
+
+
+@dataclass
+class Implicit:
+    x: Tensor  # (B, ...) the layer's input, as its op saw it
+    G: Tensor  # (B, ...) the gradient of the layer's output
+    ops: ImplicitOps
+
+
+Form = Dense | Outer | Rows | Summed | Implicit
 
 
 def as_dense(x: Form) -> Form:
@@ -212,7 +239,11 @@ _INNER = {
 
 def inner(x: Form, y: Form) -> Tensor:
     """``<grad_b(x), grad_b(y)>`` for each example: ``(B,)`` in float32 (float64 for float64 inputs)."""
-    x, y = as_dense(x), as_dense(y)
+    if isinstance(x, Implicit) and x is y:
+        return x.ops.sq_norms(x.x, x.G)
+    # A cross term with an Implicit form (a convolution called twice, or tied to another layer) is rare: that
+    # form is materialized.
+    x, y = (Dense(f.ops.per_example(f.x, f.G)) if isinstance(f, Implicit) else as_dense(f) for f in (x, y))
     rule = _INNER.get((type(x), type(y)))
     if rule is not None:
         return rule(x, y)
@@ -224,6 +255,8 @@ def clipped_sum(x: Form, c: Tensor, dtype: torch.dtype) -> Tensor:
     x = as_dense(x)
     if isinstance(x, Dense):
         return _to((_to(c, x.g.dtype) @ x.g.flatten(1)).view(x.g.shape[1:]), dtype)
+    if isinstance(x, Implicit):
+        return _to(x.ops.weighted_sum(x.x, x.G, _to(c, x.G.dtype)), dtype)
     c = c.view(-1, 1, 1)
     if isinstance(x, Outer):
         G, A = _common(x.G, x.A)

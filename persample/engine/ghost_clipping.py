@@ -371,7 +371,7 @@ class GhostClipping:
         def drop(t: Tensor) -> Tensor:
             return torch.where(finite.view(-1, *([1] * (t.ndim - 1))), t, 0)
 
-        return replace(x, **{name: drop(getattr(x, name)) for name in ("g", "G", "A") if hasattr(x, name)})
+        return replace(x, **{name: drop(getattr(x, name)) for name in ("g", "G", "A", "x") if hasattr(x, name)})
 
     @staticmethod
     def _clipped_sums(step: Step, factors: Tensor, kept: Tensor | None = None) -> dict[nn.Parameter, Tensor]:

@@ -48,14 +48,15 @@ import torch
 from torch import Tensor
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from persample.engine.forms import Dense, Outer, Rows
+from persample.engine.forms import Dense, Implicit, Outer, Rows
 from persample.engine.stacks import OuterStack
 
 Post = Callable[[object, Tensor], tuple]
 
 
 # The tensor fields of each form a step holds after the backward (Summed forms are Dense by then).
-_TENSOR_FIELDS = {Dense: ("g",), Outer: ("G", "A"), Rows: ("G", "index"), OuterStack: ("G", "A")}
+_TENSOR_FIELDS = {Dense: ("g",), Outer: ("G", "A"), Rows: ("G", "index"), Implicit: ("x", "G"),
+                  OuterStack: ("G", "A")}
 
 
 def _flatten(step) -> tuple[list[Tensor], tuple, Callable[[list[Tensor]], object]]:
@@ -72,7 +73,8 @@ def _flatten(step) -> tuple[list[Tensor], tuple, Callable[[list[Tensor]], object
     def take(obj) -> tuple:
         """``obj`` and its tensor fields' places in ``tensors``; its other fields go into the signature."""
         places = [(name, place(getattr(obj, name))) for name in _TENSOR_FIELDS[type(obj)]]
-        signature.append((type(obj), getattr(obj, "shape", None), tuple(map(id, getattr(obj, "params", ()))),
+        signature.append((type(obj), getattr(obj, "shape", None), getattr(obj, "ops", None),
+                          tuple(map(id, getattr(obj, "params", ()))),
                           None if getattr(obj, "biases", None) is None else tuple(map(id, obj.biases))))
         return obj, places
 

@@ -4,10 +4,18 @@ With ``A_b`` example ``b``'s input patches ``(L, n)`` (``L`` output positions, `
 and ``G_b`` its output gradients ``(L, m)`` (``m = C_out``), each example's weight gradient is ``G_b^T A_b``, one
 such product per group for a grouped convolution; the bias gradient is ``G_b`` summed over positions.
 
-Like the Linear rule, each layer keeps the cheaper form (:func:`~persample.engine.forms.prefers_factors`): the
-factors when ``L (m + n) < m n`` (the ghost norm ``<A_b A_b^T, G_b G_b^T>``: deep layers on small feature maps),
-else the materialized ``(B, m, n)`` gradients (early layers on large maps, where ``L`` is large). Grouped
-convolutions are materialized: each group's block is ``(m / groups, n)``, which the factors rarely beat.
+Each layer keeps whichever form is smaller to hold until the clipping, per example: the materialized gradient
+(``C_out * n`` elements: :class:`~persample.engine.forms.Dense`; early layers on large maps with few channels), or
+the layer's input and output gradient as they are (:class:`~persample.engine.forms.Implicit`, with
+:class:`ConvGrad`; deep layers on small maps with many channels). The input is held by the backward anyway until
+the layer's gradient is computed, and neither is the patches (``prod(kernel) / prod(stride)`` times the input),
+which factors like a Linear's would keep. An Implicit weight's
+
+* squared norms are computed over chunks of examples, from the ghost norm ``<A_b A_b^T, G_b G_b^T>`` per group
+  where ``L (m + n) < m n`` (the ``L x L`` Gram matrices cost less than the gradient; Goodfellow 2015, Li et al.
+  2022), else from the chunk's materialized gradients;
+* clipped sum is one weight gradient of the convolution, the backend's own kernel, with each example's output
+  gradient scaled by its clip factor: what the normal step's backward computes, once.
 
 The materialized gradients are made one of two ways, whichever measured faster for the layer's shapes, dtype and
 device (timed once, on the first step that meets them, outside any CUDA graph capture):
@@ -28,12 +36,13 @@ chunks are large.
 """
 
 import time
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from persample.engine.forms import Dense, Form, Outer, acc_dtype, prefers_factors
+from persample.engine.forms import Dense, Form, Implicit, acc_dtype, batched_dot, bmm_acc, prefers_factors
 from persample.engine.registry import Call, register_rule
 
 _CPU_CHUNK = 1 << 20
@@ -42,6 +51,7 @@ _CUDA_CHUNK = 1 << 25
 _Conv = nn.Conv1d | nn.Conv2d | nn.Conv3d
 
 METHOD: str | None = None  # "grouped" or "unfold" forces one way of materializing (tests); None: the faster
+NORMS: str | None = None  # "gram" or "grads" forces one way of an Implicit weight's norms (tests); None: by cost
 _FASTEST: dict[tuple, str] = {}  # the measured choice per layer configuration, shapes, dtypes and device
 
 
@@ -97,9 +107,11 @@ def _materialized(module: _Conv, x: Tensor, G: Tensor) -> Tensor:
     return out
 
 
-def _grouped(module: _Conv, x: Tensor, grad_output: Tensor) -> Tensor:
-    """``(B, *weight.shape)`` each example's weight gradient in float32 (float64), from the weight gradient of
-    one convolution whose groups are the batch's examples (times the module's groups)."""
+def _weight_grad(module: _Conv, x: Tensor, grad_output: Tensor, per_example: bool) -> Tensor:
+    """The weight gradient of the convolution from its input ``x`` and ``grad_output``, in ``grad_output``'s dtype:
+    summed over the batch (``(C_out, C_in / groups, *kernel)``), or with ``per_example`` each example's
+    (``(B, ...)`` that shape), from one convolution whose groups are the batch's examples times the module's
+    groups."""
     B, dims = x.shape[0], len(module.kernel_size)
     pads = _explicit_padding(module)
     before, after = pads[0::2][::-1], pads[1::2][::-1]
@@ -109,14 +121,23 @@ def _grouped(module: _Conv, x: Tensor, grad_output: Tensor) -> Tensor:
         x = F.pad(x, pads, mode="constant" if module.padding_mode == "zeros" else module.padding_mode)
         padding = [0] * dims
     x = x.to(grad_output.dtype)
-    # Only the weight's shape is read: a broadcast scalar stands for the (B C_out, C_in / groups, *kernel) weight.
-    shape = (B * module.out_channels, *module.weight.shape[1:])
+    groups = module.groups
+    if per_example:
+        grad_output, x = grad_output.reshape(1, -1, *grad_output.shape[2:]), x.reshape(1, -1, *x.shape[2:])
+        groups *= B
+    # Only the weight's shape is read: a broadcast scalar stands for it.
+    shape = (grad_output.shape[1], *module.weight.shape[1:])
     weight = grad_output.new_zeros(()).expand(shape)
     _, grad, _ = torch.ops.aten.convolution_backward(
-        grad_output.reshape(1, -1, *grad_output.shape[2:]), x.reshape(1, -1, *x.shape[2:]), weight, None,
-        list(module.stride), padding, list(module.dilation), False, [0] * dims, B * module.groups,
-        [False, True, False])
-    return grad.view(B, *module.weight.shape).to(acc_dtype(grad_output))
+        grad_output, x, weight, None, list(module.stride), padding, list(module.dilation), False, [0] * dims,
+        groups, [False, True, False])
+    return grad.view(B, *module.weight.shape) if per_example else grad
+
+
+def _grouped(module: _Conv, x: Tensor, grad_output: Tensor) -> Tensor:
+    """``(B, *weight.shape)`` each example's weight gradient in float32 (float64), from the weight gradient of
+    one convolution whose groups are the batch's examples (times the module's groups)."""
+    return _weight_grad(module, x, grad_output, per_example=True).to(acc_dtype(grad_output))
 
 
 def _unfolded(module: _Conv, x: Tensor, grad_output: Tensor) -> Tensor:
@@ -165,21 +186,70 @@ def per_example_grads(module: _Conv, x: Tensor, grad_output: Tensor) -> Tensor:
     return _WAYS[way](module, x, grad_output)
 
 
+def _patches(module: _Conv, x: Tensor) -> Tensor:
+    """``(B, L, C_in * prod(kernel))`` each example's input patches, position-major, copied out."""
+    B, dims = x.shape[0], len(module.kernel_size)
+    # (B, *L_dims, C, *kernel) -> (B, L, n): channels then taps, the order of weight.reshape(C_out, -1).
+    order = (0, *range(2, 2 + dims), 1, *range(2 + dims, 2 + 2 * dims))
+    windows = _windows(module, x).permute(order)
+    return windows.reshape(B, windows.shape[1:1 + dims].numel(), -1)
+
+
+@dataclass(frozen=True)
+class ConvGrad:
+    """:class:`~persample.engine.forms.ImplicitOps` of a convolution's weight: equal for the same module."""
+
+    module: _Conv
+
+    def sq_norms(self, x: Tensor, G: Tensor) -> Tensor:
+        """Over chunks of examples: the ghost norm ``<A_b A_b^T, G_b G_b^T>`` (per group) where
+        ``L (m + n) < m n`` (``m = C_out / groups``: the ``L x L`` Gram matrices cost less than the gradient), else
+        the chunk's gradients themselves, by the faster way (:data:`NORMS` forces one)."""
+        module = self.module
+        g = module.groups
+        B, L, m, n = G.shape[0], G[0, 0].numel(), module.out_channels // g, module.weight[0].numel()
+        gram = NORMS == "gram" if NORMS is not None else prefers_factors(L, m, n, "auto")
+        per_example = g * L * (n + 2 * L) if gram else module.weight.numel()
+        step = max(1, _chunk(G) // per_example)
+        terms = [self._gram(x[i:i + step], G[i:i + step]) if gram else self._squares(x[i:i + step], G[i:i + step])
+                 for i in range(0, B, step)]
+        return terms[0] if len(terms) == 1 else torch.cat(terms)
+
+    def _gram(self, x: Tensor, G: Tensor) -> Tensor:
+        module = self.module
+        B, g, acc = x.shape[0], module.groups, acc_dtype(G)
+        A = _patches(module, x).to(G.dtype)  # (B, L, g n): group-major columns
+        L = A.shape[1]
+        A = A.view(B, L, g, -1).transpose(1, 2).reshape(B * g, L, -1)
+        G = G.reshape(B * g, -1, L)  # (B g, m, L)
+        dots = batched_dot(bmm_acc(A, A.transpose(1, 2), acc), bmm_acc(G.transpose(1, 2), G, acc))
+        return dots.view(B, g).sum(1)
+
+    def _squares(self, x: Tensor, G: Tensor) -> Tensor:
+        grads = per_example_grads(self.module, x, G)
+        return batched_dot(grads, grads)
+
+    def weighted_sum(self, x: Tensor, G: Tensor, c: Tensor) -> Tensor:
+        """One weight gradient of the convolution, from the output gradients scaled by ``c``."""
+        return _weight_grad(self.module, x, G * c.view(-1, *[1] * (G.ndim - 1)), per_example=False)
+
+    def per_example(self, x: Tensor, G: Tensor) -> Tensor:
+        return per_example_grads(self.module, x, G)
+
+
 @register_rule(nn.Conv1d, nn.Conv2d, nn.Conv3d, params=("weight", "bias"), cast_input=True)
 def conv(call: Call, grad_output: Tensor, strategy: str) -> dict[str, Form]:
     module, x = call.module, call.args[0]
-    B, dims = x.shape[0], len(module.kernel_size)
-    G = grad_output.reshape(B, module.out_channels, -1)
+    G = grad_output.reshape(x.shape[0], module.out_channels, -1)
     forms: dict[str, Form] = {}
     if "weight" in call.params:
-        L, m, n = G.shape[2], module.out_channels, module.weight[0].numel()
-        if module.groups == 1 and prefers_factors(L, m, n, strategy):
-            # (B, *L_dims, C, *kernel) -> (B, L, n): the position-major patches the factors multiply.
-            order = (0, *range(2, 2 + dims), 1, *range(2 + dims, 2 + 2 * dims))
-            A = _windows(module, x).permute(order).reshape(B, L, n)
-            forms["weight"] = Outer(G.transpose(1, 2), A, module.weight.shape)
-        else:
+        # Whichever is smaller to hold until the clipping: every example's gradient, or what the Implicit
+        # form keeps (the input, which the backward held anyway until this layer, and the output gradient).
+        kept = x[0].numel() + grad_output[0].numel()
+        if strategy == "materialize" or (strategy == "auto" and module.weight.numel() <= kept):
             forms["weight"] = Dense(per_example_grads(module, x, grad_output))
+        else:
+            forms["weight"] = Implicit(x, grad_output, ConvGrad(module))
     if "bias" in call.params:
         forms["bias"] = Dense(G.sum(2, dtype=acc_dtype(G)))
     return forms

@@ -3,7 +3,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from persample.checks import NonFiniteGradientWarning
 from persample.engine import GhostClipping
+from persample.engine.forms import Dense, Implicit
 from persample.engine.rules import conv as conv_rule
 from tests.engine.reference import assert_matches_reference
 
@@ -103,16 +105,73 @@ def test_materialized_in_chunks(cls, monkeypatch):
         _check(cls, _options("stride-padding", cls), "materialize", batch=5)
 
 
-def test_auto_picks_factors_on_small_maps():
-    """A wide layer on a small map keeps the factors; a narrow one on a large map is materialized."""
+@pytest.mark.parametrize("cls", list(SPATIAL), ids=lambda c: c.__name__)
+@pytest.mark.parametrize("conv", list(CONVS))
+@pytest.mark.parametrize("norms", ["gram", "grads"])
+def test_both_ways_of_implicit_norms(cls, conv, norms, monkeypatch):
+    """An Implicit weight's norms from the per-group Gram matrices of the patches and output gradients, and from
+    the chunk's gradients; its clipped sum from one weight gradient of the convolution."""
+    monkeypatch.setattr(conv_rule, "NORMS", norms)
+    _check(cls, _options(conv, cls), "ghost")
+
+
+@pytest.mark.parametrize("cls", list(SPATIAL), ids=lambda c: c.__name__)
+@pytest.mark.parametrize("norms", ["gram", "grads"])
+def test_implicit_norms_in_chunks(cls, norms, monkeypatch):
+    """Chunks of one and of a few examples (the last one short) give the whole batch's norms."""
+    monkeypatch.setattr(conv_rule, "NORMS", norms)
+    for chunk in (1, 700):
+        monkeypatch.setattr(conv_rule, "_CPU_CHUNK", chunk)
+        _check(cls, _options("groups", cls), "ghost", batch=5)
+        _check(cls, _options("stride-padding", cls), "ghost", batch=5)
+
+
+def test_auto_keeps_the_smaller_form():
+    """A wide layer on a small map keeps its input and output gradient (the very tensors: no patches copied), a
+    narrow one on a large map its materialized gradients."""
     deep = nn.Conv2d(64, 64, 3, padding=1)
+    x, grad = torch.randn(2, 64, 4, 4), torch.randn(2, 64, 4, 4)
+    forms = conv_rule.conv(conv_rule.Call(deep, (x,), {}, dict(deep.named_parameters()), None), grad, "auto")
+    assert isinstance(forms["weight"], Implicit)
+    assert forms["weight"].x is x and forms["weight"].G is grad
     early = nn.Conv2d(3, 8, 3, padding=1)
-    call = conv_rule.Call(deep, (torch.randn(2, 64, 4, 4),), {}, dict(deep.named_parameters()), None)
-    forms = conv_rule.conv(call, torch.randn(2, 64, 4, 4), "auto")
-    assert type(forms["weight"]).__name__ == "Outer"
     call = conv_rule.Call(early, (torch.randn(2, 3, 16, 16),), {}, dict(early.named_parameters()), None)
     forms = conv_rule.conv(call, torch.randn(2, 8, 16, 16), "auto")
-    assert type(forms["weight"]).__name__ == "Dense"
+    assert isinstance(forms["weight"], Dense)
+
+
+class Twice(nn.Module):
+    """One convolution applied twice: its weight's norm has a cross term between the two calls."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.fc = nn.Linear(4 * 5 * 5, 3)
+
+    def forward(self, x):
+        return self.fc(self.conv(torch.tanh(self.conv(x))).flatten(1))
+
+
+@pytest.mark.parametrize("strategy", ["auto", "ghost", "materialize"])
+def test_conv_called_twice(strategy):
+    model = Twice().double()
+    assert_matches_reference(model, torch.randn(4, 4, 5, 5, dtype=torch.float64), torch.randint(0, 3, (4,)),
+                             loss_fn=cross_entropy, strategy=strategy)
+
+
+def test_nonfinite_example_drops_out_of_an_implicit_weight():
+    """An example with a NaN input contributes nothing to the clipped sum of a weight kept Implicit (its input
+    is zeroed too: 0 * NaN would be NaN)."""
+    model = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1), nn.Flatten(), nn.Linear(16 * 2 * 2, 3))
+    x, y = torch.randn(5, 16, 2, 2), torch.randint(0, 3, (5,))
+    engine = GhostClipping(model, max_grad_norm=0.5, loss_fn=cross_entropy, strategy="ghost")
+    clean = engine.clipped_grad_sum(x[[0, 2, 3, 4]], y[[0, 2, 3, 4]])
+    x[1, 0, 0, 0] = float("nan")
+    with pytest.warns(NonFiniteGradientWarning):
+        dirty = engine.clipped_grad_sum(x, y)
+    assert dirty.nonfinite == 1
+    for name, grad in clean.grads.items():
+        torch.testing.assert_close(dirty.grads[name], grad)
 
 
 def test_conv_under_autocast_close_to_float32():
