@@ -143,6 +143,17 @@ def bmm_acc(x: Tensor, y: Tensor, acc: torch.dtype, plus_one: bool = False) -> T
     return _to(torch.bmm(x, y) if one is None else torch.baddbmm(one, x, y), acc)
 
 
+def bmm_into(x: Tensor, y: Tensor, out: Tensor) -> Tensor:
+    """``out = x @ y`` (batched), ``out`` of the inputs' dtype or of their accumulation dtype. As :func:`bmm_acc`,
+    float16/bfloat16 inputs go into a float32 ``out`` straight from the GEMM on CUDA (not rounded first, no
+    second copy); elsewhere the product is cast."""
+    if out.dtype == x.dtype:
+        return torch.bmm(x, y, out=out)
+    if x.is_cuda and out.dtype == torch.float32 and x.dtype in (torch.float16, torch.bfloat16) and _gemm_out_dtype():
+        return torch.bmm(x, y, out_dtype=out.dtype, out=out)
+    return out.copy_(torch.bmm(x, y))
+
+
 def _to(t: Tensor, dtype: torch.dtype) -> Tensor:
     # The engine runs a few of these per layer and step; most are no-ops, which need no call into torch.
     return t if t.dtype == dtype else t.to(dtype)

@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from persample.engine.forms import Dense, Form, Implicit, acc_dtype, batched_dot, bmm_acc, prefers_factors
+from persample.engine.forms import Dense, Form, Implicit, acc_dtype, batched_dot, bmm_acc, bmm_into, prefers_factors
 from persample.engine.registry import Call, register_rule
 
 _CPU_CHUNK = 1 << 20
@@ -100,10 +100,7 @@ def _materialized(module: _Conv, x: Tensor, G: Tensor) -> Tensor:
         A = _windows(module, x[i:i + b]).permute(order).reshape(b * g, n, L).to(G.dtype)
         Gc = G[i:i + b].reshape(b * g, m // g, L)
         target = out[i:i + b].view(b * g, m // g, n)
-        if target.dtype == G.dtype:
-            torch.bmm(Gc, A.transpose(1, 2), out=target)
-        else:
-            target.copy_(torch.bmm(Gc, A.transpose(1, 2)))
+        bmm_into(Gc, A.transpose(1, 2), target)
     return out
 
 
