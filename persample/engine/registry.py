@@ -16,7 +16,9 @@ Adding a layer type, step by step:
    for the others). Pick the form: :class:`~persample.engine.forms.Outer` for a product of inputs and output
    gradients (:func:`~persample.engine.forms.outer_or_dense` chooses by ``strategy`` and cost),
    :class:`~persample.engine.forms.Rows` for a table lookup, :class:`~persample.engine.forms.Summed` for a
-   bias next to an Outer weight, :class:`~persample.engine.forms.Dense` otherwise. Pass ``cast_input=True``
+   bias next to an Outer weight, :class:`~persample.engine.forms.Implicit` with the rule's own norms and sums
+   when the layer's input and output gradient are smaller than any factors (a convolution's),
+   :class:`~persample.engine.forms.Dense` otherwise. Pass ``cast_input=True``
    when the module's op runs in the autocast dtype, so that the kept input is the one it used.
    A type from an optional dependency is named by its import path (a string), so that registering it imports
    nothing.
