@@ -90,3 +90,41 @@ def test_graphed_step_names_unhashable_inputs():
     step = GraphedStep(step=None, check=None, state=tuple)
     with pytest.raises(ValueError, match=r"must be hashable; got \['set'\]"):
         step((torch.zeros(2, 3), {"ids": {1, 2}}), torch.zeros(2, dtype=torch.long))
+
+
+def test_graphed_post_keys_implicit_forms_on_their_layer(monkeypatch):
+    """A conv weight kept Implicit enters the graph by its input and output gradient, and by its layer: two steps
+    of one model share a signature (one capture), and a rebuilt step holds the new tensors with the same ops."""
+    from torch import nn
+
+    from persample.engine import GhostClipping
+    from persample.engine.forms import Implicit
+    from persample.engine.graphed import GraphedPost
+
+    def fake_capture(self, tensors, rebuild):
+        return graphed._Captured(_FakeGraph(), [t.clone() for t in tensors], ("norms", {"grads": None}))
+
+    monkeypatch.setattr(GraphedPost, "_capture", fake_capture)
+    model = nn.Sequential(nn.Conv2d(2, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.Flatten(),
+                          nn.Linear(8 * 3 * 3, 4))
+    engine = GhostClipping(model, max_grad_norm=0.5, strategy="ghost",
+                           loss_fn=lambda out, y: nn.functional.cross_entropy(out, y, reduction="none"))
+    x, y = torch.randn(3, 2, 3, 3), torch.randint(0, 4, (3,))
+    steps = [engine._backward(torch.randn_like(x), y)[0] for _ in range(2)]
+    (first, signature, _), (_, again, rebuild) = (graphed._flatten(s) for s in steps)
+    assert signature == again
+    implicit = [f for fs in steps[1].forms.values() for f in fs if isinstance(f, Implicit)]
+    assert {f.ops.module for f in implicit} == {model[0], model[2]}
+    assert all(any(f.ops in entry for entry in signature if isinstance(entry, tuple)) for f in implicit)
+    new_tensors = [t.clone() for t in first]
+    rebuilt = rebuild(new_tensors)
+    for p, forms in rebuilt.forms.items():
+        for new, old in zip(forms, steps[1].forms[p], strict=True):
+            assert type(new) is type(old) and getattr(new, "ops", None) == getattr(old, "ops", None)
+    new_implicit = [f for fs in rebuilt.forms.values() for f in fs if isinstance(f, Implicit)]
+    assert len(new_implicit) == 2 and all(any(f.x is t for t in new_tensors) for f in new_implicit)
+    post = GraphedPost(engine._norms_and_clipped_sums)
+    for step in steps:
+        post(step, torch.zeros(3))
+    (captured,) = post._captured.values()
+    assert captured.graph.replays == 2
