@@ -132,13 +132,19 @@ def _gemm_out_dtype() -> bool:
     return True
 
 
+def _gemm_writes(x: Tensor, acc: torch.dtype) -> bool:
+    """Whether a GEMM of float16/bfloat16 ``x`` can write float32 ``acc`` itself (CUDA, a PyTorch with
+    ``out_dtype``)."""
+    return x.is_cuda and acc == torch.float32 and x.dtype in (torch.float16, torch.bfloat16) and _gemm_out_dtype()
+
+
 def bmm_acc(x: Tensor, y: Tensor, acc: torch.dtype, plus_one: bool = False) -> Tensor:
     """``x @ y`` (batched), plus 1 everywhere with ``plus_one``, in the accumulation dtype ``acc``. On CUDA,
     float16/bfloat16 inputs come out of the GEMM in float32 directly: the product is not rounded to the inputs'
     dtype first, and no cast is launched (the engine runs several of these per layer group and step). Elsewhere
     the product is cast."""
     one = x.new_ones(()) if plus_one else None
-    if x.is_cuda and acc == torch.float32 and x.dtype in (torch.float16, torch.bfloat16) and _gemm_out_dtype():
+    if _gemm_writes(x, acc):
         return torch.bmm(x, y, out_dtype=acc) if one is None else torch.baddbmm(one, x, y, out_dtype=acc)
     return _to(torch.bmm(x, y) if one is None else torch.baddbmm(one, x, y), acc)
 
@@ -149,7 +155,7 @@ def bmm_into(x: Tensor, y: Tensor, out: Tensor) -> Tensor:
     second copy); elsewhere the product is cast."""
     if out.dtype == x.dtype:
         return torch.bmm(x, y, out=out)
-    if x.is_cuda and out.dtype == torch.float32 and x.dtype in (torch.float16, torch.bfloat16) and _gemm_out_dtype():
+    if _gemm_writes(x, out.dtype):
         return torch.bmm(x, y, out_dtype=out.dtype, out=out)
     return out.copy_(torch.bmm(x, y))
 

@@ -223,7 +223,7 @@ class ConvGrad:
         return dots.view(B, g).sum(1)
 
     def _squares(self, x: Tensor, G: Tensor) -> Tensor:
-        grads = per_example_grads(self.module, x, G)
+        grads = self.per_example(x, G)
         return batched_dot(grads, grads)
 
     def weighted_sum(self, x: Tensor, G: Tensor, c: Tensor) -> Tensor:
