@@ -35,6 +35,7 @@ page faults than the product, and small buffers are reused and stay in cache; on
 chunks are large.
 """
 
+import contextlib
 import time
 from dataclasses import dataclass
 
@@ -77,8 +78,37 @@ def _windows(module: _Conv, x: Tensor) -> Tensor:
         x = F.pad(x, pads, mode="constant" if module.padding_mode == "zeros" else module.padding_mode)
     for i, (k, d, s) in enumerate(zip(module.kernel_size, module.dilation, module.stride, strict=True)):
         # A window spanning d * (k - 1) + 1 inputs, of which every d-th is a tap: views only.
-        x = x.unfold(2 + i, d * (k - 1) + 1, s)[..., ::d]
+        x = x.unfold(2 + i, d * (k - 1) + 1, s)
+        if d > 1:
+            x = x[..., ::d]
     return x
+
+
+def _cudnn_tf32() -> bool:
+    """Whether cuDNN may run float32 convolutions in TF32 (PyTorch's default), by whichever API the user set it."""
+    try:
+        return torch.backends.cudnn.allow_tf32
+    except RuntimeError:  # the user set the new per-operator API, which the legacy flag refuses to summarize
+        return torch.backends.cudnn.conv.fp32_precision == "tf32"
+
+
+@contextlib.contextmanager
+def _as_convolution(x: Tensor):
+    """float32 GEMMs on a GPU run at the precision of the layer's own convolution: in TF32 where cuDNN's are
+    (PyTorch's default for convolutions, not for matmuls), else in full float32. Where the two settings differ
+    (by default), the matmul precision is switched for the block and restored."""
+    if not (x.is_cuda and x.dtype == torch.float32):
+        yield
+        return
+    want, have = "high" if _cudnn_tf32() else "highest", torch.get_float32_matmul_precision()
+    if want == have:
+        yield
+        return
+    torch.set_float32_matmul_precision(want)
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(have)
 
 
 def _chunk(x: Tensor) -> int:
@@ -168,6 +198,11 @@ def _timed(way, module: _Conv, x: Tensor, grad_output: Tensor) -> tuple[float, T
 def per_example_grads(module: _Conv, x: Tensor, grad_output: Tensor) -> Tensor:
     """``(B, *weight.shape)`` each example's weight gradient in float32 (float64): by the way that measured
     faster for this configuration (:data:`METHOD` forces one)."""
+    with _as_convolution(x):
+        return _per_example_grads(module, x, grad_output)
+
+
+def _per_example_grads(module: _Conv, x: Tensor, grad_output: Tensor) -> Tensor:
     if METHOD is not None:
         return _WAYS[METHOD](module, x, grad_output)
     key = (x.device, x.dtype, grad_output.dtype, tuple(x.shape), tuple(grad_output.shape), module.kernel_size,
@@ -208,8 +243,9 @@ class ConvGrad:
         gram = NORMS == "gram" if NORMS is not None else prefers_factors(L, m, n, "auto")
         per_example = g * L * (n + 2 * L) if gram else module.weight.numel()
         step = max(1, _chunk(G) // per_example)
-        terms = [self._gram(x[i:i + step], G[i:i + step]) if gram else self._squares(x[i:i + step], G[i:i + step])
-                 for i in range(0, B, step)]
+        with _as_convolution(x):
+            terms = [self._gram(x[i:i + step], G[i:i + step]) if gram else self._squares(x[i:i + step], G[i:i + step])
+                     for i in range(0, B, step)]
         return terms[0] if len(terms) == 1 else torch.cat(terms)
 
     def _gram(self, x: Tensor, G: Tensor) -> Tensor:

@@ -183,3 +183,30 @@ def test_conv_under_autocast_close_to_float32():
     from tests.engine.reference import assert_autocast_close_to_float32
 
     assert_autocast_close_to_float32(engine, x, torch.randint(0, 5, (6,)))
+
+
+@pytest.mark.parametrize("cudnn_tf32", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gemms_run_at_the_convolutions_precision(cudnn_tf32, dtype, monkeypatch):
+    """float32 GEMMs on a GPU follow cuDNN's TF32 setting for the layer's convolutions, not matmul's, and the
+    user's matmul precision is back afterwards, even after an error. (A stand-in for a CUDA tensor: only the flag
+    handling runs here.)"""
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(conv_rule, "_cudnn_tf32", lambda: cudnn_tf32)
+    before = torch.get_float32_matmul_precision()
+    cuda = SimpleNamespace(is_cuda=True, dtype=dtype)
+    want = "high" if cudnn_tf32 else "highest"
+    for user in ("highest", "high"):
+        torch.set_float32_matmul_precision(user)
+        try:
+            with conv_rule._as_convolution(cuda):
+                assert torch.get_float32_matmul_precision() == (want if dtype == torch.float32 else user)
+            assert torch.get_float32_matmul_precision() == user
+            with pytest.raises(ValueError), conv_rule._as_convolution(cuda):
+                raise ValueError
+            assert torch.get_float32_matmul_precision() == user
+            with conv_rule._as_convolution(torch.zeros(1)):  # CPU tensors: untouched
+                assert torch.get_float32_matmul_precision() == user
+        finally:
+            torch.set_float32_matmul_precision(before)

@@ -20,10 +20,19 @@ class Normed(nn.Module):
         return self.norm(self.conv(x) + 3.0) * 2.0  # an offset, so that the group means are not near 0
 
 
+@pytest.fixture(params=["kernel", "var_mean"])
+def stats(request, monkeypatch):
+    """Both ways of recomputing the group statistics (the GroupNorm kernel's on the CPU, var_mean's on a GPU)."""
+    from persample.engine.rules import groupnorm
+
+    monkeypatch.setattr(groupnorm, "STATS", request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("groups", [1, 2, 6])
 @pytest.mark.parametrize("affine", [True, False])
 @pytest.mark.parametrize("spatial", [(), (4,), (3, 5)], ids=["0d", "1d", "2d"])
-def test_group_norm(groups, affine, spatial):
+def test_group_norm(groups, affine, spatial, stats):
     if not spatial and groups == 6:
         pytest.skip("one value per group: GroupNorm itself refuses it")
     if not spatial:  # (B, C) inputs go through a Linear
