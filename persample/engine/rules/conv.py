@@ -17,7 +17,7 @@ which factors like a Linear's would keep. An Implicit weight's
 * clipped sum is one weight gradient of the convolution, the backend's own kernel, with each example's output
   gradient scaled by its clip factor: what the normal step's backward computes, once.
 
-The materialized gradients are made one of two ways, whichever measured faster for the layer's shapes, dtype and
+The materialized gradients are made one of three ways, whichever measured fastest for the layer's shapes, dtype and
 device (timed once, on the first step that meets them, outside any CUDA graph capture):
 
 * ``"grouped"``: one weight gradient of a convolution with the batch as groups, input ``(1, B C_in, ...)``,
@@ -25,6 +25,9 @@ device (timed once, on the first step that meets them, outside any CUDA graph ca
   weight-gradient kernel (oneDNN, cuDNN) runs, the patches are never copied out, and on large maps it costs
   about what the normal step's weight gradient does.
 * ``"unfold"``: the patches as above and one batched product per chunk of examples.
+* ``"shifted"`` (stride 1): one batched product per kernel tap over the whole batch, whose input operand is a
+  view of the padded input: on a frame as wide as the padded input, each tap's inputs are one slice of it, so no
+  patches are copied out, at the cost of a few extra positions between rows whose output gradient is zero.
 
 Padding of any mode (``'same'`` included) is applied with ``F.pad``; the patches are then strided views of the
 padded input (``Tensor.unfold`` per spatial dimension, every ``dilation``-th tap). Materializing runs over the
@@ -36,6 +39,8 @@ chunks are large.
 """
 
 import contextlib
+import itertools
+import math
 import time
 from dataclasses import dataclass
 
@@ -171,7 +176,42 @@ def _unfolded(module: _Conv, x: Tensor, grad_output: Tensor) -> Tensor:
     return _materialized(module, x, grad_output.reshape(x.shape[0], module.out_channels, -1))
 
 
-_WAYS = {"grouped": _grouped, "unfold": _unfolded}
+def _shifted(module: _Conv, x: Tensor, grad_output: Tensor) -> Tensor:
+    """``(B, *weight.shape)`` each example's weight gradient in float32 (float64) of a convolution with stride 1,
+    from one batched product per kernel tap, whose operands are views: no patches are copied out.
+
+    With the padded input ``P`` (its spatial dimensions ``P_0, ..., P_k``) flattened per channel, tap ``t``'s
+    inputs for output positions laid out on the frame ``(L_0, P_1, ..., P_k)`` are one contiguous slice of it,
+    starting at the tap's offset. The output gradient is padded with zeros to that frame, so the frame's extra
+    positions (between rows, ``P_i / L_i - 1`` of them; none in 1-D) add nothing. One extra zero row at the end of
+    the first spatial dimension keeps the last tap's slice inside its channel."""
+    if any(s != 1 for s in module.stride):
+        raise NotImplementedError("the shifted views need stride 1")
+    B, dims, g = x.shape[0], len(module.kernel_size), module.groups
+    pads = _explicit_padding(module)
+    if module.padding_mode == "zeros":
+        x = F.pad(x, [*pads[:-1], pads[-1] + 1])
+    else:
+        x = F.pad(F.pad(x, pads, mode=module.padding_mode), [0, 0] * (dims - 1) + [0, 1])
+    x = x.to(grad_output.dtype)
+    P, L = x.shape[2:], grad_output.shape[2:]
+    frame = math.prod((L[0], *P[1:]))
+    extra = [pad for i in reversed(range(1, dims)) for pad in (0, P[i] - L[i])]
+    G = F.pad(grad_output, extra) if any(extra) else grad_output
+    G = G.reshape(B * g, module.out_channels // g, frame)
+    flat = x.reshape(B, module.in_channels, -1)
+    strides = [math.prod(P[i + 1:]) for i in range(dims)]
+    C = module.in_channels // g
+    taps = torch.empty(math.prod(module.kernel_size), B * g, module.out_channels // g, C, dtype=acc_dtype(G),
+                       device=G.device)
+    for t, tap in enumerate(itertools.product(*map(range, module.kernel_size))):
+        start = sum(i * d * s for i, d, s in zip(tap, module.dilation, strides, strict=True))
+        inputs = flat[:, :, start:start + frame].reshape(B * g, C, frame)  # a view: examples and groups evenly apart
+        bmm_into(G, inputs.transpose(1, 2), taps[t])
+    return taps.permute(1, 2, 3, 0).reshape(B, *module.weight.shape)
+
+
+_WAYS = {"grouped": _grouped, "unfold": _unfolded, "shifted": _shifted}
 
 
 def _capturing(x: Tensor) -> bool:
@@ -197,7 +237,7 @@ def _timed(way, module: _Conv, x: Tensor, grad_output: Tensor) -> tuple[float, T
 
 def per_example_grads(module: _Conv, x: Tensor, grad_output: Tensor) -> Tensor:
     """``(B, *weight.shape)`` each example's weight gradient in float32 (float64): by the way that measured
-    faster for this configuration (:data:`METHOD` forces one)."""
+    fastest for this configuration (:data:`METHOD` forces one)."""
     with _as_convolution(x):
         return _per_example_grads(module, x, grad_output)
 

@@ -67,32 +67,47 @@ def test_conv(cls, conv, strategy):
 
 @pytest.mark.parametrize("cls", list(SPATIAL), ids=lambda c: c.__name__)
 @pytest.mark.parametrize("conv", list(CONVS))
-@pytest.mark.parametrize("way", ["grouped", "unfold"])
-def test_both_ways_of_materializing(cls, conv, way, monkeypatch):
-    """The batch-as-groups convolution and the unfolded patches each give every example's gradient."""
+@pytest.mark.parametrize("way", ["grouped", "unfold", "shifted"])
+def test_every_way_of_materializing(cls, conv, way, monkeypatch):
+    """The batch-as-groups convolution, the unfolded patches and (stride 1) the per-tap products of shifted views
+    each give every example's gradient."""
+    options = _options(conv, cls)
+    if way == "shifted" and options.get("stride", 1) != 1:
+        pytest.skip("the shifted views need stride 1")
     monkeypatch.setattr(conv_rule, "METHOD", way)
-    _check(cls, _options(conv, cls), "materialize")
+    _check(cls, options, "materialize")
+
+
+def test_shifted_views_refuse_a_stride():
+    with pytest.raises(NotImplementedError, match="stride 1"):
+        conv_rule._shifted(nn.Conv2d(3, 4, 3, stride=(1, 2)), torch.randn(2, 3, 8, 8), torch.randn(2, 4, 6, 3))
 
 
 def test_the_faster_way_is_measured_once_per_configuration(monkeypatch):
     monkeypatch.setattr(conv_rule, "_FASTEST", {})
-    calls = {"grouped": 0, "unfold": 0}
+    calls = {"grouped": 0, "unfold": 0, "shifted": 0}
     for name, fn in list(conv_rule._WAYS.items()):
         def counted(*args, _fn=fn, _name=name):
             calls[_name] += 1
             return _fn(*args)
         monkeypatch.setitem(conv_rule._WAYS, name, counted)
-    module = nn.Conv2d(3, 4, 3, stride=2, padding=1)
-    x, G = torch.randn(5, 3, 9, 9), torch.randn(5, 4, 5, 5)
+    module = nn.Conv2d(3, 4, 3, padding=1)
+    x, G = torch.randn(5, 3, 9, 9), torch.randn(5, 4, 9, 9)
     first = conv_rule.per_example_grads(module, x, G)
-    assert calls == {"grouped": 3, "unfold": 3}  # a warm-up and two timed runs each; the winner's result reused
-    (way,) = conv_rule._FASTEST.values()
+    assert calls == {"grouped": 3, "unfold": 3, "shifted": 3}  # a warm-up and two timed runs each, the winner's
+    (way,) = conv_rule._FASTEST.values()                       # result reused
     second = conv_rule.per_example_grads(module, x, G)
-    assert calls[way] == 4 and sum(calls.values()) == 7
+    assert calls[way] == 4 and sum(calls.values()) == 10
     torch.testing.assert_close(first, second)
-    torch.testing.assert_close(conv_rule._grouped(module, x, G), conv_rule._unfolded(module, x, G))
-    conv_rule.per_example_grads(module, torch.randn(6, 3, 9, 9), torch.randn(6, 4, 5, 5))  # a new batch size
+    for other in ("grouped", "unfold"):
+        torch.testing.assert_close(conv_rule._WAYS[other](module, x, G), conv_rule._shifted(module, x, G))
+    conv_rule.per_example_grads(module, torch.randn(6, 3, 9, 9), torch.randn(6, 4, 9, 9))  # a new batch size
     assert len(conv_rule._FASTEST) == 2
+    # With a stride, the shifted views refuse at once (one call) and are never chosen.
+    before = dict(calls)
+    conv_rule.per_example_grads(nn.Conv2d(3, 4, 3, stride=2, padding=1), x, torch.randn(5, 4, 5, 5))
+    assert calls["shifted"] == before["shifted"] + 1 and calls["unfold"] == before["unfold"] + 3
+    assert len(conv_rule._FASTEST) == 3 and list(conv_rule._FASTEST.values())[-1] != "shifted"
 
 
 @pytest.mark.parametrize("cls", list(SPATIAL), ids=lambda c: c.__name__)
