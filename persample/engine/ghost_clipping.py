@@ -523,7 +523,8 @@ class Recording:
         """
         engine, step = self._engine, self._step
         plan = engine._plan
-        on_cuda = scale.is_cuda if isinstance(scale, Tensor) else torch.cuda.is_initialized()
+        # Whether a CUDA graph capture may be running: the scale's device, or (a float scale) the parameters'.
+        on_cuda = scale.is_cuda if isinstance(scale, Tensor) else any(p.is_cuda for p in plan.trainable.values())
         engine._after_backward(step, on_cuda)
         with _no_autocast(plan):
             scaled = engine._norms(step)
