@@ -173,8 +173,15 @@ def _common(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def batched_dot(x: Tensor, y: Tensor) -> Tensor:
-    """``(B,)`` dot products of ``x[b]`` and ``y[b]`` (same shape and dtype), in one batched matmul."""
+    """``(B,)`` dot products of ``x[b]`` and ``y[b]`` (same shape and dtype). Squared norms (``x is y``) are one
+    reduction, ``vector_norm`` squared; other products one batched matmul on the CPU and a product and a sum on a
+    GPU. There a batched ``1 x K`` by ``K x 1`` product runs as cuBLAS gemv kernels, 3-15x slower than the
+    reduction for the engine's shapes (an H200, B=256 and K from 37k to 600k: ``benchmarks/RESULTS.md``)."""
     B = x.shape[0]
+    if x is y:
+        return torch.linalg.vector_norm(x.reshape(B, -1), dim=1).square()
+    if x.is_cuda:
+        return (x.reshape(B, -1) * y.reshape(B, -1)).sum(1)
     return torch.bmm(x.reshape(B, 1, -1), y.reshape(B, -1, 1)).reshape(B)
 
 

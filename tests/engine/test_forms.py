@@ -96,3 +96,17 @@ def test_bmm_acc_gives_the_product_in_the_accumulation_dtype(plus_one, dtype, de
     # On CUDA low precision comes out of the GEMM unrounded; elsewhere the product is rounded, then cast.
     tol = 1e-5 if dtype == torch.float32 or device == "cuda" else 2e-2
     torch.testing.assert_close(out.double(), expected, rtol=tol, atol=tol * expected.abs().max().item())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(5, 7), (3, 4, 6), (1, 1)])
+def test_batched_dot(dtype, shape):
+    """Squared norms (one reduction) and products of two tensors (one batched matmul here), against float64."""
+    from persample.engine.forms import batched_dot
+
+    x, y = torch.randn(shape, dtype=dtype) * 3, torch.randn(shape, dtype=dtype)
+    for a, b in ((x, x), (x, y), (x, x.clone())):
+        got = batched_dot(a, b)
+        want = (a.double() * b.double()).flatten(1).sum(1)
+        assert got.shape == (shape[0],)
+        torch.testing.assert_close(got.double(), want, rtol=1e-5 if dtype == torch.float32 else 1e-12, atol=0)
