@@ -178,10 +178,15 @@ def batched_dot(x: Tensor, y: Tensor) -> Tensor:
     GPU. There a batched ``1 x K`` by ``K x 1`` product runs as cuBLAS gemv kernels, 3-15x slower than the
     reduction for the engine's shapes (an H200, B=256 and K from 37k to 600k: ``benchmarks/RESULTS.md``)."""
     B = x.shape[0]
+    if x.ndim == 1:
+        x, y = x.view(B, 1), y.view(B, 1)
+    # Reduced over every dimension but the first, not over a reshape: a tensor in another memory format (a
+    # cuDNN weight gradient in channels-last) would be copied by the reshape.
+    dims = tuple(range(1, x.ndim))
     if x is y:
-        return torch.linalg.vector_norm(x.reshape(B, -1), dim=1).square()
+        return torch.linalg.vector_norm(x, dim=dims).square()
     if x.is_cuda:
-        return (x.reshape(B, -1) * y.reshape(B, -1)).sum(1)
+        return (x * y).sum(dims)
     return torch.bmm(x.reshape(B, 1, -1), y.reshape(B, -1, 1)).reshape(B)
 
 

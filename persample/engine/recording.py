@@ -142,15 +142,18 @@ def autocast_state(x: Tensor) -> tuple[str, torch.dtype] | None:
     return (device, torch.get_autocast_dtype(device)) if torch.is_autocast_enabled(device) else None
 
 
-def cast_for_autocast(args: tuple):
-    """Casts the first input as autocast would inside the op, so the copy the engine keeps is that one."""
+def cast_for_autocast(args: tuple, to: bool | str = True):
+    """Casts the first input as autocast would inside the op, so the copy the engine keeps is that one: to the
+    autocast dtype (``to=True``: matmuls, convolutions), or with ``to="float32"`` to float32 under CUDA autocast
+    (ops on its float32 list, GroupNorm; CPU autocast runs them in the input's dtype)."""
     x = args[0] if args else None
     if not isinstance(x, Tensor) or not x.is_floating_point() or x.dtype == torch.float64:
         return None
     state = autocast_state(x)
-    if state is None or x.dtype == state[1]:
+    if state is None:
         return None
-    return (x.to(state[1]), *args[1:])
+    dtype = state[1] if to is True else torch.float32 if state[0] == "cuda" else x.dtype
+    return None if x.dtype == dtype else (x.to(dtype), *args[1:])
 
 
 def record_rule(step: Step, hooked: Hooked, module: nn.Module, args: tuple, output) -> Tensor:
@@ -206,7 +209,7 @@ def recording(plan: Plan, step: Step, autocast: bool):
     def cast(module: nn.Module, args: tuple):
         hooked = modules.get(module)
         if hooked is not None and hooked.rule is not None and hooked.rule.cast_input:
-            return cast_for_autocast(args)
+            return cast_for_autocast(args, hooked.rule.cast_input)
         return None
 
     def record(module: nn.Module, args: tuple, kwargs: dict, output):

@@ -19,7 +19,8 @@ Adding a layer type, step by step:
    bias next to an Outer weight, :class:`~persample.engine.forms.Implicit` with the rule's own norms and sums
    when the layer's input and output gradient are smaller than any factors (a convolution's),
    :class:`~persample.engine.forms.Dense` otherwise. Pass ``cast_input=True``
-   when the module's op runs in the autocast dtype, so that the kept input is the one it used.
+   when the module's op runs in the autocast dtype, ``cast_input="float32"`` when it is on CUDA autocast's
+   float32 list, so that the kept input is the one it used.
    A type from an optional dependency is named by its import path (a string), so that registering it imports
    nothing.
 2. **Registration**: import the new module in ``persample/engine/rules/__init__.py`` and add it to
@@ -70,18 +71,19 @@ class Rule:
 
     ``grad_output`` is ``(B, *output_shape)``; ``strategy`` is ``"auto"``, ``"ghost"`` or ``"materialize"``
     (see :func:`persample.engine.forms.outer_or_dense`). With ``cast_input``, the engine casts the first
-    input to the autocast dtype before the call, so that the copy it keeps is the one the matmul uses.
+    input as autocast would before the call, so that the copy it keeps is the one the op uses: to the autocast
+    dtype (``True``) or, under CUDA autocast, to float32 (``"float32"``).
     """
 
     compute: RuleFn
     params: frozenset[str]
-    cast_input: bool
+    cast_input: bool | str
 
 
 RULES: dict[type[nn.Module] | str, Rule] = {}
 
 
-def register_rule(*module_types: type[nn.Module] | str, params: tuple[str, ...], cast_input: bool = False):
+def register_rule(*module_types: type[nn.Module] | str, params: tuple[str, ...], cast_input: bool | str = False):
     """Registers the decorated ``compute`` for exactly these module types (not their subclasses, which may
     override ``forward``; those go to the fallback). A type of an optional dependency is named by its import
     path (``"transformers.pytorch_utils.Conv1D"``), so that registering it imports nothing."""

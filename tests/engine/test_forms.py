@@ -99,7 +99,7 @@ def test_bmm_acc_gives_the_product_in_the_accumulation_dtype(plus_one, dtype, de
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("shape", [(5, 7), (3, 4, 6), (1, 1)])
+@pytest.mark.parametrize("shape", [(5, 7), (3, 4, 6), (1, 1), (4,)])
 def test_batched_dot(dtype, shape):
     """Squared norms (one reduction) and products of two tensors (one batched matmul here), against float64."""
     from persample.engine.forms import batched_dot
@@ -107,6 +107,16 @@ def test_batched_dot(dtype, shape):
     x, y = torch.randn(shape, dtype=dtype) * 3, torch.randn(shape, dtype=dtype)
     for a, b in ((x, x), (x, y), (x, x.clone())):
         got = batched_dot(a, b)
-        want = (a.double() * b.double()).flatten(1).sum(1)
+        want = (a.double() * b.double()).reshape(shape[0], -1).sum(1)
         assert got.shape == (shape[0],)
         torch.testing.assert_close(got.double(), want, rtol=1e-5 if dtype == torch.float32 else 1e-12, atol=0)
+
+
+def test_batched_dot_of_channels_last_tensors():
+    """A cuDNN weight gradient may come in channels-last: reduced as it is, the same values."""
+    from persample.engine.forms import batched_dot
+
+    x = torch.randn(3, 4, 5, 2).to(memory_format=torch.channels_last)
+    y = torch.randn(3, 4, 5, 2)
+    torch.testing.assert_close(batched_dot(x, x), (x * x).sum((1, 2, 3)))
+    torch.testing.assert_close(batched_dot(x, y), (x * y).sum((1, 2, 3)))

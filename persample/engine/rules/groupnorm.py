@@ -18,7 +18,9 @@ from persample.engine.registry import Call, register_rule
 STATS: str | None = None  # "var_mean" or "kernel" forces one way of recomputing the statistics (tests); None: by device
 
 
-@register_rule(nn.GroupNorm, params=("weight", "bias"))
+# Under CUDA autocast GroupNorm runs in float32: the input is cast before the call, so that the copy kept is the
+# one the op saves anyway, and the rule casts nothing in the backward.
+@register_rule(nn.GroupNorm, params=("weight", "bias"), cast_input="float32")
 def group_norm(call: Call, grad_output: Tensor, strategy: str) -> dict[str, Form]:
     module = call.module
     x = call.args[0]

@@ -57,3 +57,22 @@ def test_group_norm_has_a_rule():
     from persample.engine.registry import rule_for
 
     assert rule_for(nn.GroupNorm(2, 4), {"weight", "bias"}) is not None
+
+
+def test_input_cast_as_cuda_autocast_would(monkeypatch):
+    """Under CUDA autocast GroupNorm runs in float32, so its input is cast to float32 before the call (the copy the
+    op saves anyway is the one the rule gets); CPU autocast runs it in the input's dtype, so nothing is cast there.
+    (The autocast state is stood in for: only the cast's decision runs here.)"""
+    from persample.engine import recording
+    from persample.engine.registry import rule_for
+
+    assert rule_for(nn.GroupNorm(2, 4), {"weight", "bias"}).cast_input == "float32"
+    x = torch.randn(2, 4, 3, dtype=torch.bfloat16)
+    monkeypatch.setattr(recording, "autocast_state", lambda t: ("cuda", torch.bfloat16))
+    cast, rest = recording.cast_for_autocast((x, 2), "float32")
+    assert cast.dtype == torch.float32 and torch.equal(cast, x.float()) and rest == 2
+    assert recording.cast_for_autocast((x.float(),), "float32") is None
+    assert recording.cast_for_autocast((x.float(),), True)[0].dtype == torch.bfloat16  # a matmul's input
+    monkeypatch.setattr(recording, "autocast_state", lambda t: ("cpu", torch.bfloat16))
+    assert recording.cast_for_autocast((x,), "float32") is None
+    assert recording.cast_for_autocast((x.float(),), "float32") is None
