@@ -42,6 +42,7 @@ import torch
 from torch import Tensor
 
 _CHUNK_ELEMENTS = 1 << 26
+_DOT_BY_MATMUL = 1 << 22  # on the CPU, batched_dot of two tensors larger than this is one batched matmul
 
 
 @dataclass
@@ -174,9 +175,11 @@ def _common(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
 
 def batched_dot(x: Tensor, y: Tensor) -> Tensor:
     """``(B,)`` dot products of ``x[b]`` and ``y[b]`` (same shape and dtype). Squared norms (``x is y``) are one
-    reduction, ``vector_norm`` squared; other products one batched matmul on the CPU and a product and a sum on a
-    GPU. There a batched ``1 x K`` by ``K x 1`` product runs as cuBLAS gemv kernels, 3-15x slower than the
-    reduction for the engine's shapes (an H200, B=256 and K from 37k to 600k: ``benchmarks/RESULTS.md``)."""
+    reduction, ``vector_norm`` squared; other products a product and a sum, or on the CPU beyond ``2^22``
+    elements, where the product's temporary costs more, one batched matmul. A batched ``1 x K`` by ``K x 1``
+    product is slow on both devices: cuBLAS runs it as gemv kernels, 3-15x slower than the reduction on an H200
+    (B=256, K from 37k to 600k), and on two CPU cores it took 8-10x the reduction's time (``benchmarks/RESULTS.md``,
+    "Figures quoted from code")."""
     B = x.shape[0]
     if x.ndim == 1:
         x, y = x.view(B, 1), y.view(B, 1)
@@ -185,7 +188,7 @@ def batched_dot(x: Tensor, y: Tensor) -> Tensor:
     dims = tuple(range(1, x.ndim))
     if x is y:
         return torch.linalg.vector_norm(x, dim=dims).square()
-    if x.is_cuda:
+    if x.is_cuda or x.numel() <= _DOT_BY_MATMUL:
         return (x * y).sum(dims)
     return torch.bmm(x.reshape(B, 1, -1), y.reshape(B, -1, 1)).reshape(B)
 
