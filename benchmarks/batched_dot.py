@@ -56,7 +56,7 @@ def main() -> None:
         y = torch.randn(B, K, device=device, dtype=dtype)
         for product, (a, b) in (("x . x", (x, x)), ("x . y", (x, y))):
             ways = {
-                "bmm": lambda a=a, b=b: torch.bmm(a.view(B, 1, K), b.view(B, K, 1)),
+                "bmm": lambda a=a, b=b: torch.bmm(a[:, None], b[:, :, None]),
                 "vector_norm": (lambda a=a: torch.linalg.vector_norm(a, dim=1).square()) if a is b else None,
                 "mul-sum": lambda a=a, b=b: (a * b).sum(1),
             }

@@ -42,7 +42,7 @@ import torch
 from torch import Tensor
 
 _CHUNK_ELEMENTS = 1 << 26
-_DOT_BY_MATMUL = 1 << 22  # on the CPU, batched_dot of two tensors larger than this is one batched matmul
+_DOT_BY_MATMUL = 1 << 23  # on the CPU, batched_dot of two tensors larger than this is one batched matmul
 
 
 @dataclass
@@ -175,11 +175,11 @@ def _common(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
 
 def batched_dot(x: Tensor, y: Tensor) -> Tensor:
     """``(B,)`` dot products of ``x[b]`` and ``y[b]`` (same shape and dtype). Squared norms (``x is y``) are one
-    reduction, ``vector_norm`` squared; other products a product and a sum, or on the CPU beyond ``2^22``
+    reduction, ``vector_norm`` squared; other products a product and a sum, or on the CPU beyond ``2^23``
     elements, where the product's temporary costs more, one batched matmul. A batched ``1 x K`` by ``K x 1``
     product is slow on both devices: cuBLAS runs it as gemv kernels, 3-15x slower than the reduction on an H200
-    (B=256, K from 37k to 600k), and on two CPU cores it took 8-10x the reduction's time (``benchmarks/RESULTS.md``,
-    "Figures quoted from code")."""
+    (B=256, K from 37k to 600k), and on two CPU cores it took about 10x the reduction's time
+    (``benchmarks/batched_dot.py``; its section of ``benchmarks/RESULTS.md``)."""
     B = x.shape[0]
     if x.ndim == 1:
         x, y = x.view(B, 1), y.view(B, 1)

@@ -100,9 +100,14 @@ def test_bmm_acc_gives_the_product_in_the_accumulation_dtype(plus_one, dtype, de
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("shape", [(5, 7), (3, 4, 6), (1, 1), (4,)])
-def test_batched_dot(dtype, shape):
-    """Squared norms (one reduction) and products of two tensors (one batched matmul here), against float64."""
+@pytest.mark.parametrize("by_matmul", [False, True], ids=["mul-sum", "bmm"])
+def test_batched_dot(dtype, shape, by_matmul, monkeypatch):
+    """Squared norms (one reduction) and products of two tensors (a product and a sum, or on the CPU for large
+    tensors one batched matmul), against float64."""
     from persample.engine.forms import batched_dot
+
+    if by_matmul:
+        monkeypatch.setattr(forms, "_DOT_BY_MATMUL", 0)
 
     x, y = torch.randn(shape, dtype=dtype) * 3, torch.randn(shape, dtype=dtype)
     for a, b in ((x, x), (x, y), (x, x.clone())):
