@@ -183,8 +183,9 @@ def _shifted(module: _Conv, x: Tensor, grad_output: Tensor) -> Tensor:
     With the padded input ``P`` (its spatial dimensions ``P_0, ..., P_k``) flattened per channel, tap ``t``'s
     inputs for output positions laid out on the frame ``(L_0, P_1, ..., P_k)`` are one contiguous slice of it,
     starting at the tap's offset. The output gradient is padded with zeros to that frame, so the frame's extra
-    positions (between rows, ``P_i / L_i - 1`` of them; none in 1-D) add nothing. One extra zero row at the end of
-    the first spatial dimension keeps the last tap's slice inside its channel."""
+    positions (``P_1 ... P_k / (L_1 ... L_k) - 1`` of the output's, at the end of each row; none in 1-D) add
+    nothing. One extra zero row at the end of the first spatial dimension keeps the last tap's slice inside its
+    channel."""
     if any(s != 1 for s in module.stride):
         raise NotImplementedError("the shifted views need stride 1")
     B, dims, g = x.shape[0], len(module.kernel_size), module.groups

@@ -5,14 +5,14 @@ example's mean and ``1 / sqrt(var + eps)`` over a group (its channels and positi
 are materialized (they are as small as the parameters): ``d_bias[c] = sum_s G[c, s]`` and
 ``d_weight[c] = rstd * (sum_s G[c, s] x[c, s] - mu * d_bias[c])``, the sums over positions ``s`` (the formula of
 PyTorch's own GroupNorm backward), in float32 (float64 for float64 inputs). The statistics are recomputed, by
-one ``var_mean`` reduction on a GPU and by PyTorch's GroupNorm forward kernel on the CPU, ``sum_s G x`` by one
-batched dot product per channel.
+one ``var_mean`` reduction on a GPU and by PyTorch's GroupNorm forward kernel on the CPU, ``sum_s G x`` by
+:func:`~persample.engine.forms.batched_dot` over channels.
 """
 
 import torch
 from torch import Tensor, nn
 
-from persample.engine.forms import Dense, Form, acc_dtype
+from persample.engine.forms import Dense, Form, acc_dtype, batched_dot
 from persample.engine.registry import Call, register_rule
 
 STATS: str | None = None  # "var_mean" or "kernel" forces one way of recomputing the statistics (tests); None: by device
@@ -34,11 +34,12 @@ def group_norm(call: Call, grad_output: Tensor, strategy: str) -> dict[str, Form
         # On a GPU one reduction that reads x (the forward kernel would also write its output); on the CPU
         # PyTorch's own GroupNorm forward, its output dropped, about 10x faster than var_mean there.
         if STATS == "var_mean" or (STATS is None and x.is_cuda):
-            var, mean = torch.var_mean(x.view(B, groups, -1), dim=2, correction=0)
+            var, mean = torch.var_mean(x.reshape(B, groups, -1), dim=2, correction=0)
             rstd = (var + module.eps).rsqrt()
         else:
-            _, mean, rstd = torch.ops.aten.native_group_norm(x, None, None, B, C, x.shape[2], groups, module.eps)
-        sum_gx = torch.bmm(G.view(B * C, 1, -1), x.view(B * C, -1, 1)).view(B, groups, -1)
+            _, mean, rstd = torch.ops.aten.native_group_norm(x.contiguous(), None, None, B, C, x.shape[2], groups,
+                                                             module.eps)
+        sum_gx = batched_dot(G.reshape(B * C, -1), x.reshape(B * C, -1)).view(B, groups, -1)
         # Each group's statistics broadcast over its channels: views, no copies per channel.
         d_weight = (sum_gx - mean.view(B, groups, 1) * d_bias.view(B, groups, -1)) * rstd.view(B, groups, 1)
         forms["weight"] = Dense(d_weight.view(B, C))

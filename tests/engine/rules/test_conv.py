@@ -225,3 +225,16 @@ def test_gemms_run_at_the_convolutions_precision(cudnn_tf32, dtype, monkeypatch)
                 assert torch.get_float32_matmul_precision() == user
         finally:
             torch.set_float32_matmul_precision(before)
+
+
+@pytest.mark.parametrize("way", ["grouped", "unfold", "shifted"])
+@pytest.mark.parametrize("strategy", ["materialize", "ghost"])
+def test_channels_last_input(way, strategy, monkeypatch):
+    """A channels-last model and input (and so channels-last output gradients) give the same gradients."""
+    monkeypatch.setattr(conv_rule, "METHOD", way)
+    model = Net(nn.Conv2d(3, 4, 3, padding=1))
+    x = torch.randn(4, 3, 7, 6)
+    model(x)
+    model = model.double().to(memory_format=torch.channels_last)
+    assert_matches_reference(model, x.double().to(memory_format=torch.channels_last), torch.randint(0, 5, (4,)),
+                             loss_fn=cross_entropy, strategy=strategy)

@@ -76,3 +76,13 @@ def test_input_cast_as_cuda_autocast_would(monkeypatch):
     monkeypatch.setattr(recording, "autocast_state", lambda t: ("cpu", torch.bfloat16))
     assert recording.cast_for_autocast((x,), "float32") is None
     assert recording.cast_for_autocast((x.float(),), "float32") is None
+
+
+def test_group_norm_on_channels_last_input(stats):
+    """A channels-last input (and so a channels-last output gradient) gives the same gradients."""
+    model = Normed(nn.GroupNorm(2, 6, eps=1e-3), 6).double().to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        model.norm.weight.normal_()
+        model.norm.bias.normal_()
+    x = torch.randn(5, 6, 3, 4, dtype=torch.float64).to(memory_format=torch.channels_last)
+    assert_matches_reference(model, x, torch.randn(5, 6, 3, 4, dtype=torch.float64), loss_fn=squared_error)
