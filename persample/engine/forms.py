@@ -180,13 +180,13 @@ def batched_dot(x: Tensor, y: Tensor) -> Tensor:
     product is slow on both devices: cuBLAS runs it as gemv kernels, 3-15x slower than the reduction on an H200
     (B=256, K from 37k to 600k), and on two CPU cores it took about 10x the reduction's time
     (``benchmarks/batched_dot.py``; its section of ``benchmarks/RESULTS.md``)."""
-    B = x.shape[0]
+    B, same = x.shape[0], x is y
     if x.ndim == 1:
         x, y = x.view(B, 1), y.view(B, 1)
     # Reduced over every dimension but the first, not over a reshape: a tensor in another memory format (a
     # cuDNN weight gradient in channels-last) would be copied by the reshape.
     dims = tuple(range(1, x.ndim))
-    if x is y:
+    if same:
         return torch.linalg.vector_norm(x, dim=dims).square()
     if x.is_cuda or x.numel() <= _DOT_BY_MATMUL:
         return (x * y).sum(dims)
