@@ -58,6 +58,7 @@ from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils._pytree import tree_leaves
 
+from persample.backend import use_triton
 from persample.checks import check_nonfinite, handle_nonfinite, refuse_batch_norm
 from persample.engine import fused_head, rules  # noqa: F401  (rules: registers the rules)
 from persample.engine.forms import Form, batched_dot, clipped_sum, inner
@@ -66,6 +67,7 @@ from persample.engine.output_grad import loss_and_output_grad
 from persample.engine.recording import Plan, Step, make_plan, recording
 from persample.engine.rules import fallback
 from persample.engine.stacks import as_parameters, pop_stacks, stack_clipped_sums, stack_norms
+from persample.kernels.zero_rows import zero_rows_
 from persample.loss import check_targets_later
 
 Strategy = Literal["auto", "ghost", "materialize"]
@@ -347,9 +349,16 @@ class GhostClipping:
         knowing costs no wait, only when there are such examples (None otherwise)."""
         if not finite.is_cuda and bool(finite.all()):
             return None
-        dropped = ~finite
+        dropped = None
 
         def zero(t: Tensor, dim: int) -> None:
+            nonlocal dropped
+            if use_triton(t) and t.is_contiguous():
+                # Reads each example's flag and writes only the dropped examples' rows (nearly always none).
+                zero_rows_(t, finite, dim)
+                return
+            if dropped is None:
+                dropped = ~finite
             shape = [1] * t.ndim
             shape[dim] = -1
             t.masked_fill_(dropped.view(shape), 0)
@@ -505,13 +514,17 @@ class Recording:
 
     def __init__(self, engine: GhostClipping, step: Step):
         self._engine, self._step = engine, step
+        # Set by clipped_grad_sum(report_later=True): report(stacklevel=1) warns at its caller's line (2: that
+        # caller's caller, ...).
+        self.report: Callable[..., None] | None = None
 
     @property
     def batch_size(self) -> int:
         return self._step.batch_size
 
     @torch.no_grad()
-    def clipped_grad_sum(self, scale: Tensor | float) -> tuple[dict[str, Tensor], Tensor]:
+    def clipped_grad_sum(self, scale: Tensor | float, *, report_later: bool = False
+                         ) -> tuple[dict[str, Tensor], Tensor]:
         """``(grads, norms)`` as in :class:`ClippedGradSum`, once the backward of ``sum_b scale_b * loss_b`` is
         done; ``scale``: ``(B,)``, or one number for every example (e.g. ``1 / B`` for a mean, made on the
         norms' device: no copy from the host). The backward's gradients are ``scale_b`` times the per-example
@@ -520,6 +533,10 @@ class Recording:
         As in :meth:`GhostClipping.clipped_grad_sum`, the host does not wait for the norms: the non-finite
         examples (policy ``nonfinite``) are found from a copy of their mask read after the clipped sums are
         queued, and the warning or error comes before anything is returned. Call once.
+
+        ``report_later``: with ``nonfinite="zero"``, do not wait for the mask here: :attr:`report` is set to a
+        function that reads it and warns, for the caller to run once it has queued the work that follows (the
+        optimizer's step), so the host goes on queueing while the GPU finishes the backward. The sums are the same.
         """
         engine, step = self._engine, self._step
         plan = engine._plan
@@ -540,7 +557,10 @@ class Recording:
             kept = engine._drop_examples(step, finite)
             grads = engine._clipped_sums(step, factors * torch.where(finite, inverse, 0.0), kept)
             read = _read_later(finite)
-        handle_nonfinite(read(), step.batch_size, engine.nonfinite, stacklevel=3)
+        if report_later and engine.nonfinite == "zero":
+            self.report = lambda stacklevel=1: handle_nonfinite(read(), step.batch_size, "zero", stacklevel + 1)
+        else:
+            handle_nonfinite(read(), step.batch_size, engine.nonfinite, stacklevel=3)
         return {name: grads[p] if p in grads else torch.zeros_like(p) for name, p in plan.trainable.items()}, norms
 
 
