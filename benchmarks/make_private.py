@@ -244,6 +244,9 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", default=VARIANTS, choices=VARIANTS, metavar="VARIANT")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--iters", type=int, default=10, help="rounds of timed steps, one step per variant each")
+    parser.add_argument("--models", nargs="+", type=int, metavar="I",
+                        help="indices into the device's model list (default: all; CUDA: 0 digits CNN, 1 small GPT, "
+                             "2 GPT-2-small)")
     add_save_flag(parser)
     args = parser.parse_args()
 
@@ -254,6 +257,8 @@ def main() -> None:
     configs = QUICK if args.quick else CUDA if device.type == "cuda" else CPU
     if args.quick:
         args.warmup, args.iters = 1, 2
+    if args.models is not None:
+        configs = [configs[i] for i in args.models]
     rows = []
     for cfg in configs:
         for precision in args.precisions:

@@ -129,10 +129,14 @@ class DPOptimizer:
         """
         self._add(summed_clipped, num_examples, owned=False)
 
-    def _add(self, summed_clipped: Mapping[str, Tensor], num_examples: int, owned: bool) -> None:
+    def _add(self, summed_clipped: Mapping[str, Tensor], num_examples: int, owned: bool,
+             clipped: bool = False) -> None:
         """:meth:`accumulate`; with ``owned`` the optimizer may keep the tensors of a first batch as its sums
         rather than copy them (the caller made them for it and does not read them again): one copy of the
-        gradients fewer at the peak."""
+        gradients fewer at the peak. ``clipped``: the caller vouches that these are sums of ``num_examples``
+        gradients clipped to ``max_grad_norm`` with finite factors (the engine's, non-finite examples zeroed):
+        then no element exceeds ``num_examples * max_grad_norm``, and where every dtype holds that bound the sums
+        are finite without looking (a host sync, which would stop the host queueing the step's work)."""
         if not isinstance(num_examples, int) or num_examples < 0:
             raise ValueError(f"num_examples must be an int >= 0, got {num_examples!r}")
         if set(summed_clipped) != set(self.params):
@@ -142,7 +146,12 @@ class DPOptimizer:
             if tuple(summed_clipped[name].shape) != tuple(p.shape):
                 raise ValueError(f"summed_clipped[{name!r}] has shape {tuple(summed_clipped[name].shape)}, "
                                  f"expected the parameter's shape {tuple(p.shape)} (sum over the batch first)")
-        names = _nonfinite([summed_clipped[name].detach() for name in self.params], list(self.params))
+        bound = (self.num_examples + num_examples) * self.max_grad_norm
+        if clipped and all(_holds(summed_clipped[name].dtype, bound) and _holds(p.dtype, bound)
+                           for name, p in self.params.items()):
+            names = []
+        else:
+            names = _nonfinite([summed_clipped[name].detach() for name in self.params], list(self.params))
         if names:
             raise ValueError(f"summed_clipped has NaN or inf values in {names}: clipped sums are finite, so these "
                              "gradients bypassed the non-finite policy of clip_per_sample / GhostClipping "
@@ -193,6 +202,11 @@ class DPOptimizer:
     def _clear(self) -> None:
         self._summed = None
         self.num_examples = 0
+
+
+def _holds(dtype: torch.dtype, bound: float) -> bool:
+    """Whether every value of magnitude up to ``bound`` is finite in ``dtype``."""
+    return dtype.is_floating_point and torch.finfo(dtype).max > bound
 
 
 def _own(t: Tensor, dtype: torch.dtype, owned: bool) -> Tensor:

@@ -88,6 +88,7 @@ from persample.dp._accounting import Mechanism, PrivacyAccountant, noise_multipl
 from persample.dp._data_loader import DPDataLoader
 from persample.dp._optimizer import DPOptimizer
 from persample.engine import GhostClipping
+from persample.engine.ghost_clipping import Recording
 from persample.per_sample import clip_per_sample, per_sample_grads, per_sample_norms
 
 GradSampleMode = Literal["ghost", "vmap"]
@@ -112,6 +113,7 @@ class PrivateOptimizer(torch.optim.Optimizer):
         self._skip_next = False
         self._mid_batch = False  # the last step() was skipped: the logical batch goes on
         self._accepting = True  # no physical batch accumulated since the last step
+        self._reports: list[Callable[..., None]] = []  # the engine's non-finite warnings, read after step()
         self._optimizer_step_pre_hooks: dict = {}
         self._optimizer_step_post_hooks: dict = {}
 
@@ -160,12 +162,21 @@ class PrivateOptimizer(torch.optim.Optimizer):
                 loss = closure()
         if self._skip_next:
             self._skip_next, self._mid_batch, self._accepting = False, True, True
+            self._report_nonfinite()
             return loss
         self.dp.step()
         self._mid_batch, self._accepting = False, True
+        self._report_nonfinite()
         return loss
 
+    def _report_nonfinite(self) -> None:
+        """The warnings for examples dropped as non-finite, read only now: the host waits for the backward's end
+        here, with the noise and the update already queued behind it, not before queueing them."""
+        while self._reports:
+            self._reports.pop(0)(stacklevel=3)  # the user's optimizer.step() line
+
     def zero_grad(self, set_to_none: bool = True) -> None:
+        self._report_nonfinite()
         self.original_optimizer.zero_grad(set_to_none=set_to_none)
         if not self._mid_batch:
             self.dp.zero_grad(set_to_none=set_to_none)
@@ -186,14 +197,18 @@ class PrivateOptimizer(torch.optim.Optimizer):
         return (f"PrivateOptimizer({self.original_optimizer!r}, noise_multiplier={self.noise_multiplier}, "
                 f"max_grad_norm={self.max_grad_norm}, expected_batch_size={self.expected_batch_size})")
 
-    def _accumulate(self, grads: dict[str, Tensor], num_examples: int) -> None:
+    def _accumulate(self, grads: dict[str, Tensor], num_examples: int,
+                    report: Callable[..., None] | None = None) -> None:
         if not self._accepting:
             raise RuntimeError("a second loss.backward() before optimizer.step(): with Poisson sampling each "
                                "batch of the data loader is one DP-SGD step, so gradients cannot be accumulated over "
                                "several of them (the accountant would count one step). Step after every batch, or "
                                "split a large batch with persample.BatchMemoryManager")
-        self.dp._add(grads, num_examples, owned=True)  # the engine's fresh sums, read by nobody else
+        # The engine's fresh sums, read by nobody else, and clipped: each example adds at most max_grad_norm.
+        self.dp._add(grads, num_examples, owned=True, clipped=True)
         self._accepting = False
+        if report is not None:
+            self._reports.append(report)
 
 
 @dataclass
@@ -206,6 +221,7 @@ class _Pending:
     done: bool = False
     stale: bool = False
     grad_output: Tensor | None = None  # the vmap pipeline's: d loss / d output
+    recording: Recording | None = None  # the engine's (mode "ghost")
 
 
 def _batch_size(args: tuple, kwargs: dict) -> int | None:
@@ -260,7 +276,7 @@ class _Attached:
                     pending.finish = self._vmap_finish(pending, args, kwargs)
             else:
                 recording = stack.enter_context(self.engine.recording(args, kwargs))
-                pending = _Pending(batch_size, recording.clipped_grad_sum)
+                pending = _Pending(batch_size, recording.clipped_grad_sum, recording=recording)
         except BaseException:
             stack.close()
             raise
@@ -321,11 +337,16 @@ class _Attached:
             scale = 1.0 / pending.batch_size if self.loss_reduction == "mean" else 1.0
         self._busy = True
         try:
-            grads, _ = pending.finish(scale)
+            if self.mode == "vmap":
+                grads, _ = pending.finish(scale)
+                report = None
+            else:
+                grads, _ = pending.finish(scale, report_later=True)
+                report = pending.recording.report
         finally:
             self._busy = False
         pending.finish = None
-        self.optimizer._accumulate(grads, pending.batch_size)
+        self.optimizer._accumulate(grads, pending.batch_size, report)
 
     def _vmap_finish(self, pending: _Pending, args: tuple, kwargs: dict,
                      ) -> Callable[[Tensor | float], tuple[dict[str, Tensor], Tensor]]:

@@ -61,3 +61,28 @@ def test_accumulate_refuses_a_nonfinite_sum_and_keeps_what_it_had(poison):
     for p, b in zip(model.parameters(), before, strict=True):
         assert torch.isfinite(p).all()
         torch.testing.assert_close(b - p, 0.5 * good[next(n for n, q in model.named_parameters() if q is p)] / 6.0)
+
+
+def test_clipped_sums_skip_the_finiteness_sync_only_where_their_bound_fits_the_dtype(monkeypatch):
+    """``_add(clipped=True)`` (make_private's engine sums) looks at the sums only when ``num_examples *
+    max_grad_norm`` could overflow a dtype involved: float16 parameters with a large enough batch."""
+    from persample.dp import _optimizer
+
+    calls = []
+    real = _optimizer._nonfinite
+    monkeypatch.setattr(_optimizer, "_nonfinite", lambda *a: calls.append(1) or real(*a))
+    for dtype, num_examples, looked in [(torch.float32, 1000, False), (torch.float16, 100, False),
+                                        (torch.float16, 200_000, True)]:
+        model = nn.Linear(3, 2).to(dtype)
+        dp = persample.DPOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model.named_parameters(),
+                                   noise_multiplier=0.0, max_grad_norm=0.5, expected_batch_size=8.0, sample_rate=0.1)
+        calls.clear()
+        dp._add({n: torch.zeros_like(p) for n, p in model.named_parameters()}, num_examples, owned=True, clipped=True)
+        assert bool(calls) == looked, (dtype, num_examples)
+    bad = {n: torch.full_like(p, float("nan")) for n, p in model.named_parameters()}
+    with pytest.raises(ValueError, match="NaN or inf"):
+        dp._add(bad, 200_000, owned=True, clipped=True)
+    with pytest.raises(ValueError, match="NaN or inf"):  # the public accumulate always looks
+        persample.DPOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model.named_parameters(),
+                              noise_multiplier=0.0, max_grad_norm=0.5, expected_batch_size=8.0,
+                              sample_rate=0.1).accumulate(bad, 4)

@@ -608,3 +608,33 @@ def test_secure_poisson_batches_have_the_binomial_size_and_ignore_seeds():
     assert abs(total - 5000) < 5.5 * (50000 * 0.1 * 0.9) ** 0.5
     assert batches[0] != batches[1]
     assert all(b == sorted(set(b)) and all(0 <= i < 1000 for i in b) for b in batches[0])
+
+
+def test_a_nonfinite_example_is_dropped_and_reported_at_the_step():
+    """An example with a NaN input gets a clip factor of 0 and zeros; the warning is read at optimizer.step(),
+    after the noise and the update are queued (the host does not wait for the backward before queueing them),
+    and points at the user's step line. The step is the other examples'."""
+    torch.manual_seed(0)
+    model, dataset = _mlp(), _data("mlp")
+    clean = copy.deepcopy(model)
+    x, y = dataset[:8]
+    x = x.clone()
+    x[3, 2] = float("nan")
+    private, optimizer, _ = persample.PrivacyEngine().make_private(
+        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.5),
+        data_loader=DataLoader(dataset, batch_size=8), noise_multiplier=0.0, max_grad_norm=C)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        optimizer.zero_grad()
+        F.cross_entropy(private(x), y).backward()
+        assert not [w for w in caught if w.category is persample.NonFiniteGradientWarning]
+        optimizer.step()
+    found = [w for w in caught if w.category is persample.NonFiniteGradientWarning]
+    assert len(found) == 1 and "positions [3]" in str(found[0].message), [str(w.message) for w in found]
+    assert found[0].filename == __file__
+    keep = [0, 1, 2, 4, 5, 6, 7]
+    summed = persample.clip_per_sample(persample.per_sample_grads(clean, x[keep], y[keep]), C)
+    for (name, p), q in zip(clean.named_parameters(), model.parameters(), strict=True):
+        assert torch.isfinite(q).all(), name
+        # expected batch size: sample rate 8 / 48 times 48 examples
+        torch.testing.assert_close(q, p - 0.5 * summed[name] / 8, atol=ATOL, rtol=1e-4, msg=name)
