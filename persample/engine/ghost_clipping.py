@@ -61,7 +61,7 @@ from torch.utils._pytree import tree_leaves
 from persample.backend import use_triton
 from persample.checks import check_nonfinite, handle_nonfinite, refuse_batch_norm
 from persample.engine import fused_head, rules  # noqa: F401  (rules: registers the rules)
-from persample.engine.forms import Form, batched_dot, clipped_sum, inner
+from persample.engine.forms import Dense, Form, batched_dot, clipped_sum, inner
 from persample.engine.graphed import GraphedPost, GraphedStep
 from persample.engine.output_grad import loss_and_output_grad
 from persample.engine.recording import Plan, Step, make_plan, recording
@@ -373,8 +373,13 @@ class GhostClipping:
 
     @staticmethod
     def _kept(x: Form, finite: Tensor | None) -> Form:
-        """``x`` with the factors of the examples that are not ``finite`` replaced by zeros (new tensors)."""
+        """``x`` with the factors of the examples that are not ``finite`` replaced by zeros: new tensors, except a
+        Dense form's per-example gradients, which a rule made (or the backward's output gradient, which nothing
+        else reads): on the Triton path those are zeroed in place, reading only each example's flag."""
         if finite is None:
+            return x
+        if isinstance(x, Dense) and use_triton(x.g) and x.g.is_contiguous():
+            zero_rows_(x.g, finite, 0)
             return x
 
         def drop(t: Tensor) -> Tensor:

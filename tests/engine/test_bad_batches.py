@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import persample
-from persample.engine import GhostClipping, per_sample_grad_norms_fast
+from persample.engine import GhostClipping, per_sample_grad_norms_fast, recording
 from tests.engine.models import SmallCNN, TinyGPT
 from tests.engine.reference import lm_loss, norms_and_clipped_sum, per_example_grads
 
@@ -50,6 +50,26 @@ def test_nonfinite_examples_contribute_zero_and_are_reported(kind, strategy):
     assert (~torch.isfinite(out.norms)).nonzero().flatten().tolist() == [1, 4]  # reported as computed
     _assert_sums_of(out, model, inputs, targets, [0, 2, 3, 5], 0.5)
     assert torch.isnan(per_sample_grad_norms_fast(model, inputs, targets, strategy=strategy)[[1, 4]]).all()
+
+
+@pytest.mark.parametrize("packed", [True, False], ids=["packed", "apart"])
+@pytest.mark.parametrize("strategy", ["ghost", "materialize"])
+def test_nonfinite_examples_on_the_triton_path(strategy, packed, triton_device, monkeypatch):
+    """Where the Triton kernels run, the engine zeroes a dropped example's rows in place
+    (kernels/zero_rows.py): in the stacks of same-shaped layers (ghost), in the packed block of materialized
+    gradients, and in materialized gradients kept apart (``PACK_ELEMENTS = 0``)."""
+    if not packed:
+        monkeypatch.setattr(recording, "PACK_ELEMENTS", 0)
+    model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(),
+                          nn.Linear(8, 3)).double().to(triton_device)
+    inputs = torch.randn(6, 5, dtype=torch.float64, device=triton_device)
+    targets = torch.randint(0, 3, (6,), device=triton_device)
+    inputs[2, 1] = NAN
+    before = inputs.clone()
+    with pytest.warns(persample.NonFiniteGradientWarning, match=r"positions \[2\]"):
+        out = GhostClipping(model, max_grad_norm=0.5, strategy=strategy).clipped_grad_sum(inputs, targets)
+    _assert_sums_of(out, model, inputs, targets, [0, 1, 3, 4, 5], 0.5)
+    assert torch.equal(inputs.nan_to_num(7.0), before.nan_to_num(7.0))  # the caller's input is not zeroed
 
 
 def test_nonfinite_leaves_the_inputs_unchanged_and_needs_no_warning_when_all_finite(recwarn):
