@@ -24,7 +24,7 @@ from persample.dp import (
     gaussian_noise,
     noise_multiplier_for,
 )
-from persample.engine import ClippedGradSum, GhostClipping, clipped_grad_sum, per_sample_grad_norms_fast
+from persample.engine import ClippedGrads, ClippedGradSum, GhostClipping, clipped_grad_sum, per_sample_grad_norms_fast
 from persample.integrations.opacus import set_grad_sample
 from persample.loss import (
     CrossEntropyLoss,
@@ -47,6 +47,7 @@ from persample.per_sample import (
 __all__ = [
     "BatchMemoryManager",
     "ClippedGradSum",
+    "ClippedGrads",
     "ClippedSum",
     "CrossEntropyLoss",
     "DPDataLoader",

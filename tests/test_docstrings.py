@@ -45,6 +45,7 @@ TRANSFORMERS_ENTRY_POINTS = (
 # a warning category, an undo handle, and a one-line label shift.
 NO_REFERENCES = {
     "ClippedGradSum",
+    "ClippedGrads",
     "ClippedSum",
     "HeadGradNorms",
     "NonFiniteGradientWarning",

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from persample.checks import check_max_grad_norm, check_noise_multiplier, check_sample_rate
 from persample.dp._accounting import Mechanism, PrivacyAccountant
 from persample.dp._noise import gaussian_noise
+from persample.engine.ghost_clipping import ClippedGrads
 
 NOISE_BUCKET_NUMEL = 1 << 24  # elements of noise drawn at once by DPOptimizer.step (64 MiB in float32)
 
@@ -122,21 +123,28 @@ class DPOptimizer:
 
         An empty physical batch needs no call (or a call with zeros and ``num_examples=0``).
 
+        The sums are checked for NaN and inf, which takes a host sync, except the engine's
+        (:class:`~persample.engine.ghost_clipping.ClippedGrads`, the ``grads`` of
+        :meth:`persample.GhostClipping.clipped_grad_sum`): those are finite by construction wherever the dtypes
+        hold their bound, and the host goes on queueing the step's work.
+
         Raises:
             ValueError: names or shapes that do not match the trainable parameters, ``num_examples < 0``, or a
                 sum that is not finite (clipping gives a finite sum; a NaN or inf comes from gradients that
                 bypassed its non-finite policy), which is not added: a NaN never reaches the parameters.
         """
-        self._add(summed_clipped, num_examples, owned=False)
+        clipped_to = summed_clipped.clipped_to if isinstance(summed_clipped, ClippedGrads) else None
+        self._add(summed_clipped, num_examples, owned=False, clipped_to=clipped_to)
 
     def _add(self, summed_clipped: Mapping[str, Tensor], num_examples: int, owned: bool,
-             clipped: bool = False) -> None:
+             clipped_to: float | None = None) -> None:
         """:meth:`accumulate`; with ``owned`` the optimizer may keep the tensors of a first batch as its sums
         rather than copy them (the caller made them for it and does not read them again): one copy of the
-        gradients fewer at the peak. ``clipped``: the caller vouches that these are sums of ``num_examples``
-        gradients clipped to ``max_grad_norm`` with finite factors (the engine's, non-finite examples zeroed):
-        then no element exceeds ``num_examples * max_grad_norm``, and where every dtype holds that bound the sums
-        are finite without looking (a host sync, which would stop the host queueing the step's work)."""
+        gradients fewer at the peak. ``clipped_to``: the caller vouches that these are sums of ``num_examples``
+        gradients clipped to this norm with finite factors (the engine's, non-finite examples zeroed): then no
+        element exceeds ``num_examples * clipped_to``, and where every dtype holds that bound (with what was
+        accumulated before) the sums are finite without looking (a host sync, which would stop the host queueing
+        the step's work)."""
         if not isinstance(num_examples, int) or num_examples < 0:
             raise ValueError(f"num_examples must be an int >= 0, got {num_examples!r}")
         if set(summed_clipped) != set(self.params):
@@ -146,8 +154,8 @@ class DPOptimizer:
             if tuple(summed_clipped[name].shape) != tuple(p.shape):
                 raise ValueError(f"summed_clipped[{name!r}] has shape {tuple(summed_clipped[name].shape)}, "
                                  f"expected the parameter's shape {tuple(p.shape)} (sum over the batch first)")
-        bound = (self.num_examples + num_examples) * self.max_grad_norm
-        if clipped and all(_holds(summed_clipped[name].dtype, bound) and _holds(p.dtype, bound)
+        bound = (self.num_examples + num_examples) * max(self.max_grad_norm, clipped_to or 0.0)
+        if clipped_to is not None and all(_holds(summed_clipped[name].dtype, bound) and _holds(p.dtype, bound)
                            for name, p in self.params.items()):
             names = []
         else:

@@ -205,7 +205,7 @@ class PrivateOptimizer(torch.optim.Optimizer):
                                "several of them (the accountant would count one step). Step after every batch, or "
                                "split a large batch with persample.BatchMemoryManager")
         # The engine's fresh sums, read by nobody else, and clipped: each example adds at most max_grad_norm.
-        self.dp._add(grads, num_examples, owned=True, clipped=True)
+        self.dp._add(grads, num_examples, owned=True, clipped_to=self.dp.max_grad_norm)
         self._accepting = False
         if report is not None:
             self._reports.append(report)

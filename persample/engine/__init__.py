@@ -11,6 +11,7 @@ materializing per-example gradients, from one forward and one backward.
 """
 
 from persample.engine.ghost_clipping import (
+    ClippedGrads,
     ClippedGradSum,
     GhostClipping,
     Recording,
@@ -19,5 +20,5 @@ from persample.engine.ghost_clipping import (
 )
 from persample.engine.registry import register_rule
 
-__all__ = ["ClippedGradSum", "GhostClipping", "Recording", "clipped_grad_sum", "per_sample_grad_norms_fast",
-           "register_rule"]
+__all__ = ["ClippedGradSum", "ClippedGrads", "GhostClipping", "Recording", "clipped_grad_sum",
+           "per_sample_grad_norms_fast", "register_rule"]

@@ -74,11 +74,34 @@ Strategy = Literal["auto", "ghost", "materialize"]
 _STRATEGIES = ("auto", "ghost", "materialize")
 
 
+class ClippedGrads(dict):
+    """``{name: sum_b c_b grad_b}`` as the engine returns it: a dict, which also says what bound each example's
+    gradient was clipped to (``clipped_to``, the engine's ``max_grad_norm``), the examples whose norm or loss is
+    not finite already zeroed. :meth:`persample.DPOptimizer.accumulate` reads that bound: no element of a sum of
+    ``n`` such gradients exceeds ``n * clipped_to``, so where every dtype holds that bound the sums are finite
+    without looking at them (a host sync, which would stop the host queueing the step's work).
+
+    Examples:
+        >>> import torch
+        >>> import persample
+        >>> model = torch.nn.Linear(4, 3)
+        >>> grads = persample.GhostClipping(model, max_grad_norm=0.5).clipped_grad_sum(
+        ...     torch.randn(5, 4), torch.randint(0, 3, (5,))).grads
+        >>> sorted(grads), grads.clipped_to, isinstance(grads, dict)
+        (['bias', 'weight'], 0.5, True)
+    """
+
+    def __init__(self, grads: dict[str, Tensor], clipped_to: float):
+        super().__init__(grads)
+        self.clipped_to = float(clipped_to)
+
+
 class ClippedGradSum(NamedTuple):
     """What one step of the engine returns.
 
     ``grads``: ``{name: sum_b c_b grad_b}`` for every trainable parameter (names of
-    ``model.named_parameters()``, a tied parameter once), in the parameter's shape and dtype.
+    ``model.named_parameters()``, a tied parameter once), in the parameter's shape and dtype
+    (a :class:`ClippedGrads`, which is a dict).
     ``norms``: ``(B,)`` each example's gradient norm before clipping (float32, float64 for float64 models).
     ``losses``: ``(B,)`` each example's loss (detached).
     ``nonfinite``: how many examples had a norm or loss that is not finite and contributed zero to ``grads``
@@ -269,10 +292,13 @@ class GhostClipping:
         if self._graphed_step is not None and _all_cuda(args, targets):
             result, finite = self._graphed_step(args, targets)
             return self._report(result, _read_later(finite)())
-        (result, finite), finish, _ = self._step(args, targets)
-        read = _read_later(finite)
+        # The mask of finite examples starts its copy to the host as soon as the norms give it, before the
+        # clipped sums are queued: the wait below is then for the norms only, and the GPU works on the sums
+        # while the host goes on to queue the noise and the optimizer's update.
+        reads: list[Callable[[], list[int]]] = []
+        (result, _), finish, _ = self._step(args, targets, on_mask=lambda finite: reads.append(_read_later(finite)))
         finish()
-        return self._report(result, read())
+        return self._report(result, reads[0]())
 
     def _report(self, result: ClippedGradSum, positions: list[int]) -> ClippedGradSum:
         # The warning points at the caller of clipped_grad_sum, past its no_grad wrapper.
@@ -289,20 +315,25 @@ class GhostClipping:
         acc = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
         device = params[0].device if params else torch.device("cpu")
         empty = torch.zeros(0, dtype=acc, device=device)
-        return ClippedGradSum({name: torch.zeros_like(p) for name, p in trainable.items()}, empty, empty.clone())
+        return ClippedGradSum(ClippedGrads({name: torch.zeros_like(p) for name, p in trainable.items()},
+                                           self.max_grad_norm), empty, empty.clone())
 
-    def _step(self, args: tuple, targets: Tensor) -> tuple[tuple[ClippedGradSum, Tensor], Callable[[], None],
-                                                          int | None]:
+    def _step(self, args: tuple, targets: Tensor, on_mask: Callable[[Tensor], None] | None = None
+              ) -> tuple[tuple[ClippedGradSum, Tensor], Callable[[], None], int | None]:
         """One step, before its target check: ``((result, finite), finish, classes)`` (see :class:`GraphedStep`),
-        ``finite`` the ``(B,)`` mask of the examples that counted."""
+        ``finite`` the ``(B,)`` mask of the examples that counted; ``on_mask(finite)`` as soon as it is known."""
         step, losses, finish = self._backward(args, targets)
         with _no_autocast(self._plan):
             if self._graphed is not None and losses.is_cuda:
                 norms, grads, finite = self._graphed(step, losses)
+                if on_mask is not None:
+                    on_mask(finite)
             else:
-                norms, grads, finite = self._norms_and_clipped_sums(step, losses)
-        result = ClippedGradSum({name: grads[p] if p in grads else torch.zeros(p.shape, dtype=p.dtype, device=p.device)
-                                 for name, p in self._plan.trainable.items()}, norms, losses)
+                norms, grads, finite = self._norms_and_clipped_sums(step, losses, on_mask)
+        trainable = self._plan.trainable.items()
+        result = ClippedGradSum(ClippedGrads({name: grads[p] if p in grads else
+                                              torch.zeros(p.shape, dtype=p.dtype, device=p.device)
+                                              for name, p in trainable}, self.max_grad_norm), norms, losses)
         return (result, finite), finish, step.classes
 
     def _check_targets(self, targets: Tensor, classes: int | None) -> Callable[[], None]:
@@ -330,12 +361,15 @@ class GhostClipping:
         finish()
         return norms
 
-    def _norms_and_clipped_sums(self, step: Step, losses: Tensor) -> tuple[Tensor, dict[nn.Parameter, Tensor],
-                                                                          Tensor]:
+    def _norms_and_clipped_sums(self, step: Step, losses: Tensor, on_mask: Callable[[Tensor], None] | None = None
+                                ) -> tuple[Tensor, dict[nn.Parameter, Tensor], Tensor]:
         """``(norms, clipped sums, finite)``, ``finite`` the ``(B,)`` mask of the examples whose norm and loss are
-        finite: the others get a factor of 0 and zeros for factors."""
+        finite: the others get a factor of 0 and zeros for factors. ``on_mask(finite)`` runs before the sums are
+        queued (not under a CUDA graph's capture)."""
         norms = self._norms(step)
         finite = torch.isfinite(norms) & torch.isfinite(losses).to(norms.device)
+        if on_mask is not None:
+            on_mask(finite)
         factors = torch.where(finite, (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0), 0.0)
         kept = self._drop_examples(step, finite)
         return norms, self._clipped_sums(step, factors, kept), finite
@@ -558,15 +592,16 @@ class Recording:
             norms = scaled * inverse.abs()
             # The engine's non-finite policy: such an example gets a factor of 0 and zeros for its factors.
             finite = torch.isfinite(norms)
+            read = _read_later(finite)  # its copy queued before the sums: a wait for the norms only
             factors = torch.where(finite, (engine.max_grad_norm / (norms + 1e-6)).clamp(max=1.0), 0.0)
             kept = engine._drop_examples(step, finite)
             grads = engine._clipped_sums(step, factors * torch.where(finite, inverse, 0.0), kept)
-            read = _read_later(finite)
         if report_later and engine.nonfinite == "zero":
             self.report = lambda stacklevel=1: handle_nonfinite(read(), step.batch_size, "zero", stacklevel + 1)
         else:
             handle_nonfinite(read(), step.batch_size, engine.nonfinite, stacklevel=3)
-        return {name: grads[p] if p in grads else torch.zeros_like(p) for name, p in plan.trainable.items()}, norms
+        return ClippedGrads({name: grads[p] if p in grads else torch.zeros_like(p)
+                             for name, p in plan.trainable.items()}, engine.max_grad_norm), norms
 
 
 def clipped_grad_sum(model: nn.Module, inputs: Tensor | tuple, targets: Tensor, *, max_grad_norm: float,

@@ -64,7 +64,7 @@ def test_accumulate_refuses_a_nonfinite_sum_and_keeps_what_it_had(poison):
 
 
 def test_clipped_sums_skip_the_finiteness_sync_only_where_their_bound_fits_the_dtype(monkeypatch):
-    """``_add(clipped=True)`` (make_private's engine sums) looks at the sums only when ``num_examples *
+    """``_add(clipped_to=...)`` (make_private's engine sums) looks at the sums only when ``num_examples *
     max_grad_norm`` could overflow a dtype involved: float16 parameters with a large enough batch."""
     from persample.dp import _optimizer
 
@@ -77,12 +77,67 @@ def test_clipped_sums_skip_the_finiteness_sync_only_where_their_bound_fits_the_d
         dp = persample.DPOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model.named_parameters(),
                                    noise_multiplier=0.0, max_grad_norm=0.5, expected_batch_size=8.0, sample_rate=0.1)
         calls.clear()
-        dp._add({n: torch.zeros_like(p) for n, p in model.named_parameters()}, num_examples, owned=True, clipped=True)
+        dp._add({n: torch.zeros_like(p) for n, p in model.named_parameters()}, num_examples, owned=True,
+                clipped_to=0.5)
         assert bool(calls) == looked, (dtype, num_examples)
     bad = {n: torch.full_like(p, float("nan")) for n, p in model.named_parameters()}
     with pytest.raises(ValueError, match="NaN or inf"):
-        dp._add(bad, 200_000, owned=True, clipped=True)
-    with pytest.raises(ValueError, match="NaN or inf"):  # the public accumulate always looks
+        dp._add(bad, 200_000, owned=True, clipped_to=0.5)
+    with pytest.raises(ValueError, match="NaN or inf"):  # the public accumulate looks at a plain dict
         persample.DPOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model.named_parameters(),
                               noise_multiplier=0.0, max_grad_norm=0.5, expected_batch_size=8.0,
                               sample_rate=0.1).accumulate(bad, 4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_accumulate_trusts_the_engines_sums_where_their_bound_fits(monkeypatch, dtype):
+    """The engine's ``grads`` (a ClippedGrads: a dict that knows its clipping bound) skip accumulate's finiteness
+    sync where ``num_examples * clipped_to`` fits every dtype; a plain dict of the same sums is looked at, and
+    so are the engine's sums where the bound could overflow (float16 and a bound past 65504)."""
+    from persample.dp import _optimizer
+
+    calls = []
+    real = _optimizer._nonfinite
+    monkeypatch.setattr(_optimizer, "_nonfinite", lambda *a: calls.append(1) or real(*a))
+    model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3)).to(dtype)
+    x, y = torch.randn(6, 5, dtype=dtype), torch.randint(0, 3, (6,))
+    engine = persample.GhostClipping(model, max_grad_norm=1.0)
+    dp = persample.DPOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model.named_parameters(),
+                               noise_multiplier=0.0, max_grad_norm=1.0, expected_batch_size=6.0, sample_rate=0.1)
+    out = engine.clipped_grad_sum(x, y)
+    assert isinstance(out.grads, persample.ClippedGrads) and out.grads.clipped_to == 1.0
+    dp.accumulate(out.grads, 6)
+    assert calls == []
+    dp.accumulate(dict(out.grads), 6)
+    assert calls == [1]
+    calls.clear()
+    dp.zero_grad()
+    dp.accumulate(persample.GhostClipping(model, max_grad_norm=20_000.0).clipped_grad_sum(x, y).grads, 6)
+    assert bool(calls) == (dtype == torch.float16)  # 6 * 20000 > 65504
+    # What accumulate added is the engine's sums, whichever way it went.
+    dp.zero_grad()
+    dp.accumulate(out.grads, 6)
+    torch.testing.assert_close(dp._summed, dict(out.grads))
+
+
+def test_the_engine_queues_the_mask_copy_before_the_clipped_sums(monkeypatch):
+    """The host waits for the mask of finite examples; its copy is queued right after the norms, before the
+    clipped sums, so that the wait is for the norms alone (the direct API and make_private's recording)."""
+    from persample.engine import ghost_clipping
+
+    order = []
+    read_later, sums = ghost_clipping._read_later, ghost_clipping.GhostClipping._clipped_sums
+    monkeypatch.setattr(ghost_clipping, "_read_later", lambda finite: order.append("mask") or read_later(finite))
+    monkeypatch.setattr(ghost_clipping.GhostClipping, "_clipped_sums",
+                        staticmethod(lambda *a: order.append("sums") or sums(*a)))
+    model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3))
+    x, y = torch.randn(6, 5), torch.randint(0, 3, (6,))
+    engine = persample.GhostClipping(model, max_grad_norm=1.0)
+    engine.clipped_grad_sum(x, y)
+    assert order == ["mask", "sums"]
+    order.clear()
+    with engine.recording((x,)) as rec:
+        loss = nn.functional.cross_entropy(model(x), y)
+    loss.backward()
+    rec.clipped_grad_sum(1.0 / 6)
+    assert order == ["mask", "sums"]
