@@ -6,10 +6,13 @@ matrices. Squared norms (``x . x``) and products of two tensors are timed apart.
     python benchmarks/batched_dot.py --device cpu
     python benchmarks/batched_dot.py --quick         # two small shapes: a check of the script
 
-Ways: ``bmm`` — one batched ``1 x K`` by ``K x 1`` matmul (what the engine used before); ``vector_norm`` —
-one reduction, squared (squared norms only); ``mul-sum`` — an elementwise product and a sum over the example's
-dimensions. Times are medians over repeated calls, after a warm-up (CUDA: synchronized). Prints a table and
-saves it (``results.py``: the batched_dot section of ``RESULTS.md``, appended to ``HISTORY.md``).
+Ways: ``bmm`` — one batched ``1 x K`` by ``K x 1`` matmul (what the engine used before); ``vector_norm`` — one
+reduction, squared (squared norms only); ``mul-sum`` — an elementwise product and a sum over the example's
+dimensions; ``row_dots`` — the Triton kernel (``persample.kernels.row_dot``; CUDA only), which reads both operands
+once and writes no product (products of two tensors). The ``(B C, H W)`` rows are GroupNorm's ``sum G x`` per
+example and channel (B=256, a Wide-ResNet's stages). Times are medians over repeated calls, after a warm-up (CUDA:
+synchronized). Prints a table and saves it (``results.py``: the batched_dot section of ``RESULTS.md``, appended to
+``HISTORY.md``).
 """
 
 import argparse
@@ -20,7 +23,7 @@ import torch
 from results import add_save_flag, header, publish
 
 SHAPES = [(256, 9216), (256, 36864), (256, 147456), (32, 36864), (32, 147456), (16, 600000), (2048, 4096),
-          (256, 600)]
+          (256, 600), (256 * 64, 1024), (256 * 128, 256), (256 * 256, 64)]
 QUICK = [(8, 300), (4, 1000)]
 
 
@@ -50,7 +53,11 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device(args.device)
     shapes = QUICK if args.quick else SHAPES
-    rows = ["| B | K | dtype | product | bmm | vector_norm | mul-sum | best |", "|---|---|---|---|---|---|---|---|"]
+    rows = ["| B | K | dtype | product | bmm | vector_norm | mul-sum | row_dots | best |",
+            "|---|---|---|---|---|---|---|---|---|"]
+    kernel = device.type == "cuda"
+    if kernel:
+        from persample.kernels.row_dot import row_dots
     for (B, K), dtype in ((s, d) for s in shapes for d in (torch.float32,)):
         x = torch.randn(B, K, device=device, dtype=dtype)
         y = torch.randn(B, K, device=device, dtype=dtype)
@@ -59,6 +66,7 @@ def main() -> None:
                 "bmm": lambda a=a, b=b: torch.bmm(a[:, None], b[:, :, None]),
                 "vector_norm": (lambda a=a: torch.linalg.vector_norm(a, dim=1).square()) if a is b else None,
                 "mul-sum": lambda a=a, b=b: (a * b).sum(1),
+                "row_dots": (lambda a=a, b=b: row_dots(a, b)) if kernel and a is not b else None,
             }
             times = {name: _median_us(fn, device, args.reps) for name, fn in ways.items() if fn is not None}
             best = min(times, key=times.get)
