@@ -10,43 +10,54 @@ the size of an input. The engine forms such dots where a layer's gradient meets 
 GroupNorm's ``sum_s G[c, s] x[c, s]`` over each example's channels (``R = B C``, the size of the layer's input):
 under a Wide-ResNet's first stage that temporary sat at the step's memory peak.
 
-A row is split into up to ``ceil(K / per_program)`` pieces, each summed by one program, so that short batches of
-long rows (``R = B``, ``K`` a layer's weight) still occupy the GPU; the pieces' partial sums are added by one
-``sum`` in a fixed order, so the result does not depend on scheduling.
+A program sums a tile of rows (several short rows, or a piece of a long one). Long rows are split into up to
+``ceil(K / per_program)`` pieces, each summed by one program, so that short batches of long rows (``R = B``, ``K``
+a layer's weight) still occupy the GPU; the pieces' partial sums are added by one ``sum`` in a fixed order, so the
+result does not depend on scheduling.
 """
 
 import torch
 import triton
 import triton.language as tl
 
-from .launch import acc_dtype, cdiv, interpreting, launch, sm_count
+from .launch import acc_dtype, cdiv, interpreting, launch, next_power_of_2, sm_count
 
 BLOCK = 1024
 PROGRAMS_PER_SM = 8  # enough pieces of rows in flight to cover memory latency
 
 
 @triton.jit
-def _row_dot_kernel(x_ptr, y_ptr, out_ptr, K, per_program, pieces, BLOCK: tl.constexpr, ACC: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
+def _row_dot_kernel(x_ptr, y_ptr, out_ptr, R, K, per_program, pieces, ROWS: tl.constexpr, BLOCK: tl.constexpr,
+                    ACC: tl.constexpr):
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     piece = tl.program_id(1).to(tl.int64)
     first = piece * per_program
-    acc = tl.zeros([BLOCK], dtype=ACC)
+    acc = tl.zeros([ROWS, BLOCK], dtype=ACC)
     for i in range(0, per_program, BLOCK):
         cols = first + i + tl.arange(0, BLOCK)
-        inside = cols < K
-        a = tl.load(x_ptr + row * K + cols, mask=inside, other=0.0).to(ACC)
-        b = tl.load(y_ptr + row * K + cols, mask=inside, other=0.0).to(ACC)
+        inside = (rows[:, None] < R) & (cols[None, :] < K)
+        at = rows[:, None] * K + cols[None, :]
+        a = tl.load(x_ptr + at, mask=inside, other=0.0).to(ACC)
+        b = tl.load(y_ptr + at, mask=inside, other=0.0).to(ACC)
         acc += a * b
-    tl.store(out_ptr + row * pieces + piece, tl.sum(acc, 0))
+    tl.store(out_ptr + rows * pieces + piece, tl.sum(acc, 1), mask=rows < R)
 
 
-def _pieces(R: int, K: int, device: torch.device) -> int:
+def _tile(K: int) -> tuple[int, int]:
+    """``(ROWS, BLOCK)``: a program's tile, ``BLOCK`` columns (up to ``BLOCK``, the row's length rounded up to a
+    power of two) of ``ROWS`` rows, about ``BLOCK`` elements in all: short rows (a GroupNorm's ``H W`` on small
+    maps) are summed several to a program instead of leaving most of a block masked."""
+    block = min(BLOCK, max(16, next_power_of_2(K)))
+    return max(1, BLOCK // block), block
+
+
+def _pieces(programs: int, K: int, block: int, device: torch.device) -> int:
     """How many programs share a row: enough for ``PROGRAMS_PER_SM`` per multiprocessor in all, each at least a
     block long (one in the interpreter, where programs run one after another)."""
     if interpreting() or device.type != "cuda":
         return 1
-    wanted = cdiv(PROGRAMS_PER_SM * sm_count(device), R)
-    return max(1, min(wanted, cdiv(K, BLOCK)))
+    wanted = cdiv(PROGRAMS_PER_SM * sm_count(device), programs)
+    return max(1, min(wanted, cdiv(K, block)))
 
 
 def row_dots(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -69,10 +80,12 @@ def row_dots(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     K = x.numel() // R if R else 0
     if R == 0 or K == 0:
         return torch.zeros(R, dtype=acc, device=x.device)
-    pieces = _pieces(R, K, x.device)
-    per_program = cdiv(cdiv(K, pieces), BLOCK) * BLOCK
+    rows, block = _tile(K)
+    programs = cdiv(R, rows)
+    pieces = _pieces(programs, K, block, x.device)
+    per_program = cdiv(cdiv(K, pieces), block) * block
     pieces = cdiv(K, per_program)
     partial = torch.empty(R, pieces, dtype=acc, device=x.device)
-    launch(_row_dot_kernel, (R, pieces), x, y, partial, K, per_program, pieces, BLOCK=BLOCK,
+    launch(_row_dot_kernel, (programs, pieces), x, y, partial, R, K, per_program, pieces, ROWS=rows, BLOCK=block,
            ACC=acc_dtype(x.dtype), num_warps=1 if interpreting() else 4)
     return partial.view(R) if pieces == 1 else partial.sum(1)

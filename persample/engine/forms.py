@@ -46,6 +46,7 @@ from persample.kernels import row_dot
 
 _CHUNK_ELEMENTS = 1 << 26
 _DOT_BY_MATMUL = 1 << 23  # on the CPU, batched_dot of two tensors larger than this is one batched matmul
+_DOT_BY_KERNEL = 1 << 23  # on the Triton path, larger than this: the row_dot kernel (smaller: its temporary is small)
 
 
 @dataclass
@@ -177,13 +178,15 @@ def _common(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def batched_dot(x: Tensor, y: Tensor) -> Tensor:
-    """``(B,)`` dot products of ``x[b]`` and ``y[b]`` (same shape and dtype). Squared norms (``x is y``) are
-    one reduction, ``vector_norm`` squared; other products, on the Triton path (contiguous operands), one kernel
-    that reads both once and writes no product (:mod:`persample.kernels.row_dot`), else a product and a sum, or
-    on the CPU beyond ``2^23`` elements, where the product's temporary costs more, one batched matmul. A batched
-    ``1 x K`` by ``K x 1`` product is slow on both devices: cuBLAS runs it as gemv kernels, 3-15x slower than the
-    reduction on an H200 (B=256, K from 37k to 600k), and on two CPU cores it took about 10x the reduction's
-    time (``benchmarks/batched_dot.py``; its section of ``benchmarks/RESULTS.md``)."""
+    """``(B,)`` dot products of ``x[b]`` and ``y[b]`` (same shape and dtype). Squared norms (``x is y``) are one
+    reduction, ``vector_norm`` squared; other products, on the Triton path beyond ``2^23`` elements (contiguous
+    operands), one kernel that reads both once and writes no product (:mod:`persample.kernels.row_dot`; on an
+    H100 0.6-0.95x the product and sum's time there, and no temporary; below, its extra launch cost more than
+    the product's pass), else a product and a sum, or on the CPU beyond ``2^23`` elements, where the product's
+    temporary costs more, one batched matmul. A batched ``1 x K`` by ``K x 1`` product is slow on both devices:
+    cuBLAS runs it as gemv kernels, 3-15x slower than the reduction on an H200 (B=256, K from 37k to 600k), and
+    on two CPU cores it took about 10x the reduction's time (``benchmarks/batched_dot.py``; its section of
+    ``benchmarks/RESULTS.md``)."""
     B, same = x.shape[0], x is y
     if x.ndim == 1:
         x, y = x.view(B, 1), y.view(B, 1)
@@ -201,9 +204,9 @@ def batched_dot(x: Tensor, y: Tensor) -> Tensor:
 
 def _by_kernel(x: Tensor, y: Tensor) -> bool:
     """Whether :func:`batched_dot` runs :func:`~persample.kernels.row_dot.row_dots`: on the Triton path, for
-    contiguous operands outside autograd and the transforms (which trace PyTorch ops, not launches)."""
-    return (use_triton(x) and x.is_contiguous() and y.is_contiguous() and not (x.requires_grad or y.requires_grad)
-            and not transforms_active())
+    large contiguous operands outside autograd and the transforms (which trace PyTorch ops, not launches)."""
+    return (x.numel() > _DOT_BY_KERNEL and use_triton(x) and x.is_contiguous() and y.is_contiguous()
+            and not (x.requires_grad or y.requires_grad) and not transforms_active())
 
 
 def by_chunks(per_example: int, dot, *tensors: Tensor) -> Tensor:

@@ -18,7 +18,7 @@ def _reference(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
-@pytest.mark.parametrize("shape", [(1, 1), (3, 7), (5, 1025), (2, 3, 5, 7), (7,), (4, 2049)])
+@pytest.mark.parametrize("shape", [(1, 1), (3, 7), (5, 1025), (2, 3, 5, 7), (7,), (4, 2049), (130, 9), (67, 33)])
 def test_matches_float64(shape, dtype):
     gen = torch.Generator().manual_seed(sum(shape))
     x = torch.randn(shape, generator=gen).to(dtype)
@@ -36,7 +36,7 @@ def test_matches_float64(shape, dtype):
 def test_rows_split_between_programs(monkeypatch, pieces):
     """Rows longer than one program's share: partial sums per piece, added in order; the last piece short."""
     monkeypatch.setattr(row_dot, "BLOCK", 16)
-    monkeypatch.setattr(row_dot, "_pieces", lambda R, K, device: pieces)
+    monkeypatch.setattr(row_dot, "_pieces", lambda programs, K, block, device: pieces)
     gen = torch.Generator().manual_seed(pieces)
     x, y = torch.randn(3, 101, generator=gen, dtype=torch.float64), torch.randn(3, 101, generator=gen,
                                                                                  dtype=torch.float64)
@@ -72,6 +72,7 @@ def test_bad_input():
 def test_batched_dot_takes_the_kernel(monkeypatch):
     """The engine's batched_dot: the kernel for contiguous operands on the Triton path (its result in the
     operands' dtype, equal to the product and sum's), the product and sum for strided ones."""
+    monkeypatch.setattr(forms, "_DOT_BY_KERNEL", 0)  # every size (the engine's threshold: 2^23 elements)
     calls = []
     real = row_dot.row_dots
     monkeypatch.setattr(row_dot, "row_dots", lambda x, y: calls.append(x.shape) or real(x, y))
@@ -84,3 +85,6 @@ def test_batched_dot_takes_the_kernel(monkeypatch):
     assert len(calls) == 1
     torch.testing.assert_close(strided, out)
     assert forms.batched_dot(x, x) is not None and len(calls) == 1  # squared norms: one reduction
+    monkeypatch.setattr(forms, "_DOT_BY_KERNEL", x.numel())
+    torch.testing.assert_close(forms.batched_dot(x, y), out)  # not larger than the threshold: product and sum
+    assert len(calls) == 1
