@@ -168,8 +168,9 @@ def record_rule(step: Step, hooked: Hooked, module: nn.Module, args: tuple, outp
     shared = not step.is_batched(x)
     # The rules need no autocast state (only the fallback replays a call): not looking it up saves two calls
     # into torch per hooked call.
-    call = Call(module, (x.expand(step.batch_size, *x.shape) if shared else x, *args[1:]), {}, hooked.used, None)
     rule, version = hooked.rule, x._version
+    call = Call(module, (x.expand(step.batch_size, *x.shape) if shared else x, *args[1:]),
+                rule.saved(output) if rule.saved is not None and not shared else {}, hooked.used, None)
 
     def on_grad(grad: Tensor) -> None:
         if x._version != version:

@@ -49,7 +49,8 @@ class Call:
 
     ``args``/``kwargs`` are the inputs as the module saw them (detached; ``kwargs`` only for the fallback),
     with the batch dimension first (a call that was shared by the whole batch, like a positional embedding
-    of ``arange(T)``, has its first input expanded to the batch). ``params`` are the trainable parameters
+    of ``arange(T)``, has its first input expanded to the batch); a rule's ``kwargs`` are what its
+    :attr:`Rule.saved` took from the call's output. ``params`` are the trainable parameters
     the call uses, by their names relative to ``module``. ``autocast`` is the ``(device_type, dtype)``
     autocast was on during the call, or None; it is recorded for the fallback, which replays the call (rules
     get None).
@@ -72,25 +73,29 @@ class Rule:
     ``grad_output`` is ``(B, *output_shape)``; ``strategy`` is ``"auto"``, ``"ghost"`` or ``"materialize"``
     (see :func:`persample.engine.forms.outer_or_dense`). With ``cast_input``, the engine casts the first
     input as autocast would before the call, so that the copy it keeps is the one the op uses: to the autocast
-    dtype (``True``) or, under CUDA autocast, to float32 (``"float32"``).
+    dtype (``True``) or, under CUDA autocast, to float32 (``"float32"``). ``saved(output)``, if given, runs when
+    the call is recorded and returns what the rule may reuse from the output's autograd node (its saved tensors,
+    e.g. a normalization's statistics) as ``call.kwargs``; ``{}`` when there is nothing to take.
     """
 
     compute: RuleFn
     params: frozenset[str]
     cast_input: bool | str
+    saved: Callable[[Tensor], dict] | None = None
 
 
 RULES: dict[type[nn.Module] | str, Rule] = {}
 
 
-def register_rule(*module_types: type[nn.Module] | str, params: tuple[str, ...], cast_input: bool | str = False):
+def register_rule(*module_types: type[nn.Module] | str, params: tuple[str, ...], cast_input: bool | str = False,
+                  saved: Callable[[Tensor], dict] | None = None):
     """Registers the decorated ``compute`` for exactly these module types (not their subclasses, which may
     override ``forward``; those go to the fallback). A type of an optional dependency is named by its import
     path (``"transformers.pytorch_utils.Conv1D"``), so that registering it imports nothing."""
 
     def decorate(compute: RuleFn) -> RuleFn:
         for module_type in module_types:
-            RULES[module_type] = Rule(compute, frozenset(params), cast_input)
+            RULES[module_type] = Rule(compute, frozenset(params), cast_input, saved)
         return compute
 
     return decorate

@@ -4,9 +4,11 @@ With ``x (B, C, *spatial)`` split into ``groups`` groups of ``C / groups`` chann
 example's mean and ``1 / sqrt(var + eps)`` over a group (its channels and positions), each example's gradients
 are materialized (they are as small as the parameters): ``d_bias[c] = sum_s G[c, s]`` and
 ``d_weight[c] = rstd * (sum_s G[c, s] x[c, s] - mu * d_bias[c])``, the sums over positions ``s`` (the formula of
-PyTorch's own GroupNorm backward), in float32 (float64 for float64 inputs). The statistics are recomputed, by
-one ``var_mean`` reduction on a GPU and by PyTorch's GroupNorm forward kernel on the CPU, ``sum_s G x`` by
-:func:`~persample.engine.forms.batched_dot` over channels.
+PyTorch's own GroupNorm backward), in float32 (float64 for float64 inputs). The statistics are the ones the
+forward computed, taken from the call's autograd node (which saves them for its own backward) when they are there
+in that dtype; else (an input that PyTorch's kernel normalized in bfloat16 on the CPU, an output whose node is
+not GroupNorm's) they are recomputed, by one ``var_mean`` reduction on a GPU and by PyTorch's GroupNorm forward
+kernel on the CPU. ``sum_s G x`` by :func:`~persample.engine.forms.batched_dot` over channels.
 """
 
 import torch
@@ -15,12 +17,36 @@ from torch import Tensor, nn
 from persample.engine.forms import Dense, Form, acc_dtype, batched_dot
 from persample.engine.registry import Call, register_rule
 
-STATS: str | None = None  # "var_mean" or "kernel" forces one way of recomputing the statistics (tests); None: by device
+STATS: str | None = None  # "var_mean" or "kernel" forces one way of recomputing the statistics (tests); None: the
+# forward's own where the autograd node has them, else by device
+
+
+def _saved_stats(output: Tensor) -> dict:
+    """The forward's ``mean`` and ``rstd`` ``(B, groups)``, from the output's ``native_group_norm`` node (saved for
+    its backward; taking them keeps two tiny tensors alive until the rule runs), or ``{}``."""
+    node = output.grad_fn
+    if node is None or type(node).__name__ != "NativeGroupNormBackward0":
+        return {}
+    try:
+        return {"mean": node._saved_result1, "rstd": node._saved_result2}
+    except (AttributeError, RuntimeError):  # another PyTorch's names, or freed
+        return {}
+
+
+def _forward_stats(saved: dict | None, B: int, groups: int, acc: torch.dtype) -> tuple[Tensor | None, Tensor | None]:
+    """The forward's ``(mean, rstd)`` where :func:`_saved_stats` took them, of the shape and dtype the rule needs
+    (and :data:`STATS` forces no recomputation), else ``(None, None)``."""
+    mean, rstd = (saved or {}).get("mean"), (saved or {}).get("rstd")
+    if STATS is not None or mean is None or rstd is None:
+        return None, None
+    if not (mean.dtype == rstd.dtype == acc and mean.shape == rstd.shape == (B, groups)):
+        return None, None
+    return mean, rstd
 
 
 # Under CUDA autocast GroupNorm runs in float32: the input is cast before the call, so that the copy kept is the
 # one the op saves anyway, and the rule casts nothing in the backward.
-@register_rule(nn.GroupNorm, params=("weight", "bias"), cast_input="float32")
+@register_rule(nn.GroupNorm, params=("weight", "bias"), cast_input="float32", saved=_saved_stats)
 def group_norm(call: Call, grad_output: Tensor, strategy: str) -> dict[str, Form]:
     module = call.module
     x = call.args[0]
@@ -31,14 +57,16 @@ def group_norm(call: Call, grad_output: Tensor, strategy: str) -> dict[str, Form
     d_bias = G.sum(2)
     forms: dict[str, Form] = {}
     if "weight" in call.params:
-        # On a GPU one reduction that reads x (the forward kernel would also write its output); on the CPU
-        # PyTorch's own GroupNorm forward, its output dropped, about 10x faster than var_mean there.
-        if STATS == "var_mean" or (STATS is None and x.is_cuda):
-            var, mean = torch.var_mean(x.reshape(B, groups, -1), dim=2, correction=0)
-            rstd = (var + module.eps).rsqrt()
-        else:
-            _, mean, rstd = torch.ops.aten.native_group_norm(x.contiguous(), None, None, B, C, x.shape[2], groups,
-                                                             module.eps)
+        mean, rstd = _forward_stats(call.kwargs, B, groups, acc)
+        if mean is None:
+            # On a GPU one reduction that reads x (the forward kernel would also write its output); on the CPU
+            # PyTorch's own GroupNorm forward, its output dropped, about 10x faster than var_mean there.
+            if STATS == "var_mean" or (STATS is None and x.is_cuda):
+                var, mean = torch.var_mean(x.reshape(B, groups, -1), dim=2, correction=0)
+                rstd = (var + module.eps).rsqrt()
+            else:
+                _, mean, rstd = torch.ops.aten.native_group_norm(x.contiguous(), None, None, B, C, x.shape[2], groups,
+                                                                 module.eps)
         sum_gx = batched_dot(G.reshape(B * C, -1), x.reshape(B * C, -1)).view(B, groups, -1)
         # Each group's statistics broadcast over its channels: views, no copies per channel.
         d_weight = (sum_gx - mean.view(B, groups, 1) * d_bias.view(B, groups, -1)) * rstd.view(B, groups, 1)

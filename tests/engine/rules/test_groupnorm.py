@@ -20,9 +20,10 @@ class Normed(nn.Module):
         return self.norm(self.conv(x) + 3.0) * 2.0  # an offset, so that the group means are not near 0
 
 
-@pytest.fixture(params=["kernel", "var_mean"])
+@pytest.fixture(params=["kernel", "var_mean", None], ids=["kernel", "var_mean", "forward"])
 def stats(request, monkeypatch):
-    """Both ways of recomputing the group statistics (the GroupNorm kernel's on the CPU, var_mean's on a GPU)."""
+    """Both ways of recomputing the group statistics (the GroupNorm kernel's on the CPU, var_mean's on a GPU), and
+    the forward's own, taken from the autograd node (None: the default)."""
     from persample.engine.rules import groupnorm
 
     monkeypatch.setattr(groupnorm, "STATS", request.param)
@@ -86,3 +87,29 @@ def test_group_norm_on_channels_last_input(stats):
         model.norm.bias.normal_()
     x = torch.randn(5, 6, 3, 4, dtype=torch.float64).to(memory_format=torch.channels_last)
     assert_matches_reference(model, x, torch.randn(5, 6, 3, 4, dtype=torch.float64), loss_fn=squared_error)
+
+
+def test_forward_statistics_reused(monkeypatch):
+    """The rule takes the forward's mean and rstd from the GroupNorm's autograd node where it has one (here the
+    second norm: the first one's input needs no gradient, so its output has no node) and recomputes them where
+    not, with the same results as the reference either way."""
+    from persample.engine.rules import groupnorm
+
+    taken = []
+    real = groupnorm._forward_stats
+
+    def spy(saved, B, groups, acc):
+        out = real(saved, B, groups, acc)
+        taken.append(out[0] is not None)
+        return out
+
+    model = nn.Sequential(nn.GroupNorm(2, 4), nn.Conv1d(4, 4, 1, bias=False), nn.GroupNorm(2, 4)).double()
+    with torch.no_grad():
+        for norm in (model[0], model[2]):
+            norm.weight.normal_()
+            norm.bias.normal_()
+    x, y = torch.randn(5, 4, 3, dtype=torch.float64) + 2.0, torch.randn(5, 4, 3, dtype=torch.float64)
+    monkeypatch.setattr(groupnorm, "_forward_stats", spy)
+    assert_matches_reference(model, x, y, loss_fn=squared_error)
+    assert True in taken and False in taken
+    assert groupnorm._saved_stats(torch.ones(2, 4)) == {}  # no node: nothing taken
