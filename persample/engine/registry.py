@@ -47,10 +47,10 @@ from persample.engine.forms import Form
 class Call:
     """One call of a module during the engine's forward.
 
-    ``args``/``kwargs`` are the inputs as the module saw them (detached; ``kwargs`` only for the fallback),
-    with the batch dimension first (a call that was shared by the whole batch, like a positional embedding
-    of ``arange(T)``, has its first input expanded to the batch); a rule's ``kwargs`` are what its
-    :attr:`Rule.saved` took from the call's output. ``params`` are the trainable parameters
+    ``args`` are the inputs as the module saw them (detached), with the batch dimension first (a call that was
+    shared by the whole batch, like a positional embedding of ``arange(T)``, has its first input expanded to the
+    batch); ``kwargs`` the fallback's keyword inputs, likewise, or for a rule what its :attr:`Rule.saved` took
+    from the call's output (``{}`` if nothing). ``params`` are the trainable parameters
     the call uses, by their names relative to ``module``. ``autocast`` is the ``(device_type, dtype)``
     autocast was on during the call, or None; it is recorded for the fallback, which replays the call (rules
     get None).
