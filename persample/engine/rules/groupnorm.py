@@ -21,11 +21,22 @@ STATS: str | None = None  # "var_mean" or "kernel" forces one way of recomputing
 # forward's own where the autograd node has them, else by device
 
 
+def _saved_tensor_hooks_active() -> bool:
+    """Whether saved-tensor hooks are on (``torch.utils.checkpoint``'s non-reentrant mode, ``save_on_cpu``, a
+    user's own): unpacking a saved tensor then runs their unpack hook now, which may recompute a checkpointed
+    region's forward. True when it cannot be told."""
+    try:
+        return torch._C._autograd._top_saved_tensors_default_hooks(False) is not None
+    except (AttributeError, TypeError, RuntimeError):
+        return True
+
+
 def _saved_stats(output: Tensor) -> dict:
     """The forward's ``mean`` and ``rstd`` ``(B, groups)``, from the output's ``native_group_norm`` node (saved for
-    its backward; taking them keeps two tiny tensors alive until the rule runs), or ``{}``."""
+    its backward; taking them keeps two tiny tensors alive until the rule runs), or ``{}``: no such node, or
+    saved-tensor hooks on."""
     node = output.grad_fn
-    if node is None or type(node).__name__ != "NativeGroupNormBackward0":
+    if node is None or type(node).__name__ != "NativeGroupNormBackward0" or _saved_tensor_hooks_active():
         return {}
     try:
         return {"mean": node._saved_result1, "rstd": node._saved_result2}

@@ -111,5 +111,23 @@ def test_forward_statistics_reused(monkeypatch):
     x, y = torch.randn(5, 4, 3, dtype=torch.float64) + 2.0, torch.randn(5, 4, 3, dtype=torch.float64)
     monkeypatch.setattr(groupnorm, "_forward_stats", spy)
     assert_matches_reference(model, x, y, loss_fn=squared_error)
-    assert True in taken and False in taken
+    # A PyTorch that cannot tell whether saved-tensor hooks are on gets recomputed statistics only.
+    assert (True in taken or groupnorm._saved_tensor_hooks_active()) and False in taken
     assert groupnorm._saved_stats(torch.ones(2, 4)) == {}  # no node: nothing taken
+
+
+def test_no_statistics_taken_under_saved_tensor_hooks():
+    """Under saved-tensor hooks (checkpointing, offloading) unpacking would run their unpack hook in the forward:
+    nothing is taken there, and the rule recomputes."""
+    from persample.engine.rules import groupnorm
+
+    if groupnorm._saved_tensor_hooks_active():
+        pytest.skip("this PyTorch cannot tell whether saved-tensor hooks are on")
+    x = torch.randn(3, 4, 5, requires_grad=True)
+    taken = groupnorm._saved_stats(nn.GroupNorm(2, 4)(x))
+    assert set(taken) == {"mean", "rstd"} and taken["mean"].shape == (3, 2)
+    torch.testing.assert_close(taken["mean"], x.detach().view(3, 2, -1).mean(2))
+    unpacked = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: unpacked.append(t) or t):
+        assert groupnorm._saved_stats(nn.GroupNorm(2, 4)(x)) == {}
+    assert not unpacked
