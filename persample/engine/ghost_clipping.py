@@ -57,6 +57,7 @@ from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils._pytree import tree_leaves
+from torch.utils.checkpoint import CheckpointError
 
 from persample.backend import use_triton
 from persample.checks import check_nonfinite, handle_nonfinite, refuse_batch_norm
@@ -147,6 +148,19 @@ def _batch_size(inputs) -> int:
         raise ValueError("inputs must contain a tensor with a batch dimension first, got "
                          f"{tuple(first.shape) if first is not None else type(inputs).__name__}")
     return first.shape[0]
+
+
+@contextmanager
+def _checkpointing_refused():
+    """Turns the error of a model with non-reentrant activation checkpointing into one that names the fix: its
+    backward recomputes the forward with the parameters trainable again, which the engine's forward froze, so the
+    recomputed tensors differ from the saved ones."""
+    try:
+        yield
+    except CheckpointError as e:
+        raise ValueError("the engine does not support activation checkpointing (torch.utils.checkpoint): its "
+                         "backward recomputes the forward outside the engine's recording. Turn it off "
+                         "(model.gradient_checkpointing_disable() for transformers models)") from e
 
 
 def _read_later(finite: Tensor) -> Callable[[], list[int]]:
@@ -474,7 +488,7 @@ class GhostClipping:
                 chunk_size=self.head_chunk_size)
             finish = _nothing
         if output.requires_grad:
-            with torch.autocast(output.device.type, enabled=False):
+            with torch.autocast(output.device.type, enabled=False), _checkpointing_refused():
                 torch.autograd.backward(output, output_grad)
         del output, output_grad
         self._after_backward(step, losses.is_cuda)

@@ -217,6 +217,12 @@ def recording(plan: Plan, step: Step, autocast: bool):
         hooked = modules.get(module)
         if hooked is None:
             return None
+        if not torch.is_grad_enabled():
+            raise ValueError(
+                f"{type(module).__name__} has trainable parameters and ran with gradients off (under torch.no_grad, "
+                "or inside reentrant activation checkpointing): the engine needs the gradient of each such call's "
+                "output. Run it with gradients on, or turn activation checkpointing off (model."
+                "gradient_checkpointing_disable() for transformers models)")
         if hooked.rule is None:
             return record_fallback(step, hooked, module, args, kwargs, output)
         return record_rule(step, hooked, module, args, output)

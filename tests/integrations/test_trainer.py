@@ -139,6 +139,12 @@ def test_bad_arguments(tmp_path):
     classifier = transformers.GPT2Model(transformers.GPT2Config(vocab_size=VOCAB, n_embd=16, n_layer=1, n_head=2))
     with pytest.raises(ValueError, match="GPT2Model"):
         _trainer(tmp_path, model=classifier, noise_multiplier=1.0)
+    with pytest.raises(ValueError, match="gradient checkpointing"):
+        _trainer(tmp_path, noise_multiplier=1.0, gradient_checkpointing=True)
+    checkpointed = _model()
+    checkpointed.gradient_checkpointing_enable()
+    with pytest.raises(ValueError, match="gradient checkpointing"):
+        _trainer(tmp_path, model=checkpointed, noise_multiplier=1.0)
 
 
 def test_sequence_classifier_is_clipped_per_sequence(tmp_path):

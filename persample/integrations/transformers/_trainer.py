@@ -241,6 +241,10 @@ class DPTrainer(Trainer):
             raise ValueError("DPTrainer supports bf16, not fp16: the clipped sums bypass fp16's loss scaling")
         if args.world_size > 1:
             raise ValueError(f"DPTrainer runs in one process for now, got world_size={args.world_size}")
+        if args.gradient_checkpointing or getattr(self.model, "is_gradient_checkpointing", False):
+            raise ValueError("DPTrainer does not support gradient checkpointing: the clipping engine records each "
+                             "layer's inputs in the forward, which checkpointing recomputes in the backward. Set "
+                             "gradient_checkpointing=False (and call model.gradient_checkpointing_disable())")
         self.task = _task(self.model)
         self.dataset_size = len(self.train_dataset)
         self.expected_batch_size = float(args.per_device_train_batch_size * args.gradient_accumulation_steps)
