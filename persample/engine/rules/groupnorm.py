@@ -44,10 +44,10 @@ def _saved_stats(output: Tensor) -> dict:
         return {}
 
 
-def _forward_stats(saved: dict | None, B: int, groups: int, acc: torch.dtype) -> tuple[Tensor | None, Tensor | None]:
-    """The forward's ``(mean, rstd)`` where :func:`_saved_stats` took them, of the shape and dtype the rule needs
-    (and :data:`STATS` forces no recomputation), else ``(None, None)``."""
-    mean, rstd = (saved or {}).get("mean"), (saved or {}).get("rstd")
+def _forward_stats(saved: dict, B: int, groups: int, acc: torch.dtype) -> tuple[Tensor | None, Tensor | None]:
+    """The forward's ``(mean, rstd)`` where :func:`_saved_stats` took them (``saved``, the call's kwargs), of the
+    shape and dtype the rule needs (and :data:`STATS` forces no recomputation), else ``(None, None)``."""
+    mean, rstd = saved.get("mean"), saved.get("rstd")
     if STATS is not None or mean is None or rstd is None:
         return None, None
     if not (mean.dtype == rstd.dtype == acc and mean.shape == rstd.shape == (B, groups)):
