@@ -65,7 +65,7 @@ from persample.engine import fused_head, rules  # noqa: F401  (rules: registers 
 from persample.engine.forms import Dense, Form, batched_dot, clipped_sum, inner
 from persample.engine.graphed import GraphedPost, GraphedStep
 from persample.engine.output_grad import loss_and_output_grad
-from persample.engine.recording import Plan, Step, make_plan, recording
+from persample.engine.recording import CHECKPOINTING, Plan, Step, make_plan, recording
 from persample.engine.rules import fallback
 from persample.engine.stacks import as_parameters, pop_stacks, stack_clipped_sums, stack_norms
 from persample.kernels.zero_rows import zero_rows_
@@ -152,15 +152,14 @@ def _batch_size(inputs) -> int:
 
 @contextmanager
 def _checkpointing_refused():
-    """Turns the error of a model with non-reentrant activation checkpointing into one that names the fix: its
+    """Turns the error of a model with non-reentrant activation checkpointing into one that names the fix, where
+    the recording could not tell checkpointing apart (see :func:`~persample.engine.recording.checkpointing`): its
     backward recomputes the forward with the parameters trainable again, which the engine's forward froze, so the
     recomputed tensors differ from the saved ones."""
     try:
         yield
     except CheckpointError as e:
-        raise ValueError("the engine does not support activation checkpointing (torch.utils.checkpoint): its "
-                         "backward recomputes the forward outside the engine's recording. Turn it off "
-                         "(model.gradient_checkpointing_disable() for transformers models)") from e
+        raise ValueError(CHECKPOINTING) from e
 
 
 def _read_later(finite: Tensor) -> Callable[[], list[int]]:

@@ -136,6 +136,23 @@ class Step:
             self.packed.append((flat, params))
 
 
+CHECKPOINTING = ("the engine does not support activation checkpointing (torch.utils.checkpoint): its backward "
+                 "recomputes the forward outside the engine's recording. Turn it off "
+                 "(model.gradient_checkpointing_disable() for transformers models)")
+
+
+def checkpointing() -> bool:
+    """Whether ``torch.utils.checkpoint``'s non-reentrant mode is running this forward: its saved-tensor hooks are
+    the innermost ones. PyTorch has no public query; ``save_on_cpu`` and a user's own hooks, which the engine
+    allows, are told apart by the module that defines the pack hook. False when it cannot be told (the engine's
+    backward then turns torch's recomputation error into the same ValueError)."""
+    try:
+        hooks = torch._C._autograd._top_saved_tensors_default_hooks(False)
+    except (AttributeError, TypeError, RuntimeError):
+        return False
+    return hooks is not None and getattr(hooks[0], "__module__", None) == "torch.utils.checkpoint"
+
+
 def autocast_state(x: Tensor) -> tuple[str, torch.dtype] | None:
     """``(device_type, dtype)`` of the autocast on for ``x``'s device, or None."""
     device = x.device.type
@@ -223,6 +240,10 @@ def recording(plan: Plan, step: Step, autocast: bool):
                 "or inside reentrant activation checkpointing): the engine needs the gradient of each such call's "
                 "output. Run it with gradients on, or turn activation checkpointing off (model."
                 "gradient_checkpointing_disable() for transformers models)")
+        if checkpointing():
+            # Raised here, in the forward, so that a make_private loop's own loss.backward() never meets
+            # torch's recomputation mismatch (the parameters the recording froze are trainable again by then).
+            raise ValueError(CHECKPOINTING)
         if hooked.rule is None:
             return record_fallback(step, hooked, module, args, kwargs, output)
         return record_rule(step, hooked, module, args, output)

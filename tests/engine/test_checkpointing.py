@@ -54,8 +54,29 @@ def test_refused_with_the_fix_named_and_the_engine_usable_after(mode, message):
 
 
 
-def test_make_private_loop_refuses_and_recovers():
-    """Under make_private the error comes from the user's forward, and the next step runs as if it had not."""
+def test_saved_tensor_hooks_other_than_checkpointing_are_allowed():
+    """save_on_cpu (and a user's own saved-tensor hooks) change where saved tensors live, not the forward: the
+    recording tells them apart from checkpointing's, and the step equals one without them."""
+    torch.manual_seed(0)
+    model = Net()
+    engine = persample.GhostClipping(model, max_grad_norm=1.0)
+    x, y = torch.randn(4, 3, 6, 6), torch.randint(0, 5, (4,))
+    expected = engine.clipped_grad_sum(x, y)
+    packed = []
+    for hooks in (torch.autograd.graph.save_on_cpu(),
+                  torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(1) or t, lambda t: t)):
+        with hooks:
+            got = engine.clipped_grad_sum(x, y)
+        torch.testing.assert_close(got.norms, expected.norms)
+        for name in expected.grads:
+            torch.testing.assert_close(got.grads[name], expected.grads[name])
+    assert packed  # the user's hooks did run
+
+
+@pytest.mark.parametrize("mode, message", [("reentrant", "gradients off"), ("non-reentrant", "checkpointing")])
+def test_make_private_loop_refuses_and_recovers(mode, message):
+    """Under make_private the error comes from the user's forward (not from their loss.backward(), where torch's
+    recomputation mismatch would name no fix), and the next step runs as if it had not."""
     torch.manual_seed(0)
     model = Net()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -67,11 +88,12 @@ def test_make_private_loop_refuses_and_recovers():
             module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=0.0, max_grad_norm=1.0,
             poisson_sampling=False)
     x, y = next(iter(loader))
-    model.mode = "reentrant"
+    model.mode = mode
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        with pytest.raises(ValueError, match="gradients off"):
+        with pytest.raises(ValueError, match=message):
             model(x)
+    assert all(p.requires_grad for p in model.parameters())
     model.mode = None
     before = [p.detach().clone() for p in model.parameters()]
     optimizer.zero_grad()
