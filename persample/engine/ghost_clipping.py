@@ -509,6 +509,10 @@ class GhostClipping:
         for call, grads, constant in step.fallbacks:
             if any(g is not None for g in grads):
                 step.add(call, fallback.per_example_grads(call, grads, step.is_batched, constant))
+            # The hooks that filled grads live as long as the autograd graph (a make_private loop's loss keeps it
+            # through the clipping): the output gradients and inputs are dropped here, not with the graph.
+            grads[:] = [None] * len(grads)
+            call.args = call.kwargs = None
         step.fallbacks.clear()
         # Stacking and packing trade copies for fewer launches. Under CUDA graph capture launches cost nothing
         # at replay, while the stacks' large new blocks, which the memory freed earlier in the step cannot serve,

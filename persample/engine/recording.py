@@ -190,10 +190,13 @@ def record_rule(step: Step, hooked: Hooked, module: nn.Module, args: tuple, outp
                 rule.saved(output) if rule.saved is not None and not shared else {}, hooked.used, None)
 
     def on_grad(grad: Tensor) -> None:
-        if x._version != version:
+        if call.args[0]._version != version:  # a view shares its base's version counter
             raise ValueError(f"the input of {type(module).__name__} was modified in place after the call; the "
                              "engine needs it unchanged to form per-example gradients")
         step.add(call, rule.compute(call, grad, step.strategy))
+        # The hook lives as long as the autograd graph does: in a make_private loop the user's loss keeps that graph
+        # through the clipping, and what the hook still held (the input, through call.args, not a variable of
+        # its own) would stay alive after the forms that hold it are consumed.
         call.args = call.kwargs = None
 
     return step.watch(output, shared, on_grad, broadcast)

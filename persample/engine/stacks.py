@@ -44,6 +44,7 @@ def pop_stacks(forms: dict[nn.Parameter, list[Form]]) -> list[OuterStack]:
         if len(fs) == 1 and isinstance(fs[0], Outer):
             G, A = fs[0].G, fs[0].A
             groups.setdefault((G.shape, A.shape, G.dtype, A.dtype, G.device, id(G) in bias_of), []).append(p)
+    fs = G = A = None  # the loop's last layer: its factors are freed once stacked, like the others'
     stacks = []
     for key, params in groups.items():
         if len(params) < 2:
