@@ -19,7 +19,9 @@ are medians of the timed steps after warm-up, the variants built side by side an
 each per round (CUDA synchronized around each step), so that a change in the host's speed hits all alike. On the
 CPU the time is the process's CPU time with one thread (``time.process_time``): on a shared machine, wall time
 measures the other jobs as much as the step. Peak memory is ``torch.cuda.max_memory_allocated`` over one step after
-a warm-up step with the variant alone on the GPU (model, optimizer state and all), CUDA only. A variant that fails
+a warm-up step with the variant alone on the GPU (model, optimizer state and all); on the CPU, the peak of the
+tensor storage that one step after a warm-up step allocates and holds (``cpu_memory.py``: the model and the
+optimizer's state, made before the step, are left out, so its ratios are larger than a GPU's). A variant that fails
 is recorded with the exception's name (``OOM`` for out of memory). Prints a table and saves it
 (``results.py``: the make_private section of RESULTS.md, make_private_cpu for the CPU; ``--no-save``: do not).
 """
@@ -34,6 +36,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
+from cpu_memory import step_peak
 from results import add_save_flag, header, publish
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -194,6 +197,15 @@ def peak_memory(cfg: Config, variant: str, device: torch.device, precision: str)
     return torch.cuda.max_memory_allocated()
 
 
+def peak_memory_cpu(cfg: Config, variant: str, precision: str) -> int:
+    """Peak bytes of the tensor storage one step allocates and holds on the CPU, after a warm-up step (the model
+    and the optimizer's state, made before it, left out)."""
+    gc.collect()
+    step = prepare(cfg, variant, torch.device("cpu"), precision)
+    step()
+    return step_peak(step).peak
+
+
 def in_alternation(cfg: Config, variants: list[str], device: torch.device, precision: str, warmup: int,
                    rounds: int) -> dict[str, float | str]:
     """``{variant: median seconds per step, or the failure}``: every variant built side by side and timed one
@@ -227,9 +239,13 @@ def table(rows: list[dict]) -> str:
             if r["peak"] is None:
                 cells += ["n/a", ""]
             else:
-                cells += [f"{r['peak'] / 2**30:.3f} GiB", f"{r['peak'] / base[1]:.2f}x" if base and base[1] else ""]
+                cells += [size(r["peak"]), f"{r['peak'] / base[1]:.2f}x" if base and base[1] else ""]
         lines.append(f"| {r['config']} | {r['precision']} | {r['variant']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def size(nbytes: int) -> str:
+    return f"{nbytes / 2**30:.3f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.1f} MiB"
 
 
 def failure(error: BaseException) -> str:
@@ -267,13 +283,13 @@ def main() -> None:
                 warnings.simplefilter("ignore")  # Opacus's secure-mode and hook warnings, every run
                 seconds = in_alternation(cfg, args.variants, device, precision, args.warmup, args.iters)
                 peaks = {}
-                if device.type == "cuda":
-                    for variant in seconds:
-                        if not isinstance(seconds[variant], str):
-                            try:
-                                peaks[variant] = peak_memory(cfg, variant, device, precision)
-                            except Exception as error:  # noqa: BLE001
-                                seconds[variant] = failure(error)
+                for variant in seconds:
+                    if not isinstance(seconds[variant], str):
+                        try:
+                            peaks[variant] = (peak_memory(cfg, variant, device, precision) if device.type == "cuda"
+                                              else peak_memory_cpu(cfg, variant, precision))
+                        except Exception as error:  # noqa: BLE001
+                            seconds[variant] = failure(error)
             gc.collect()
             normal = seconds.get("normal step")
             normal = None if normal is None or isinstance(normal, str) else (normal, peaks.get("normal step"))
@@ -287,7 +303,8 @@ def main() -> None:
     section = "make_private" if device.type == "cuda" else "make_private_cpu"  # a CPU run keeps the GPU table
     context = header(section, device, f"opacus {opacus.__version__}",
                      f"max_grad_norm={MAX_GRAD_NORM}, noise_multiplier={NOISE_MULTIPLIER}, AdamW, the same fixed batch "
-                     "every step" + ("; CPU time per step, one thread" if device.type == "cpu" else ""))
+                     "every step" + ("; CPU time per step, one thread; peak memory: the step's own tensor storage "
+                                     "(cpu_memory.py)" if device.type == "cpu" else ""))
     publish(section, f"{context}\n\n{table(rows)}", args)
 
 if __name__ == "__main__":
