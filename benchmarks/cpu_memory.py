@@ -71,8 +71,9 @@ class StepMemory(TorchDispatchMode):
 
 def _where(func) -> str:
     """The op and the innermost lines of persample or of a benchmark that called it."""
-    frames = [f for f in traceback.extract_stack() if "/persample/" in f.filename or "/benchmarks/" in f.filename]
-    lines = " < ".join(f"{f.filename.rsplit('/', 1)[-1]}:{f.lineno}" for f in reversed(frames[-4:-1]))
+    frames = [f for f in traceback.extract_stack() if ("/persample/" in f.filename or "/benchmarks/" in f.filename)
+              and not f.filename.endswith("cpu_memory.py")]
+    lines = " < ".join(f"{f.filename.rsplit('/', 1)[-1]}:{f.lineno}" for f in reversed(frames[-3:]))
     return f"{func.overloadpacket.__name__} @ {lines}"
 
 
