@@ -96,7 +96,6 @@ def main() -> None:
     args = parser.parse_args()
     import make_private
 
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     cfg = make_private.CUDA[args.model]
     for variant in args.variants:
         step = make_private.prepare(cfg, variant, torch.device("cpu"), args.precision)
