@@ -7,10 +7,13 @@ an op of the step returned a view of it, as ``t()`` of a weight does, alike in e
 exact for what it counts and has none of an allocator's rounding or caching, so it compares variants, not
 processes: the engine against the normal step, on the same model and batch.
 
-Used by ``make_private.py`` and ``dp_step.py`` for their CPU rows. ``--frames`` in :func:`main` also lists the
-largest storages alive at the peak by the line that allocated them:
+Used by ``make_private.py`` and ``dp_step.py`` for their CPU rows. Run on its own, it measures ``make_private.py``'s
+loop bodies on one of its models (GPT-2-small-sized by default, several minutes on two cores) and saves the table
+(``results.py``: the cpu_memory section of RESULTS.md); ``--frames`` also lists the largest storages alive at each
+peak by the line that allocated them:
 
-    python benchmarks/cpu_memory.py --frames     # the GPT-2-small-sized make_private step, fp32
+    python benchmarks/cpu_memory.py              # the GPT-2-small-sized step: normal, make_private, own loop
+    python benchmarks/cpu_memory.py --model 1 --precision bf16 --frames --no-save
 """
 
 import collections
@@ -88,23 +91,38 @@ def main() -> None:
     import argparse
     import sys
 
+    import make_private
+    from results import add_save_flag, header, publish
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=int, default=2, help="index into make_private.CUDA (default: GPT-2-small)")
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
-    parser.add_argument("--variants", nargs="+", default=["normal step", "persample make_private, criterion"])
-    parser.add_argument("--frames", action="store_true", help="list the storages alive at the peak")
+    parser.add_argument("--variants", nargs="+", default=["normal step", "persample make_private, criterion",
+                                                          "persample GhostClipping, its own loop"],
+                        choices=make_private.VARIANTS, metavar="VARIANT")
+    parser.add_argument("--frames", action="store_true", help="also list the storages alive at each peak")
+    add_save_flag(parser)
     args = parser.parse_args()
-    import make_private
 
     cfg = make_private.CUDA[args.model]
+    rows, listings, normal = [], [], None
     for variant in args.variants:
+        print(f"{cfg.name}, {args.precision}, {variant}", file=sys.stderr)
         step = make_private.prepare(cfg, variant, torch.device("cpu"), args.precision)
         step()  # warm-up: the optimizer's state and the engine's plan exist before the measured step
         memory = step_peak(step, args.frames)
-        print(f"{cfg.name}, {args.precision}, {variant}: peak of the step's own storage {memory.peak / 2**20:.1f} MiB")
-        for where, nbytes in sorted(memory.at_peak.items(), key=lambda kv: -kv[1])[:12]:
-            print(f"  {nbytes / 2**20:9.1f} MiB  {where}")
-        sys.stdout.flush()
+        normal = memory.peak if variant == "normal step" else normal
+        ratio = f"{memory.peak / normal:.2f}x" if normal else ""
+        rows.append(f"| {variant} | {memory.peak / 2**20:.1f} MiB | {ratio} |")
+        if args.frames:
+            listings.append(f"{variant}, at the peak:\n" + "\n".join(
+                f"- {nbytes / 2**20:.1f} MiB {where}"
+                for where, nbytes in sorted(memory.at_peak.items(), key=lambda kv: -kv[1])[:10]))
+        del step
+    context = header("cpu_memory", "cpu", f"{cfg.name}, {args.precision}, make_private.py's loop bodies; the peak "
+                     "of the tensor storage one step allocates and holds, after a warm-up step")
+    table = "\n".join(["| variant | peak of the step's own storage | × normal |", "|---|---|---|", *rows])
+    publish("cpu_memory", "\n\n".join([context, table, *listings]), args)
 
 
 if __name__ == "__main__":
