@@ -108,9 +108,7 @@ def main() -> None:
     rows, listings, normal = [], [], None
     for variant in args.variants:
         print(f"{cfg.name}, {args.precision}, {variant}", file=sys.stderr)
-        step = make_private.prepare(cfg, variant, torch.device("cpu"), args.precision)
-        step()  # warm-up: the optimizer's state and the engine's plan exist before the measured step
-        memory = step_peak(step, args.frames)
+        memory = make_private.peak_memory_cpu(cfg, variant, args.precision, args.frames)
         normal = memory.peak if variant == "normal step" else normal
         ratio = f"{memory.peak / normal:.2f}x" if normal else ""
         rows.append(f"| {variant} | {memory.peak / 2**20:.1f} MiB | {ratio} |")
@@ -118,7 +116,6 @@ def main() -> None:
             listings.append(f"{variant}, at the peak:\n" + "\n".join(
                 f"- {nbytes / 2**20:.1f} MiB {where}"
                 for where, nbytes in sorted(memory.at_peak.items(), key=lambda kv: -kv[1])[:10]))
-        del step
     context = header("cpu_memory", "cpu", f"{cfg.name}, {args.precision}, make_private.py's loop bodies; the peak "
                      "of the tensor storage one step allocates and holds, after a warm-up step")
     table = "\n".join(["| variant | peak of the step's own storage | × normal |", "|---|---|---|", *rows])

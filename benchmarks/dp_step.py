@@ -37,7 +37,7 @@ import time
 
 import torch
 from cpu_memory import step_peak
-from results import add_save_flag, header, publish
+from results import add_save_flag, header, publish, size
 from steps import (
     BASELINES,
     CUDA_ONLY,
@@ -300,8 +300,7 @@ def table(rows, with_batch: bool) -> str:
                     if r["peak"][i] is None:
                         cells += ["n/a", ""]
                         continue
-                    shown = r["peak"][i] / 2**30
-                    cells += [f"{shown:.2f} GiB" if shown >= 1 else f"{r['peak'][i] / 2**20:.1f} MiB",
+                    cells += [size(r["peak"][i]),
                               f"{r['peak'][i] / base[1][i]:.2f}x" if base and base[1] and base[1][i] else ""]
         line = f"| {r['config']} | {r['precision']} | {r['variant']} | " + " | ".join(cells) + " |"
         if with_batch:

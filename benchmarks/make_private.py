@@ -36,8 +36,8 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
-from cpu_memory import step_peak
-from results import add_save_flag, header, publish
+from cpu_memory import StepMemory, step_peak
+from results import add_save_flag, header, publish, size
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -197,13 +197,13 @@ def peak_memory(cfg: Config, variant: str, device: torch.device, precision: str)
     return torch.cuda.max_memory_allocated()
 
 
-def peak_memory_cpu(cfg: Config, variant: str, precision: str) -> int:
-    """Peak bytes of the tensor storage one step allocates and holds on the CPU, after a warm-up step (the model
-    and the optimizer's state, made before it, left out)."""
+def peak_memory_cpu(cfg: Config, variant: str, precision: str, frames: bool = False) -> StepMemory:
+    """The tensor storage one step allocates and holds on the CPU, after a warm-up step (the model and the
+    optimizer's state, made before it, left out): ``.peak`` in bytes (see ``cpu_memory.py``)."""
     gc.collect()
     step = prepare(cfg, variant, torch.device("cpu"), precision)
     step()
-    return step_peak(step).peak
+    return step_peak(step, frames)
 
 
 def in_alternation(cfg: Config, variants: list[str], device: torch.device, precision: str, warmup: int,
@@ -239,13 +239,9 @@ def table(rows: list[dict]) -> str:
             if r["peak"] is None:
                 cells += ["n/a", ""]
             else:
-                cells += [size(r["peak"]), f"{r['peak'] / base[1]:.2f}x" if base and base[1] else ""]
+                cells += [size(r["peak"], 3), f"{r['peak'] / base[1]:.2f}x" if base and base[1] else ""]
         lines.append(f"| {r['config']} | {r['precision']} | {r['variant']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
-
-
-def size(nbytes: int) -> str:
-    return f"{nbytes / 2**30:.3f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.1f} MiB"
 
 
 def failure(error: BaseException) -> str:
@@ -287,7 +283,7 @@ def main() -> None:
                     if not isinstance(seconds[variant], str):
                         try:
                             peaks[variant] = (peak_memory(cfg, variant, device, precision) if device.type == "cuda"
-                                              else peak_memory_cpu(cfg, variant, precision))
+                                              else peak_memory_cpu(cfg, variant, precision).peak)
                         except Exception as error:  # noqa: BLE001
                             seconds[variant] = failure(error)
             gc.collect()

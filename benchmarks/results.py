@@ -30,6 +30,12 @@ def add_save_flag(parser: argparse.ArgumentParser) -> None:
                              "e.g. some models only, that should not replace the full table)")
 
 
+def size(nbytes: int, digits: int = 2) -> str:
+    """``nbytes`` in GiB with ``digits`` decimals from 1 GiB up, else in MiB (a CPU step's own storage, a small
+    model's peak)."""
+    return f"{nbytes / 2**30:.{digits}f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.1f} MiB"
+
+
 def commit() -> str:
     """The short hash of HEAD, ``+`` if tracked files differ from it; ``PERSAMPLE_COMMIT`` when set (a copy of the
     tree whose .git is absent or stale, as on a lent GPU machine)."""

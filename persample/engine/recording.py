@@ -141,16 +141,27 @@ CHECKPOINTING = ("the engine does not support activation checkpointing (torch.ut
                  "(model.gradient_checkpointing_disable() for transformers models)")
 
 
+CANNOT_TELL = object()  # what saved_tensor_hooks() returns where this PyTorch cannot say
+
+
+def saved_tensor_hooks():
+    """The innermost saved-tensor hooks on now (``torch.utils.checkpoint``'s non-reentrant mode, ``save_on_cpu``, a
+    user's own), ``(pack, unpack)``; None if there are none; :data:`CANNOT_TELL` where this PyTorch cannot say
+    (PyTorch has no public query)."""
+    try:
+        return torch._C._autograd._top_saved_tensors_default_hooks(False)
+    except (AttributeError, TypeError, RuntimeError):
+        return CANNOT_TELL
+
+
 def checkpointing() -> bool:
     """Whether ``torch.utils.checkpoint``'s non-reentrant mode is running this forward: its saved-tensor hooks are
-    the innermost ones. PyTorch has no public query; ``save_on_cpu`` and a user's own hooks, which the engine
-    allows, are told apart by the module that defines the pack hook. False when it cannot be told (the engine's
-    backward then turns torch's recomputation error into the same ValueError)."""
-    try:
-        hooks = torch._C._autograd._top_saved_tensors_default_hooks(False)
-    except (AttributeError, TypeError, RuntimeError):
-        return False
-    return hooks is not None and getattr(hooks[0], "__module__", None) == "torch.utils.checkpoint"
+    the innermost ones. ``save_on_cpu`` and a user's own hooks, which the engine allows, are told apart by the
+    module that defines the pack hook. False when it cannot be told (the engine's backward then turns torch's
+    recomputation error into the same ValueError)."""
+    hooks = saved_tensor_hooks()
+    return (hooks is not None and hooks is not CANNOT_TELL
+            and getattr(hooks[0], "__module__", None) == "torch.utils.checkpoint")
 
 
 def autocast_state(x: Tensor) -> tuple[str, torch.dtype] | None:

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from persample.engine.forms import Dense, Form, acc_dtype, batched_dot
+from persample.engine.recording import saved_tensor_hooks
 from persample.engine.registry import Call, register_rule
 
 STATS: str | None = None  # "var_mean" or "kernel" forces one way of recomputing the statistics (tests); None: the
@@ -22,13 +23,9 @@ STATS: str | None = None  # "var_mean" or "kernel" forces one way of recomputing
 
 
 def _saved_tensor_hooks_active() -> bool:
-    """Whether saved-tensor hooks are on (``torch.utils.checkpoint``'s non-reentrant mode, ``save_on_cpu``, a
-    user's own): unpacking a saved tensor then runs their unpack hook now, which may recompute a checkpointed
-    region's forward. True when it cannot be told."""
-    try:
-        return torch._C._autograd._top_saved_tensors_default_hooks(False) is not None
-    except (AttributeError, TypeError, RuntimeError):
-        return True
+    """Whether saved-tensor hooks are on: unpacking a saved tensor then runs their unpack hook now, which may
+    recompute a checkpointed region's forward. True when it cannot be told (:data:`CANNOT_TELL` is not None)."""
+    return saved_tensor_hooks() is not None
 
 
 def _saved_stats(output: Tensor) -> dict:
