@@ -253,11 +253,12 @@ def main():
                        f"| {name} | {r['ms']:,.0f} ms | {mib(r['peak'])} | {ratio} |")
 
     dims = ", ".join(f"{k}={v}" for k, v in shape.items())
-    context = header("lm_fine_tuning", device, f"Llama config: {dims}",
+    section = "lm_fine_tuning" if cuda else "lm_fine_tuning_cpu"  # a CPU run keeps the GPU table
+    context = header(section, device, f"Llama config: {dims}",
                      f"one (B, T, V) logits tensor: {mib(logits)}", f"median of {reps} steps")
     text = "\n".join([context, "", *rows, "",
                       "DP LoRA (r=16 on q/k/v/o), one training_step on the same batch:", "", *dp_rows])
-    publish("lm_fine_tuning" if cuda else "lm_fine_tuning_cpu", text, args)  # a CPU run keeps the GPU table
+    publish(section, text, args)
 
 
 if __name__ == "__main__":

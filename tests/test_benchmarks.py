@@ -40,3 +40,25 @@ def test_a_partial_run_saves_under_its_own_section(tmp_path, monkeypatch):
     text = out.read_text()
     assert "## bench — full\n\nall models" in text and "## bench_conv — partial\n\nsome models" in text
     assert text.count("<!-- latest: bench -->") == 1 and text.count("<!-- latest: bench_conv -->") == 1
+
+
+def test_every_table_in_results_is_a_section_a_run_can_replace():
+    """Each table heading of RESULTS.md lies between ``<!-- latest: NAME -->`` and ``<!-- end: NAME -->`` of its
+    own name, once: a heading outside its markers would be left in place by the next run, which would add a
+    second table of that name at the end."""
+    import re
+
+    text = (BENCHMARKS / "RESULTS.md").read_text()
+    preamble, sep, sections = text.partition("<!-- latest: ")
+    assert sep, "RESULTS.md has no section"
+    assert [h for h in re.findall(r"^## (.+)$", preamble, re.M) if h != "Figures quoted from code"] == []
+    names = []
+    for chunk in ("<!-- latest: " + sections).split("<!-- latest: ")[1:]:
+        name, _, rest = chunk.partition(" -->\n")
+        body, end, after = rest.partition(f"<!-- end: {name} -->\n")
+        assert end, f"the {name} section has no end marker"
+        assert re.match(rf"## {re.escape(name)} — ", body), f"the {name} section starts with {body[:60]!r}"
+        assert not re.findall(r"^## ", body[3:], re.M), f"the {name} section holds a second table"
+        assert after.strip() == "", f"text outside any section after {name}: {after.strip()[:80]!r}"
+        names.append(name)
+    assert len(names) == len(set(names)), "a section name appears twice"
