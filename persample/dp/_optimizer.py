@@ -112,6 +112,7 @@ class DPOptimizer:
         self.secure_mode = secure_mode
         self.num_examples = 0
         self._summed: dict[str, Tensor] | None = None
+        self._borrowed = False  # whether _summed holds the caller's tensors (see _add)
 
     @property
     def param_groups(self) -> list[dict]:
@@ -151,12 +152,12 @@ class DPOptimizer:
             raise ValueError(f"summed_clipped must have one entry per trainable parameter: expected "
                              f"{sorted(self.params)}, got {sorted(summed_clipped)}")
         for name, p in self.params.items():
-            if tuple(summed_clipped[name].shape) != tuple(p.shape):
+            if summed_clipped[name].shape != p.shape:
                 raise ValueError(f"summed_clipped[{name!r}] has shape {tuple(summed_clipped[name].shape)}, "
                                  f"expected the parameter's shape {tuple(p.shape)} (sum over the batch first)")
         bound = (self.num_examples + num_examples) * max(self.max_grad_norm, clipped_to or 0.0)
-        if clipped_to is not None and all(_holds(summed_clipped[name].dtype, bound) and _holds(p.dtype, bound)
-                           for name, p in self.params.items()):
+        dtypes = {t.dtype for t in summed_clipped.values()} | {p.dtype for p in self.params.values()}
+        if clipped_to is not None and all(_holds(dtype, bound) for dtype in dtypes):
             names = []
         else:
             names = _nonfinite([summed_clipped[name].detach() for name in self.params], list(self.params))
@@ -164,34 +165,54 @@ class DPOptimizer:
             raise ValueError(f"summed_clipped has NaN or inf values in {names}: clipped sums are finite, so these "
                              "gradients bypassed the non-finite policy of clip_per_sample / GhostClipping "
                              "(nonfinite='zero' drops such examples); nothing was accumulated")
+        incoming = {name: summed_clipped[name].detach().to(p.dtype) for name, p in self.params.items()}
         if self._summed is None:
-            self._summed = {name: _own(summed_clipped[name].detach(), p.dtype, owned)
-                            for name, p in self.params.items()}
+            # The caller's tensors are kept as they are, not copied: unless ``owned`` (or converted, a copy
+            # already), they are the caller's, and the noise (or a second batch) is added out of place, which
+            # makes the optimizer's own copy in the same multi-tensor op.
+            self._summed = incoming
+            self._borrowed = not owned
         else:
-            for name, total in self._summed.items():
-                total.add_(summed_clipped[name].detach().to(total.dtype))
+            names = list(self._summed)
+            totals, new = [self._summed[n] for n in names], [incoming[n] for n in names]
+            if self._borrowed:
+                self._summed = dict(zip(names, torch._foreach_add(totals, new), strict=True))
+                self._borrowed = False
+            else:
+                torch._foreach_add_(totals, new)
         self.num_examples += num_examples
 
     def step(self) -> None:
         """Adds noise to the accumulated sum (zeros if nothing was accumulated), divides by
         ``expected_batch_size``, writes ``p.grad``, steps the wrapped optimizer, records the step for
         accounting, and clears the accumulation."""
+        borrowed = self._summed is not None and self._borrowed
         summed = self._summed or {name: torch.zeros_like(p) for name, p in self.params.items()}
         self._summed = None
         std = self.noise_multiplier * self.max_grad_norm
-        # In place: the sums become the gradients. The noise is drawn one bucket of parameters (same dtype and
-        # device, in the parameters' order, at most NOISE_BUCKET_NUMEL elements unless one parameter is larger)
-        # at a time: a few kernel launches per bucket instead of three per parameter, and at most one bucket of
-        # noise held beyond the gradients.
+        # The sums become the gradients: in place, or (the caller's tensors, see _add) out of place, once per
+        # tensor either way. The noise is drawn one bucket of parameters (same dtype and device, in the
+        # parameters' order, at most NOISE_BUCKET_NUMEL elements unless one parameter is larger) at a time: a few
+        # kernel launches per bucket instead of three per parameter, and at most one bucket of noise held beyond
+        # the gradients.
         for names in buckets(summed, NOISE_BUCKET_NUMEL):
             totals = [summed[name] for name in names]
             if std > 0:
                 sizes = [t.numel() for t in totals]
                 noise = gaussian_noise((sum(sizes),), std, device=totals[0].device, dtype=totals[0].dtype,
                                        generator=self.generator, secure_mode=self.secure_mode)
-                torch._foreach_add_(totals, [n.view(t.shape) for n, t in zip(noise.split(sizes), totals, strict=True)])
+                noise = [n.view(t.shape) for n, t in zip(noise.split(sizes), totals, strict=True)]
+                if borrowed:
+                    totals = torch._foreach_add(totals, noise)
+                else:
+                    torch._foreach_add_(totals, noise)
                 del noise
-            torch._foreach_div_(totals, self.expected_batch_size)
+                torch._foreach_div_(totals, self.expected_batch_size)
+            elif borrowed:
+                totals = torch._foreach_div(totals, self.expected_batch_size)
+            else:
+                torch._foreach_div_(totals, self.expected_batch_size)
+            summed.update(zip(names, totals, strict=True))
         for name, p in self.params.items():
             p.grad = summed[name]
         self.optimizer.step()
@@ -217,26 +238,23 @@ def _holds(dtype: torch.dtype, bound: float) -> bool:
     return dtype.is_floating_point and torch.finfo(dtype).max > bound
 
 
-def _own(t: Tensor, dtype: torch.dtype, owned: bool) -> Tensor:
-    """``t`` in ``dtype`` as a tensor the optimizer may modify: a conversion is already a copy, and an ``owned``
-    tensor is the caller's gift."""
-    converted = t.to(dtype)
-    return converted if owned or converted is not t else converted.clone()
-
-
 def buckets(tensors: Mapping[str, Tensor], cap: int, size=lambda name, t: t.numel()) -> list[list[str]]:
     """The names in order, grouped by dtype and device, a group cut where it would pass ``cap`` (in the units of
     ``size(name, tensor)``, elements by default); a tensor larger than ``cap`` is a bucket alone."""
     done: list[list[str]] = []
-    open_: dict[tuple, tuple[list[str], int]] = {}
+    open_: dict[tuple, list] = {}  # key -> [names, total]
     for name, t in tensors.items():
         key = (t.dtype, t.device)
-        names, total = open_.get(key, ([], 0))
+        bucket = open_.get(key)
         this = size(name, t)
-        if names and total + this > cap:
-            done.append(names)
-            names, total = [], 0
-        open_[key] = (names + [name], total + this)
+        if bucket is None:
+            open_[key] = [[name], this]
+        elif bucket[0] and bucket[1] + this > cap:
+            done.append(bucket[0])
+            open_[key] = [[name], this]
+        else:
+            bucket[0].append(name)
+            bucket[1] += this
     done.extend(names for names, _ in open_.values())
     return done
 

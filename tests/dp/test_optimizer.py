@@ -136,26 +136,60 @@ def _bucket_noise(summed, buckets, std, seed):
 
 
 @pytest.mark.parametrize("cap", [1 << 24, 32, 1])
-def test_step_is_in_place_and_draws_the_noise_bucket_by_bucket(monkeypatch, cap):
-    """The step turns the accumulated sums into the gradients in place (no second or third copy of the
-    gradients at its peak), and draws the noise one bucket of parameters at a time, in their order, a bucket cut
-    where it would pass NOISE_BUCKET_NUMEL elements (a larger parameter alone): seeded runs reproduce."""
+def test_step_draws_the_noise_bucket_by_bucket_and_copies_the_callers_sums_once(monkeypatch, cap):
+    """The caller's sums are neither copied by accumulate nor modified: the step makes the gradients from them out
+    of place (one copy, in the multi-tensor op that adds the noise), and draws the noise one bucket of parameters at
+    a time, in their order, a bucket cut where it would pass NOISE_BUCKET_NUMEL elements (a larger parameter
+    alone): seeded runs reproduce."""
     monkeypatch.setattr(persample.dp._optimizer, "NOISE_BUCKET_NUMEL", cap)
     torch.manual_seed(1)
     model = _model()  # parameters of 40, 8, 24 and 3 elements
     dp = _dp(model, noise_multiplier=0.7, generator=torch.Generator().manual_seed(5))
     x, y = _data(6)
     summed = _clipped_sum(model, x, y)
+    before = {name: t.clone() for name, t in summed.items()}
     dp.accumulate(summed, 6)
-    storage = {name: t.data_ptr() for name, t in dp._summed.items()}
-    assert all(storage[name] != summed[name].data_ptr() for name in summed)  # accumulate copies the caller's
+    assert all(dp._summed[name].data_ptr() == summed[name].data_ptr() for name in summed)  # kept, not copied
     dp.step()
     names = [name for name, _ in model.named_parameters()]
     buckets = {1 << 24: [names], 32: [names[:1], names[1:3], names[3:]], 1: [[name] for name in names]}[cap]
     noise = _bucket_noise(summed, buckets, 0.7 * 0.5, seed=5)
     for name, p in model.named_parameters():
-        assert p.grad.data_ptr() == storage[name]
+        torch.testing.assert_close(summed[name], before[name], rtol=0, atol=0)  # the caller's, untouched
+        assert p.grad.data_ptr() != summed[name].data_ptr()
         torch.testing.assert_close(p.grad, (summed[name] + noise[name]) / 4.0, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("noise_multiplier", [0.7, 0.0])
+def test_sums_given_to_the_optimizer_become_the_gradients_in_place(noise_multiplier):
+    """Sums the caller gives away (``owned``, as make_private's engine does) are turned into the gradients in
+    place: no second copy of the gradients at the step's peak; a second physical batch is added to them in
+    place. Borrowed sums with a second batch: the first batch's tensors stay the caller's, unmodified."""
+    torch.manual_seed(1)
+    model = _model()
+    x, y = _data(6)
+    first, second = _clipped_sum(model, x[:3], y[:3]), _clipped_sum(model, x[3:], y[3:])
+    expected = {name: first[name] + second[name] for name in first}
+    results = {}
+    for owned in (True, False):
+        dp = _dp(model, noise_multiplier=noise_multiplier, generator=torch.Generator().manual_seed(5))
+        given = {name: t.clone() for name, t in first.items()}
+        pointers = {name: t.data_ptr() for name, t in given.items()}
+        dp._add(given, 3, owned=owned)
+        dp.accumulate(second, 3)
+        dp.step()
+        results[owned] = {name: p.grad.clone() for name, p in model.named_parameters()}
+        for name, p in model.named_parameters():
+            if owned:
+                assert p.grad.data_ptr() == pointers[name]
+            else:
+                assert p.grad.data_ptr() != pointers[name]
+                torch.testing.assert_close(given[name], first[name], rtol=0, atol=0)
+    noise = (_bucket_noise(expected, [list(expected)], noise_multiplier * 0.5, seed=5) if noise_multiplier else
+             {name: torch.zeros_like(t) for name, t in expected.items()})
+    for owned, grads in results.items():
+        for name, g in grads.items():
+            torch.testing.assert_close(g, (expected[name] + noise[name]) / 4.0, rtol=1e-12, atol=1e-15)
 
 
 def test_noise_buckets_keep_dtypes_and_devices_apart():
