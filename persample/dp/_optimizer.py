@@ -124,6 +124,9 @@ class DPOptimizer:
 
         An empty physical batch needs no call (or a call with zeros and ``num_examples=0``).
 
+        The tensors are read, never modified, and not copied here: the step (or the next call) makes the
+        optimizer's own sums from them, so leave them unchanged until then.
+
         The sums are checked for NaN and inf, which takes a host sync, except the engine's
         (:class:`~persample.engine.ghost_clipping.ClippedGrads`, the ``grads`` of
         :meth:`persample.GhostClipping.clipped_grad_sum`): those are finite by construction wherever the dtypes
