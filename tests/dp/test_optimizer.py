@@ -187,7 +187,7 @@ def test_sums_given_to_the_optimizer_become_the_gradients_in_place(noise_multipl
                 torch.testing.assert_close(given[name], first[name], rtol=0, atol=0)
     noise = (_bucket_noise(expected, [list(expected)], noise_multiplier * 0.5, seed=5) if noise_multiplier else
              {name: torch.zeros_like(t) for name, t in expected.items()})
-    for owned, grads in results.items():
+    for grads in results.values():
         for name, g in grads.items():
             torch.testing.assert_close(g, (expected[name] + noise[name]) / 4.0, rtol=1e-12, atol=1e-15)
 
