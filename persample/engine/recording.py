@@ -99,7 +99,9 @@ class Step:
         return (self.batch_size != 1 and not x.is_floating_point() and self.index_ndim is not None
                 and x.ndim == self.index_ndim and x.shape[0] == 1)
 
-    def watch(self, out: Tensor, shared: bool, on_grad: Callable[[Tensor], None], broadcast: bool = False) -> Tensor:
+    def watch(self, out: Tensor, shared: bool, broadcast: bool = False) -> Tensor:
+        """``out`` as the model goes on with it: with an autograd node (whose pre-hook then receives its gradient,
+        at ``out.output_nr`` among the node's inputs) and the batch dimension."""
         if out.grad_fn is None:
             # No node to hook (frozen parameters only, or a leaf): ``+ 0`` from a scalar leaf makes one.
             anchor = self.anchors.get(out.device)
@@ -110,10 +112,6 @@ class Step:
             out = out.squeeze(0)
         if shared:
             out = out.expand(self.batch_size, *out.shape)
-        # A pre-hook on the node that receives the output's gradient does what a tensor hook does (which
-        # registers one there) without the tensor hook's Python book-keeping, a few microseconds per call.
-        index = out.output_nr
-        out.grad_fn.register_prehook(lambda grads: None if grads[index] is None else on_grad(grads[index]))
         return out
 
     def add(self, call: Call, forms: dict[str, Form]) -> None:
@@ -196,21 +194,39 @@ def record_rule(step: Step, hooked: Hooked, module: nn.Module, args: tuple, outp
     shared = not step.is_batched(x)
     # The rules need no autocast state (only the fallback replays a call): not looking it up saves two calls
     # into torch per hooked call.
-    rule, version = hooked.rule, x._version
+    rule = hooked.rule
     call = Call(module, (x.expand(step.batch_size, *x.shape) if shared else x, *args[1:]),
                 rule.saved(output) if rule.saved is not None and not shared else {}, hooked.used, None)
+    out = step.watch(output, shared, broadcast)
+    # A pre-hook on the node that receives the output's gradient does what a tensor hook does (which registers one
+    # there) without the tensor hook's Python book-keeping, a few microseconds per call.
+    out.grad_fn.register_prehook(RuleHook(step, rule, call, x._version, out.output_nr))
+    return out
 
-    def on_grad(grad: Tensor) -> None:
-        if call.args[0]._version != version:  # a view shares its base's version counter
-            raise ValueError(f"the input of {type(module).__name__} was modified in place after the call; the "
+
+class RuleHook:
+    """The pre-hook on the autograd node that receives a recorded call's output gradient: the rule's forms of
+    the call, from its input and that gradient. One object per call (no closures), the hook Python runs for
+    every recorded call of every step."""
+
+    __slots__ = ("step", "rule", "call", "version", "index")
+
+    def __init__(self, step: Step, rule: Rule, call: Call, version: int, index: int):
+        self.step, self.rule, self.call, self.version, self.index = step, rule, call, version, index
+
+    def __call__(self, grads: tuple) -> None:
+        grad = grads[self.index]
+        if grad is None:
+            return
+        call = self.call
+        if call.args[0]._version != self.version:  # a view shares its base's version counter
+            raise ValueError(f"the input of {type(call.module).__name__} was modified in place after the call; the "
                              "engine needs it unchanged to form per-example gradients")
-        step.add(call, rule.compute(call, grad, step.strategy))
+        self.step.add(call, self.rule.compute(call, grad, self.step.strategy))
         # The hook lives as long as the autograd graph does: in a make_private loop the user's loss keeps that graph
-        # through the clipping, and what the hook still held (the input, through call.args, not a variable of
-        # its own) would stay alive after the forms that hold it are consumed.
+        # through the clipping, and what the hook still held (the input, through call.args, not a field of its
+        # own) would stay alive after the forms that hold it are consumed.
         call.args = call.kwargs = None
-
-    return step.watch(output, shared, on_grad, broadcast)
 
 
 def record_fallback(step: Step, hooked: Hooked, module: nn.Module, args: tuple, kwargs: dict, output):
@@ -225,8 +241,19 @@ def record_fallback(step: Step, hooked: Hooked, module: nn.Module, args: tuple, 
     step.fallbacks.append((Call(module, args, kwargs, hooked.used, autocast_state(probe)), grads, hooked.constant))
     for i, leaf in enumerate(leaves):
         if isinstance(leaf, Tensor) and leaf.is_floating_point():
-            leaves[i] = step.watch(leaf, shared, lambda g, i=i: grads.__setitem__(i, g))
+            leaves[i] = out = step.watch(leaf, shared)
+            out.grad_fn.register_prehook(_keep_grad(grads, i, out.output_nr))
     return tree_unflatten(leaves, spec)
+
+
+def _keep_grad(grads: list, i: int, index: int) -> Callable[[tuple], None]:
+    """The pre-hook that keeps a fallback call's ``i``-th output gradient in ``grads``."""
+
+    def keep(node_grads: tuple) -> None:
+        if node_grads[index] is not None:
+            grads[i] = node_grads[index]
+
+    return keep
 
 
 @contextmanager
