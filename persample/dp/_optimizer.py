@@ -176,10 +176,10 @@ class DPOptimizer:
             self._summed = incoming
             self._borrowed = not owned
         else:
-            names = list(self._summed)
-            totals, new = [self._summed[n] for n in names], [incoming[n] for n in names]
+            keys = list(self._summed)
+            totals, new = [self._summed[n] for n in keys], [incoming[n] for n in keys]
             if self._borrowed:
-                self._summed = dict(zip(names, torch._foreach_add(totals, new), strict=True))
+                self._summed = dict(zip(keys, torch._foreach_add(totals, new), strict=True))
                 self._borrowed = False
             else:
                 torch._foreach_add_(totals, new)
@@ -189,7 +189,7 @@ class DPOptimizer:
         """Adds noise to the accumulated sum (zeros if nothing was accumulated), divides by
         ``expected_batch_size``, writes ``p.grad``, steps the wrapped optimizer, records the step for
         accounting, and clears the accumulation."""
-        borrowed = self._summed is not None and self._borrowed
+        borrowed = self._borrowed  # the caller's tensors, not to be modified (see _add)
         summed = self._summed or {name: torch.zeros_like(p) for name, p in self.params.items()}
         self._summed = None
         std = self.noise_multiplier * self.max_grad_norm
@@ -199,22 +199,21 @@ class DPOptimizer:
         # kernel launches per bucket instead of three per parameter, and at most one bucket of noise held beyond
         # the gradients.
         for names in buckets(summed, NOISE_BUCKET_NUMEL):
-            totals = [summed[name] for name in names]
+            totals, own = [summed[name] for name in names], not borrowed
             if std > 0:
                 sizes = [t.numel() for t in totals]
                 noise = gaussian_noise((sum(sizes),), std, device=totals[0].device, dtype=totals[0].dtype,
                                        generator=self.generator, secure_mode=self.secure_mode)
                 noise = [n.view(t.shape) for n, t in zip(noise.split(sizes), totals, strict=True)]
-                if borrowed:
-                    totals = torch._foreach_add(totals, noise)
-                else:
+                if own:
                     torch._foreach_add_(totals, noise)
+                else:
+                    totals, own = torch._foreach_add(totals, noise), True
                 del noise
+            if own:
                 torch._foreach_div_(totals, self.expected_batch_size)
-            elif borrowed:
-                totals = torch._foreach_div(totals, self.expected_batch_size)
             else:
-                torch._foreach_div_(totals, self.expected_batch_size)
+                totals = torch._foreach_div(totals, self.expected_batch_size)
             summed.update(zip(names, totals, strict=True))
         for name, p in self.params.items():
             p.grad = summed[name]
@@ -233,6 +232,7 @@ class DPOptimizer:
 
     def _clear(self) -> None:
         self._summed = None
+        self._borrowed = False
         self.num_examples = 0
 
 
