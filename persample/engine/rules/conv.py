@@ -11,9 +11,12 @@ the layer's input and output gradient as they are (:class:`~persample.engine.for
 the layer's gradient is computed, and neither is the patches (``prod(kernel) / prod(stride)`` times the input),
 which factors like a Linear's would keep. An Implicit weight's
 
-* squared norms are computed over chunks of examples, from the ghost norm ``<A_b A_b^T, G_b G_b^T>`` per group
-  where ``L (m + n) < m n`` (the ``L x L`` Gram matrices cost less than the gradient; Goodfellow 2015, Li et al.
-  2022), else from the chunk's materialized gradients;
+* squared norms are computed over chunks of examples, by whichever of three ways measured fastest among those
+  whose multiply-adds (:func:`_norm_costs`) are not far above the fewest: the ghost norm
+  ``<A_b A_b^T, G_b G_b^T>`` per group from the patches (the ``L x L`` Gram matrices, ``L^2 (m + n)``; Goodfellow
+  2015, Li et al. 2022); for a stride-1 convolution, the same ghost norm with ``A_b A_b^T`` summed from the padded
+  input's own Gram matrix over the taps' diagonal shifts (no patches, :meth:`ConvGrad._shifted_gram`); or the
+  chunk's materialized gradients (``m n L``);
 * clipped sum is one weight gradient of the convolution, the backend's own kernel, with each example's output
   gradient scaled by its clip factor: what the normal step's backward computes, once.
 
@@ -48,7 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from persample.engine.forms import Dense, Form, Implicit, acc_dtype, batched_dot, bmm_acc, bmm_into, prefers_factors
+from persample.engine.forms import Dense, Form, Implicit, acc_dtype, batched_dot, bmm_acc, bmm_into
 from persample.engine.registry import Call, register_rule
 
 _CPU_CHUNK = 1 << 20
@@ -57,8 +60,11 @@ _CUDA_CHUNK = 1 << 25
 _Conv = nn.Conv1d | nn.Conv2d | nn.Conv3d
 
 METHOD: str | None = None  # "grouped" or "unfold" forces one way of materializing (tests); None: the faster
-NORMS: str | None = None  # "gram" or "grads" forces one way of an Implicit weight's norms (tests); None: by cost
+NORMS: str | None = None  # "gram", "shifted" or "grads" forces one way of an Implicit weight's norms (tests; "shifted"
+# needs stride 1 and falls back to "gram"); None: the cheapest by _norm_costs
 _FASTEST: dict[tuple, str] = {}  # the measured choice per layer configuration, shapes, dtypes and device
+_FASTEST_NORMS: dict[tuple, str] = {}  # the same for an Implicit weight's squared norms
+_PRUNE = 4  # ways of the norms costing more than this many times the fewest multiply-adds are not timed
 
 
 def _explicit_padding(module: _Conv) -> list[int]:
@@ -176,6 +182,42 @@ def _unfolded(module: _Conv, x: Tensor, grad_output: Tensor) -> Tensor:
     return _materialized(module, x, grad_output.reshape(x.shape[0], module.out_channels, -1))
 
 
+def _framed_input(module: _Conv, x: Tensor) -> tuple[Tensor, torch.Size, int]:
+    """``(padded, P, frame)``: the input padded as the module pads it, plus one row at the end of the first spatial
+    dimension (so that the last tap's slice of :func:`_shifted`'s frame stays inside its channel), its spatial
+    shape ``P``, and the frame's size ``L_0 * P_1 * ... * P_k``."""
+    dims = len(module.kernel_size)
+    pads = _explicit_padding(module)
+    if module.padding_mode == "zeros":
+        x = F.pad(x, [*pads[:-1], pads[-1] + 1])
+    else:
+        x = F.pad(F.pad(x, pads, mode=module.padding_mode), [0, 0] * (dims - 1) + [0, 1])
+    P = x.shape[2:]
+    L0 = P[0] - 1 - module.dilation[0] * (module.kernel_size[0] - 1)
+    return x, P, math.prod((L0, *P[1:]))
+
+
+def _norm_costs(module: _Conv, spatial: torch.Size, L_dims: torch.Size) -> dict[str, tuple[int, int]]:
+    """``{way: (multiply-adds, elements held)}`` per example of an Implicit weight's squared norm, for an input of
+    spatial shape ``spatial`` and output ``L_dims``: ``"gram"`` (the patches' and output gradients' ``L x L`` Gram
+    matrices, and the patches copied out), ``"shifted"`` (stride 1 only: the padded input's Gram matrix, the
+    output gradient's on the frame, and the sum of the taps' windows) and ``"grads"`` (the gradient itself)."""
+    g, m, n = module.groups, module.out_channels // module.groups, module.weight[0].numel()
+    L = math.prod(L_dims)
+    costs = {"gram": (g * L * L * (n + m) + g * L * n, g * L * (n + 2 * L)),
+             "grads": (g * m * n * L, module.weight.numel())}
+    if all(s == 1 for s in module.stride):
+        pads = _explicit_padding(module)
+        P = [size + pads[-2 - 2 * i] + pads[-1 - 2 * i] for i, size in enumerate(spatial)]
+        P[0] += 1
+        side = math.prod(P)
+        frame = math.prod((L_dims[0], *P[1:]))
+        taps = math.prod(module.kernel_size)
+        costs["shifted"] = (side * side * module.in_channels + frame * frame * (module.out_channels + g * taps),
+                            g * (side * side + 2 * frame * frame) + module.in_channels * side)
+    return costs
+
+
 def _shifted(module: _Conv, x: Tensor, grad_output: Tensor) -> Tensor:
     """``(B, *weight.shape)`` each example's weight gradient in float32 (float64) of a convolution with stride 1,
     from one batched product per kernel tap, whose operands are views: no patches are copied out.
@@ -189,14 +231,9 @@ def _shifted(module: _Conv, x: Tensor, grad_output: Tensor) -> Tensor:
     if any(s != 1 for s in module.stride):
         raise NotImplementedError("the shifted views need stride 1")
     B, dims, g = x.shape[0], len(module.kernel_size), module.groups
-    pads = _explicit_padding(module)
-    if module.padding_mode == "zeros":
-        x = F.pad(x, [*pads[:-1], pads[-1] + 1])
-    else:
-        x = F.pad(F.pad(x, pads, mode=module.padding_mode), [0, 0] * (dims - 1) + [0, 1])
+    x, P, frame = _framed_input(module, x)
     x = x.to(grad_output.dtype)
-    P, L = x.shape[2:], grad_output.shape[2:]
-    frame = math.prod((L[0], *P[1:]))
+    L = grad_output.shape[2:]
     extra = [pad for i in reversed(range(1, dims)) for pad in (0, P[i] - L[i])]
     G = F.pad(grad_output, extra) if any(extra) else grad_output
     G = G.reshape(B * g, module.out_channels // g, frame)
@@ -275,18 +312,37 @@ class ConvGrad:
     module: _Conv
 
     def sq_norms(self, x: Tensor, G: Tensor) -> Tensor:
-        """Over chunks of examples: the ghost norm ``<A_b A_b^T, G_b G_b^T>`` (per group) where
-        ``L (m + n) < m n`` (``m = C_out / groups``: the ``L x L`` Gram matrices cost less than the gradient), else
-        the chunk's gradients themselves, by the faster way (:data:`NORMS` forces one)."""
+        """Over chunks of examples: the ghost norm ``<A_b A_b^T, G_b G_b^T>`` (per group) from the patches or, with
+        stride 1, from the shifted Gram matrix of the padded input; or the chunk's gradients themselves. Of the
+        ways within :data:`_PRUNE` times the fewest multiply-adds (:func:`_norm_costs`), the one that measured
+        fastest for this configuration (timed once, like the gradients' ways); :data:`NORMS` forces one."""
         module = self.module
-        g = module.groups
-        B, L, m, n = G.shape[0], G[0, 0].numel(), module.out_channels // g, module.weight[0].numel()
-        gram = NORMS == "gram" if NORMS is not None else prefers_factors(L, m, n, "auto")
-        per_example = g * L * (n + 2 * L) if gram else module.weight.numel()
-        step = max(1, _chunk(G) // per_example)
+        costs = _norm_costs(module, x.shape[2:], G.shape[2:])
+        if NORMS is not None:
+            return self._norms_by("gram" if NORMS == "shifted" and "shifted" not in costs else NORMS, x, G, costs)
+        fewest = min(cost for cost, _ in costs.values())
+        candidates = [name for name, (cost, _) in costs.items() if cost <= _PRUNE * fewest]
+        if len(candidates) == 1:
+            return self._norms_by(candidates[0], x, G, costs)
+        key = ("norms", x.device, x.dtype, G.dtype, tuple(x.shape), tuple(G.shape), module.kernel_size,
+               module.stride, module.dilation, module.groups, str(module.padding), module.padding_mode,
+               module.out_channels)
+        way = _FASTEST_NORMS.get(key)
+        if way is None:
+            if _capturing(x):  # no timing inside a CUDA graph capture: the fewest multiply-adds
+                return self._norms_by(min(candidates, key=lambda name: costs[name][0]), x, G, costs)
+            timings = {name: _timed(lambda _, x, G, name=name: self._norms_by(name, x, G, costs), module, x, G)
+                       for name in candidates}
+            way = _FASTEST_NORMS[key] = min(timings, key=lambda name: timings[name][0])
+            if timings[way][1] is not None:
+                return timings[way][1]
+        return self._norms_by(way, x, G, costs)
+
+    def _norms_by(self, way: str, x: Tensor, G: Tensor, costs: dict) -> Tensor:
+        step = max(1, _chunk(G) // costs[way][1])
+        norms = {"gram": self._gram, "shifted": self._shifted_gram, "grads": self._squares}[way]
         with _as_convolution(x):
-            terms = [self._gram(x[i:i + step], G[i:i + step]) if gram else self._squares(x[i:i + step], G[i:i + step])
-                     for i in range(0, B, step)]
+            terms = [norms(x[i:i + step], G[i:i + step]) for i in range(0, x.shape[0], step)]
         return terms[0] if len(terms) == 1 else torch.cat(terms)
 
     def _gram(self, x: Tensor, G: Tensor) -> Tensor:
@@ -298,6 +354,33 @@ class ConvGrad:
         G = G.reshape(B * g, -1, L)  # (B g, m, L)
         dots = batched_dot(bmm_acc(A, A.transpose(1, 2), acc), bmm_acc(G.transpose(1, 2), G, acc))
         return dots.view(B, g).sum(1)
+
+    def _shifted_gram(self, x: Tensor, G: Tensor) -> Tensor:
+        """The ghost norm of a stride-1 convolution without its patches. On the frame of :func:`_shifted` (output
+        positions laid out as wide as the padded input, the extra ones with a zero output gradient), tap ``t``'s
+        inputs are the padded input's positions shifted by the tap's offset ``s_t``, so
+        ``A_b A_b^T = sum_t X_b^T X_b [s_t : s_t + F, s_t : s_t + F]``: one Gram matrix of the padded input
+        (``P x P`` over its ``C_in / groups`` channels) and one strided sum of its diagonal windows."""
+        module = self.module
+        B, dims, g = x.shape[0], len(module.kernel_size), module.groups
+        x, P, frame = _framed_input(module, x)
+        x = x.to(G.dtype)
+        L = G.shape[2:]
+        extra = [pad for i in reversed(range(1, dims)) for pad in (0, P[i] - L[i])]
+        G = (F.pad(G, extra) if any(extra) else G).reshape(B * g, module.out_channels // g, frame)
+        X = x.reshape(B * g, module.in_channels // g, -1)
+        acc = acc_dtype(G)
+        gx = bmm_acc(X.transpose(1, 2), X, acc)  # (B g, P_all, P_all)
+        # Window (t_0, ..., t_k) starts s_t = sum_i t_i d_i S_i positions down the diagonal (S_i the padded
+        # input's flat stride of dimension i).
+        flat_strides = [math.prod(P[i + 1:]) for i in range(dims)]
+        aa = None
+        for tap in itertools.product(*map(range, module.kernel_size)):
+            s = sum(t * d * st for t, d, st in zip(tap, module.dilation, flat_strides, strict=True))
+            window = gx[:, s:s + frame, s:s + frame]
+            aa = window.clone() if aa is None else aa.add_(window)
+        gg = bmm_acc(G.transpose(1, 2), G, acc)
+        return batched_dot(aa, gg).view(B, g).sum(1)
 
     def _squares(self, x: Tensor, G: Tensor) -> Tensor:
         grads = self.per_example(x, G)

@@ -122,16 +122,17 @@ def test_materialized_in_chunks(cls, monkeypatch):
 
 @pytest.mark.parametrize("cls", list(SPATIAL), ids=lambda c: c.__name__)
 @pytest.mark.parametrize("conv", list(CONVS))
-@pytest.mark.parametrize("norms", ["gram", "grads"])
-def test_both_ways_of_implicit_norms(cls, conv, norms, monkeypatch):
-    """An Implicit weight's norms from the per-group Gram matrices of the patches and output gradients, and from
-    the chunk's gradients; its clipped sum from one weight gradient of the convolution."""
+@pytest.mark.parametrize("norms", ["gram", "shifted", "grads"])
+def test_every_way_of_implicit_norms(cls, conv, norms, monkeypatch):
+    """An Implicit weight's norms from the per-group Gram matrices of the patches and output gradients, from the
+    shifted Gram matrix of the padded input (stride 1; the patches' Gram otherwise), and from the chunk's
+    gradients; its clipped sum from one weight gradient of the convolution."""
     monkeypatch.setattr(conv_rule, "NORMS", norms)
     _check(cls, _options(conv, cls), "ghost")
 
 
 @pytest.mark.parametrize("cls", list(SPATIAL), ids=lambda c: c.__name__)
-@pytest.mark.parametrize("norms", ["gram", "grads"])
+@pytest.mark.parametrize("norms", ["gram", "shifted", "grads"])
 def test_implicit_norms_in_chunks(cls, norms, monkeypatch):
     """Chunks of one and of a few examples (the last one short) give the whole batch's norms."""
     monkeypatch.setattr(conv_rule, "NORMS", norms)
@@ -139,6 +140,76 @@ def test_implicit_norms_in_chunks(cls, norms, monkeypatch):
         monkeypatch.setattr(conv_rule, "_CPU_CHUNK", chunk)
         _check(cls, _options("groups", cls), "ghost", batch=5)
         _check(cls, _options("stride-padding", cls), "ghost", batch=5)
+        _check(cls, _options("same-dilated", cls), "ghost", batch=5)
+
+
+@pytest.mark.parametrize("conv", list(CONVS))
+@pytest.mark.parametrize("cls", list(SPATIAL), ids=lambda c: c.__name__)
+def test_shifted_gram_equals_the_patches_gram(cls, conv):
+    """The shifted Gram's squared norms equal the patches' on every configuration with stride 1, per example
+    and in float64 to rounding, and the norms' way is only ever "shifted" with stride 1."""
+    options = _options(conv, cls)
+    module = cls(**options).double()
+    x = torch.randn(3, options["in_channels"], *SPATIAL[cls], dtype=torch.float64)
+    G = torch.randn_like(module(x))
+    ops = conv_rule.ConvGrad(module)
+    costs = conv_rule._norm_costs(module, x.shape[2:], G.shape[2:])
+    if any(s != 1 for s in module.stride):
+        assert "shifted" not in costs
+        return
+    torch.testing.assert_close(ops._shifted_gram(x, G), ops._gram(x, G), rtol=1e-12, atol=0)
+
+
+def test_the_norms_cost_model():
+    """WRN-16-4's layers: a deep stride-1 layer on a small map costs the fewest multiply-adds by the shifted Gram
+    (no patches), a shallow one on a large map by its gradients, a strided one by the patches' Gram; the ways
+    far above the fewest are not candidates for the timing."""
+    def costs(module, size):
+        x = torch.empty(1, module.in_channels, size, size)
+        return conv_rule._norm_costs(module, x.shape[2:], module(x).shape[2:])
+
+    def way(module, size):
+        c = costs(module, size)
+        return min(c, key=lambda name: c[name][0])
+
+    assert way(nn.Conv2d(256, 256, 3, padding=1), 8) == "shifted"
+    assert way(nn.Conv2d(128, 128, 3, padding=1), 16) == "shifted"
+    assert way(nn.Conv2d(64, 64, 3, padding=1), 32) == "grads"
+    assert way(nn.Conv2d(128, 256, 3, stride=2, padding=1), 16) == "gram"
+    assert way(nn.Conv2d(3, 16, 3, padding=1), 32) == "grads"
+    early = costs(nn.Conv2d(64, 64, 3, padding=1), 32)
+    assert early["gram"][0] > conv_rule._PRUNE * early["grads"][0]  # L^2 n at L = 1024: never timed
+
+
+def test_the_norms_way_is_measured_once_per_configuration(monkeypatch):
+    """The candidates are each timed once (a warm-up and two runs), the fastest is kept per configuration and its
+    result returned; the next call runs it alone, a new shape is timed anew, and a strided layer never times the
+    shifted Gram."""
+    monkeypatch.setattr(conv_rule, "_FASTEST_NORMS", {})
+    monkeypatch.setattr(conv_rule, "_PRUNE", 1e9)  # every way a candidate
+    calls = {"gram": 0, "shifted": 0, "grads": 0}
+    for name, attr in (("gram", "_gram"), ("shifted", "_shifted_gram"), ("grads", "_squares")):
+        fn = getattr(conv_rule.ConvGrad, attr)
+
+        def counted(self, x, G, _fn=fn, _name=name):
+            calls[_name] += 1
+            return _fn(self, x, G)
+        monkeypatch.setattr(conv_rule.ConvGrad, attr, counted)
+    module = nn.Conv2d(3, 4, 3, padding=1).double()
+    x, G = torch.randn(5, 3, 9, 9, dtype=torch.float64), torch.randn(5, 4, 9, 9, dtype=torch.float64)
+    ops = conv_rule.ConvGrad(module)
+    first = ops.sq_norms(x, G)
+    assert calls == {"gram": 3, "shifted": 3, "grads": 3}
+    (way,) = conv_rule._FASTEST_NORMS.values()
+    torch.testing.assert_close(ops.sq_norms(x, G), first)
+    assert calls[way] == 4 and sum(calls.values()) == 10
+    torch.testing.assert_close(first, ops._squares(x, G), rtol=1e-12, atol=0)
+    ops.sq_norms(x[:3], G[:3])
+    assert len(conv_rule._FASTEST_NORMS) == 2
+    strided = conv_rule.ConvGrad(nn.Conv2d(3, 4, 3, stride=2, padding=1).double())
+    before = calls["shifted"]
+    strided.sq_norms(x, torch.randn(5, 4, 5, 5, dtype=torch.float64))
+    assert calls["shifted"] == before and len(conv_rule._FASTEST_NORMS) == 3
 
 
 def test_auto_keeps_the_smaller_form():
