@@ -387,8 +387,13 @@ class ConvGrad:
         return batched_dot(grads, grads)
 
     def weighted_sum(self, x: Tensor, G: Tensor, c: Tensor) -> Tensor:
-        """One weight gradient of the convolution, from the output gradients scaled by ``c``."""
-        return _weight_grad(self.module, x, G * c.view(-1, *[1] * (G.ndim - 1)), per_example=False)
+        """One weight gradient of the convolution, from the output gradients scaled by ``c``, in the weight's
+        memory layout: cuDNN may return it channels-last for a contiguous weight (autograd's gradient accumulation
+        would copy it to the weight's strides; here the engine does), and an optimizer's multi-tensor ops leave
+        their fast path for every tensor of a list whose strides differ from the parameters'."""
+        grad = _weight_grad(self.module, x, G * c.view(-1, *[1] * (G.ndim - 1)), per_example=False)
+        weight = self.module.weight
+        return grad if grad.stride() == weight.stride() else torch.empty_like(weight, dtype=grad.dtype).copy_(grad)
 
     def per_example(self, x: Tensor, G: Tensor) -> Tensor:
         return per_example_grads(self.module, x, G)

@@ -212,6 +212,22 @@ def test_the_norms_way_is_measured_once_per_configuration(monkeypatch):
     assert calls["shifted"] == before and len(conv_rule._FASTEST_NORMS) == 3
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_clipped_sum_has_the_weights_layout(layout, monkeypatch):
+    """A weight gradient that the backend returns in another memory format (cuDNN's channels-last for a contiguous
+    weight) is handed on in the weight's strides, values unchanged."""
+    fmt = torch.channels_last if layout == "contiguous" else torch.contiguous_format  # the other one
+    module = nn.Conv2d(8, 6, 3, padding=1)
+    if layout == "channels_last":
+        module = module.to(memory_format=torch.channels_last)
+    real = conv_rule._weight_grad
+    monkeypatch.setattr(conv_rule, "_weight_grad", lambda *a, **k: real(*a, **k).contiguous(memory_format=fmt))
+    x, G, c = torch.randn(3, 8, 5, 5), torch.randn(3, 6, 5, 5), torch.rand(3)
+    summed = conv_rule.ConvGrad(module).weighted_sum(x, G, c)
+    assert summed.stride() == module.weight.stride()
+    torch.testing.assert_close(summed, real(module, x, G * c.view(-1, 1, 1, 1), per_example=False))
+
+
 def test_auto_keeps_the_smaller_form():
     """A wide layer on a small map keeps its input and output gradient (the very tensors: no patches copied), a
     narrow one on a large map its materialized gradients."""
