@@ -420,19 +420,25 @@ class GhostClipping:
 
     @staticmethod
     def _kept(x: Form, finite: Tensor | None) -> Form:
-        """``x`` with the factors of the examples that are not ``finite`` replaced by zeros: new tensors, except a
-        Dense form's per-example gradients, which a rule made (or the backward's output gradient, which nothing
-        else reads): on the Triton path those are zeroed in place, reading only each example's flag."""
+        """``x`` with the factors of the examples that are not ``finite`` replaced by zeros. The tensors the engine
+        owns, a Dense form's per-example gradients (which a rule made) and the output gradients ``G`` (which
+        nothing else reads once the backward is over), are zeroed in place on the Triton path, reading only each
+        example's flag; a layer's input (``A``, ``x``: the caller's input, or an activation) becomes a new
+        tensor, as does everything off the Triton path."""
         if finite is None:
             return x
-        if isinstance(x, Dense) and use_triton(x.g) and x.g.is_contiguous():
-            zero_rows_(x.g, finite, 0)
-            return x
 
-        def drop(t: Tensor) -> Tensor:
+        def drop(t: Tensor, own: bool) -> Tensor:
+            if own and use_triton(t) and t.is_contiguous():
+                zero_rows_(t, finite, 0)
+                return t
             return torch.where(finite.view(-1, *([1] * (t.ndim - 1))), t, 0)
 
-        return replace(x, **{name: drop(getattr(x, name)) for name in ("g", "G", "A", "x") if hasattr(x, name)})
+        if isinstance(x, Dense):
+            dropped = drop(x.g, True)
+            return x if dropped is x.g else replace(x, g=dropped)
+        return replace(x, **{name: drop(getattr(x, name), name == "G") for name in ("G", "A", "x")
+                             if hasattr(x, name)})
 
     @staticmethod
     def _clipped_sums(step: Step, factors: Tensor, kept: Tensor | None = None) -> dict[nn.Parameter, Tensor]:

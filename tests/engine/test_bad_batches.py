@@ -72,6 +72,23 @@ def test_nonfinite_examples_on_the_triton_path(strategy, packed, triton_device, 
     assert torch.equal(inputs.nan_to_num(7.0), before.nan_to_num(7.0))  # the caller's input is not zeroed
 
 
+@pytest.mark.parametrize("strategy", ["auto", "ghost"])
+def test_nonfinite_examples_of_conv_and_linear_factors_on_the_triton_path(strategy, triton_device):
+    """The forms that keep a layer's input and output gradient (a convolution's Implicit form, a Linear's factors
+    kept apart): the output gradient is zeroed in place on the Triton path, the input copied, the caller's input
+    unchanged; the sums are those of the finite examples alone."""
+    model = SmallCNN().double().to(triton_device)
+    inputs = torch.randn(6, 3, 7, 7, dtype=torch.float64, device=triton_device)
+    targets = torch.randint(0, 5, (6,), device=triton_device)
+    inputs[4, 1, 2, 3] = NAN
+    before = inputs.clone()
+    engine = GhostClipping(model, max_grad_norm=0.5, strategy=strategy)
+    with pytest.warns(persample.NonFiniteGradientWarning, match=r"positions \[4\]"):
+        out = engine.clipped_grad_sum(inputs, targets)
+    _assert_sums_of(out, model, inputs, targets, [0, 1, 2, 3, 5], 0.5)
+    assert torch.equal(inputs.nan_to_num(7.0), before.nan_to_num(7.0))
+
+
 def test_nonfinite_leaves_the_inputs_unchanged_and_needs_no_warning_when_all_finite(recwarn):
     model, inputs, targets = _batch("cnn")
     inputs[2, 0, 0, 0] = NAN
