@@ -9,10 +9,21 @@ For each step it prints the wall time per step, the GPU (or CPU) time summed ove
 kernel launches, and the kernels that take the most time. A step whose wall time is well above its kernel
 time is bound by the host (Python and launches), not by the GPU. The steps are ``steps.py``'s. The summary
 table is saved (``results.py``: the profile_step section of ``RESULTS.md``, appended to ``HISTORY.md``).
+
+``--by-source`` also charges each step's device time to the persample source line that caused it, and saves
+those tables too. On a GPU every kernel is found from its launch (the CUDA runtime call carrying the kernel's
+correlation id in the profiler's trace) and charged to the innermost Python frame under ``persample/`` around
+that launch (the engine's rules, forms and stacks; the model's forward in ``persample/models.py``) and to the
+innermost aten op there; a kernel launched from no persample frame (autograd's backward ops, the optimizer) gets
+``-`` as its source. On the CPU each aten op's own time (its child ops' excluded) is charged the same way.
 """
 
 import argparse
+import collections
+import json
+import os
 import statistics
+import tempfile
 import time
 
 import torch
@@ -34,13 +45,96 @@ def wall_ms(step, x, y, device, iters: int) -> float:
     return statistics.median(times)
 
 
-def report(name: str, step, x, y, device, iters: int, top: int) -> tuple[float, float, float]:
-    """Prints the profile of ``step``; returns (wall ms, kernel ms, launches) per step (NaN on the CPU)."""
+def _source(name: str) -> str | None:
+    """``file.py(line): function`` under ``persample/`` (or its kernels) for a Python frame's event name, else
+    None."""
+    for root in ("/persample/", "/kernels/"):
+        if root in name:
+            tail = name.split(root)[-1]
+            return ("kernels/" + tail) if root == "/kernels/" else tail
+    return None
+
+
+def _by_source_cuda(prof) -> collections.Counter:
+    """``{(source, op): microseconds}`` of the GPU's kernels (and copies, memsets) over the profiled steps."""
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "trace.json")
+        prof.export_chrome_trace(path)
+        with open(path) as f:
+            events = [e for e in json.load(f)["traceEvents"] if e.get("ph") == "X"]
+    device = [e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")]
+    launches = {e["args"]["correlation"]: e for e in events
+                if e.get("cat") == "cuda_runtime" and "correlation" in e.get("args", {})}
+    frames = collections.defaultdict(list)  # thread -> Python frames and CPU ops, sorted below
+    for e in events:
+        if e.get("cat") in ("python_function", "cpu_op"):
+            frames[e["tid"]].append(e)
+    queries = collections.defaultdict(list)
+    found = set()
+    for k in device:
+        launch = launches.get(k.get("args", {}).get("correlation"))
+        if launch is not None:
+            queries[launch["tid"]].append((launch["ts"], k))
+    spent: collections.Counter = collections.Counter()
+    for tid, asks in queries.items():
+        # A sweep over the thread's events in time order, keeping the stack of those open at each launch.
+        ordered = sorted(frames[tid], key=lambda e: (e["ts"], -e["dur"]))
+        i, stack = 0, []
+        for ts, k in sorted(asks, key=lambda q: q[0]):
+            while i < len(ordered) and ordered[i]["ts"] <= ts:
+                while stack and stack[-1]["ts"] + stack[-1]["dur"] < ordered[i]["ts"]:
+                    stack.pop()
+                stack.append(ordered[i])
+                i += 1
+            while stack and stack[-1]["ts"] + stack[-1]["dur"] < ts:
+                stack.pop()
+            source = next((s for e in reversed(stack) if e["cat"] == "python_function"
+                           and (s := _source(e["name"])) is not None), None)
+            op = next((e["name"] for e in reversed(stack) if e["cat"] == "cpu_op"), k["name"][:60])
+            spent[(source or "-", op)] += k["dur"]
+            found.add(id(k))
+    unfound = sum(k["dur"] for k in device if id(k) not in found)
+    if unfound:
+        spent[("-", "(kernels whose launch the trace does not show)")] += unfound
+    return spent
+
+
+def _by_source_cpu(prof) -> collections.Counter:
+    """``{(source, op): microseconds}`` of the aten ops' own time (their children's excluded)."""
+    spent: collections.Counter = collections.Counter()
+    for e in prof.events():
+        if not e.name.startswith("aten::") or e.self_cpu_time_total <= 0:
+            continue
+        parent, source = e.cpu_parent, None
+        while parent is not None and source is None:
+            source = _source(parent.name)
+            parent = parent.cpu_parent
+        spent[(source or "-", e.name)] += e.self_cpu_time_total
+    return spent
+
+
+def by_source_table(title: str, spent: collections.Counter, top: int) -> list[str]:
+    """``spent`` (``{(source, op): ms per step}``) as a Markdown table of its ``top`` lines, the rest summed."""
+    total = sum(spent.values())
+    lines = [f"### {title}: {total:.2f} ms per step by source", "",
+             "| source (innermost persample frame) | op | ms / step | share |", "|---|---|---|---|"]
+    for (source, op), ms in spent.most_common(top):
+        lines.append(f"| {source} | {op} | {ms:.3f} | {ms / total:.1%} |")
+    rest = total - sum(ms for _, ms in spent.most_common(top))
+    if rest > 0:
+        lines.append(f"| (the other {max(0, len(spent) - top)} lines) |  | {rest:.3f} | {rest / total:.1%} |")
+    return lines + [""]
+
+
+def report(name: str, step, x, y, device, iters: int, top: int, by_source: bool = False
+           ) -> tuple[float, float, float, collections.Counter | None]:
+    """Prints the profile of ``step``; returns (wall ms, kernel ms, launches) per step (NaN on the CPU) and, with
+    ``by_source``, ``{(source, op): ms per step}``."""
     for _ in range(3):
         step(x, y)
     wall = wall_ms(step, x, y, device, iters)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with profile(activities=activities) as prof:
+    with profile(activities=activities, with_stack=by_source) as prof:
         for _ in range(iters):
             step(x, y)
         if device.type == "cuda":
@@ -55,7 +149,11 @@ def report(name: str, step, x, y, device, iters: int, top: int) -> tuple[float, 
         kernel_ms, launches, sort = float("nan"), float("nan"), "self_cpu_time_total"
     print(f"\n## {name}: wall {wall:.2f} ms/step, kernels {kernel_ms:.2f} ms/step, {launches:.0f} launches/step")
     print(events.table(sort_by=sort, row_limit=top, max_name_column_width=70))
-    return wall, kernel_ms, launches
+    spent = None
+    if by_source:
+        spent = _by_source_cuda(prof) if device.type == "cuda" else _by_source_cpu(prof)
+        spent = collections.Counter({key: us / 1e3 / iters for key, us in spent.items()})
+    return wall, kernel_ms, launches, spent
 
 
 def main() -> None:
@@ -64,6 +162,8 @@ def main() -> None:
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="bf16")
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--top", type=int, default=25)
+    parser.add_argument("--by-source", action="store_true",
+                        help="also charge each step's device time to the persample source lines that launched it")
     parser.add_argument("--quick", action="store_true")
     add_save_flag(parser)
     args = parser.parse_args()
@@ -73,12 +173,15 @@ def main() -> None:
     print(f"# {cfg.name}, {args.precision}, {torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}")
     lines = [header("profile_step", device, f"{cfg.name}, {args.precision}"), "",
              "| step | wall ms / step | kernel ms / step | launches / step |", "|---|---|---|---|"]
+    sources = []
     for name, make in (("normal step", normal_step), ("fast engine", fast_step)):
         model = build_model(cfg).to(device)
-        wall, kernel_ms, launches = report(name, make(model, device, args.precision, cfg.batch), x, y, device,
-                                           args.iters, args.top)
+        wall, kernel_ms, launches, spent = report(name, make(model, device, args.precision, cfg.batch), x, y,
+                                                  device, args.iters, args.top, args.by_source)
         lines.append(f"| {name} | {wall:.2f} | {kernel_ms:.2f} | {launches:.0f} |")
-    publish("profile_step", "\n".join(lines), args)
+        if spent is not None:
+            sources += by_source_table(name, spent, args.top)
+    publish("profile_step", "\n".join([*lines, "", *sources]).rstrip(), args)
 
 
 if __name__ == "__main__":
