@@ -20,7 +20,7 @@ which factors like a Linear's would keep. An Implicit weight's
 * clipped sum is one weight gradient of the convolution, the backend's own kernel, with each example's output
   gradient scaled by its clip factor: what the normal step's backward computes, once.
 
-The materialized gradients are made one of three ways, whichever measured fastest for the layer's shapes, dtype and
+The materialized gradients are made one of four ways, whichever measured fastest for the layer's shapes, dtype and
 device (timed once, on the first step that meets them, outside any CUDA graph capture):
 
 * ``"grouped"``: one weight gradient of a convolution with the batch as groups, input ``(1, B C_in, ...)``,
@@ -31,6 +31,8 @@ device (timed once, on the first step that meets them, outside any CUDA graph ca
 * ``"shifted"`` (stride 1): one batched product per kernel tap over the whole batch, whose input operand is a
   view of the padded input: on a frame as wide as the padded input, each tap's inputs are one slice of it, so no
   patches are copied out, at the cost of a few extra positions between rows whose output gradient is zero.
+* ``"kernel"`` (1-D and 2-D, on a GPU): one Triton kernel, a GEMM per example that loads its patches from the
+  padded input by their addresses (:mod:`persample.kernels.conv_weight_grads`): no patches copied, one launch.
 
 Padding of any mode (``'same'`` included) is applied with ``F.pad``; the patches are then strided views of the
 padded input (``Tensor.unfold`` per spatial dimension, every ``dilation``-th tap). Materializing runs over the
@@ -51,15 +53,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from persample.backend import use_triton
 from persample.engine.forms import Dense, Form, Implicit, acc_dtype, batched_dot, bmm_acc, bmm_into
 from persample.engine.registry import Call, register_rule
+from persample.kernels import conv_weight_grads
 
 _CPU_CHUNK = 1 << 20
 _CUDA_CHUNK = 1 << 25
 
 _Conv = nn.Conv1d | nn.Conv2d | nn.Conv3d
 
-METHOD: str | None = None  # "grouped" or "unfold" forces one way of materializing (tests); None: the faster
+METHOD: str | None = None  # "grouped", "unfold", "shifted" or "kernel" forces one way of materializing (tests); None:
+# the fastest measured
 NORMS: str | None = None  # "gram", "shifted" or "grads" forces one way of an Implicit weight's norms (tests; "shifted"
 # needs stride 1 and falls back to "gram"); None: the fastest measured of those _norm_costs finds cheap enough
 _FASTEST: dict[tuple, str] = {}  # the measured choice per layer configuration, shapes, dtypes and device
@@ -249,7 +254,29 @@ def _shifted(module: _Conv, x: Tensor, grad_output: Tensor) -> Tensor:
     return taps.permute(1, 2, 3, 0).reshape(B, *module.weight.shape)
 
 
-_WAYS = {"grouped": _grouped, "unfold": _unfolded, "shifted": _shifted}
+def _kernel(module: _Conv, x: Tensor, grad_output: Tensor) -> Tensor:
+    """``(B, *weight.shape)`` each example's weight gradient in float32 of a 1-D or 2-D convolution, from one
+    Triton kernel that reads the patches from the padded input in place (:mod:`persample.kernels.conv_weight_grads`):
+    on a GPU, for float16, bfloat16 and float32 inputs. In the interpreter only when :data:`METHOD` forces it (its
+    timing there says nothing about a GPU, and the tests would pay for it on every configuration)."""
+    dims = len(module.kernel_size)
+    if (dims > 2 or grad_output.dtype not in (torch.float16, torch.bfloat16, torch.float32) or not use_triton(x)
+            or (not x.is_cuda and METHOD != "kernel")):
+        raise NotImplementedError("the conv kernel runs 1-D and 2-D convolutions of 16- and 32-bit floats on a GPU")
+    pads = _explicit_padding(module)
+    if any(pads):
+        x = F.pad(x, pads, mode="constant" if module.padding_mode == "zeros" else module.padding_mode)
+    x = x.to(grad_output.dtype)
+    kernel_size, stride, dilation = module.kernel_size, module.stride, module.dilation
+    if dims == 1:
+        x, grad_output = x.unsqueeze(2), grad_output.unsqueeze(2)
+        kernel_size, stride, dilation = (1, *kernel_size), (1, *stride), (1, *dilation)
+    grads = conv_weight_grads.conv2d_weight_grads(x, grad_output, kernel_size, stride, dilation, module.groups,
+                                                  tf32=x.is_cuda and _cudnn_tf32())
+    return grads.view(x.shape[0], *module.weight.shape)
+
+
+_WAYS = {"grouped": _grouped, "unfold": _unfolded, "shifted": _shifted, "kernel": _kernel}
 
 
 def _capturing(x: Tensor) -> bool:

@@ -85,7 +85,7 @@ def test_shifted_views_refuse_a_stride():
 
 def test_the_faster_way_is_measured_once_per_configuration(monkeypatch):
     monkeypatch.setattr(conv_rule, "_FASTEST", {})
-    calls = {"grouped": 0, "unfold": 0, "shifted": 0}
+    calls = {"grouped": 0, "unfold": 0, "shifted": 0, "kernel": 0}
     for name, fn in list(conv_rule._WAYS.items()):
         def counted(*args, _fn=fn, _name=name):
             calls[_name] += 1
@@ -94,10 +94,12 @@ def test_the_faster_way_is_measured_once_per_configuration(monkeypatch):
     module = nn.Conv2d(3, 4, 3, padding=1)
     x, G = torch.randn(5, 3, 9, 9), torch.randn(5, 4, 9, 9)
     first = conv_rule.per_example_grads(module, x, G)
-    assert calls == {"grouped": 3, "unfold": 3, "shifted": 3}  # a warm-up and two timed runs each, the winner's
-    (way,) = conv_rule._FASTEST.values()                       # result reused
+    # A warm-up and two timed runs each, the winner's result reused; the Triton kernel refuses a CPU tensor at once
+    # outside the interpreter's forced runs.
+    assert calls == {"grouped": 3, "unfold": 3, "shifted": 3, "kernel": 1}
+    (way,) = conv_rule._FASTEST.values()
     second = conv_rule.per_example_grads(module, x, G)
-    assert calls[way] == 4 and sum(calls.values()) == 10
+    assert calls[way] == 4 and sum(calls.values()) == 11
     torch.testing.assert_close(first, second)
     for other in ("grouped", "unfold"):
         torch.testing.assert_close(conv_rule._WAYS[other](module, x, G), conv_rule._shifted(module, x, G))
@@ -108,6 +110,37 @@ def test_the_faster_way_is_measured_once_per_configuration(monkeypatch):
     conv_rule.per_example_grads(nn.Conv2d(3, 4, 3, stride=2, padding=1), x, torch.randn(5, 4, 5, 5))
     assert calls["shifted"] == before["shifted"] + 1 and calls["unfold"] == before["unfold"] + 3
     assert len(conv_rule._FASTEST) == 3 and list(conv_rule._FASTEST.values())[-1] != "shifted"
+
+
+@pytest.mark.parametrize("conv", list(CONVS))
+@pytest.mark.parametrize("cls", [nn.Conv1d, nn.Conv2d], ids=lambda c: c.__name__)
+def test_the_kernel_way(cls, conv, triton_device, monkeypatch):
+    """The Triton kernel that reads the patches in place gives every 1-D and 2-D configuration's per-example
+    gradients (against the float64 reference through the engine) and equals the unfold way on the device."""
+    monkeypatch.setattr(conv_rule, "METHOD", "kernel")
+    options = _options(conv, cls)
+    model = Net(cls(**options))
+    x = torch.randn(3, options["in_channels"], *SPATIAL[cls])
+    model(x)
+    model = model.to(triton_device)
+    assert_matches_reference(model, x.to(triton_device), torch.randint(0, 5, (3,), device=triton_device),
+                             loss_fn=cross_entropy, strategy="materialize", rtol=1e-4)
+    module = model.conv
+    G = torch.randn_like(module(x.to(triton_device)))
+    torch.testing.assert_close(conv_rule._kernel(module, x.to(triton_device), G),
+                               conv_rule._unfolded(module, x.to(triton_device), G), rtol=1e-4, atol=1e-5)
+
+
+def test_the_kernel_way_refuses_what_it_cannot_run(monkeypatch):
+    """3-D convolutions and float64 go to the other ways (the timing treats the refusal as never fastest)."""
+    monkeypatch.setattr(conv_rule, "METHOD", "kernel")
+    conv3 = nn.Conv3d(2, 3, 3)
+    with pytest.raises(NotImplementedError, match="1-D and 2-D"):
+        conv_rule._kernel(conv3, torch.randn(2, 2, 4, 4, 4), torch.randn(2, 3, 2, 2, 2))
+    conv2 = nn.Conv2d(2, 3, 3).double()
+    with pytest.raises(NotImplementedError, match="1-D and 2-D"):
+        conv_rule._kernel(conv2, torch.randn(2, 2, 4, 4, dtype=torch.float64),
+                          torch.randn(2, 3, 2, 2, dtype=torch.float64))
 
 
 @pytest.mark.parametrize("cls", list(SPATIAL), ids=lambda c: c.__name__)
