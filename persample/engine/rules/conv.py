@@ -271,8 +271,13 @@ def _kernel(module: _Conv, x: Tensor, grad_output: Tensor) -> Tensor:
     if dims == 1:
         x, grad_output = x.unsqueeze(2), grad_output.unsqueeze(2)
         kernel_size, stride, dilation = (1, *kernel_size), (1, *stride), (1, *dilation)
-    grads = conv_weight_grads.conv2d_weight_grads(x, grad_output, kernel_size, stride, dilation, module.groups,
-                                                  tf32=x.is_cuda and _cudnn_tf32())
+    try:
+        grads = conv_weight_grads.conv2d_weight_grads(x, grad_output, kernel_size, stride, dilation, module.groups,
+                                                      tf32=x.is_cuda and _cudnn_tf32())
+    except Exception as error:  # Triton's compiler or resource errors are not RuntimeErrors: the other ways remain
+        if METHOD == "kernel":
+            raise
+        raise NotImplementedError(f"the conv kernel cannot run here: {type(error).__name__}: {error}") from error
     return grads.view(x.shape[0], *module.weight.shape)
 
 

@@ -131,6 +131,26 @@ def test_the_kernel_way(cls, conv, triton_device, monkeypatch):
                                conv_rule._unfolded(module, x.to(triton_device), G), rtol=1e-4, atol=1e-5)
 
 
+def test_a_failing_kernel_leaves_the_other_ways(monkeypatch):
+    """A compiler or launch error of the kernel (not a RuntimeError in Triton) is a refusal when the way is timed,
+    and raised as it is when a test forces the kernel."""
+    class CompilationError(Exception):
+        pass
+
+    def broken(*args, **kwargs):
+        raise CompilationError("no")
+
+    monkeypatch.setattr(conv_rule.conv_weight_grads, "conv2d_weight_grads", broken)
+    monkeypatch.setattr(conv_rule, "use_triton", lambda t: True)
+    module, x, G = nn.Conv2d(2, 3, 3), torch.randn(2, 2, 5, 5), torch.randn(2, 3, 3, 3)
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    with pytest.raises(NotImplementedError, match="CompilationError: no"):
+        conv_rule._kernel(module, x, G)
+    monkeypatch.setattr(conv_rule, "METHOD", "kernel")
+    with pytest.raises(CompilationError):
+        conv_rule._kernel(module, x, G)
+
+
 def test_the_kernel_way_refuses_what_it_cannot_run(monkeypatch):
     """3-D convolutions and float64 go to the other ways (the timing treats the refusal as never fastest)."""
     monkeypatch.setattr(conv_rule, "METHOD", "kernel")
