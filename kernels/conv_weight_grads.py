@@ -43,14 +43,16 @@ def _conv_weight_grads_kernel(x_ptr, g_ptr, out_ptr, groups, M, N, K, W_out, KH,
         ks = k0 + tl.arange(0, BK)  # output positions (i, j)
         i, j = ks // W_out, ks % W_out
         g = tl.load(g_rows[:, None] + ks[None, :] * sgk, mask=(rows[:, None] < M) & (ks[None, :] < K), other=0.0)
-        x = tl.load(x_cols[None, :] + (i * stride_h * sxh + j * stride_w * sxw)[:, None],
-                    mask=(ks[:, None] < K) & (cols[None, :] < N), other=0.0)
+        # (BN, BK): consecutive positions of a column are consecutive addresses (along the last dimension, as
+        # Triton's loads vectorize), transposed for the product.
+        x = tl.load(x_cols[:, None] + (i * stride_h * sxh + j * stride_w * sxw)[None, :],
+                    mask=(cols[:, None] < N) & (ks[None, :] < K), other=0.0)
         if UPCAST:  # the interpreter's tl.dot of 16-bit floats is wrong (Triton 3.9); float32 holds their products
             g, x = g.to(tl.float32), x.to(tl.float32)
         if TF32:
-            acc = tl.dot(g, x, acc, input_precision="tf32")
+            acc = tl.dot(g, tl.trans(x), acc, input_precision="tf32")
         else:
-            acc = tl.dot(g, x, acc, input_precision="ieee")
+            acc = tl.dot(g, tl.trans(x), acc, input_precision="ieee")
     out = out_ptr + (bg * M + rows[:, None]) * N + cols[None, :]
     tl.store(out, acc, mask=(rows[:, None] < M) & (cols[None, :] < N))
 
