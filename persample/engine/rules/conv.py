@@ -87,11 +87,17 @@ def _explicit_padding(module: _Conv) -> list[int]:
     return pads
 
 
+def _padded(module: _Conv, x: Tensor) -> Tensor:
+    """``x`` padded as the module pads it (any mode, ``'same'`` included); ``x`` itself without padding."""
+    pads = _explicit_padding(module)
+    if not any(pads):
+        return x
+    return F.pad(x, pads, mode="constant" if module.padding_mode == "zeros" else module.padding_mode)
+
+
 def _windows(module: _Conv, x: Tensor) -> Tensor:
     """``(B, C, *L_dims, *kernel)``: views of the padded input, the taps of output position ``l`` at ``[:, :, l]``."""
-    pads = _explicit_padding(module)
-    if any(pads):
-        x = F.pad(x, pads, mode="constant" if module.padding_mode == "zeros" else module.padding_mode)
+    x = _padded(module, x)
     for i, (k, d, s) in enumerate(zip(module.kernel_size, module.dilation, module.stride, strict=True)):
         # A window spanning d * (k - 1) + 1 inputs, of which every d-th is a tap: views only.
         x = x.unfold(2 + i, d * (k - 1) + 1, s)
@@ -161,7 +167,7 @@ def _weight_grad(module: _Conv, x: Tensor, grad_output: Tensor, per_example: boo
     if module.padding_mode == "zeros" and before == after:
         padding = before
     else:  # asymmetric ('same' with an even span) or not zeros: padded here, as the module's forward does
-        x = F.pad(x, pads, mode="constant" if module.padding_mode == "zeros" else module.padding_mode)
+        x = _padded(module, x)
         padding = [0] * dims
     x = x.to(grad_output.dtype)
     groups = module.groups
@@ -187,19 +193,37 @@ def _unfolded(module: _Conv, x: Tensor, grad_output: Tensor) -> Tensor:
     return _materialized(module, x, grad_output.reshape(x.shape[0], module.out_channels, -1))
 
 
-def _framed_input(module: _Conv, x: Tensor) -> tuple[Tensor, torch.Size, int]:
-    """``(padded, P, frame)``: the input padded as the module pads it, plus one row at the end of the first spatial
-    dimension (so that the last tap's slice of :func:`_shifted`'s frame stays inside its channel), its spatial
-    shape ``P``, and the frame's size ``L_0 * P_1 * ... * P_k``."""
-    dims = len(module.kernel_size)
+def _frame(module: _Conv, spatial) -> tuple[list[int], int]:
+    """``(P, frame)`` for an input of spatial shape ``spatial``: the spatial shape of the input padded as the module
+    pads it plus one row at the end of the first spatial dimension (so that the last tap's slice of the frame stays
+    inside its channel), and the frame's size ``L_0 * P_1 * ... * P_k`` (stride 1)."""
     pads = _explicit_padding(module)
+    P = [size + pads[-2 - 2 * i] + pads[-1 - 2 * i] for i, size in enumerate(spatial)]
+    P[0] += 1
+    L0 = P[0] - 1 - module.dilation[0] * (module.kernel_size[0] - 1)
+    return P, math.prod((L0, *P[1:]))
+
+
+def _framed(module: _Conv, x: Tensor, grad_output: Tensor) -> tuple[Tensor, Tensor, int, list[int]]:
+    """The operands of :func:`_shifted` and :meth:`ConvGrad._shifted_gram` (stride 1): the padded input (plus the
+    extra row of :func:`_frame`) ``(B, C_in, P_0 * ... * P_k)`` in ``grad_output``'s dtype, the output gradient on
+    the frame ``(B * groups, C_out / groups, frame)`` (zeros at the frame's extra positions), the frame's size, and
+    each tap's offset into a flattened channel, taps in the weight's order."""
+    B, dims, g = x.shape[0], len(module.kernel_size), module.groups
+    P, frame = _frame(module, x.shape[2:])
     if module.padding_mode == "zeros":
+        pads = _explicit_padding(module)
         x = F.pad(x, [*pads[:-1], pads[-1] + 1])
     else:
-        x = F.pad(F.pad(x, pads, mode=module.padding_mode), [0, 0] * (dims - 1) + [0, 1])
-    P = x.shape[2:]
-    L0 = P[0] - 1 - module.dilation[0] * (module.kernel_size[0] - 1)
-    return x, P, math.prod((L0, *P[1:]))
+        x = F.pad(_padded(module, x), [0, 0] * (dims - 1) + [0, 1])
+    L = grad_output.shape[2:]
+    extra = [pad for i in reversed(range(1, dims)) for pad in (0, P[i] - L[i])]
+    G = F.pad(grad_output, extra) if any(extra) else grad_output
+    flat_strides = [math.prod(P[i + 1:]) for i in range(dims)]
+    offsets = [sum(t * d * st for t, d, st in zip(tap, module.dilation, flat_strides, strict=True))
+               for tap in itertools.product(*map(range, module.kernel_size))]
+    return (x.to(grad_output.dtype).reshape(B, module.in_channels, -1),
+            G.reshape(B * g, module.out_channels // g, frame), frame, offsets)
 
 
 def _norm_costs(module: _Conv, spatial: torch.Size, L_dims: torch.Size) -> dict[str, tuple[int, int]]:
@@ -212,11 +236,8 @@ def _norm_costs(module: _Conv, spatial: torch.Size, L_dims: torch.Size) -> dict[
     costs = {"gram": (g * L * L * (n + m) + g * L * n, g * L * (n + 2 * L)),
              "grads": (g * m * n * L, module.weight.numel())}
     if all(s == 1 for s in module.stride):
-        pads = _explicit_padding(module)
-        P = [size + pads[-2 - 2 * i] + pads[-1 - 2 * i] for i, size in enumerate(spatial)]
-        P[0] += 1
+        P, frame = _frame(module, spatial)
         side = math.prod(P)
-        frame = math.prod((L_dims[0], *P[1:]))
         taps = math.prod(module.kernel_size)
         costs["shifted"] = (side * side * module.in_channels + frame * frame * (module.out_channels + g * taps),
                             g * (side * side + 2 * frame * frame) + module.in_channels * side)
@@ -235,20 +256,11 @@ def _shifted(module: _Conv, x: Tensor, grad_output: Tensor) -> Tensor:
     channel."""
     if any(s != 1 for s in module.stride):
         raise NotImplementedError("the shifted views need stride 1")
-    B, dims, g = x.shape[0], len(module.kernel_size), module.groups
-    x, P, frame = _framed_input(module, x)
-    x = x.to(grad_output.dtype)
-    L = grad_output.shape[2:]
-    extra = [pad for i in reversed(range(1, dims)) for pad in (0, P[i] - L[i])]
-    G = F.pad(grad_output, extra) if any(extra) else grad_output
-    G = G.reshape(B * g, module.out_channels // g, frame)
-    flat = x.reshape(B, module.in_channels, -1)
-    strides = [math.prod(P[i + 1:]) for i in range(dims)]
+    B, g = x.shape[0], module.groups
+    flat, G, frame, offsets = _framed(module, x, grad_output)
     C = module.in_channels // g
-    taps = torch.empty(math.prod(module.kernel_size), B * g, module.out_channels // g, C, dtype=acc_dtype(G),
-                       device=G.device)
-    for t, tap in enumerate(itertools.product(*map(range, module.kernel_size))):
-        start = sum(i * d * s for i, d, s in zip(tap, module.dilation, strides, strict=True))
+    taps = torch.empty(len(offsets), B * g, module.out_channels // g, C, dtype=acc_dtype(G), device=G.device)
+    for t, start in enumerate(offsets):
         inputs = flat[:, :, start:start + frame].reshape(B * g, C, frame)  # a view: examples and groups evenly apart
         bmm_into(G, inputs.transpose(1, 2), taps[t])
     return taps.permute(1, 2, 3, 0).reshape(B, *module.weight.shape)
@@ -263,10 +275,7 @@ def _kernel(module: _Conv, x: Tensor, grad_output: Tensor) -> Tensor:
     if (dims > 2 or grad_output.dtype not in (torch.float16, torch.bfloat16, torch.float32) or not use_triton(x)
             or (not x.is_cuda and METHOD != "kernel")):
         raise NotImplementedError("the conv kernel runs 1-D and 2-D convolutions of 16- and 32-bit floats on a GPU")
-    pads = _explicit_padding(module)
-    if any(pads):
-        x = F.pad(x, pads, mode="constant" if module.padding_mode == "zeros" else module.padding_mode)
-    x = x.to(grad_output.dtype)
+    x = _padded(module, x).to(grad_output.dtype)
     kernel_size, stride, dilation = module.kernel_size, module.stride, module.dilation
     if dims == 1:
         x, grad_output = x.unsqueeze(2), grad_output.unsqueeze(2)
@@ -395,21 +404,14 @@ class ConvGrad:
         (``P x P`` over its ``C_in / groups`` channels) and the sum of its taps' diagonal windows (views, added one
         tap at a time: on two CPU cores a reduction over a strided view of all taps at once took 2.5x longer)."""
         module = self.module
-        B, dims, g = x.shape[0], len(module.kernel_size), module.groups
-        x, P, frame = _framed_input(module, x)
-        x = x.to(G.dtype)
-        L = G.shape[2:]
-        extra = [pad for i in reversed(range(1, dims)) for pad in (0, P[i] - L[i])]
-        G = (F.pad(G, extra) if any(extra) else G).reshape(B * g, module.out_channels // g, frame)
-        X = x.reshape(B * g, module.in_channels // g, -1)
+        B, g = x.shape[0], module.groups
+        flat, G, frame, offsets = _framed(module, x, G)
+        X = flat.reshape(B * g, module.in_channels // g, -1)
         acc = acc_dtype(G)
         gx = bmm_acc(X.transpose(1, 2), X, acc)  # (B g, P_all, P_all)
-        # Window (t_0, ..., t_k) starts s_t = sum_i t_i d_i S_i positions down the diagonal (S_i the padded
-        # input's flat stride of dimension i).
-        flat_strides = [math.prod(P[i + 1:]) for i in range(dims)]
+        # Tap t's window starts at its offset s_t down the diagonal.
         aa = None
-        for tap in itertools.product(*map(range, module.kernel_size)):
-            s = sum(t * d * st for t, d, st in zip(tap, module.dilation, flat_strides, strict=True))
+        for s in offsets:
             window = gx[:, s:s + frame, s:s + frame]
             aa = window.clone() if aa is None else aa.add_(window)
         gg = bmm_acc(G.transpose(1, 2), G, acc)
