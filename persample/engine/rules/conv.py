@@ -153,6 +153,9 @@ def _materialized(module: _Conv, x: Tensor, G: Tensor) -> Tensor:
         Gc = G[i:i + b].reshape(b * g, m // g, L)
         target = out[i:i + b].view(b * g, m // g, n)
         bmm_into(Gc, A.transpose(1, 2), target)
+        # Freed before the next chunk's patches are copied out: kept to the next assignment, two chunks' patches
+        # would be alive at once (on a GPU, 2 x 128 MiB in float32).
+        del A
     return out
 
 

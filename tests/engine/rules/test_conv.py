@@ -1,7 +1,10 @@
+import weakref
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from persample.checks import NonFiniteGradientWarning
 from persample.engine import GhostClipping
@@ -171,6 +174,53 @@ def test_materialized_in_chunks(cls, monkeypatch):
         monkeypatch.setattr(conv_rule, "_CPU_CHUNK", chunk)
         _check(cls, _options("groups", cls), "materialize", batch=5)
         _check(cls, _options("stride-padding", cls), "materialize", batch=5)
+
+
+class _LiveStorage(TorchDispatchMode):
+    """The peak of the bytes of storage that ops allocate while it is on and that are still referenced (a storage
+    counted once, freed with the last tensor on it that the mode saw); views of ``inputs`` are not counted."""
+
+    def __init__(self, *inputs: torch.Tensor):
+        super().__init__()
+        self.outside = {t.untyped_storage().data_ptr() for t in inputs}
+        self.live, self.now, self.peak = {}, 0, 0
+
+    def _release(self, key):
+        entry = self.live[key]
+        entry[1] -= 1
+        if entry[1] == 0:
+            self.now -= entry[0]
+            del self.live[key]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, tuple | list) else [out]:
+            if isinstance(t, torch.Tensor):
+                key = t.untyped_storage().data_ptr()
+                if key in self.outside:
+                    continue
+                if key not in self.live:
+                    self.live[key] = [t.untyped_storage().nbytes(), 0]
+                    self.now += t.untyped_storage().nbytes()
+                self.live[key][1] += 1
+                weakref.finalize(t, self._release, key)
+        self.peak = max(self.peak, self.now)
+        return out
+
+
+def test_materialized_holds_one_chunk_of_patches_at_a_time(monkeypatch):
+    """Materializing in chunks: at most one chunk's patches (and its padded input) are alive besides the result, not
+    the last chunk's too while the next is copied out."""
+    conv = nn.Conv2d(4, 6, 3, padding=1).double()
+    x, G = torch.randn(8, 4, 10, 10, dtype=torch.float64), torch.randn(8, 6, 10, 10, dtype=torch.float64)
+    per_example = 4 * 9 * 100  # n * L patch elements
+    monkeypatch.setattr(conv_rule, "_CPU_CHUNK", 2 * per_example)  # four chunks of two examples
+    with _LiveStorage(x, G) as probe:
+        grads = conv_rule._unfolded(conv, x, G)
+    result, patches, padded = grads.numel() * 8, 2 * per_example * 8, 2 * 4 * 12 * 12 * 8
+    assert result + patches <= probe.peak <= result + patches + padded
+    expected = torch.einsum("bol,bnl->bon", G.flatten(2), F.unfold(x, 3, padding=1))
+    torch.testing.assert_close(grads.flatten(2), expected)
 
 
 @pytest.mark.parametrize("cls", list(SPATIAL), ids=lambda c: c.__name__)
