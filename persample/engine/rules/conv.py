@@ -186,9 +186,9 @@ def _weight_grad(module: _Conv, x: Tensor, grad_output: Tensor, per_example: boo
     if per_example:
         grad_output, x = grad_output.reshape(1, -1, *grad_output.shape[2:]), x.reshape(1, -1, *x.shape[2:])
         groups *= B
-    # Only the weight's shape is read: a broadcast scalar stands for it.
+    # Only the weight's shape is read: a broadcast scalar stands for it, left unset (no fill kernel to launch).
     shape = (grad_output.shape[1], *module.weight.shape[1:])
-    weight = grad_output.new_zeros(()).expand(shape)
+    weight = grad_output.new_empty(()).expand(shape)
     _, grad, _ = torch.ops.aten.convolution_backward(
         grad_output, x, weight, None, list(module.stride), padding, list(module.dilation), False, [0] * dims,
         groups, [False, True, False])
