@@ -51,6 +51,25 @@ def sm_count(device: torch.device) -> int:
     return sms
 
 
+def row_tile(K: int, elements: int) -> tuple[int, int]:
+    """``(ROWS, BLOCK)``: the tile of a program that sums rows of length ``K``, ``BLOCK`` columns (up to
+    ``elements``, the row's length rounded up to a power of two) of ``ROWS`` rows, about ``elements`` in all: short
+    rows (a GroupNorm's ``H W`` on small maps) are summed several to a program instead of leaving most of a block
+    masked."""
+    block = min(elements, max(16, next_power_of_2(K)))
+    return max(1, elements // block), block
+
+
+def row_pieces(programs: int, K: int, block: int, device: torch.device, per_sm: int) -> int:
+    """How many programs share a row of length ``K`` when ``programs`` tiles of rows are summed: enough for
+    ``per_sm`` programs per multiprocessor in all, each at least a ``block`` long (one in the interpreter, where
+    programs run one after another, and off CUDA)."""
+    if interpreting() or device.type != "cuda":
+        return 1
+    wanted = cdiv(per_sm * sm_count(device), programs)
+    return max(1, min(wanted, cdiv(K, block)))
+
+
 def acc_dtype(dtype: torch.dtype):
     """The Triton dtype kernels accumulate in for tensors of ``dtype``: float64 for float64, else float32."""
     return tl.float64 if dtype == torch.float64 else tl.float32

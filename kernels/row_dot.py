@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import acc_dtype, cdiv, interpreting, launch, next_power_of_2, sm_count
+from .launch import acc_dtype, cdiv, interpreting, launch, row_pieces, row_tile
 
 BLOCK = 1024
 PROGRAMS_PER_SM = 8  # enough pieces of rows in flight to cover memory latency
@@ -43,23 +43,6 @@ def _row_dot_kernel(x_ptr, y_ptr, out_ptr, R, K, per_program, pieces, ROWS: tl.c
     tl.store(out_ptr + rows * pieces + piece, tl.sum(acc, 1), mask=rows < R)
 
 
-def _tile(K: int) -> tuple[int, int]:
-    """``(ROWS, BLOCK)``: a program's tile, ``BLOCK`` columns (up to ``BLOCK``, the row's length rounded up to a
-    power of two) of ``ROWS`` rows, about ``BLOCK`` elements in all: short rows (a GroupNorm's ``H W`` on small
-    maps) are summed several to a program instead of leaving most of a block masked."""
-    block = min(BLOCK, max(16, next_power_of_2(K)))
-    return max(1, BLOCK // block), block
-
-
-def _pieces(programs: int, K: int, block: int, device: torch.device) -> int:
-    """How many programs share a row: enough for ``PROGRAMS_PER_SM`` per multiprocessor in all, each at least a
-    block long (one in the interpreter, where programs run one after another)."""
-    if interpreting() or device.type != "cuda":
-        return 1
-    wanted = cdiv(PROGRAMS_PER_SM * sm_count(device), programs)
-    return max(1, min(wanted, cdiv(K, block)))
-
-
 def row_dots(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """``(R,)`` dot products of the rows of ``x`` and ``y``, both ``(R, ...)`` contiguous, of one shape and
     dtype: in float32 (float64 for float64 inputs), summed over all but the first dimension.
@@ -80,9 +63,9 @@ def row_dots(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     K = x.numel() // R if R else 0
     if R == 0 or K == 0:
         return torch.zeros(R, dtype=acc, device=x.device)
-    rows, block = _tile(K)
+    rows, block = row_tile(K, BLOCK)
     programs = cdiv(R, rows)
-    pieces = _pieces(programs, K, block, x.device)
+    pieces = row_pieces(programs, K, block, x.device, PROGRAMS_PER_SM)
     per_program = cdiv(cdiv(K, pieces), block) * block
     pieces = cdiv(K, per_program)
     partial = torch.empty(R, pieces, dtype=acc, device=x.device)

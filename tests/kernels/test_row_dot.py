@@ -36,7 +36,7 @@ def test_matches_float64(shape, dtype):
 def test_rows_split_between_programs(monkeypatch, pieces):
     """Rows longer than one program's share: partial sums per piece, added in order; the last piece short."""
     monkeypatch.setattr(row_dot, "BLOCK", 16)
-    monkeypatch.setattr(row_dot, "_pieces", lambda programs, K, block, device: pieces)
+    monkeypatch.setattr(row_dot, "row_pieces", lambda programs, K, block, device, per_sm: pieces)
     gen = torch.Generator().manual_seed(pieces)
     x, y = torch.randn(3, 101, generator=gen, dtype=torch.float64), torch.randn(3, 101, generator=gen,
                                                                                  dtype=torch.float64)

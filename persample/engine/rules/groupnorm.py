@@ -8,15 +8,19 @@ PyTorch's own GroupNorm backward), in float32 (float64 for float64 inputs). The 
 forward computed, taken from the call's autograd node (which saves them for its own backward) when they are there
 in that dtype; else (an input that PyTorch's kernel normalized in bfloat16 on the CPU, an output whose node is
 not GroupNorm's) they are recomputed, by one ``var_mean`` reduction on a GPU and by PyTorch's GroupNorm forward
-kernel on the CPU. ``sum_s G x`` by :func:`~persample.engine.forms.batched_dot` over channels.
+kernel on the CPU. On the Triton path (CUDA, or ``TRITON_INTERPRET=1``) one kernel forms both sums and the scale's
+gradient (:mod:`persample.kernels.group_norm_affine_grads`); elsewhere PyTorch ops, ``sum_s G x`` by
+:func:`~persample.engine.forms.batched_dot` over channels.
 """
 
 import torch
 from torch import Tensor, nn
 
+from persample.backend import use_triton
 from persample.engine.forms import Dense, Form, acc_dtype, batched_dot
 from persample.engine.recording import saved_tensor_hooks
 from persample.engine.registry import Call, register_rule
+from persample.kernels import group_norm_affine_grads as _kernel
 
 STATS: str | None = None  # "var_mean" or "kernel" forces one way of recomputing the statistics (tests); None: the
 # forward's own where the autograd node has them, else by device
@@ -60,25 +64,32 @@ def group_norm(call: Call, grad_output: Tensor, strategy: str) -> dict[str, Form
     x = call.args[0]
     B, C, groups = x.shape[0], x.shape[1], module.num_groups
     acc = acc_dtype(x, grad_output)
-    x = x.reshape(B, C, -1).to(acc)
-    G = grad_output.reshape(B, C, -1).to(acc)
-    d_bias = G.sum(2)
+    x, G = x.reshape(B, C, -1), grad_output.reshape(B, C, -1)
     forms: dict[str, Form] = {}
-    if "weight" in call.params:
-        mean, rstd = _forward_stats(call.kwargs, B, groups, acc)
-        if mean is None:
-            # On a GPU one reduction that reads x (the forward kernel would also write its output); on the CPU
-            # PyTorch's own GroupNorm forward, its output dropped, about 10x faster than var_mean there.
-            if STATS == "var_mean" or (STATS is None and x.is_cuda):
-                var, mean = torch.var_mean(x.reshape(B, groups, -1), dim=2, correction=0)
-                rstd = (var + module.eps).rsqrt()
-            else:
-                _, mean, rstd = torch.ops.aten.native_group_norm(x.contiguous(), None, None, B, C, x.shape[2], groups,
-                                                                 module.eps)
+    if "weight" not in call.params:
+        forms["bias"] = Dense(G.sum(2, dtype=acc))
+        return forms
+    mean, rstd = _forward_stats(call.kwargs, B, groups, acc)
+    if mean is None:
+        # On a GPU one reduction that reads x (the forward kernel would also write its output); on the CPU
+        # PyTorch's own GroupNorm forward, its output dropped, about 10x faster than var_mean there.
+        if STATS == "var_mean" or (STATS is None and x.is_cuda):
+            var, mean = torch.var_mean(x.reshape(B, groups, -1).to(acc), dim=2, correction=0)
+            rstd = (var + module.eps).rsqrt()
+        else:
+            _, mean, rstd = torch.ops.aten.native_group_norm(x.to(acc).contiguous(), None, None, B, C, x.shape[2],
+                                                             groups, module.eps)
+    mean, rstd = mean.view(B, groups), rstd.view(B, groups)
+    if use_triton(x):
+        # Both sums in one pass over x and G, finished with the statistics: one launch, not five.
+        d_weight, d_bias = _kernel.group_norm_affine_grads(x, G, mean, rstd)
+    else:
+        x, G = x.to(acc), G.to(acc)
+        d_bias = G.sum(2)
         sum_gx = batched_dot(G.reshape(B * C, -1), x.reshape(B * C, -1)).view(B, groups, -1)
         # Each group's statistics broadcast over its channels: views, no copies per channel.
-        d_weight = (sum_gx - mean.view(B, groups, 1) * d_bias.view(B, groups, -1)) * rstd.view(B, groups, 1)
-        forms["weight"] = Dense(d_weight.view(B, C))
+        d_weight = ((sum_gx - mean.unsqueeze(2) * d_bias.view(B, groups, -1)) * rstd.unsqueeze(2)).view(B, C)
+    forms["weight"] = Dense(d_weight)
     if "bias" in call.params:
         forms["bias"] = Dense(d_bias)
     return forms

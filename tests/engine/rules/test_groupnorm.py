@@ -53,6 +53,18 @@ def test_group_norm(groups, affine, spatial, stats):
     assert_matches_reference(model, x, y, loss_fn=squared_error)
 
 
+@pytest.mark.parametrize("frozen", ["weight", "bias"])
+def test_group_norm_with_one_parameter_frozen(frozen, stats):
+    """The scale alone (its own sums and the statistics) or the shift alone (one sum) trainable."""
+    model = Normed(nn.GroupNorm(2, 6, eps=1e-3), 6).double()
+    with torch.no_grad():
+        model.norm.weight.normal_()
+        model.norm.bias.normal_()
+    getattr(model.norm, frozen).requires_grad_(False)
+    x, y = torch.randn(5, 6, 3, 5, dtype=torch.float64), torch.randn(5, 6, 3, 5, dtype=torch.float64)
+    assert_matches_reference(model, x, y, loss_fn=squared_error)
+
+
 def test_group_norm_has_a_rule():
     """GroupNorm goes through its rule, not the torch.func fallback."""
     from persample.engine.registry import rule_for
