@@ -52,6 +52,21 @@ def test_matches_float64(case, dtype):
     assert ((out.double().cpu() - expected).abs() <= 1e-5 * scale + 1e-30).all()
 
 
+
+@pytest.mark.cuda
+def test_tf32_products():
+    """float32 inputs with ``tf32=True`` (what the engine asks for while cuDNN's convolutions run in TF32, PyTorch's
+    default): each product rounded to TF32's 10-bit mantissa, so within about 2 * 2^-11 of the sum of |G x|, and
+    not the float32 result (the flag reaches the GEMM)."""
+    gen = torch.Generator().manual_seed(5)
+    x, G = torch.randn(4, 16, 12, 12, generator=gen), torch.randn(4, 32, 10, 10, generator=gen)
+    out = conv_weight_grads.conv2d_weight_grads(x.cuda(), G.cuda(), (3, 3), (1, 1), (1, 1), 1, tf32=True)
+    exact = conv_weight_grads.conv2d_weight_grads(x.cuda(), G.cuda(), (3, 3), (1, 1), (1, 1), 1, tf32=False)
+    expected = _reference(x, G, (1, 1), (1, 1), 1, (32, 16, 3, 3))
+    scale = _reference(x.abs(), G.abs(), (1, 1), (1, 1), 1, (32, 16, 3, 3))
+    assert ((out.double().cpu() - expected).abs() <= 2 ** -10 * scale).all()
+    assert not torch.equal(out, exact)
+
 def test_a_non_contiguous_output_gradient():
     x = torch.randn(2, 3, 6, 6)
     G = torch.randn(2, 6, 6, 4).transpose(2, 3)[:, ::2]  # (2, 3, 4, 6) with odd strides
