@@ -4,11 +4,16 @@ PyTorch profiler, on one of the models ``dp_step.py`` times.
     python benchmarks/profile_step.py                        # GPT-2-small, bf16 autocast, CUDA
     python benchmarks/profile_step.py --model 0 --precision fp32
     python benchmarks/profile_step.py --quick                # tiny model, CPU, a check of the script
+    python benchmarks/profile_step.py --model 3 --cprofile 30  # also the host's 30 costliest Python functions
 
 For each step it prints the wall time per step, the GPU (or CPU) time summed over kernels, the number of
 kernel launches, and the kernels that take the most time. A step whose wall time is well above its kernel
 time is bound by the host (Python and launches), not by the GPU. The steps are ``steps.py``'s. The summary
 table is saved (``results.py``: the profile_step section of ``RESULTS.md``, appended to ``HISTORY.md``).
+
+``--cprofile N`` also runs each step under Python's own profiler (``cProfile``) and prints its ``N`` costliest
+functions by their own time: on a GPU, where the engine's eager steps are bound by the host, that is where the
+host's time goes (printed only, not saved; cProfile's own cost inflates the times, the ranking stands).
 
 ``--by-source`` also charges each step's device time to the persample source line that caused it, and saves
 those tables too. On a GPU every kernel is found from its launch (the CUDA runtime call carrying the kernel's
@@ -20,8 +25,10 @@ innermost aten op there; a kernel launched from no persample frame (autograd's b
 
 import argparse
 import collections
+import cProfile
 import json
 import os
+import pstats
 import statistics
 import tempfile
 import time
@@ -156,6 +163,23 @@ def report(name: str, step, x, y, device, iters: int, top: int, by_source: bool 
     return wall, kernel_ms, launches, spent
 
 
+def host_profile(name: str, step, x, y, device, iters: int, top: int) -> None:
+    """Prints the ``top`` Python functions of ``iters`` steps by their own time under cProfile, after a warm-up."""
+    for _ in range(3):
+        step(x, y)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(iters):
+        step(x, y)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    profiler.disable()
+    print(f"\n## {name}: Python functions by own time over {iters} steps (cProfile)")
+    pstats.Stats(profiler).sort_stats("tottime").print_stats(top)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", type=int, default=1, help="index into the model list of steps.py (default 1)")
@@ -164,6 +188,8 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--by-source", action="store_true",
                         help="also charge each step's device time to the persample source lines that launched it")
+    parser.add_argument("--cprofile", type=int, default=0, metavar="N",
+                        help="also print each step's N costliest Python functions (cProfile, by own time)")
     parser.add_argument("--quick", action="store_true")
     add_save_flag(parser)
     args = parser.parse_args()
@@ -181,6 +207,9 @@ def main() -> None:
         lines.append(f"| {name} | {wall:.2f} | {kernel_ms:.2f} | {launches:.0f} |")
         if spent is not None:
             sources += by_source_table(name, spent, args.top)
+        if args.cprofile:
+            host_profile(name, make(build_model(cfg).to(device), device, args.precision, cfg.batch), x, y, device,
+                         args.iters, args.cprofile)
     publish("profile_step", "\n".join([*lines, "", *sources]).rstrip(), args)
 
 
