@@ -52,6 +52,7 @@ from steps import (
     build_model,
     make_batch,
     on_device,
+    time_step,
 )
 from torch.func import functional_call, grad, vmap
 
@@ -99,24 +100,6 @@ def run_once(cfg, variant, layout, device, precision, batch, warmup, iters):
     else:  # one more step, counting the tensor storage it allocates (cpu_memory.py); no allocator, no reserve
         peak = (step_peak(lambda: step(x, y)).peak, None)
     return statistics.median(times), peak
-
-
-def time_step(step, x, y, device: torch.device, steps: int = 1) -> float:
-    """Seconds per step of ``steps`` steps run back to back from an idle GPU (CUDA events), or of host time on
-    the CPU."""
-    if device.type != "cuda":
-        start = time.perf_counter()
-        for _ in range(steps):
-            step(x, y)
-        return (time.perf_counter() - start) / steps
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize()
-    start.record()
-    for _ in range(steps):
-        step(x, y)
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / 1e3 / steps
 
 
 BURST = 5  # steps back to back per round of the alternating timing

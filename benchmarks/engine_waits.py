@@ -19,12 +19,11 @@ rounds. Saved with ``results.py`` (the engine_waits section of ``RESULTS.md``, a
 import argparse
 import statistics
 import sys
-import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 from results import add_save_flag, header, publish
-from steps import FULL, QUICK, build_model, fast_step, make_batch, normal_step, on_device
+from steps import FULL, QUICK, build_model, fast_step, make_batch, normal_step, on_device, time_step
 
 import persample.engine.ghost_clipping as ghost_clipping
 
@@ -49,21 +48,9 @@ def no_waits():
 
 
 def timed(step, x, y, device: torch.device, steps: int, waits: bool) -> float:
-    """Seconds per step over ``steps`` steps back to back, from an idle GPU to the end of the last one."""
-    with no_waits() if not waits else _nothing():
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        for _ in range(steps):
-            step(x, y)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-    return (time.perf_counter() - start) / steps
-
-
-@contextmanager
-def _nothing():
-    yield
+    """``time_step`` of ``steps`` steps back to back, with the engine's waits or without them."""
+    with nullcontext() if waits else no_waits():
+        return time_step(step, x, y, device, steps)
 
 
 def compare(cfg, device: torch.device, precision: str, warmup: int, rounds: int) -> dict[str, tuple]:

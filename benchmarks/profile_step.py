@@ -164,9 +164,8 @@ def report(name: str, step, x, y, device, iters: int, top: int, by_source: bool 
 
 
 def host_profile(name: str, step, x, y, device, iters: int, top: int) -> None:
-    """Prints the ``top`` Python functions of ``iters`` steps by their own time under cProfile, after a warm-up."""
-    for _ in range(3):
-        step(x, y)
+    """Prints the ``top`` Python functions of ``iters`` steps of ``step`` (warmed up by :func:`report`) by their
+    own time under cProfile."""
     if device.type == "cuda":
         torch.cuda.synchronize()
     profiler = cProfile.Profile()
@@ -201,15 +200,13 @@ def main() -> None:
              "| step | wall ms / step | kernel ms / step | launches / step |", "|---|---|---|---|"]
     sources = []
     for name, make in (("normal step", normal_step), ("fast engine", fast_step)):
-        model = build_model(cfg).to(device)
-        wall, kernel_ms, launches, spent = report(name, make(model, device, args.precision, cfg.batch), x, y,
-                                                  device, args.iters, args.top, args.by_source)
+        step = make(build_model(cfg).to(device), device, args.precision, cfg.batch)
+        wall, kernel_ms, launches, spent = report(name, step, x, y, device, args.iters, args.top, args.by_source)
         lines.append(f"| {name} | {wall:.2f} | {kernel_ms:.2f} | {launches:.0f} |")
         if spent is not None:
             sources += by_source_table(name, spent, args.top)
         if args.cprofile:
-            host_profile(name, make(build_model(cfg).to(device), device, args.precision, cfg.batch), x, y, device,
-                         args.iters, args.cprofile)
+            host_profile(name, step, x, y, device, args.iters, args.cprofile)
     publish("profile_step", "\n".join([*lines, "", *sources]).rstrip(), args)
 
 

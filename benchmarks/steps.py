@@ -9,6 +9,7 @@ the batch size and take an AdamW step. ``dp_step.py`` times them side by side; `
 """
 
 import dataclasses
+import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -86,6 +87,24 @@ def make_batch(cfg: Config, batch: int, device: torch.device):
         x = torch.randn(batch, 3, cfg.size, cfg.size, generator=g)
         y = torch.randint(0, cfg.classes, (batch,), generator=g)
     return x.to(device), y.to(device)
+
+
+def time_step(step, x, y, device: torch.device, steps: int = 1) -> float:
+    """Seconds per step of ``steps`` steps run back to back from an idle GPU (CUDA events), or of host time on
+    the CPU."""
+    if device.type != "cuda":
+        start = time.perf_counter()
+        for _ in range(steps):
+            step(x, y)
+        return (time.perf_counter() - start) / steps
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    for _ in range(steps):
+        step(x, y)
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / 1e3 / steps
 
 
 def autocast(device: torch.device, precision: str):

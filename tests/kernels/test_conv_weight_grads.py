@@ -52,7 +52,6 @@ def test_matches_float64(case, dtype):
     assert ((out.double().cpu() - expected).abs() <= 1e-5 * scale + 1e-30).all()
 
 
-
 @pytest.mark.cuda
 def test_tf32_products():
     """float32 inputs with ``tf32=True`` (what the engine asks for while cuDNN's convolutions run in TF32, PyTorch's
@@ -66,6 +65,7 @@ def test_tf32_products():
     scale = _reference(x.abs(), G.abs(), (1, 1), (1, 1), 1, (32, 16, 3, 3))
     assert ((out.double().cpu() - expected).abs() <= 2 ** -10 * scale).all()
     assert not torch.equal(out, exact)
+
 
 def test_a_non_contiguous_output_gradient():
     x = torch.randn(2, 3, 6, 6)
