@@ -21,7 +21,8 @@ runs them; the medians of the per-round ratios are quoted next to the target. Pe
 ``torch.cuda.max_memory_allocated`` over the timed steps (model, optimizer state and all), absolute and
 relative to the normal step, and next to it ``max_memory_reserved``: a CUDA graph keeps its private pool
 reserved between replays without counting its free blocks as allocated, so for the graphed variants the
-reserved figure is the one to compare. On the CPU it is the peak of the tensor storage one more step allocates
+reserved figure is the one to compare (the allocator's cache is emptied after the warm-up, so that it counts
+what the timed steps hold, not what the warm-up and the capture left cached). On the CPU it is the peak of the tensor storage one more step allocates
 and holds (``cpu_memory.py``: the model and optimizer state, made before it, are left out). The CUDA-graph
 variants (``cuda_graph='step'`` and the normal step captured the same way, its like-for-like baseline) run on
 CUDA only. The variants are in ``steps.py``. The table is printed and saved (``results.py``: the dp_step
@@ -92,6 +93,9 @@ def run_once(cfg, variant, layout, device, precision, batch, warmup, iters):
         step(x, y)
     if device.type == "cuda":
         torch.cuda.synchronize()
+        # The warm-up's cached blocks go back: what stays reserved is what the timed steps hold (a CUDA graph's
+        # pool, the eager steps' blocks), not what the warm-up and capture left cached beside them.
+        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     times = [time_step(step, x, y, device) for _ in range(iters)]
     # Reserved as well: a CUDA graph's pool stays reserved between replays, its blocks not counted as allocated.

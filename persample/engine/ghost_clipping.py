@@ -47,6 +47,7 @@ first size equals ``B``; an integer input with a leading dimension of 1 (``arang
 ``position_ids``) is shared the same way. Every use of a parameter must happen inside a module that owns it.
 """
 
+import functools
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import replace
@@ -166,7 +167,7 @@ def _read_later(finite: Tensor) -> Callable[[], list[int]]:
     """``read()`` giving the positions where the ``(B,)`` mask ``finite`` is False. On CUDA the mask is copied to
     pinned host memory now, behind the work already queued, and ``read()`` waits for that copy alone."""
     if not finite.is_cuda:
-        return lambda: (~finite).nonzero().flatten().tolist()
+        return functools.partial(_nonfinite_positions, finite)
     host = torch.empty(finite.shape, dtype=torch.bool, pin_memory=True)
     host.copy_(finite, non_blocking=True)
     copied = torch.cuda.Event()
@@ -174,9 +175,13 @@ def _read_later(finite: Tensor) -> Callable[[], list[int]]:
 
     def read() -> list[int]:
         copied.synchronize()
-        return (~host).nonzero().flatten().tolist()
+        return _nonfinite_positions(host)
 
     return read
+
+
+def _nonfinite_positions(finite: Tensor) -> list[int]:
+    return (~finite).nonzero().flatten().tolist()
 
 
 def _nothing() -> None:
@@ -303,8 +308,10 @@ class GhostClipping:
         if _batch_size(args) == 0:
             return self._empty(targets)
         if self._graphed_step is not None and _all_cuda(args, targets):
-            result, finite = self._graphed_step(args, targets)
-            return self._report(result, _read_later(finite)())
+            (result, finite), read = self._graphed_step(args, targets)
+            # The graph copied the mask to the host as the norms gave it: this waits for the norms, not the sums.
+            mask = read()
+            return self._report(result, _read_later(finite)() if mask is None else _nonfinite_positions(mask))
         # The mask of finite examples starts its copy to the host as soon as the norms give it, before the
         # clipped sums are queued: the wait below is then for the norms only, and the GPU works on the sums
         # while the host goes on to queue the noise and the optimizer's update.

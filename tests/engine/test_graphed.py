@@ -47,21 +47,52 @@ def test_graphed_step_captures_once_per_signature_then_checks_copies_and_replays
     step = GraphedStep(step=None, check=check, state=lambda: (state["value"],))
     x, y = torch.zeros(2, 3), torch.zeros(2, dtype=torch.long)
 
-    assert step((x,), y) == "result 1"  # captured: its warm-up checked the targets, no check here
+    assert step((x,), y)[0] == "result 1"  # captured: its warm-up checked the targets, no check here
     assert len(captures) == 1 and checks == []
     first = step._captured[next(iter(step._captured))]
     assert first.graph.replays == 1
 
     x2, y2 = torch.ones(2, 3), torch.ones(2, dtype=torch.long)
-    assert step((x2,), y2) == "result 1"  # same shapes: checked, copied in, replayed
+    assert step((x2,), y2)[0] == "result 1"  # same shapes: checked, copied in, replayed
     assert len(captures) == 1 and first.graph.replays == 2
     assert torch.equal(checks[0][0], y2) and checks[0][1] == 7 and checks[1] == "finished"
     assert torch.equal(first.inputs[0], x2) and torch.equal(first.inputs[1], y2)
 
-    assert step((torch.zeros(4, 3),), torch.zeros(4, dtype=torch.long)) == "result 2"  # new shapes
+    assert step((torch.zeros(4, 3),), torch.zeros(4, dtype=torch.long))[0] == "result 2"  # new shapes
     state["value"] = 1
-    assert step((x,), y) == "result 3"  # same shapes, another state (a setting changed)
+    assert step((x,), y)[0] == "result 3"  # same shapes, another state (a setting changed)
     assert len(step._captured) == 2
+
+
+def test_graphed_step_reads_the_early_output_once_its_flag_is_set(monkeypatch):
+    """The early output (the mask of finite examples) is the graph's copy on the host: the flag is cleared before
+    each replay and read() returns the copy only once the replay has set the flag again."""
+    early, flag = torch.zeros(3, dtype=torch.bool), torch.ones(1, dtype=torch.int32)
+    masks = iter([[True, False, True], [False, True, True]])
+
+    class Graph:
+        def replay(self):
+            assert flag.item() == 0  # cleared before the replay, so read() cannot take the last one's copy
+            early.copy_(torch.tensor(next(masks)))
+            flag.fill_(1)
+
+    def fake_capture(self, leaves, spec):
+        return graphed._CapturedStep(Graph(), [v.clone() for v in leaves], "result", None, early, flag)
+
+    monkeypatch.setattr(GraphedStep, "_capture", fake_capture)
+    step = GraphedStep(step=None, check=lambda targets, classes: lambda: None, state=tuple)
+    x, y = torch.zeros(3, 2), torch.zeros(3, dtype=torch.long)
+    for expected in ([True, False, True], [False, True, True]):
+        result, read = step((x,), y)
+        assert result == "result" and read().tolist() == expected
+
+
+def test_graphed_step_without_an_early_output_reads_none(monkeypatch):
+    monkeypatch.setattr(GraphedStep, "_capture",
+                        lambda self, leaves, spec: graphed._CapturedStep(_FakeGraph(), [], "result", None))
+    step = GraphedStep(step=None, check=None, state=tuple)
+    result, read = step((torch.zeros(2, 3),), torch.zeros(2, dtype=torch.long))
+    assert result == "result" and read() is None
 
 
 def test_graphed_post_copies_a_later_steps_factors_into_the_captured_inputs(monkeypatch):
