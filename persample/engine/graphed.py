@@ -32,10 +32,10 @@ layers, where the host's Python and launches take longer than the GPU's work:
 2. Replay: the target check's small kernel runs eagerly on the call's own targets (the graph cannot wait for
    it), the inputs are copied in, the graph is replayed, and the check is waited for before returning.
 3. The mask of finite examples, which the host must read before the step returns, is copied inside the graph to
-   pinned host memory as soon as the norms give it, and a flag word is copied after it. The host polls that
-   word: it waits for the norms, not for the whole replay, and goes on to queue the noise and the optimizer's
-   update while the GPU forms the clipped sums (as the eager step does; waiting for the replay's end left the
-   GPU idle while the host queued them).
+   pinned host memory as soon as the norms give it, and the graph records an event behind that copy (an external
+   event, which a replay records anew). The host waits for that event: for the norms, not for the whole replay,
+   and goes on to queue the noise and the optimizer's update while the GPU forms the clipped sums (as the eager
+   step does; waiting for the replay's end left the GPU idle while the host queued them).
 
 Everything the step allocates lives in the graph's private memory pool between replays (about a step's peak),
 and its results are overwritten by the next replay with the same shapes. The model must be capturable: no host
@@ -45,7 +45,6 @@ synchronization, no data-dependent shapes or control flow in its forward. Dropou
 
 import copy
 import functools
-import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -174,9 +173,6 @@ Step = Callable[[tuple, Tensor], tuple[object, Callable[[], None], int | None]]
 Check = Callable[[Tensor, int | None], Callable[[], None]]
 
 
-_SPIN_S = 1e-3  # of polling the flag word, then also ask the stream whether the graph could still set it
-
-
 @dataclass
 class _CapturedStep:
     graph: torch.cuda.CUDAGraph
@@ -184,7 +180,7 @@ class _CapturedStep:
     result: object
     classes: int | None
     early: Tensor | None = None  # pinned host copy of the step's early output, written by the graph
-    flag: Tensor | None = None  # pinned int32 word the graph sets to 1 once ``early`` is copied
+    copied: torch.cuda.Event | None = None  # recorded by the graph once ``early`` is copied
 
 
 class GraphedStep:
@@ -220,9 +216,6 @@ class GraphedStep:
         if not fresh:  # a fresh capture checked the targets in its warm-up
             finish = self.check(targets, captured.classes)
             torch._foreach_copy_(captured.inputs, tensors)
-        if captured.flag is not None:
-            # The previous replay set it long ago (read() waited for it), and writes nothing after it.
-            captured.flag.zero_()
         captured.graph.replay()
         if finish is not None:
             finish()
@@ -240,41 +233,27 @@ class GraphedStep:
                 _, finish, _ = self.step(args, targets, lambda t: shapes.append((t.shape, t.dtype)))
                 finish()
         current.wait_stream(side)
-        # The early output's pinned copy and the flag are made here: host memory cannot be pinned under capture.
-        early = flag = one = None
+        # The early output's pinned copy is made here (host memory cannot be pinned under capture), and an event
+        # that the graph records behind its copy (an external event: a node of the graph, recorded at every replay).
+        early = copied = None
         if shapes:
             shape, dtype = shapes[-1]
             early = torch.empty(shape, dtype=dtype, pin_memory=True)
-            flag = torch.zeros(1, dtype=torch.int32, pin_memory=True)
-            one = torch.ones(1, dtype=torch.int32, device=current.device)
+            copied = torch.cuda.Event(external=True)
 
         def copy_early(t: Tensor) -> None:
-            # Two copies in stream order: the flag lands after the output (the host reads the flag first).
             early.copy_(t, non_blocking=True)
-            flag.copy_(one, non_blocking=True)
+            copied.record()
 
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             result, _, classes = self.step(args, targets, copy_early if early is not None else None)
-        return _CapturedStep(graph, [v for v in static if isinstance(v, Tensor)], result, classes, early, flag)
+        return _CapturedStep(graph, [v for v in static if isinstance(v, Tensor)], result, classes, early, copied)
 
 
 def _read_early(captured: _CapturedStep) -> Tensor | None:
     """The replay's early output on the host, once the graph has copied it (None if the step gave none)."""
-    flag = captured.flag
-    if flag is None:
+    if captured.copied is None:
         return None
-    start, stream = time.perf_counter(), None
-    while not flag.item():
-        # Each turn releases the GIL for a moment, so that other threads (data loading) run while this one waits.
-        time.sleep(0)
-        if time.perf_counter() - start < _SPIN_S:
-            continue
-        # A failed replay would never set the flag: let the stream report its error instead of waiting for good.
-        stream = stream or torch.cuda.current_stream()
-        if stream.query() and not flag.item():
-            stream.synchronize()  # a finished stream's writes to host memory are certain only after a sync
-            if not flag.item():
-                raise RuntimeError("persample: the captured step finished without copying its mask of finite "
-                                   "examples")
+    captured.copied.synchronize()
     return captured.early

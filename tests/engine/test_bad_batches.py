@@ -227,9 +227,12 @@ def test_an_empty_batch_gives_zero_sums_and_empty_norms_and_losses(kind, cuda_gr
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("cuda_graph", [None, "post", "step"])
-def test_cuda_nonfinite_and_empty_batches(cuda_graph):
+def test_cuda_nonfinite_and_empty_batches(cuda_graph, monkeypatch):
     """On CUDA, eager and through both graphs: a NaN example contributes zero and is reported (the mask read after
     the step's work), replays report each step's own examples, and an empty batch captures nothing."""
+    # Full float32 convolutions: in TF32 (cuDNN's default) the sums over 6 and over the kept examples round apart
+    # by about 2e-4, above the tolerance below.
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     model = SmallCNN().cuda()
     engine = GhostClipping(model, max_grad_norm=0.5, cuda_graph=cuda_graph)
     reference = GhostClipping(model, max_grad_norm=0.5)
@@ -240,7 +243,10 @@ def test_cuda_nonfinite_and_empty_batches(cuda_graph):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             out = engine.clipped_grad_sum(inputs, targets)
-        assert [str(w.message).split("positions ")[1].split("]")[0] + "]" for w in caught] == ([str(bad)] if bad else [])
+        # Only the engine's own warnings: on CUDA the first step can also warn from torch (a backend's notice).
+        reported = [str(w.message).split("positions ")[1].split("]")[0] + "]" for w in caught
+                    if issubclass(w.category, persample.NonFiniteGradientWarning)]
+        assert reported == ([str(bad)] if bad else []), [str(w.message) for w in caught]
         assert out.nonfinite == len(bad)
         expected = reference.clipped_grad_sum(inputs[keep], targets[keep])
         for name, g in expected.grads.items():

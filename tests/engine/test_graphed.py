@@ -64,27 +64,31 @@ def test_graphed_step_captures_once_per_signature_then_checks_copies_and_replays
     assert len(step._captured) == 2
 
 
-def test_graphed_step_reads_the_early_output_once_its_flag_is_set(monkeypatch):
-    """The early output (the mask of finite examples) is the graph's copy on the host: the flag is cleared before
-    each replay and read() returns the copy only once the replay has set the flag again."""
-    early, flag = torch.zeros(3, dtype=torch.bool), torch.ones(1, dtype=torch.int32)
+def test_graphed_step_reads_the_early_output_after_the_graphs_event(monkeypatch):
+    """The early output (the mask of finite examples) is the graph's copy on the host: read() waits for the event the
+    graph records behind that copy, then returns the copy, each replay's own."""
+    early, log = torch.zeros(3, dtype=torch.bool), []
     masks = iter([[True, False, True], [False, True, True]])
+
+    class Event:
+        def synchronize(self):
+            log.append("waited")
 
     class Graph:
         def replay(self):
-            assert flag.item() == 0  # cleared before the replay, so read() cannot take the last one's copy
+            log.append("replayed")
             early.copy_(torch.tensor(next(masks)))
-            flag.fill_(1)
 
     def fake_capture(self, leaves, spec):
-        return graphed._CapturedStep(Graph(), [v.clone() for v in leaves], "result", None, early, flag)
+        return graphed._CapturedStep(Graph(), [v.clone() for v in leaves], "result", None, early, Event())
 
     monkeypatch.setattr(GraphedStep, "_capture", fake_capture)
     step = GraphedStep(step=None, check=lambda targets, classes: lambda: None, state=tuple)
     x, y = torch.zeros(3, 2), torch.zeros(3, dtype=torch.long)
     for expected in ([True, False, True], [False, True, True]):
         result, read = step((x,), y)
-        assert result == "result" and read().tolist() == expected
+        assert result == "result" and log[-1] == "replayed"
+        assert read().tolist() == expected and log[-1] == "waited"
 
 
 def test_graphed_step_without_an_early_output_reads_none(monkeypatch):
