@@ -22,8 +22,9 @@ runs them; the medians of the per-round ratios are quoted next to the target. Pe
 relative to the normal step, and next to it ``max_memory_reserved``: a CUDA graph keeps its private pool
 reserved between replays without counting its free blocks as allocated, so for the graphed variants the
 reserved figure is the one to compare (the allocator's cache is emptied after the warm-up, so that it counts
-what the timed steps hold, not what the warm-up and the capture left cached). On the CPU it is the peak of the tensor storage one more step allocates
-and holds (``cpu_memory.py``: the model and optimizer state, made before it, are left out). The CUDA-graph
+what the timed steps hold, not what the warm-up and the capture left cached). On the CPU it is the peak of the
+tensor storage one more step allocates and holds (``cpu_memory.py``: the model and optimizer state, made before
+it, are left out). The CUDA-graph
 variants (``cuda_graph='step'`` and the normal step captured the same way, its like-for-like baseline) run on
 CUDA only. The variants are in ``steps.py``. The table is printed and saved (``results.py``: the dp_step
 section of ``RESULTS.md``, dp_step_cpu for the CPU, appended to ``HISTORY.md``).

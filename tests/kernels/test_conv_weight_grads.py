@@ -33,17 +33,22 @@ def _reference(x, G, stride, dilation, groups, weight_shape):
     return vmap(grad(one), in_dims=(None, 0, 0))(w, x.double().cpu(), G.double().cpu())
 
 
+@pytest.mark.parametrize("padded_by", ["caller", "kernel"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("case", CASES, ids=str)
-def test_matches_float64(case, dtype):
+def test_matches_float64(case, dtype, padded_by):
+    """The padding applied before the call, or read as zeros by the kernel's masks (given as ``padding``): the
+    reference always gets the padded input."""
     C_in, C_out, kernel, stride, padding, dilation, groups, H, W = case
     gen = torch.Generator().manual_seed(C_in * 100 + C_out)
-    x = F.pad(torch.randn(3, C_in, H, W, generator=gen), [padding[1]] * 2 + [padding[0]] * 2).to(dtype)
+    raw = torch.randn(3, C_in, H, W, generator=gen).to(dtype)
+    x = F.pad(raw, [padding[1]] * 2 + [padding[0]] * 2)
     H_out = (x.shape[2] - dilation[0] * (kernel[0] - 1) - 1) // stride[0] + 1
     W_out = (x.shape[3] - dilation[1] * (kernel[1] - 1) - 1) // stride[1] + 1
     G = torch.randn(3, C_out, H_out, W_out, generator=gen).to(dtype)
-    out = conv_weight_grads.conv2d_weight_grads(x.to(DEVICE), G.to(DEVICE), kernel, stride, dilation, groups,
-                                                tf32=False)
+    given, pads = (x, ((0, 0), (0, 0))) if padded_by == "caller" else (raw, ((padding[0],) * 2, (padding[1],) * 2))
+    out = conv_weight_grads.conv2d_weight_grads(given.to(DEVICE), G.to(DEVICE), kernel, stride, dilation, groups,
+                                                tf32=False, padding=pads)
     assert out.dtype == torch.float32 and out.shape == (3, C_out, C_in // groups, *kernel)
     expected = _reference(x, G, stride, dilation, groups, (C_out, C_in // groups, *kernel))
     # The inputs' own values, their products exact in float32: the tolerance is the float32 accumulation's,
@@ -65,6 +70,22 @@ def test_tf32_products():
     scale = _reference(x.abs(), G.abs(), (1, 1), (1, 1), 1, (32, 16, 3, 3))
     assert ((out.double().cpu() - expected).abs() <= 2 ** -10 * scale).all()
     assert not torch.equal(out, exact)
+
+
+def test_uneven_padding_read_by_the_kernel():
+    """Padding that differs on each side ('same' with an even kernel span pads one more below and right): read by
+    the kernel's masks, it gives what the padded copy gives."""
+    gen = torch.Generator().manual_seed(3)
+    raw, G = torch.randn(2, 3, 5, 6, generator=gen), torch.randn(2, 4, 6, 7, generator=gen)
+    padding = ((1, 2), (0, 3))  # (above, below), (left, right): a 3x3 input span on an 8x9 padded input
+    x = F.pad(raw, [0, 3, 1, 2])
+    out = conv_weight_grads.conv2d_weight_grads(raw.to(DEVICE), G.to(DEVICE), (3, 3), (1, 1), (1, 1), 1, tf32=False,
+                                                padding=padding)
+    expected = _reference(x, G, (1, 1), (1, 1), 1, (4, 3, 3, 3))
+    torch.testing.assert_close(out.double().cpu(), expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="padding of at least 0"):
+        conv_weight_grads.conv2d_weight_grads(raw.to(DEVICE), G.to(DEVICE), (3, 3), (1, 1), (1, 1), 1,
+                                              padding=((-1, 2), (0, 3)))
 
 
 def test_a_non_contiguous_output_gradient():

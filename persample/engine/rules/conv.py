@@ -32,7 +32,8 @@ device (timed once, on the first step that meets them, outside any CUDA graph ca
   view of the padded input: on a frame as wide as the padded input, each tap's inputs are one slice of it, so no
   patches are copied out, at the cost of a few extra positions between rows whose output gradient is zero.
 * ``"kernel"`` (1-D and 2-D, on a GPU): one Triton kernel, a GEMM per example that loads its patches from the
-  padded input by their addresses (:mod:`persample.kernels.conv_weight_grads`): no patches copied, one launch.
+  input by their addresses, zero padding read as zeros by its masks (:mod:`persample.kernels.conv_weight_grads`):
+  no patches and no padded input copied, one launch.
 
 Padding of any mode (``'same'`` included) is applied with ``F.pad``; the patches are then strided views of the
 padded input (``Tensor.unfold`` per spatial dimension, every ``dilation``-th tap). Materializing runs over the
@@ -280,21 +281,24 @@ def _shifted(module: _Conv, x: Tensor, grad_output: Tensor) -> Tensor:
 
 def _kernel(module: _Conv, x: Tensor, grad_output: Tensor) -> Tensor:
     """``(B, *weight.shape)`` each example's weight gradient in float32 of a 1-D or 2-D convolution, from one
-    Triton kernel that reads the patches from the padded input in place (:mod:`persample.kernels.conv_weight_grads`):
-    on a GPU, for float16, bfloat16 and float32 inputs. In the interpreter only when :data:`METHOD` forces it (its
+    Triton kernel that reads the patches from the input in place, its zero padding by masks
+    (:mod:`persample.kernels.conv_weight_grads`): on a GPU, for float16, bfloat16 and float32 inputs. In the interpreter only when :data:`METHOD` forces it (its
     timing there says nothing about a GPU, and the tests would pay for it on every configuration)."""
     dims = len(module.kernel_size)
     if (dims > 2 or grad_output.dtype not in (torch.float16, torch.bfloat16, torch.float32) or not use_triton(x)
             or (not x.is_cuda and METHOD != "kernel")):
         raise NotImplementedError("the conv kernel runs 1-D and 2-D convolutions of 16- and 32-bit floats on a GPU")
-    x = _padded(module, x).to(grad_output.dtype)
+    # Zero padding is read as zeros by the kernel's loads (no padded copy of the input); other modes are applied.
+    pads = _explicit_padding(module) if module.padding_mode == "zeros" else [0] * (2 * dims)
+    x = (x if module.padding_mode == "zeros" else _padded(module, x)).to(grad_output.dtype)
+    padding = ((0, 0), (pads[0], pads[1])) if dims == 1 else ((pads[2], pads[3]), (pads[0], pads[1]))
     kernel_size, stride, dilation = module.kernel_size, module.stride, module.dilation
     if dims == 1:
         x, grad_output = x.unsqueeze(2), grad_output.unsqueeze(2)
         kernel_size, stride, dilation = (1, *kernel_size), (1, *stride), (1, *dilation)
     try:
         grads = conv_weight_grads.conv2d_weight_grads(x, grad_output, kernel_size, stride, dilation, module.groups,
-                                                      tf32=x.is_cuda and _cudnn_tf32())
+                                                      tf32=x.is_cuda and _cudnn_tf32(), padding=padding)
     except Exception as error:  # Triton's compiler or resource errors are not RuntimeErrors: the other ways remain
         if METHOD == "kernel":
             raise
