@@ -282,8 +282,9 @@ def _shifted(module: _Conv, x: Tensor, grad_output: Tensor) -> Tensor:
 def _kernel(module: _Conv, x: Tensor, grad_output: Tensor) -> Tensor:
     """``(B, *weight.shape)`` each example's weight gradient in float32 of a 1-D or 2-D convolution, from one
     Triton kernel that reads the patches from the input in place, its zero padding by masks
-    (:mod:`persample.kernels.conv_weight_grads`): on a GPU, for float16, bfloat16 and float32 inputs. In the interpreter only when :data:`METHOD` forces it (its
-    timing there says nothing about a GPU, and the tests would pay for it on every configuration)."""
+    (:mod:`persample.kernels.conv_weight_grads`): on a GPU, for float16, bfloat16 and float32 inputs. In the
+    interpreter only when :data:`METHOD` forces it (its timing there says nothing about a GPU, and the tests would
+    pay for it on every configuration)."""
     dims = len(module.kernel_size)
     if (dims > 2 or grad_output.dtype not in (torch.float16, torch.bfloat16, torch.float32) or not use_triton(x)
             or (not x.is_cuda and METHOD != "kernel")):
