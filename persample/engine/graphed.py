@@ -240,6 +240,7 @@ class GraphedStep:
             shape, dtype = shapes[-1]
             early = torch.empty(shape, dtype=dtype, pin_memory=True)
             copied = torch.cuda.Event(external=True)
+            copied.record()  # creates the CUDA event now, outside the capture (PyTorch creates it at its first record)
 
         def copy_early(t: Tensor) -> None:
             early.copy_(t, non_blocking=True)
