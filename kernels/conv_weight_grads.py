@@ -7,8 +7,8 @@ channels, stride ``(s_h, s_w)`` and dilation ``(d_h, d_w)``:
     out[b, o, c, u, v] = sum_{i, j} G[b, o, i, j] * X[b, g(o) C_in/groups + c, i s_h + u d_h - p_h, j s_w + v d_w - p_w]
 
 where ``X`` reads as zero outside its ``H x W`` (the padding is applied by the loads' masks: no padded copy of
-the input is made, which in the engine had cost a fill and a copy of the input per layer and step)
-with ``g(o)`` the group of output channel ``o``: per example and group, ``M = C_out / groups`` rows (output
+the input is made, which in the engine had cost a fill and a copy of the input per layer and step), and ``g(o)``
+is the group of output channel ``o``. Per example and group, ``M = C_out / groups`` rows (output
 channels), ``N = C_in / groups * k_h * k_w`` columns (input channel and tap) and a reduction over the ``K = H_out
 W_out`` output positions. PyTorch forms it by copying the patches out (``unfold``: ``k_h k_w / (s_h s_w)`` times
 the input, written and read back) before a batched product; here a program loads a tile of positions for a tile

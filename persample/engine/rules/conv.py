@@ -290,8 +290,11 @@ def _kernel(module: _Conv, x: Tensor, grad_output: Tensor) -> Tensor:
             or (not x.is_cuda and METHOD != "kernel")):
         raise NotImplementedError("the conv kernel runs 1-D and 2-D convolutions of 16- and 32-bit floats on a GPU")
     # Zero padding is read as zeros by the kernel's loads (no padded copy of the input); other modes are applied.
-    pads = _explicit_padding(module) if module.padding_mode == "zeros" else [0] * (2 * dims)
-    x = (x if module.padding_mode == "zeros" else _padded(module, x)).to(grad_output.dtype)
+    if module.padding_mode == "zeros":
+        pads = _explicit_padding(module)
+    else:
+        x, pads = _padded(module, x), [0] * (2 * dims)
+    x = x.to(grad_output.dtype)
     padding = ((0, 0), (pads[0], pads[1])) if dims == 1 else ((pads[2], pads[3]), (pads[0], pads[1]))
     kernel_size, stride, dilation = module.kernel_size, module.stride, module.dilation
     if dims == 1:
