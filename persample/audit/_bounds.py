@@ -34,7 +34,6 @@ import math
 from typing import NamedTuple
 
 import numpy as np
-from scipy import optimize, stats
 
 # Thresholds tried on the choosing half: its score quantiles at these levels, dense towards both tails where
 # the bounds live. Fewer candidates than scores keep the choice from fitting the noise of a few extreme scores.
@@ -66,6 +65,8 @@ def check_delta(delta: float) -> None:
 def clopper_pearson_upper(errors: np.ndarray | int, trials: np.ndarray | int, alpha: float) -> np.ndarray:
     """The exact one-sided upper ``1 - alpha`` confidence bound on a rate from ``errors`` of ``trials``."""
     errors, trials = np.asarray(errors, dtype=float), np.asarray(trials, dtype=float)
+    from scipy import stats  # here, not at import: SciPy's stats is most of a second of `import persample`
+
     with np.errstate(invalid="ignore"):
         upper = stats.beta.ppf(1 - alpha, errors + 1, trials - errors)
     return np.where(errors >= trials, 1.0, upper)
@@ -86,6 +87,7 @@ def gdp_epsilon(mu: float, delta: float) -> float:
     the root of ``Phi(-eps/mu + mu/2) - e^eps Phi(-eps/mu - mu/2) = delta``; 0 when ``mu`` is that small."""
     if mu <= 0:
         return 0.0
+    from scipy import optimize, stats
 
     def excess(eps: float) -> float:
         return (stats.norm.cdf(-eps / mu + mu / 2) - math.exp(eps) * stats.norm.cdf(-eps / mu - mu / 2)) - delta
@@ -101,6 +103,8 @@ def gdp_epsilon(mu: float, delta: float) -> float:
 def gdp_mu(fpr: np.ndarray, fnr: np.ndarray) -> np.ndarray:
     """``Phi^-1(1 - FPR) - Phi^-1(FNR)`` (and the mirrored test), at least 0: the smallest mu of a Gaussian
     trade-off curve that a test with these error rates lies on or under."""
+    from scipy import stats
+
     fpr, fnr = np.asarray(fpr, dtype=float), np.asarray(fnr, dtype=float)
     with np.errstate(invalid="ignore"):
         one = stats.norm.isf(fpr) - stats.norm.ppf(fnr)
@@ -230,6 +234,8 @@ def one_run_p_value(m: int, guesses: int, correct: int, epsilon: float, delta: f
 
         P[Binom(r, p) >= v] + 2 m delta max_{i = 1..v} P[v - i <= Binom(r, p) < v] / i,   p = e^eps / (1 + e^eps)
     """
+    from scipy import stats
+
     p = 1 / (1 + math.exp(-epsilon))
     tail = stats.binom.sf(correct - 1, guesses, p)
     if delta == 0 or correct == 0:
@@ -250,6 +256,8 @@ def one_run_epsilon(m: int, guesses: int, correct: int, delta: float, alpha: flo
             return math.inf
         high *= 2
     low = high / 2 if high > 1 else 0.0
+    from scipy import optimize
+
     return float(optimize.brentq(lambda eps: one_run_p_value(m, guesses, correct, eps, delta) - alpha,
                                  low, high, xtol=1e-6))
 

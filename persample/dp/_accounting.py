@@ -10,9 +10,6 @@ import math
 import warnings
 from typing import Literal
 
-from opacus.accountants import create_accountant
-from opacus.accountants.utils import get_noise_multiplier
-
 from persample.checks import check_delta, check_mechanism, check_noise_multiplier, check_sample_rate
 
 Mechanism = Literal["rdp", "prv"]
@@ -51,6 +48,10 @@ class PrivacyAccountant:
     def __init__(self, mechanism: Mechanism = "rdp"):
         check_mechanism(mechanism)
         self.mechanism = mechanism
+        # Imported here, not with persample: Opacus pulls in torch.distributed.tensor, most of a second of
+        # `import persample` on two CPU cores.
+        from opacus.accountants import create_accountant
+
         self._opacus = create_accountant(mechanism)
 
     def step(self, *, noise_multiplier: float, sample_rate: float, num_steps: int = 1) -> None:
@@ -175,6 +176,8 @@ def noise_multiplier_for(
         raise ValueError(f"steps must be an int >= 1, got {steps!r}")
     if epochs is not None and not epochs > 0:
         raise ValueError(f"epochs must be > 0, got {epochs!r}")
+    from opacus.accountants.utils import get_noise_multiplier
+
     with warnings.catch_warnings():
         # The search tries noise levels far below the answer, where RDP's best order is the largest one
         # tried; Opacus warns about each such try, which says nothing about the result.
