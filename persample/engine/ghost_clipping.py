@@ -47,7 +47,6 @@ first size equals ``B``; an integer input with a leading dimension of 1 (``arang
 ``position_ids``) is shared the same way. Every use of a parameter must happen inside a module that owns it.
 """
 
-import functools
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import replace
@@ -163,21 +162,50 @@ def _checkpointing_refused():
         raise ValueError(CHECKPOINTING) from e
 
 
-def _read_later(finite: Tensor) -> Callable[[], list[int]]:
-    """``read()`` giving the positions where the ``(B,)`` mask ``finite`` is False. On CUDA the mask is copied to
-    pinned host memory now, behind the work already queued, and ``read()`` waits for that copy alone."""
+class _MaskOnHost:
+    """The ``(B,)`` mask of finite examples on its way to the host (:func:`_read_later`): calling it gives the
+    positions where the mask is False, after waiting for its copy; :meth:`ready` gives them only if the copy has
+    already landed, without a wait (None otherwise)."""
+
+    __slots__ = ("host", "copied")
+
+    def __init__(self, host: Tensor, copied: torch.cuda.Event | None):
+        self.host, self.copied = host, copied
+
+    def __call__(self) -> list[int]:
+        if self.copied is not None:
+            self.copied.synchronize()
+        return _nonfinite_positions(self.host)
+
+    def ready(self) -> list[int] | None:
+        if self.copied is None:
+            return _nonfinite_positions(self.host)
+        capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()  # no query in a capture
+        if capturing or not self.copied.query():
+            return None
+        return _nonfinite_positions(self.host)
+
+
+def _read_later(finite: Tensor) -> _MaskOnHost:
+    """The positions where the ``(B,)`` mask ``finite`` is False, to read later. On CUDA the mask is copied to
+    pinned host memory now, behind the work already queued, and reading it waits for that copy alone."""
     if not finite.is_cuda:
-        return functools.partial(_nonfinite_positions, finite)
+        return _MaskOnHost(finite, None)
     host = torch.empty(finite.shape, dtype=torch.bool, pin_memory=True)
     host.copy_(finite, non_blocking=True)
     copied = torch.cuda.Event()
     copied.record()
+    return _MaskOnHost(host, copied)
 
-    def read() -> list[int]:
-        copied.synchronize()
-        return _nonfinite_positions(host)
 
-    return read
+def _all_finite_known(finite: Tensor, read: _MaskOnHost | None) -> bool:
+    """Whether every example is known to be finite without waiting for the GPU: on the CPU, or once the mask's copy
+    has reached the host. In a step bound by the host's launches the GPU keeps up with the host, and the copy has
+    usually landed by the time the zeroing of the non-finite examples' factors would be queued, which is then
+    skipped (two launches per stacked group and one per other form, each with its Python)."""
+    if not finite.is_cuda:
+        return bool(finite.all())
+    return read is not None and read.ready() == []
 
 
 def _nonfinite_positions(finite: Tensor) -> list[int]:
@@ -315,8 +343,13 @@ class GhostClipping:
         # The mask of finite examples starts its copy to the host as soon as the norms give it, before the
         # clipped sums are queued: the wait below is then for the norms only, and the GPU works on the sums
         # while the host goes on to queue the noise and the optimizer's update.
-        reads: list[Callable[[], list[int]]] = []
-        (result, _), finish, _ = self._step(args, targets, on_mask=lambda finite: reads.append(_read_later(finite)))
+        reads: list[_MaskOnHost] = []
+
+        def on_mask(finite: Tensor) -> _MaskOnHost:
+            reads.append(_read_later(finite))
+            return reads[-1]
+
+        (result, _), finish, _ = self._step(args, targets, on_mask=on_mask)
         finish()
         return self._report(result, reads[0]())
 
@@ -381,27 +414,28 @@ class GhostClipping:
         finish()
         return norms
 
-    def _norms_and_clipped_sums(self, step: Step, losses: Tensor, on_mask: Callable[[Tensor], None] | None = None
+    def _norms_and_clipped_sums(self, step: Step, losses: Tensor,
+                                on_mask: Callable[[Tensor], _MaskOnHost | None] | None = None
                                 ) -> tuple[Tensor, dict[nn.Parameter, Tensor], Tensor]:
         """``(norms, clipped sums, finite)``, ``finite`` the ``(B,)`` mask of the examples whose norm and loss are
         finite: the others get a factor of 0 and zeros for factors. ``on_mask(finite)`` runs before the sums are
-        queued (not under a CUDA graph's capture)."""
+        queued (not under a CUDA graph's capture); what it returns, the mask on its way to the host, lets the
+        zeroing be skipped once the mask is known to be all finite."""
         norms = self._norms(step)
         finite = torch.isfinite(norms) & torch.isfinite(losses).to(norms.device)
-        if on_mask is not None:
-            on_mask(finite)
+        read = on_mask(finite) if on_mask is not None else None
         factors = torch.where(finite, (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0), 0.0)
-        kept = self._drop_examples(step, finite)
-        return norms, self._clipped_sums(step, factors, kept), finite
+        kept = self._drop_examples(step, finite, read)
+        return norms, self._clipped_sums(step, factors, kept, read), finite
 
     @staticmethod
-    def _drop_examples(step: Step, finite: Tensor) -> Tensor | None:
+    def _drop_examples(step: Step, finite: Tensor, read: _MaskOnHost | None = None) -> Tensor | None:
         """Zeros the factors of the examples that are not ``finite``: the stacks and packed blocks, which the
         engine made, in place. Returns the mask for the other forms' factors (which can be the caller's input, or
         a layer's activation), which :meth:`_clipped_sums` zeroes one form at a time right before its sum, as new
-        tensors: all of them at once would be a second copy of every factor at the step's peak. On the CPU, where
-        knowing costs no wait, only when there are such examples (None otherwise)."""
-        if not finite.is_cuda and bool(finite.all()):
+        tensors: all of them at once would be a second copy of every factor at the step's peak. None, and nothing
+        zeroed, when every example is known to be finite without a wait (:func:`_all_finite_known`)."""
+        if _all_finite_known(finite, read):
             return None
         dropped = None
 
@@ -448,7 +482,8 @@ class GhostClipping:
                              if hasattr(x, name)})
 
     @staticmethod
-    def _clipped_sums(step: Step, factors: Tensor, kept: Tensor | None = None) -> dict[nn.Parameter, Tensor]:
+    def _clipped_sums(step: Step, factors: Tensor, kept: Tensor | None = None, read: _MaskOnHost | None = None
+                      ) -> dict[nn.Parameter, Tensor]:
         grads: dict[nn.Parameter, Tensor] = {}
         for flat, params in step.packed:
             summed = factors.to(flat.dtype) @ flat
@@ -456,6 +491,8 @@ class GhostClipping:
         step.packed.clear()
         while step.stacks:
             grads.update(stack_clipped_sums(step.stacks.pop(), factors))
+        if kept is not None and _all_finite_known(kept, read):  # the mask may have landed meanwhile
+            kept = None
         for p in list(step.forms):
             forms = step.forms.pop(p)
             total = clipped_sum(GhostClipping._kept(forms.pop(), kept), factors, p.dtype)
@@ -624,8 +661,8 @@ class Recording:
             finite = torch.isfinite(norms)
             read = _read_later(finite)  # its copy queued before the sums: a wait for the norms only
             factors = torch.where(finite, (engine.max_grad_norm / (norms + 1e-6)).clamp(max=1.0), 0.0)
-            kept = engine._drop_examples(step, finite)
-            grads = engine._clipped_sums(step, factors * torch.where(finite, inverse, 0.0), kept)
+            kept = engine._drop_examples(step, finite, read)
+            grads = engine._clipped_sums(step, factors * torch.where(finite, inverse, 0.0), kept, read)
         if report_later and engine.nonfinite == "zero":
             self.report = lambda stacklevel=1: handle_nonfinite(read(), step.batch_size, "zero", stacklevel + 1)
         else:

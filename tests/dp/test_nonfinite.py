@@ -1,6 +1,8 @@
 """A non-finite example never reaches the parameters: issue 17's first row end to end (per_sample_grads ->
 clip_per_sample -> DPOptimizer.accumulate -> step), and DPOptimizer.accumulate refusing a non-finite sum."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from torch import nn
@@ -141,3 +143,47 @@ def test_the_engine_queues_the_mask_copy_before_the_clipped_sums(monkeypatch):
     loss.backward()
     rec.clipped_grad_sum(1.0 / 6)
     assert order == ["mask", "sums"]
+
+
+class _FakeEvent:
+    """A CUDA event as the mask's copy records it: done or not, and the waits asked of it."""
+
+    def __init__(self, done: bool):
+        self.done, self.waits = done, 0
+
+    def query(self) -> bool:
+        return self.done
+
+    def synchronize(self) -> None:
+        self.waits += 1
+        self.done = True
+
+
+@pytest.mark.parametrize("landed", [False, True])
+def test_the_mask_on_its_way_to_the_host_is_read_without_a_wait_only_once_landed(landed):
+    """``ready()`` gives the non-finite positions only when the copy has landed, and never waits; calling it waits."""
+    from persample.engine.ghost_clipping import _MaskOnHost
+
+    event = _FakeEvent(landed)
+    mask = _MaskOnHost(torch.tensor([True, False, True, False]), event)
+    assert mask.ready() == ([1, 3] if landed else None)
+    assert event.waits == 0
+    assert mask() == [1, 3] and event.waits == 1
+    assert mask.ready() == [1, 3]
+    assert _MaskOnHost(torch.tensor([True, True]), _FakeEvent(True)).ready() == []
+
+
+def test_zeroing_is_skipped_only_when_every_example_is_known_finite():
+    """The CPU knows the mask at once; elsewhere the skip needs the landed copy to say all finite."""
+    from persample.engine.ghost_clipping import _all_finite_known, _MaskOnHost
+
+    assert _all_finite_known(torch.tensor([True, True]), None)
+    assert not _all_finite_known(torch.tensor([True, False]), None)
+    # Off the CPU only the copy on the host is read (a stand-in with is_cuda for the mask on the GPU).
+    on_gpu = SimpleNamespace(is_cuda=True)
+    all_finite = torch.tensor([True, True])
+    assert not _all_finite_known(on_gpu, _MaskOnHost(all_finite, _FakeEvent(False)))
+    assert _all_finite_known(on_gpu, _MaskOnHost(all_finite, _FakeEvent(True)))
+    assert not _all_finite_known(on_gpu, _MaskOnHost(torch.tensor([True, False]), _FakeEvent(True)))
+    assert not _all_finite_known(on_gpu, None)
+
