@@ -124,3 +124,17 @@ def test_kernels_import_torch_and_triton_only(path):
         else:
             continue
         assert roots <= allowed, f"{path.name} line {node.lineno} imports {roots - allowed}"
+
+
+def test_import_persample_leaves_the_heavy_packages_to_their_first_use():
+    """``import persample`` loads neither SciPy's statistics (the audit's bounds), Opacus (the accountant), nor
+    torch's DTensor and FSDP packages (sharded parameters): together most of what it took beyond torch itself."""
+    import subprocess
+    import sys
+
+    heavy = ["scipy.stats", "opacus", "torch.distributed.tensor", "torch.distributed.fsdp"]
+    code = f"import sys, persample; print([m for m in {heavy!r} if m in sys.modules])"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120,
+                          check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]", done.stdout

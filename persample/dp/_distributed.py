@@ -40,8 +40,8 @@ from collections.abc import Iterable, Mapping
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch.distributed.tensor import DTensor, Shard
 
+from persample.backend import is_dtensor
 from persample.dp._accounting import Mechanism, PrivacyAccountant
 from persample.dp._noise import gaussian_noise
 from persample.dp._optimizer import DPOptimizer, buckets
@@ -124,7 +124,11 @@ class DistributedDPOptimizer(DPOptimizer):
         # Where this rank's collectives of small values live (NCCL takes CUDA tensors only).
         self._device = _local(next(iter(self.params.values()))).device
         for name, p in self.params.items():
-            if isinstance(p, DTensor) and (p.device_mesh.ndim != 1 or tuple(p.placements) != (Shard(0),)):
+            if not is_dtensor(p):
+                continue
+            from torch.distributed.tensor import Shard  # imported by now: p is a DTensor
+
+            if p.device_mesh.ndim != 1 or tuple(p.placements) != (Shard(0),):
                 raise ValueError(f"parameter {name!r} is a DTensor placed {tuple(p.placements)} on a "
                                  f"{p.device_mesh.ndim}-D mesh: only dim-0 sharding over a 1-D mesh (fully_shard's) "
                                  "is supported")
@@ -151,7 +155,7 @@ class DistributedDPOptimizer(DPOptimizer):
 
     def _check_agreement(self) -> None:
         """One ``all_gather_object`` of this rank's settings; every rank raises the same error on a mismatch."""
-        replicated = [p for p in self.params.values() if not isinstance(p, DTensor)]
+        replicated = [p for p in self.params.values() if not is_dtensor(p)]
         sharded = len(replicated) < len(self.params)
         mine = {
             "noise_multiplier": self.noise_multiplier,
@@ -190,15 +194,16 @@ class DistributedDPOptimizer(DPOptimizer):
         summed = self._summed or {name: torch.zeros(p.shape, dtype=p.dtype, device=_local(p).device)
                                   for name, p in self.params.items()}
         std = self.noise_multiplier * self.max_grad_norm
-        replicated = {name: summed[name] for name, p in self.params.items() if not isinstance(p, DTensor)}
-        sharded = {name: summed[name] for name, p in self.params.items() if isinstance(p, DTensor)}
+        replicated = {name: summed[name] for name, p in self.params.items() if not is_dtensor(p)}
+        sharded = {name: summed[name] for name, p in self.params.items() if is_dtensor(p)}
         grads = self._all_reduce(replicated, std) if replicated else {}
         if sharded:
             grads.update(self._reduce_scatter(sharded, std))
+            from torch.distributed.tensor import DTensor  # imported by now: some parameters are DTensors
         for name, p in self.params.items():
             grad = (grads[name] / self.expected_batch_size).to(p.dtype)
             p.grad = DTensor.from_local(grad, p.device_mesh, p.placements, run_check=False, shape=p.shape,
-                                        stride=p.stride()) if isinstance(p, DTensor) else grad
+                                        stride=p.stride()) if is_dtensor(p) else grad
         self.optimizer.step()
         self.accountant.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate)
         self._clear()
@@ -258,4 +263,4 @@ class DistributedDPOptimizer(DPOptimizer):
 
 
 def _local(p: Tensor) -> Tensor:
-    return p.to_local() if isinstance(p, DTensor) else p
+    return p.to_local() if is_dtensor(p) else p

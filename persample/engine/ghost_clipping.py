@@ -54,12 +54,11 @@ from typing import Literal, NamedTuple
 
 import torch
 from torch import Tensor, nn
-from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils._pytree import tree_leaves
 from torch.utils.checkpoint import CheckpointError
 
-from persample.backend import use_triton
+from persample.backend import is_dtensor, use_triton
 from persample.checks import check_nonfinite, handle_nonfinite, refuse_batch_norm
 from persample.engine import fused_head, rules  # noqa: F401  (rules: registers the rules)
 from persample.engine.forms import Dense, Form, batched_dot, clipped_sum, inner
@@ -507,7 +506,7 @@ class GhostClipping:
         if self._plan is None or not self._plan.is_current():
             self._plan = make_plan(self.model, args, kwargs)
             for hooked in self._plan.modules.values():
-                if hooked.rule is None and any(isinstance(p, DTensor) for p in hooked.used.values()):
+                if hooked.rule is None and any(is_dtensor(p) for p in hooked.used.values()):
                     raise ValueError(
                         f"{type(hooked.module).__name__} has sharded parameters (fully_shard) and no rule of the "
                         "engine: its torch.func fallback needs the gathered weights after the backward. Use modules "

@@ -33,12 +33,12 @@ Adding a layer type, step by step:
    docstring and in the README.
 """
 
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
-from torch.distributed.fsdp import FSDPModule
 
 from persample.engine.forms import Form
 
@@ -105,6 +105,9 @@ def rule_for(module: nn.Module, used: set[str]) -> Rule | None:
     """The registered rule for ``module`` if it covers every parameter name in ``used``, else None.
     ``fully_shard`` (FSDP2) gives a module the class ``FSDP<Type>(FSDPModule, Type)``, whose forward is
     ``Type``'s: the rule of ``Type``."""
-    cls = next(c for c in type(module).__mro__ if not issubclass(c, FSDPModule))
+    # FSDP2's module exists only once torch.distributed.fsdp is imported, which persample itself does not do (it is
+    # most of a second of `import persample` on two CPU cores).
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    cls = type(module) if fsdp is None else next(c for c in type(module).__mro__ if not issubclass(c, fsdp.FSDPModule))
     rule = RULES.get(cls) or RULES.get(f"{cls.__module__}.{cls.__qualname__}")
     return rule if rule is not None and used <= rule.params else None

@@ -21,10 +21,10 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.distributed.tensor import DTensor
 from torch.func import functional_call, grad, vmap
 from torch.nn.parallel import DistributedDataParallel
 
+from persample.backend import is_dtensor
 from persample.checks import refuse_batch_norm
 from persample.loss import cross_entropy
 from persample.per_sample._clipping import per_sample_norms
@@ -92,7 +92,7 @@ def per_sample_grads(
     model = model.module if isinstance(model, DistributedDataParallel) else model
     refuse_batch_norm(model.named_modules())
     params = {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
-    sharded = [name for name, p in params.items() if isinstance(p, DTensor)]
+    sharded = [name for name, p in params.items() if is_dtensor(p)]
     if sharded:
         # FSDP2's forward hooks gather and free the weights around each call, as collectives: under vmap the
         # per-example forwards would mix the sharded and gathered weights and run a number of collectives that
