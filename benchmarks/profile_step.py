@@ -5,6 +5,7 @@ PyTorch profiler, on one of the models ``dp_step.py`` times.
     python benchmarks/profile_step.py --model 0 --precision fp32
     python benchmarks/profile_step.py --quick                # tiny model, CPU, a check of the script
     python benchmarks/profile_step.py --model 3 --cprofile 30  # also the host's 30 costliest Python functions
+    python benchmarks/profile_step.py --cprofile 40 --cprofile-sort cumulative  # ... by time including callees
 
 For each step it prints the wall time per step, the GPU (or CPU) time summed over kernels, the number of
 kernel launches, and the kernels that take the most time. A step whose wall time is well above its kernel
@@ -13,7 +14,9 @@ table is saved (``results.py``: the profile_step section of ``RESULTS.md``, appe
 
 ``--cprofile N`` also runs each step under Python's own profiler (``cProfile``) and prints its ``N`` costliest
 functions by their own time: on a GPU, where the engine's eager steps are bound by the host, that is where the
-host's time goes (printed only, not saved; cProfile's own cost inflates the times, the ranking stands).
+host's time goes (printed only, not saved; cProfile's own cost inflates the times, the ranking stands). With
+``--cprofile-sort cumulative`` they are ranked by their time including what they call: the step's phases (the
+forward with the engine's hooks, the backward with its rules, the norms, the clipped sums, the optimizer).
 
 ``--by-source`` also charges each step's device time to the persample source line that caused it, and saves
 those tables too. On a GPU every kernel is found from its launch (the CUDA runtime call carrying the kernel's
@@ -163,9 +166,9 @@ def report(name: str, step, x, y, device, iters: int, top: int, by_source: bool 
     return wall, kernel_ms, launches, spent
 
 
-def host_profile(name: str, step, x, y, device, iters: int, top: int) -> None:
-    """Prints the ``top`` Python functions of ``iters`` steps of ``step`` (warmed up by :func:`report`) by their
-    own time under cProfile."""
+def host_profile(name: str, step, x, y, device, iters: int, top: int, sort: str = "tottime") -> None:
+    """Prints the ``top`` Python functions of ``iters`` steps of ``step`` (warmed up by :func:`report`) under
+    cProfile, by their own time (``sort="tottime"``) or including their callees' (``"cumulative"``)."""
     if device.type == "cuda":
         torch.cuda.synchronize()
     profiler = cProfile.Profile()
@@ -175,8 +178,9 @@ def host_profile(name: str, step, x, y, device, iters: int, top: int) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
     profiler.disable()
-    print(f"\n## {name}: Python functions by own time over {iters} steps (cProfile)")
-    pstats.Stats(profiler).sort_stats("tottime").print_stats(top)
+    by = "own time" if sort == "tottime" else "time including callees"
+    print(f"\n## {name}: Python functions by {by} over {iters} steps (cProfile)")
+    pstats.Stats(profiler).sort_stats(sort).print_stats(top)
 
 
 def main() -> None:
@@ -189,6 +193,8 @@ def main() -> None:
                         help="also charge each step's device time to the persample source lines that launched it")
     parser.add_argument("--cprofile", type=int, default=0, metavar="N",
                         help="also print each step's N costliest Python functions (cProfile, by own time)")
+    parser.add_argument("--cprofile-sort", choices=("tottime", "cumulative"), default="tottime",
+                        help="rank --cprofile's functions by own time or by time including callees")
     parser.add_argument("--quick", action="store_true")
     add_save_flag(parser)
     args = parser.parse_args()
@@ -206,7 +212,7 @@ def main() -> None:
         if spent is not None:
             sources += by_source_table(name, spent, args.top)
         if args.cprofile:
-            host_profile(name, step, x, y, device, args.iters, args.cprofile)
+            host_profile(name, step, x, y, device, args.iters, args.cprofile, args.cprofile_sort)
     publish("profile_step", "\n".join([*lines, "", *sources]).rstrip(), args)
 
 
