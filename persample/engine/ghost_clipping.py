@@ -177,11 +177,10 @@ class _MaskOnHost:
         return _nonfinite_positions(self.host)
 
     def ready(self) -> list[int] | None:
-        if self.copied is None:
-            return _nonfinite_positions(self.host)
-        capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()  # no query in a capture
-        if capturing or not self.copied.query():
-            return None
+        if self.copied is not None:
+            capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()  # no query then
+            if capturing or not self.copied.query():
+                return None
         return _nonfinite_positions(self.host)
 
 
