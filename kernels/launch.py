@@ -75,6 +75,15 @@ def acc_dtype(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
+_TRITON_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32,
+                  torch.float64: tl.float64}
+
+
+def triton_dtype(dtype: torch.dtype):
+    """The Triton dtype of floating ``dtype``, for a kernel that casts an address it loads to a pointer of it."""
+    return _TRITON_DTYPES[dtype]
+
+
 def aligned(*tensors: torch.Tensor | None) -> bool:
     """Whether every tensor given (None skipped) starts on a 16-byte boundary, the alignment Triton specializes
     a pointer on. Plans (see :class:`Launcher`) serve such inputs only: their keys then need no alignment,

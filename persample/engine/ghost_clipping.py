@@ -553,7 +553,9 @@ class GhostClipping:
 
     @staticmethod
     def _after_backward(step: Step, on_cuda: bool) -> None:
-        """The fallbacks' per-example gradients, then the forms stacked and packed."""
+        """The held calls of batched rules and the fallbacks' per-example gradients, then the forms stacked and
+        packed."""
+        step.release_held()
         for call, grads, constant in step.fallbacks:
             if any(g is not None for g in grads):
                 step.add(call, fallback.per_example_grads(call, grads, step.is_batched, constant))

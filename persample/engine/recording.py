@@ -7,8 +7,10 @@
   hook (and, under autocast, one pre-hook) that looks each called module up in the plan.
 * :func:`record_rule` / :func:`record_fallback` — what a hooked call keeps: its inputs, and a pre-hook on the
   autograd node that receives its output's gradient. When the gradient arrives in the backward, a rule turns
-  inputs and gradient into factored per-example gradients at once (:meth:`Step.add`); a fallback call keeps the
-  gradient for the engine to replay after the backward.
+  inputs and gradient into factored per-example gradients at once (:meth:`Step.add`), or, if it has a batched
+  form (a norm layer's, one launch for all its calls), the call is held with its gradient and computed with the
+  others of its rule at the end of the backward (:meth:`Step.release_held`); a fallback call keeps the gradient
+  for the engine to replay after the backward.
 * :class:`Step` — what one step's hooks collect, and which inputs count as batched (the assumptions in
   :mod:`persample.engine.ghost_clipping`'s docstring).
 """
@@ -22,12 +24,17 @@ from torch import Tensor, nn
 from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
 from torch.utils._pytree import tree_flatten, tree_leaves, tree_map_only, tree_unflatten
 
+from persample.backend import use_triton
 from persample.engine.forms import Dense, Form, as_dense
 from persample.engine.registry import Call, Rule, rule_for
 from persample.engine.stacks import OuterStack
 from persample.engine.uses import parameter_uses
 
 PACK_ELEMENTS = 1 << 20
+# The most memory the held calls of batched rules may keep beyond what autograd would have freed (their inputs and
+# output gradients): past it they are computed at once, so that a model of many large norm layers pays a few
+# launches more instead of holding a copy of its activations.
+HELD_BYTES = 1 << 28
 
 
 @dataclass
@@ -87,6 +94,9 @@ class Step:
     stacks: list[OuterStack] = field(default_factory=list)
     anchors: dict[torch.device, Tensor] = field(default_factory=dict)
     head: object = None  # the fused head's HeadStep (persample.engine.fused_head), when the engine has a head
+    held: dict[Callable, list[tuple[Call, Tensor]]] = field(default_factory=dict)  # by Rule.batched
+    held_bytes: int = 0
+    capturing: bool | None = None  # whether a CUDA graph capture records this step, once asked
 
     def is_batched(self, x: Tensor) -> bool:
         if x.ndim == 0 or x.shape[0] != self.batch_size:
@@ -117,6 +127,34 @@ class Step:
     def add(self, call: Call, forms: dict[str, Form]) -> None:
         for name, form in forms.items():
             self.forms.setdefault(call.params[name], []).append(form)
+
+    def may_hold(self, grad: Tensor) -> bool:
+        """Whether a call of a batched rule may wait for the end of the backward: on the Triton path, where the
+        batched rule saves launches, and not under a CUDA graph capture (which would keep the held memory in its
+        pool for good, and where launches cost nothing at replay)."""
+        if not use_triton(grad):
+            return False
+        if self.capturing is None:
+            self.capturing = grad.is_cuda and torch.cuda.is_current_stream_capturing()
+        return not self.capturing
+
+    def hold(self, batched: Callable, call: Call, grad: Tensor) -> None:
+        """Keeps ``call`` and its output gradient for ``batched`` (its rule's); past :data:`HELD_BYTES` every held
+        call is computed now."""
+        self.held.setdefault(batched, []).append((call, grad))
+        x = call.args[0]
+        self.held_bytes += x.numel() * x.element_size() + grad.numel() * grad.element_size()
+        if self.held_bytes > HELD_BYTES:
+            self.release_held()
+
+    def release_held(self) -> None:
+        """Computes the held calls, each batched rule's in one go, and adds their forms."""
+        while self.held:
+            batched, calls = self.held.popitem()
+            for (call, _), forms in zip(calls, batched(calls), strict=True):
+                self.add(call, forms)
+                call.args = call.kwargs = None
+        self.held_bytes = 0
 
     def pack_dense(self) -> None:
         """Concatenates the parameters whose one form is Dense (after :func:`as_dense`: biases not stacked
@@ -222,6 +260,9 @@ class RuleHook:
         if call.args[0]._version != self.version:  # a view shares its base's version counter
             raise ValueError(f"the input of {type(call.module).__name__} was modified in place after the call; the "
                              "engine needs it unchanged to form per-example gradients")
+        if self.rule.batched is not None and self.step.may_hold(grad):
+            self.step.hold(self.rule.batched, call, grad)  # its inputs are released when it is computed
+            return
         self.step.add(call, self.rule.compute(call, grad, self.step.strategy))
         # The hook lives as long as the autograd graph does: in a make_private loop the user's loss keeps that graph
         # through the clipping, and what the hook still held (the input, through call.args, not a field of its

@@ -76,26 +76,33 @@ class Rule:
     dtype (``True``) or, under CUDA autocast, to float32 (``"float32"``). ``saved(output)``, if given, runs when
     the call is recorded and returns what the rule may reuse from the output's autograd node (its saved tensors,
     e.g. a normalization's statistics) as ``call.kwargs``; ``{}`` when there is nothing to take.
+
+    ``batched(calls)``, if given, does what ``compute`` does for a list of ``(call, grad_output)`` at once, in
+    fewer launches, and returns their forms in order: the engine may then hold the calls it would compute one by
+    one until the end of the backward (or until they hold too much memory) and hand them over together.
     """
 
     compute: RuleFn
     params: frozenset[str]
     cast_input: bool | str
     saved: Callable[[Tensor], dict] | None = None
+    batched: Callable[[list[tuple[Call, Tensor]]], list[dict[str, Form]]] | None = None
 
 
 RULES: dict[type[nn.Module] | str, Rule] = {}
 
 
 def register_rule(*module_types: type[nn.Module] | str, params: tuple[str, ...], cast_input: bool | str = False,
-                  saved: Callable[[Tensor], dict] | None = None):
-    """Registers the decorated ``compute`` for exactly these module types (not their subclasses, which may
-    override ``forward``; those go to the fallback). A type of an optional dependency is named by its import
-    path (``"transformers.pytorch_utils.Conv1D"``), so that registering it imports nothing."""
+                  saved: Callable[[Tensor], dict] | None = None,
+                  batched: Callable[[list[tuple[Call, Tensor]]], list[dict[str, Form]]] | None = None):
+    """Registers the decorated ``compute`` (and ``batched``, see :class:`Rule`) for exactly these module types (not
+    their subclasses, which may override ``forward``; those go to the fallback). A type of an optional dependency
+    is named by its import path (``"transformers.pytorch_utils.Conv1D"``), so that registering it imports
+    nothing."""
 
     def decorate(compute: RuleFn) -> RuleFn:
         for module_type in module_types:
-            RULES[module_type] = Rule(compute, frozenset(params), cast_input, saved)
+            RULES[module_type] = Rule(compute, frozenset(params), cast_input, saved, batched)
         return compute
 
     return decorate

@@ -64,3 +64,30 @@ def test_empty():
     out = kernels.norm_affine_grads(torch.randn(2, 0, 4, device=DEVICE), torch.randn(2, 0, 4, device=DEVICE),
                                     1e-5, True)
     assert out.shape == (2, 2, 4) and not out.any()
+
+
+@pytest.mark.parametrize("center", [True, False], ids=["layernorm", "rmsnorm"])
+@pytest.mark.parametrize("dtypes", [(torch.float32, torch.float32), (torch.float32, torch.bfloat16),
+                                    (torch.float16, torch.float16), (torch.float64, torch.float64)],
+                         ids=["fp32", "fp32-bf16", "fp16", "fp64"])
+@pytest.mark.parametrize("B, P, D, N, runs", [(1, 1, 1, 1, None), (3, 5, 7, 4, None), (2, 9, 33, 3, 4),
+                                              (2, 4, 130, 2, 3)])
+def test_grouped_matches_float64(B, P, D, N, runs, dtypes, center):
+    """N layers in one launch, each with its own inputs (separate allocations, strided views of a wider tensor):
+    each layer's sums equal its own float64 reference."""
+    gen = torch.Generator().manual_seed(B * 1000 + P * 10 + D + N)
+    xs = [(torch.randn(B, P, D + 3, generator=gen) * 3 + i)[..., 1:D + 1].to(dtypes[0]).to(DEVICE) for i in range(N)]
+    gs = [torch.randn(B, P, D, generator=gen).to(dtypes[1]).to(DEVICE) for _ in range(N)]
+    out = kernels.norm_affine_grads_grouped(xs, gs, 1e-5, center, runs=runs)
+    acc = torch.float64 if dtypes[0] == torch.float64 else torch.float32
+    assert out.shape == (N, 2, B, D) and out.dtype == acc
+    tol = 1e-12 if acc == torch.float64 else 2e-5
+    for layer, x, g in zip(out, xs, gs, strict=True):
+        expected = _expected(x, g, 1e-5, center).cpu()
+        torch.testing.assert_close(layer.double().cpu(), expected, rtol=tol, atol=tol * float(expected.abs().max()))
+
+
+def test_grouped_empty():
+    xs = [torch.randn(2, 0, 4, device=DEVICE)] * 3
+    out = kernels.norm_affine_grads_grouped(xs, xs, 1e-5, True)
+    assert out.shape == (3, 2, 2, 4) and not out.any()
