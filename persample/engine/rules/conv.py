@@ -71,6 +71,7 @@ NORMS: str | None = None  # "gram", "shifted" or "grads" forces one way of an Im
 _FASTEST: dict[tuple, str] = {}  # the measured choice per layer configuration, shapes, dtypes and device
 _FASTEST_NORMS: dict[tuple, str] = {}  # the same for an Implicit weight's squared norms
 _PRUNE = 4  # ways of the norms costing more than this many times the fewest multiply-adds are not timed
+TAPS_IN_ONE_VIEW: bool | None = None  # forces how the shifted Gram sums its taps' windows (tests); None: by device
 
 
 def _explicit_padding(module: _Conv) -> list[int]:
@@ -257,6 +258,26 @@ def _norm_costs(module: _Conv, spatial: torch.Size, L_dims: torch.Size) -> dict[
     return costs
 
 
+def _diagonal_windows_sum(gx: Tensor, frame: int, kernel_size: tuple[int, ...], steps: list[int], one_view: bool
+                          ) -> Tensor:
+    """``sum_t gx[:, s_t : s_t + frame, s_t : s_t + frame]`` for contiguous ``gx (N, S, S)``, over the taps ``t`` of
+    ``kernel_size``, tap ``(t_0, ..., t_k)`` at ``s_t = sum_i t_i steps[i]`` down the diagonal. ``one_view``: one
+    reduction over a strided view of every tap's window (overlapping reads, one launch: on a GPU, where launches
+    cost); else one tap at a time (on two CPU cores the strided reduction took 2.5x longer)."""
+    side = gx.shape[1]
+    if one_view:
+        diagonal = side + 1  # one step down the diagonal, in elements
+        windows = gx.as_strided((gx.shape[0], *kernel_size, frame, frame),
+                                (side * side, *[step * diagonal for step in steps], side, 1), gx.storage_offset())
+        return windows.sum(tuple(range(1, 1 + len(kernel_size))))
+    total = None
+    for tap in itertools.product(*map(range, kernel_size)):
+        s = sum(t * step for t, step in zip(tap, steps, strict=True))
+        window = gx[:, s:s + frame, s:s + frame]
+        total = window.clone() if total is None else total.add_(window)
+    return total
+
+
 def _shifted(module: _Conv, x: Tensor, grad_output: Tensor) -> Tensor:
     """``(B, *weight.shape)`` each example's weight gradient in float32 (float64) of a convolution with stride 1,
     from one batched product per kernel tap, whose operands are views: no patches are copied out.
@@ -421,19 +442,19 @@ class ConvGrad:
         positions laid out as wide as the padded input, the extra ones with a zero output gradient), tap ``t``'s
         inputs are the padded input's positions shifted by the tap's offset ``s_t``, so
         ``A_b A_b^T = sum_t X_b^T X_b [s_t : s_t + F, s_t : s_t + F]``: one Gram matrix of the padded input
-        (``P x P`` over its ``C_in / groups`` channels) and the sum of its taps' diagonal windows (views, added one
-        tap at a time: on two CPU cores a reduction over a strided view of all taps at once took 2.5x longer)."""
+        (``P x P`` over its ``C_in / groups`` channels) and the sum of its taps' diagonal windows
+        (:func:`_diagonal_windows_sum`)."""
         module = self.module
         B, g = x.shape[0], module.groups
-        flat, G, frame, offsets = _framed(module, x, G)
+        P, _ = _frame(module, x.shape[2:])
+        flat, G, frame, _ = _framed(module, x, G)
         X = flat.reshape(B * g, module.in_channels // g, -1)
         acc = acc_dtype(G)
         gx = bmm_acc(X.transpose(1, 2), X, acc)  # (B g, P_all, P_all)
-        # Tap t's window starts at its offset s_t down the diagonal.
-        aa = None
-        for s in offsets:
-            window = gx[:, s:s + frame, s:s + frame]
-            aa = window.clone() if aa is None else aa.add_(window)
+        # A step of tap along spatial dimension i moves the window d_i * (P_{i+1} ... P_k) down the diagonal.
+        steps = [d * math.prod(P[i + 1:]) for i, d in enumerate(module.dilation)]
+        one_view = TAPS_IN_ONE_VIEW if TAPS_IN_ONE_VIEW is not None else x.is_cuda
+        aa = _diagonal_windows_sum(gx, frame, module.kernel_size, steps, one_view)
         gg = bmm_acc(G.transpose(1, 2), G, acc)
         return batched_dot(aa, gg).view(B, g).sum(1)
 

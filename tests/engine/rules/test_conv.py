@@ -249,11 +249,14 @@ def test_implicit_norms_in_chunks(cls, norms, monkeypatch):
         _check(cls, _options("same-dilated", cls), "ghost", batch=5)
 
 
+@pytest.mark.parametrize("one_view", [True, False], ids=["taps-in-one-view", "tap-by-tap"])
 @pytest.mark.parametrize("conv", list(CONVS))
 @pytest.mark.parametrize("cls", list(SPATIAL), ids=lambda c: c.__name__)
-def test_shifted_gram_equals_the_patches_gram(cls, conv):
+def test_shifted_gram_equals_the_patches_gram(cls, conv, one_view, monkeypatch):
     """The shifted Gram's squared norms equal the patches' on every configuration with stride 1, per example
-    and in float64 to rounding, and the norms' way is only ever "shifted" with stride 1."""
+    and in float64 to rounding, with the taps' windows summed in one strided view (on a GPU) or one at a time;
+    and the norms' way is only ever "shifted" with stride 1."""
+    monkeypatch.setattr(conv_rule, "TAPS_IN_ONE_VIEW", one_view)
     options = _options(conv, cls)
     module = cls(**options).double()
     x = torch.randn(3, options["in_channels"], *SPATIAL[cls], dtype=torch.float64)
