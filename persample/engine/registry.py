@@ -22,7 +22,8 @@ Adding a layer type, step by step:
    when the module's op runs in the autocast dtype, ``cast_input="float32"`` when it is on CUDA autocast's
    float32 list, so that the kept input is the one it used.
    A type from an optional dependency is named by its import path (a string), so that registering it imports
-   nothing.
+   nothing. A rule whose work per call is one small kernel can also pass ``batched=``, the same for a list of
+   calls in fewer launches (:class:`Rule`; the norm layers' in ``layernorm.py``).
 2. **Registration**: import the new module in ``persample/engine/rules/__init__.py`` and add it to
    ``__all__``; importing that package (the engine does) registers every rule.
 3. **The test**: ``tests/engine/rules/test_<layer>.py``, mirroring the file: ``rule_for(module, params)`` is
