@@ -77,3 +77,23 @@ def test_non_contiguous_inputs_and_empty():
     out = kernels.group_norm_affine_grads(empty, empty, torch.zeros(0, 2, device=DEVICE),
                                           torch.zeros(0, 2, device=DEVICE))
     assert out.shape == (2, 0, 4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("B, C, S, groups, N, pieces", [(1, 2, 3, 1, 1, None), (3, 6, 7, 2, 3, None),
+                                                        (2, 4, 1030, 2, 2, None), (2, 6, 3000, 3, 3, 3)])
+def test_grouped_matches_float64(B, C, S, groups, N, pieces, dtype):
+    """N layers in one launch, each with its own inputs and statistics, finished in the kernel (one piece per row)
+    or after it (rows in pieces): each layer's gradients equal its own float64 reference."""
+    gen = torch.Generator().manual_seed(B * 1000 + C * 10 + S + N)
+    xs = [(torch.randn(B, C, S, generator=gen) * 3 + i).to(dtype) for i in range(N)]
+    gs = [torch.randn(B, C, S, generator=gen).to(dtype) for _ in range(N)]
+    stats = [_stats(x, groups) for x in xs]
+    out = kernels.group_norm_affine_grads_grouped([x.to(DEVICE) for x in xs], [g.to(DEVICE) for g in gs],
+                                                  [m.to(DEVICE) for m, _ in stats], [r.to(DEVICE) for _, r in stats],
+                                                  pieces=pieces)
+    assert out.shape == (N, 2, B, C) and out.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    tol = 1e-10 if dtype == torch.float64 else 2e-5
+    for layer, x, g in zip(out, xs, gs, strict=True):
+        expected = _expected(x, g, groups)
+        torch.testing.assert_close(layer.double().cpu(), expected, rtol=tol, atol=tol * float(expected.abs().max()))

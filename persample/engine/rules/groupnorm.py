@@ -9,8 +9,9 @@ forward computed, taken from the call's autograd node (which saves them for its 
 in that dtype; else (an input that PyTorch's kernel normalized in bfloat16 on the CPU, an output whose node is
 not GroupNorm's) they are recomputed, by one ``var_mean`` reduction on a GPU and by PyTorch's GroupNorm forward
 kernel on the CPU. On the Triton path (CUDA, or ``TRITON_INTERPRET=1``) one kernel forms both sums and the scale's
-gradient (:mod:`persample.kernels.group_norm_affine_grads`); elsewhere PyTorch ops, ``sum_s G x`` by
-:func:`~persample.engine.forms.batched_dot` over channels.
+gradient (:mod:`persample.kernels.group_norm_affine_grads`), and the engine holds the calls to the end of the
+backward so that :func:`batched` runs one launch for all calls of one shape; elsewhere PyTorch ops, ``sum_s G x``
+by :func:`~persample.engine.forms.batched_dot` over channels.
 """
 
 import torch
@@ -56,19 +57,10 @@ def _forward_stats(saved: dict, B: int, groups: int, acc: torch.dtype) -> tuple[
     return mean, rstd
 
 
-# Under CUDA autocast GroupNorm runs in float32: the input is cast before the call, so that the copy kept is the
-# one the op saves anyway, and the rule casts nothing in the backward.
-@register_rule(nn.GroupNorm, params=("weight", "bias"), cast_input="float32", saved=_saved_stats)
-def group_norm(call: Call, grad_output: Tensor, strategy: str) -> dict[str, Form]:
+def _statistics(call: Call, x: Tensor, acc: torch.dtype) -> tuple[Tensor, Tensor]:
+    """The forward's ``(mean, rstd)`` ``(B, groups)`` of ``x (B, C, S)`` (the call's input), taken or recomputed."""
     module = call.module
-    x = call.args[0]
     B, C, groups = x.shape[0], x.shape[1], module.num_groups
-    acc = acc_dtype(x, grad_output)
-    x, G = x.reshape(B, C, -1), grad_output.reshape(B, C, -1)
-    forms: dict[str, Form] = {}
-    if "weight" not in call.params:
-        forms["bias"] = Dense(G.sum(2, dtype=acc))
-        return forms
     mean, rstd = _forward_stats(call.kwargs, B, groups, acc)
     if mean is None:
         # On a GPU one reduction that reads x (the forward kernel would also write its output); on the CPU
@@ -79,7 +71,54 @@ def group_norm(call: Call, grad_output: Tensor, strategy: str) -> dict[str, Form
         else:
             _, mean, rstd = torch.ops.aten.native_group_norm(x.to(acc).contiguous(), None, None, B, C, x.shape[2],
                                                              groups, module.eps)
-    mean, rstd = mean.view(B, groups), rstd.view(B, groups)
+    return mean.view(B, groups), rstd.view(B, groups)
+
+
+def _as_forms(call: Call, d_weight: Tensor, d_bias: Tensor) -> dict[str, Form]:
+    forms: dict[str, Form] = {"weight": Dense(d_weight)}
+    if "bias" in call.params:
+        forms["bias"] = Dense(d_bias)
+    return forms
+
+
+def batched(calls: list[tuple[Call, Tensor]]) -> list[dict[str, Form]]:
+    """The forms of ``calls`` (GroupNorm calls with their output gradients): the calls with a trainable scale whose
+    inputs, gradients and statistics have one shape and dtypes share one launch of
+    :func:`~persample.kernels.group_norm_affine_grads.group_norm_affine_grads_grouped` (a Wide-ResNet's norm layers
+    of one stage); a call with only its shift trainable takes the one-call path (a sum)."""
+    forms: list[dict[str, Form] | None] = [None] * len(calls)
+    groups: dict[tuple, list[int]] = {}
+    operands: list[tuple[Tensor, ...] | None] = []
+    for i, (call, grad_output) in enumerate(calls):
+        if "weight" not in call.params:
+            forms[i] = group_norm(call, grad_output, "auto")
+            operands.append(None)
+            continue
+        x = call.args[0]
+        B, C = x.shape[:2]
+        x, G = x.reshape(B, C, -1).contiguous(), grad_output.reshape(B, C, -1).contiguous()
+        mean, rstd = _statistics(call, x, acc_dtype(x, G))
+        operands.append((x, G, mean.contiguous(), rstd.contiguous()))
+        groups.setdefault((x.shape, x.dtype, G.dtype, mean.shape, mean.dtype, x.device), []).append(i)
+    for members in groups.values():
+        sums = _kernel.group_norm_affine_grads_grouped(*([operands[i][k] for i in members] for k in range(4)))
+        for i, layer in zip(members, sums, strict=True):
+            forms[i] = _as_forms(calls[i][0], layer[0], layer[1])
+    return forms
+
+
+# Under CUDA autocast GroupNorm runs in float32: the input is cast before the call, so that the copy kept is the
+# one the op saves anyway, and the rule casts nothing in the backward.
+@register_rule(nn.GroupNorm, params=("weight", "bias"), cast_input="float32", saved=_saved_stats, batched=batched)
+def group_norm(call: Call, grad_output: Tensor, strategy: str) -> dict[str, Form]:
+    module = call.module
+    x = call.args[0]
+    B, C, groups = x.shape[0], x.shape[1], module.num_groups
+    acc = acc_dtype(x, grad_output)
+    x, G = x.reshape(B, C, -1), grad_output.reshape(B, C, -1)
+    if "weight" not in call.params:
+        return {"bias": Dense(G.sum(2, dtype=acc))}
+    mean, rstd = _statistics(call, x, acc)
     if use_triton(x):
         # Both sums in one pass over x and G, finished with the statistics: one launch, not five.
         d_weight, d_bias = _kernel.group_norm_affine_grads(x, G, mean, rstd)
@@ -89,7 +128,4 @@ def group_norm(call: Call, grad_output: Tensor, strategy: str) -> dict[str, Form
         sum_gx = batched_dot(G.reshape(B * C, -1), x.reshape(B * C, -1)).view(B, groups, -1)
         # Each group's statistics broadcast over its channels: views, no copies per channel.
         d_weight = ((sum_gx - mean.unsqueeze(2) * d_bias.view(B, groups, -1)) * rstd.unsqueeze(2)).view(B, C)
-    forms["weight"] = Dense(d_weight)
-    if "bias" in call.params:
-        forms["bias"] = Dense(d_bias)
-    return forms
+    return _as_forms(call, d_weight, d_bias)

@@ -143,3 +143,41 @@ def test_no_statistics_taken_under_saved_tensor_hooks():
     with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: unpacked.append(t) or t):
         assert groupnorm._saved_stats(nn.GroupNorm(2, 4)(x)) == {}
     assert not unpacked
+
+
+class Stage(nn.Module):
+    """GroupNorms of two shapes, one with its scale frozen, and one called twice: three launches' worth of
+    groups and a call that takes the one-call path."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.down = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 6, 3, stride=2, padding=1)
+        self.norms = nn.ModuleList([nn.GroupNorm(2, 4), nn.GroupNorm(2, 4), nn.GroupNorm(1, 4), nn.GroupNorm(3, 6)])
+        self.norms[1].weight.requires_grad_(False)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = self.conv(x)
+        for norm in self.norms[:3]:
+            h = h + norm(h).tanh()
+        h = self.norms[0](h)
+        return self.head(self.norms[3](self.down(h)).mean((2, 3)))
+
+
+def test_held_group_norm_calls_are_batched(triton_device, monkeypatch):
+    """On the Triton path the GroupNorm calls wait for the end of the backward; those with a trainable scale and one
+    shape of inputs and statistics share a launch (norms[0] twice; GroupNorm(1, 4) has other statistics' shape;
+    the 6-channel one is apart); the frozen scale's call is a sum. The results equal the float64 reference."""
+    from persample.engine.rules import groupnorm
+
+    launches = []
+    grouped = groupnorm._kernel.group_norm_affine_grads_grouped
+    monkeypatch.setattr(groupnorm._kernel, "group_norm_affine_grads_grouped",
+                        lambda xs, *args, **kwargs: launches.append(len(xs)) or grouped(xs, *args, **kwargs))
+    model = Stage().double().to(triton_device)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_()
+    x = torch.randn(4, 3, 6, 6, dtype=torch.float64, device=triton_device)
+    assert_matches_reference(model, x, torch.randint(0, 3, (4,), device=triton_device))
+    assert sorted(launches) == [1, 1, 2]
