@@ -4,6 +4,7 @@ engine's step cost on a tiny model of the benchmark's structure, where the arith
     python benchmarks/host_overhead.py                 # GPT d=64 L=12 V=256 B=4 T=16, fp32 and bf16 autocast
     python benchmarks/host_overhead.py --cprofile 25   # also the engine's 25 costliest Python functions
     python benchmarks/host_overhead.py --quick         # a few steps, fp32: a check of the script
+    TRITON_INTERPRET=1 python benchmarks/host_overhead.py   # the GPU's code path: Triton kernels counted, no times
 
 On a GPU a step of small kernels is bound by the host: each op is one launch and a few microseconds of
 Python and dispatch. Here each CPU aten op that computes (a leaf of the op tree that is not a view or an
@@ -12,6 +13,11 @@ allocation) stands for one kernel launch. Two steps are compared: ``grad`` — f
 ``dp_step.py`` (the normal one with AdamW; the engine's with noise and AdamW). Times are medians of
 ``time.perf_counter`` over single-threaded steps. The steps are ``steps.py``'s. Prints a table and saves it
 (``results.py``: the host_overhead section of ``RESULTS.md``, appended to ``HISTORY.md``).
+
+With ``TRITON_INTERPRET=1`` the engine takes the code path it takes on a GPU (its Triton kernels, run by the
+interpreter): each Triton launch counts as one op (the interpreter's own copies around it do not), and the times,
+which would be the interpreter's, are left out (section host_overhead_triton). Where no GPU is lent, that count is
+how a change to the engine's launches is measured.
 """
 
 import argparse
@@ -25,9 +31,10 @@ import torch
 import torch.nn.functional as F
 from results import add_save_flag, header, publish
 from steps import Config, build_model, fast_step, make_batch, normal_step
-from torch.profiler import ProfilerActivity, profile
+from torch.profiler import ProfilerActivity, profile, record_function
 
 import persample
+from persample.kernels.launch import Launcher, interpreting
 
 TINY = Config("GPT d=64 L=12 V=256 B=4 T=16", "gpt", batch=4, seq=16, vocab=256, d=64, layers=12, heads=2)
 
@@ -63,11 +70,24 @@ def grad_steps(model, precision: str):
     return normal, fast
 
 
+def _record_triton_launches() -> None:
+    """Under the interpreter, every Triton launch becomes one profiler event ``triton::<kernel>``, around the
+    interpreter's work (which is not what a GPU would launch)."""
+    launch = Launcher.__call__
+
+    def recorded(self, grid, *args):
+        with record_function(f"triton::{getattr(getattr(self._kernel, 'fn', None), '__name__', 'kernel')}"):
+            return launch(self, grid, *args)
+
+    Launcher.__call__ = recorded
+
+
 def _kernels(event) -> int:
     """The launches an op stands for: a ``_foreach_`` op is one (a multi-tensor kernel on a GPU, a loop over
-    the tensors here), and so is a ``persample::`` op (a Triton kernel on a GPU, its PyTorch formulas here);
-    an op that calls no computing op is one, a composite is the sum of its parts."""
-    if event.name.startswith(("aten::_foreach_", "persample::")):
+    the tensors here), and so is a ``persample::`` op (a Triton kernel on a GPU, its PyTorch formulas here) and
+    a Triton launch in the interpreter; an op that calls no computing op is one, a composite is the sum of its
+    parts."""
+    if event.name.startswith(("aten::_foreach_", "persample::", "triton::")):
         return 1
     inner = sum(_kernels(c) for c in event.cpu_children)
     if inner == 0 and event.name.startswith("aten::") and event.name not in _NO_KERNEL:
@@ -107,6 +127,9 @@ def main() -> None:
     if args.quick:
         args.iters, args.precision = min(args.iters, 3), "fp32"
     torch.set_num_threads(1)
+    triton = interpreting()
+    if triton:
+        _record_triton_launches()
     x, y = make_batch(TINY, TINY.batch, torch.device("cpu"))
     precisions = ("fp32", "bf16") if args.precision == "both" else (args.precision,)
     rows = []
@@ -121,7 +144,7 @@ def main() -> None:
                 for _ in range(5):
                     step(x, y)
             ops = [count_ops(step, x, y, 5) for step in steps]
-            ms = time_ms(steps, x, y, args.iters)
+            ms = [float("nan")] * len(steps) if triton else time_ms(steps, x, y, args.iters)
             rows.append((precision, kind, *((*o, t) for o, t in zip(ops, ms, strict=True))))
             if args.cprofile and kind == "grad":
                 profiler = cProfile.Profile()
@@ -131,14 +154,17 @@ def main() -> None:
                 profiler.disable()
                 print(f"\n## engine {precision} grad, 20 steps")
                 pstats.Stats(profiler).sort_stats("tottime").print_stats(args.cprofile)
-    lines = [header("host_overhead", "cpu", f"{TINY.name}, 1 thread"), "",
+    section = "host_overhead_triton" if triton else "host_overhead"
+    path = ", the Triton path through the interpreter (no times)" if triton else ""
+    lines = [header(section, "cpu", f"{TINY.name}, 1 thread{path}"), "",
              "| precision | what | normal ops | engine ops | ratio | normal ms | engine ms | ratio "
              "| normal aten | engine aten |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for precision, kind, (n_ops, n_aten, n_ms), (e_ops, e_aten, e_ms) in rows:
-        lines.append(f"| {precision} | {kind} | {n_ops:.0f} | {e_ops:.0f} | {e_ops / n_ops:.2f}x | {n_ms:.2f} "
-                     f"| {e_ms:.2f} | {e_ms / n_ms:.2f}x | {n_aten:.0f} | {e_aten:.0f} |")
-    publish("host_overhead", "\n".join(lines), args)
+        times = "- | - | -" if triton else f"{n_ms:.2f} | {e_ms:.2f} | {e_ms / n_ms:.2f}x"
+        lines.append(f"| {precision} | {kind} | {n_ops:.0f} | {e_ops:.0f} | {e_ops / n_ops:.2f}x | {times} "
+                     f"| {n_aten:.0f} | {e_aten:.0f} |")
+    publish(section, "\n".join(lines), args)
 
 
 if __name__ == "__main__":
