@@ -91,24 +91,3 @@ def test_grouped_empty():
     xs = [torch.randn(2, 0, 4, device=DEVICE)] * 3
     out = kernels.norm_affine_grads_grouped(xs, xs, 1e-5, True)
     assert out.shape == (3, 2, 2, 4) and not out.any()
-
-
-def test_kernels_compile_for_a_gpu():
-    """Both kernels compile to an H100's machine code here (the grouped one casts the addresses it loads to
-    pointers), as a GPU would compile them: the interpreter runs them as Python and would not notice."""
-    from tests.kernels.gpu_compile import compile_for_gpu
-
-    rest = {"B": "i32", "P": "i32", "D": "i32", "rows_per_program": "i32", "eps": "fp32", "x_stride_b": "i32",
-            "x_stride_p": "i32", "g_stride_b": "i32", "g_stride_p": "i32"}
-    constexprs = {"CENTER": "True", "BLOCK_D": "1024", "ACC": "tl.float32"}
-    single = {"x_ptr": "*fp32", "g_ptr": "*bf16", "out_ptr": "*fp32", **rest}
-    grouped = {"table_ptr": "*i64", "out_ptr": "*fp32", **{k: v for k, v in rest.items() if k in ("B", "P", "D")},
-               "N": "i32", **{k: v for k, v in rest.items() if k not in ("B", "P", "D")}}
-    printed = compile_for_gpu([
-        ("persample.kernels.norm_affine_grads", "_norm_affine_grads_kernel",
-         {**single, **dict.fromkeys(constexprs, "constexpr")}, constexprs),
-        ("persample.kernels.norm_affine_grads", "_norm_affine_grads_grouped_kernel",
-         {**grouped, **dict.fromkeys([*constexprs, "X", "G"], "constexpr")},
-         {**constexprs, "X": "tl.float32", "G": "tl.bfloat16"}),
-    ])
-    assert "_norm_affine_grads_grouped_kernel" in printed
