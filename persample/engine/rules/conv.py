@@ -222,7 +222,8 @@ def _framed(module: _Conv, x: Tensor, grad_output: Tensor) -> tuple[Tensor, Tens
     """The operands of :func:`_shifted` and :meth:`ConvGrad._shifted_gram` (stride 1): the padded input (plus the
     extra row of :func:`_frame`) ``(B, C_in, P_0 * ... * P_k)`` in ``grad_output``'s dtype, the output gradient on
     the frame ``(B * groups, C_out / groups, frame)`` (zeros at the frame's extra positions), the frame's size, and
-    each tap's offset into a flattened channel, taps in the weight's order."""
+    per spatial dimension ``i`` how far one tap along it moves into a flattened channel, ``d_i * P_{i+1} ... P_k``
+    (:func:`_tap_offsets`)."""
     B, dims, g = x.shape[0], len(module.kernel_size), module.groups
     P, frame = _frame(module, x.shape[2:])
     if module.padding_mode == "zeros":
@@ -233,11 +234,16 @@ def _framed(module: _Conv, x: Tensor, grad_output: Tensor) -> tuple[Tensor, Tens
     L = grad_output.shape[2:]
     extra = [pad for i in reversed(range(1, dims)) for pad in (0, P[i] - L[i])]
     G = F.pad(grad_output, extra) if any(extra) else grad_output
-    flat_strides = [math.prod(P[i + 1:]) for i in range(dims)]
-    offsets = [sum(t * d * st for t, d, st in zip(tap, module.dilation, flat_strides, strict=True))
-               for tap in itertools.product(*map(range, module.kernel_size))]
+    steps = [d * math.prod(P[i + 1:]) for i, d in enumerate(module.dilation)]
     return (x.to(grad_output.dtype).reshape(B, module.in_channels, -1),
-            G.reshape(B * g, module.out_channels // g, frame), frame, offsets)
+            G.reshape(B * g, module.out_channels // g, frame), frame, steps)
+
+
+def _tap_offsets(kernel_size: tuple[int, ...], steps: list[int]) -> list[int]:
+    """Each tap's offset into a flattened channel of the frame, ``sum_i t_i steps[i]``, taps in the weight's
+    order."""
+    return [sum(t * step for t, step in zip(tap, steps, strict=True))
+            for tap in itertools.product(*map(range, kernel_size))]
 
 
 def _norm_costs(module: _Conv, spatial: torch.Size, L_dims: torch.Size) -> dict[str, tuple[int, int]]:
@@ -261,7 +267,7 @@ def _norm_costs(module: _Conv, spatial: torch.Size, L_dims: torch.Size) -> dict[
 def _diagonal_windows_sum(gx: Tensor, frame: int, kernel_size: tuple[int, ...], steps: list[int], one_view: bool
                           ) -> Tensor:
     """``sum_t gx[:, s_t : s_t + frame, s_t : s_t + frame]`` for contiguous ``gx (N, S, S)``, over the taps ``t`` of
-    ``kernel_size``, tap ``(t_0, ..., t_k)`` at ``s_t = sum_i t_i steps[i]`` down the diagonal. ``one_view``: one
+    ``kernel_size``, tap ``t`` at its offset ``s_t`` (:func:`_tap_offsets`) down the diagonal. ``one_view``: one
     reduction over a strided view of every tap's window (overlapping reads, one launch: on a GPU, where launches
     cost); else one tap at a time (on two CPU cores the strided reduction took 2.5x longer)."""
     side = gx.shape[1]
@@ -271,8 +277,7 @@ def _diagonal_windows_sum(gx: Tensor, frame: int, kernel_size: tuple[int, ...], 
                                 (side * side, *[step * diagonal for step in steps], side, 1), gx.storage_offset())
         return windows.sum(tuple(range(1, 1 + len(kernel_size))))
     total = None
-    for tap in itertools.product(*map(range, kernel_size)):
-        s = sum(t * step for t, step in zip(tap, steps, strict=True))
+    for s in _tap_offsets(kernel_size, steps):
         window = gx[:, s:s + frame, s:s + frame]
         total = window.clone() if total is None else total.add_(window)
     return total
@@ -291,7 +296,8 @@ def _shifted(module: _Conv, x: Tensor, grad_output: Tensor) -> Tensor:
     if any(s != 1 for s in module.stride):
         raise NotImplementedError("the shifted views need stride 1")
     B, g = x.shape[0], module.groups
-    flat, G, frame, offsets = _framed(module, x, grad_output)
+    flat, G, frame, steps = _framed(module, x, grad_output)
+    offsets = _tap_offsets(module.kernel_size, steps)
     C = module.in_channels // g
     taps = torch.empty(len(offsets), B * g, module.out_channels // g, C, dtype=acc_dtype(G), device=G.device)
     for t, start in enumerate(offsets):
@@ -446,13 +452,10 @@ class ConvGrad:
         (:func:`_diagonal_windows_sum`)."""
         module = self.module
         B, g = x.shape[0], module.groups
-        P, _ = _frame(module, x.shape[2:])
-        flat, G, frame, _ = _framed(module, x, G)
+        flat, G, frame, steps = _framed(module, x, G)
         X = flat.reshape(B * g, module.in_channels // g, -1)
         acc = acc_dtype(G)
         gx = bmm_acc(X.transpose(1, 2), X, acc)  # (B g, P_all, P_all)
-        # A step of tap along spatial dimension i moves the window d_i * (P_{i+1} ... P_k) down the diagonal.
-        steps = [d * math.prod(P[i + 1:]) for i, d in enumerate(module.dilation)]
         one_view = TAPS_IN_ONE_VIEW if TAPS_IN_ONE_VIEW is not None else x.is_cuda
         aa = _diagonal_windows_sum(gx, frame, module.kernel_size, steps, one_view)
         gg = bmm_acc(G.transpose(1, 2), G, acc)
