@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import acc_dtype, cdiv, interpreting, launch, row_pieces, row_tile, triton_dtype
+from .launch import acc_dtype, address_table, cdiv, interpreting, launch, row_pieces, row_tile, triton_dtype
 
 BLOCK = 1024  # elements of a program's tile
 PROGRAMS_PER_SM = 8  # enough pieces of rows in flight to cover memory latency
@@ -132,8 +132,7 @@ def group_norm_affine_grads_grouped(xs: list[torch.Tensor], gs: list[torch.Tenso
     R = B * C
     if R == 0 or S == 0:
         return torch.zeros(N, 2, B, C, dtype=acc, device=x.device)
-    addresses = [t.data_ptr() for layer in zip(xs, gs, means, rstds, strict=True) for t in layer]
-    table = torch.tensor(addresses, dtype=torch.int64).to(x.device, non_blocking=True)
+    table = address_table(zip(xs, gs, means, rstds, strict=True), x.device)
     rows, block, programs, pieces, per_program = _tiling(R, S, x.device, pieces, layers=N)
     out = torch.empty(pieces, N, 2, R, dtype=acc, device=x.device)
     launch(_group_norm_affine_grads_grouped_kernel, (programs, pieces, N), table, out, R, S, C, groups, C // groups,

@@ -84,6 +84,14 @@ def triton_dtype(dtype: torch.dtype):
     return _TRITON_DTYPES[dtype]
 
 
+def address_table(layers, device: torch.device) -> torch.Tensor:
+    """``(N * k,)`` int64 on ``device``: the addresses of each layer's ``k`` tensors, layer after layer, for a
+    kernel that serves ``N`` layers in one launch and loads each layer's pointers from it (with its
+    :func:`triton_dtype`). The copy from the host is queued on the current stream, ahead of the launch."""
+    addresses = [t.data_ptr() for tensors in layers for t in tensors]
+    return torch.tensor(addresses, dtype=torch.int64).to(device, non_blocking=True)
+
+
 def aligned(*tensors: torch.Tensor | None) -> bool:
     """Whether every tensor given (None skipped) starts on a 16-byte boundary, the alignment Triton specializes
     a pointer on. Plans (see :class:`Launcher`) serve such inputs only: their keys then need no alignment,

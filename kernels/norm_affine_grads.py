@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import acc_dtype, cdiv, interpreting, launch, next_power_of_2, sm_count, triton_dtype
+from .launch import acc_dtype, address_table, cdiv, interpreting, launch, next_power_of_2, sm_count, triton_dtype
 
 MAX_FEATURES = 16384  # one row in registers; wider rows take the PyTorch path
 
@@ -89,10 +89,13 @@ def _norm_affine_grads_grouped_kernel(
     tl.store(scale_at + B * D, d_shift, mask=cols < D)
 
 
-def _runs(programs: int, P: int, device: torch.device) -> int:
-    """How many runs of positions per example, for ``programs`` (examples times layers): enough programs for two
-    waves of the GPU's SMs."""
-    return max(1, min(P, cdiv(2 * sm_count(device), programs))) if device.type == "cuda" else 1
+def _runs(programs: int, P: int, device: torch.device, runs: int | None) -> tuple[int, int]:
+    """``(rows_per_program, runs)``: the positions of each run and how many runs per example (``runs`` if given),
+    for ``programs`` (examples times layers): by default enough programs for two waves of the GPU's SMs."""
+    if runs is None:
+        runs = max(1, min(P, cdiv(2 * sm_count(device), programs))) if device.type == "cuda" else 1
+    rows_per_program = cdiv(P, min(P, runs))
+    return rows_per_program, cdiv(P, rows_per_program)
 
 
 def _num_warps(D: int) -> int:
@@ -115,8 +118,7 @@ def norm_affine_grads(x: torch.Tensor, g: torch.Tensor, eps: float, center: bool
         x = x.contiguous()
     if g.stride(-1) != 1:
         g = g.contiguous()
-    rows_per_program = cdiv(P, min(P, runs or _runs(B, P, x.device)))
-    runs = cdiv(P, rows_per_program)
+    rows_per_program, runs = _runs(B, P, x.device, runs)
     out = torch.empty(runs, 2, B, D, dtype=acc, device=x.device)
     launch(
         _norm_affine_grads_kernel, (B, runs),
@@ -139,10 +141,8 @@ def norm_affine_grads_grouped(xs: list[torch.Tensor], gs: list[torch.Tensor], ep
     acc = torch.float64 if torch.float64 in (x.dtype, g.dtype) else torch.float32
     if B == 0 or P == 0 or D == 0:
         return torch.zeros(N, 2, B, D, dtype=acc, device=x.device)
-    addresses = [t.data_ptr() for pair in zip(xs, gs, strict=True) for t in pair]
-    table = torch.tensor(addresses, dtype=torch.int64).to(x.device, non_blocking=True)
-    rows_per_program = cdiv(P, min(P, runs or _runs(B * N, P, x.device)))
-    runs = cdiv(P, rows_per_program)
+    table = address_table(zip(xs, gs, strict=True), x.device)
+    rows_per_program, runs = _runs(B * N, P, x.device, runs)
     out = torch.empty(runs, N, 2, B, D, dtype=acc, device=x.device)
     launch(
         _norm_affine_grads_grouped_kernel, (B, runs, N),
