@@ -38,6 +38,7 @@ class Config:
     layers: int = 0
     heads: int = 0
     size: int = 0  # CNN / WRN image side
+    width: int = 32  # CNN channels of the first convolution
     depth: int = 0  # WRN
     widen: int = 0
     classes: int = 10
@@ -75,7 +76,7 @@ def build_model(cfg: Config, layout: tuple[str, bool] = LAYOUTS[0]) -> nn.Module
         return GPT(cfg.vocab, cfg.d, cfg.layers, cfg.heads, cfg.seq, positions=layout[0], tied=layout[1])
     if cfg.kind == "wrn":
         return WideResNet(cfg.depth, cfg.widen, cfg.classes)
-    return CNN(cfg.classes)
+    return CNN(cfg.classes, cfg.width)
 
 
 def make_batch(cfg: Config, batch: int, device: torch.device):
