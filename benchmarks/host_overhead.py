@@ -7,10 +7,10 @@ engine's step cost on tiny models of the benchmark's structures, where the arith
     python benchmarks/host_overhead.py --quick         # a few steps, fp32: a check of the script
     TRITON_INTERPRET=1 python benchmarks/host_overhead.py   # the GPU's code path: Triton kernels counted
 
-The models: the GPT d=64 L=12 of ``dp_step.py``'s GPT-2-small structure (12 blocks), and WRN-16-1 and the CNN
-at width 8 on 16x16 images: a quarter of WRN-16-4's and the CNN's channels on a quarter of the pixels, so that
-each layer keeps the form (materialized or factored, :mod:`persample.engine.rules.conv`) it keeps in the
-benchmark's models on 32x32 images, and the engine runs the same code per layer.
+The models: the GPT d=64 L=12 of ``dp_step.py``'s GPT-2-small structure (12 blocks), WRN-16-2 on 20x20 images
+and the CNN at width 8 on 16x16 images: sizes at which each convolution keeps the form (materialized or
+factored, :mod:`persample.engine.rules.conv`) it keeps in ``dp_step.py``'s WRN-16-4 and CNN on 32x32 images
+(``tests/test_benchmarks.py`` checks it), so that the engine runs the same code per layer.
 
 On a GPU a step of small kernels is bound by the host: each op is one launch and a few microseconds of
 Python and dispatch. Here each CPU aten op that computes (a leaf of the op tree that is not a view or an
@@ -45,7 +45,7 @@ from persample.kernels.launch import Launcher, interpreting
 
 MODELS = {
     "gpt": Config("GPT d=64 L=12 V=256 B=4 T=16", "gpt", batch=4, seq=16, vocab=256, d=64, layers=12, heads=2),
-    "wrn": Config("WRN-16-1 GroupNorm B=4 16x16", "wrn", batch=4, size=16, depth=16, widen=1),
+    "wrn": Config("WRN-16-2 GroupNorm B=4 20x20", "wrn", batch=4, size=20, depth=16, widen=2),
     "cnn": Config("CNN width 8 B=4 16x16", "cnn", batch=4, size=16, width=8),
 }
 

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 SCRIPTS = sorted(p.name for p in BENCHMARKS.glob("*.py") if p.name not in {"results.py", "steps.py"})
@@ -62,3 +63,36 @@ def test_every_table_in_results_is_a_section_a_run_can_replace():
         assert after.strip() == "", f"text outside any section after {name}: {after.strip()[:80]!r}"
         names.append(name)
     assert len(names) == len(set(names)), "a section name appears twice"
+
+
+def _conv_forms(cfg) -> list[str]:
+    """The form the engine keeps for each convolution's weight in one step of ``cfg``'s model, call by call."""
+    from steps import build_model, make_batch
+
+    import persample
+    from persample.engine import recording
+
+    forms = []
+    add = recording.Step.add
+
+    def record(step, call, made):
+        if isinstance(call.module, torch.nn.Conv2d):
+            forms.append(type(made["weight"]).__name__)
+        add(step, call, made)
+
+    x, y = make_batch(cfg, 2, torch.device("cpu"))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(recording.Step, "add", record)
+        persample.GhostClipping(build_model(cfg), max_grad_norm=1.0).clipped_grad_sum(x, y)
+    return forms
+
+
+def test_host_overhead_models_keep_the_benchmarks_conv_forms(monkeypatch):
+    """host_overhead.py's small conv nets stand for dp_step.py's: each convolution keeps the same form (materialized
+    or factored), so the engine runs the same code per layer."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    from host_overhead import MODELS
+    from steps import FULL
+
+    for small, full in ((MODELS["wrn"], FULL[3]), (MODELS["cnn"], FULL[2])):
+        assert _conv_forms(small) == _conv_forms(full), (small.name, full.name)
