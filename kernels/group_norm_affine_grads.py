@@ -17,6 +17,8 @@ partial sums for the caller to add and finish. Sums in float32 (float64 for floa
 ``x``, ``g``, ``mean`` and ``rstd`` found through a table of addresses (one more grid axis).
 """
 
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -123,11 +125,13 @@ def group_norm_affine_grads(x: torch.Tensor, g: torch.Tensor, mean: torch.Tensor
 def group_norm_affine_grads_grouped(xs: list[torch.Tensor], gs: list[torch.Tensor], means: list[torch.Tensor],
                                     rstds: list[torch.Tensor], pieces: int | None = None) -> torch.Tensor:
     """``(N, 2, B, C)``: :func:`group_norm_affine_grads` of ``N`` layers in one launch, ``out[i]`` that of
-    ``xs[i]``, ``gs[i]``, ``means[i]`` and ``rstds[i]``. All ``xs`` have one shape ``(B, C, S)`` and dtype, and so
-    do all ``gs``, all contiguous, and the statistics one shape ``(B, groups)`` and dtype, contiguous, all on one
-    device."""
-    N, (B, C, S), groups = len(xs), xs[0].shape, means[0].shape[1]
+    ``xs[i]``, ``gs[i]``, ``means[i]`` and ``rstds[i]``. All ``xs`` have one shape ``(B, C, *spatial)`` (the
+    positions ``S`` of a channel need not be flattened into one dimension: a contiguous tensor's rows are read by
+    address) and dtype, and so do all ``gs``, all contiguous, and the statistics one shape ``(B, groups)`` and
+    dtype, contiguous, all on one device."""
     x = xs[0]
+    N, (B, C), groups = len(xs), x.shape[:2], means[0].shape[1]
+    S = math.prod(x.shape[2:])
     acc = torch.float64 if torch.float64 in (x.dtype, gs[0].dtype) else torch.float32
     R = B * C
     if R == 0 or S == 0:

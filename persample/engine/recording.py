@@ -168,7 +168,9 @@ class Step:
             if len(forms) == 1 and isinstance(forms[0], Dense) and forms[0].g.numel() <= PACK_ELEMENTS:
                 groups.setdefault((forms[0].g.dtype, forms[0].g.device), []).append(p)
         for params in groups.values():
-            flat = torch.cat([self.forms.pop(p)[0].g.reshape(self.batch_size, -1) for p in params], 1)
+            # (B, K) blocks as they are (norm scales: most of them): a reshape is an op's host time, for nothing.
+            blocks = [self.forms.pop(p)[0].g for p in params]
+            flat = torch.cat([g if g.ndim == 2 else g.reshape(self.batch_size, -1) for g in blocks], 1)
             self.packed.append((flat, params))
 
 

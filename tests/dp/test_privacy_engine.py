@@ -468,17 +468,19 @@ def test_bad_arguments_are_named():
         engine.make_private(module=_mlp(), optimizer=sgd, data_loader=loader, noise_multiplier=1.0, max_grad_norm=1.0)
 
 
-def test_torch_compile_of_the_private_model():
-    eager, _ = _persample_run("mlp")
-    model = _model("mlp")
+@pytest.mark.parametrize("kind", ["mlp", "digits"])
+def test_torch_compile_of_the_private_model(kind):
+    """The compiled private model trains as the eager one: an MLP, and the digits CNN (Conv2d and GroupNorm rules)."""
+    eager, _ = _persample_run(kind)
+    model = _model(kind)
     model, optimizer, criterion, loader = persample.PrivacyEngine().make_private(
         module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.5),
-        data_loader=DataLoader(_data("mlp"), batch_size=16), criterion=nn.CrossEntropyLoss(), noise_multiplier=0.0,
+        data_loader=DataLoader(_data(kind), batch_size=16), criterion=nn.CrossEntropyLoss(), noise_multiplier=0.0,
         max_grad_norm=C)
     compiled = torch.compile(model)
     torch.manual_seed(1)
     _train(compiled, optimizer, criterion, loader)
-    _assert_same_parameters(model, eager, _model("mlp"))
+    _assert_same_parameters(model, eager, _model(kind))
 
 
 def test_a_model_compiled_before_make_private_is_refused_with_the_order_named():

@@ -97,3 +97,20 @@ def test_grouped_matches_float64(B, C, S, groups, N, pieces, dtype):
     for layer, x, g in zip(out, xs, gs, strict=True):
         expected = _expected(x, g, groups)
         torch.testing.assert_close(layer.double().cpu(), expected, rtol=tol, atol=tol * float(expected.abs().max()))
+
+
+@pytest.mark.parametrize("spatial", [(), (5,), (3, 4), (2, 3, 2)])
+def test_grouped_takes_any_spatial_shape(spatial):
+    """A GroupNorm's input ``(B, C, *spatial)`` goes in as it is, its positions read by address: the same gradients
+    as with the positions flattened into one dimension."""
+    gen = torch.Generator().manual_seed(len(spatial))
+    B, C, groups, N = 3, 4, 2, 2
+    xs = [torch.randn(B, C, *spatial, generator=gen, dtype=torch.float64) + i for i in range(N)]
+    gs = [torch.randn(B, C, *spatial, generator=gen, dtype=torch.float64) for _ in range(N)]
+    stats = [_stats(x.reshape(B, C, -1), groups) for x in xs]
+    out = kernels.group_norm_affine_grads_grouped([x.to(DEVICE) for x in xs], [g.to(DEVICE) for g in gs],
+                                                  [m.to(DEVICE) for m, _ in stats], [r.to(DEVICE) for _, r in stats])
+    assert out.shape == (N, 2, B, C)
+    for layer, x, g in zip(out, xs, gs, strict=True):
+        expected = _expected(x.reshape(B, C, -1), g.reshape(B, C, -1), groups)
+        torch.testing.assert_close(layer.cpu(), expected, rtol=1e-10, atol=1e-10)

@@ -45,6 +45,7 @@ chunks are large.
 """
 
 import contextlib
+import functools
 import itertools
 import math
 import time
@@ -155,7 +156,7 @@ def _materialized(module: _Conv, x: Tensor, G: Tensor) -> Tensor:
     of examples at a time, its patches copied out (:func:`_patch_columns`) and multiplied into the result."""
     B = G.shape[0]
     g, m, L = module.groups, G.shape[1], G.shape[2]
-    n = module.weight[0].numel()  # per group: C_in / g * prod(kernel)
+    n = module.weight.numel() // module.out_channels  # per group: C_in / g * prod(kernel)
     out = torch.empty(B, *module.weight.shape, dtype=acc_dtype(G), device=G.device)
     step = max(1, _chunk(G) // (g * n * L))
     for i in range(0, B, step):
@@ -188,13 +189,19 @@ def _weight_grad(module: _Conv, x: Tensor, grad_output: Tensor, per_example: boo
     if per_example:
         grad_output, x = grad_output.reshape(1, -1, *grad_output.shape[2:]), x.reshape(1, -1, *x.shape[2:])
         groups *= B
-    # Only the weight's shape is read: a broadcast scalar stands for it, left unset (no fill kernel to launch).
-    shape = (grad_output.shape[1], *module.weight.shape[1:])
-    weight = grad_output.new_empty(()).expand(shape)
+    weight = _shape_only((grad_output.shape[1], *module.weight.shape[1:]), grad_output.dtype, grad_output.device)
     _, grad, _ = torch.ops.aten.convolution_backward(
         grad_output, x, weight, None, list(module.stride), padding, list(module.dilation), False, [0] * dims,
         groups, [False, True, False])
     return grad.view(B, *module.weight.shape) if per_example else grad
+
+
+@functools.lru_cache(maxsize=256)
+def _shape_only(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A tensor of ``shape`` for an argument of which only the shape is read (the weight of a weight gradient's
+    ``convolution_backward``): one broadcast scalar, left unset and never written, kept per shape so that a step
+    makes none (two ops' host time per layer)."""
+    return torch.empty((), dtype=dtype, device=device).expand(shape)
 
 
 def _grouped(module: _Conv, x: Tensor, grad_output: Tensor) -> Tensor:
@@ -251,7 +258,7 @@ def _norm_costs(module: _Conv, spatial: torch.Size, L_dims: torch.Size) -> dict[
     spatial shape ``spatial`` and output ``L_dims``: ``"gram"`` (the patches' and output gradients' ``L x L`` Gram
     matrices, and the patches copied out), ``"shifted"`` (stride 1 only: the padded input's Gram matrix, the
     output gradient's on the frame, and the sum of the taps' windows) and ``"grads"`` (the gradient itself)."""
-    g, m, n = module.groups, module.out_channels // module.groups, module.weight[0].numel()
+    g, m, n = module.groups, module.out_channels // module.groups, module.weight.numel() // module.out_channels
     L = math.prod(L_dims)
     costs = {"gram": (g * L * L * (n + m) + g * L * n, g * L * (n + 2 * L)),
              "grads": (g * m * n * L, module.weight.numel())}
@@ -393,6 +400,12 @@ def _patches(module: _Conv, x: Tensor) -> Tensor:
     return windows.reshape(B, windows.shape[1:1 + dims].numel(), -1)
 
 
+def _per_example(terms: Tensor, B: int, groups: int) -> Tensor:
+    """``(B,)`` each example's sum of its groups' terms ``(B * groups,)``; the terms themselves for one group (no
+    reduction to launch)."""
+    return terms if groups == 1 else terms.view(B, groups).sum(1)
+
+
 @dataclass(frozen=True)
 class ConvGrad:
     """:class:`~persample.engine.forms.ImplicitOps` of a convolution's weight: equal for the same module."""
@@ -429,9 +442,11 @@ class ConvGrad:
     def _norms_by(self, way: str, x: Tensor, G: Tensor, costs: dict) -> Tensor:
         step = max(1, _chunk(G) // costs[way][1])
         norms = {"gram": self._gram, "shifted": self._shifted_gram, "grads": self._squares}[way]
+        B = x.shape[0]
         with _as_convolution(x):
-            terms = [norms(x[i:i + step], G[i:i + step]) for i in range(0, x.shape[0], step)]
-        return terms[0] if len(terms) == 1 else torch.cat(terms)
+            if step >= B:  # one chunk: the whole batch, not a slice of it (an op's host time)
+                return norms(x, G)
+            return torch.cat([norms(x[i:i + step], G[i:i + step]) for i in range(0, B, step)])
 
     def _gram(self, x: Tensor, G: Tensor) -> Tensor:
         module = self.module
@@ -441,7 +456,7 @@ class ConvGrad:
         A = A.view(B, L, g, -1).transpose(1, 2).reshape(B * g, L, -1)
         G = G.reshape(B * g, -1, L)  # (B g, m, L)
         dots = batched_dot(bmm_acc(A, A.transpose(1, 2), acc), bmm_acc(G.transpose(1, 2), G, acc))
-        return dots.view(B, g).sum(1)
+        return _per_example(dots, B, g)
 
     def _shifted_gram(self, x: Tensor, G: Tensor) -> Tensor:
         """The ghost norm of a stride-1 convolution without its patches. On the frame of :func:`_shifted` (output
@@ -459,7 +474,7 @@ class ConvGrad:
         one_view = TAPS_IN_ONE_VIEW if TAPS_IN_ONE_VIEW is not None else x.is_cuda
         aa = _diagonal_windows_sum(gx, frame, module.kernel_size, steps, one_view)
         gg = bmm_acc(G.transpose(1, 2), G, acc)
-        return batched_dot(aa, gg).view(B, g).sum(1)
+        return _per_example(batched_dot(aa, gg), B, g)
 
     def _squares(self, x: Tensor, G: Tensor) -> Tensor:
         grads = self.per_example(x, G)
@@ -481,17 +496,16 @@ class ConvGrad:
 @register_rule(nn.Conv1d, nn.Conv2d, nn.Conv3d, params=("weight", "bias"), cast_input=True)
 def conv(call: Call, grad_output: Tensor, strategy: str) -> dict[str, Form]:
     module, x = call.module, call.args[0]
-    G = grad_output.reshape(x.shape[0], module.out_channels, -1)
     forms: dict[str, Form] = {}
     if "weight" in call.params:
         # Whichever is smaller to hold until the clipping: every example's gradient, or what the Implicit
         # form keeps (the input, which the backward held anyway until this layer, and the output gradient).
-        kept = x[0].numel() + grad_output[0].numel()
+        kept = math.prod(x.shape[1:]) + math.prod(grad_output.shape[1:])
         if strategy == "materialize" or (strategy == "auto" and module.weight.numel() <= kept):
             forms["weight"] = Dense(per_example_grads(module, x, grad_output))
         else:
             forms["weight"] = Implicit(x, grad_output, ConvGrad(module))
     if "bias" in call.params:
-        forms["bias"] = Dense(G.sum(2, dtype=acc_dtype(G)))
+        forms["bias"] = Dense(grad_output.sum(tuple(range(2, grad_output.ndim)), dtype=acc_dtype(grad_output)))
     return forms
 

@@ -14,6 +14,8 @@ backward so that :func:`batched` runs one launch for all calls of one shape; els
 by :func:`~persample.engine.forms.batched_dot` over channels.
 """
 
+import math
+
 import torch
 from torch import Tensor, nn
 
@@ -58,19 +60,20 @@ def _forward_stats(saved: dict, B: int, groups: int, acc: torch.dtype) -> tuple[
 
 
 def _statistics(call: Call, x: Tensor, acc: torch.dtype) -> tuple[Tensor, Tensor]:
-    """The forward's ``(mean, rstd)`` ``(B, groups)`` of ``x (B, C, S)`` (the call's input), taken or recomputed."""
+    """The forward's ``(mean, rstd)`` ``(B, groups)`` of ``x (B, C, ...)`` (the call's input), taken or recomputed."""
     module = call.module
     B, C, groups = x.shape[0], x.shape[1], module.num_groups
     mean, rstd = _forward_stats(call.kwargs, B, groups, acc)
-    if mean is None:
-        # On a GPU one reduction that reads x (the forward kernel would also write its output); on the CPU
-        # PyTorch's own GroupNorm forward, its output dropped, about 10x faster than var_mean there.
-        if STATS == "var_mean" or (STATS is None and x.is_cuda):
-            var, mean = torch.var_mean(x.reshape(B, groups, -1).to(acc), dim=2, correction=0)
-            rstd = (var + module.eps).rsqrt()
-        else:
-            _, mean, rstd = torch.ops.aten.native_group_norm(x.to(acc).contiguous(), None, None, B, C, x.shape[2],
-                                                             groups, module.eps)
+    if mean is not None:  # of that shape already
+        return mean, rstd
+    # On a GPU one reduction that reads x (the forward kernel would also write its output); on the CPU PyTorch's
+    # own GroupNorm forward, its output dropped, about 10x faster than var_mean there.
+    if STATS == "var_mean" or (STATS is None and x.is_cuda):
+        var, mean = torch.var_mean(x.reshape(B, groups, -1).to(acc), dim=2, correction=0)
+        rstd = (var + module.eps).rsqrt()
+    else:
+        _, mean, rstd = torch.ops.aten.native_group_norm(x.to(acc).contiguous(), None, None, B, C,
+                                                         math.prod(x.shape[2:]), groups, module.eps)
     return mean.view(B, groups), rstd.view(B, groups)
 
 
@@ -94,16 +97,18 @@ def batched(calls: list[tuple[Call, Tensor]]) -> list[dict[str, Form]]:
             forms[i] = group_norm(call, grad_output, "auto")
             operands.append(None)
             continue
-        x = call.args[0]
-        B, C = x.shape[:2]
-        x, G = x.reshape(B, C, -1).contiguous(), grad_output.reshape(B, C, -1).contiguous()
+        # The kernel reads each channel's positions by address: (B, C, *spatial) tensors, not reshaped (a view
+        # each, with its host time, for nothing).
+        x, G = call.args[0].contiguous(), grad_output.contiguous()
         mean, rstd = _statistics(call, x, acc_dtype(x, G))
         operands.append((x, G, mean.contiguous(), rstd.contiguous()))
         groups.setdefault((x.shape, x.dtype, G.dtype, mean.shape, mean.dtype, x.device), []).append(i)
     for members in groups.values():
         sums = _kernel.group_norm_affine_grads_grouped(*([operands[i][k] for i in members] for k in range(4)))
-        for i, layer in zip(members, sums, strict=True):
-            forms[i] = _as_forms(calls[i][0], layer[0], layer[1])
+        # Each layer's two gradients as views from two unbinds, not two selects per layer.
+        d_weights, d_biases = (t.unbind(0) for t in sums.unbind(1))
+        for i, d_weight, d_bias in zip(members, d_weights, d_biases, strict=True):
+            forms[i] = _as_forms(calls[i][0], d_weight, d_bias)
     return forms
 
 
