@@ -29,7 +29,6 @@ host_overhead_triton). Where no GPU is lent, these are how a change to the engin
 
 import argparse
 import cProfile
-import gc
 import pstats
 import statistics
 import time
@@ -126,19 +125,13 @@ def count_ops(step, x, y, iters: int) -> tuple[float, float]:
 
 def time_ms(steps, x, y, iters: int) -> list[float]:
     """Median ms per step of each step, timed in turns so that a change in the machine's load hits all; the time
-    inside Triton launches left out, and the garbage collector off while timing (as ``timeit`` does): the
-    interpreter leaves many objects behind, whose collection would land in whichever step ran next."""
+    inside Triton launches left out."""
     times = [[] for _ in steps]
-    gc.collect()
-    gc.disable()
-    try:
-        for _ in range(iters):
-            for step, spent in zip(steps, times, strict=True):
-                launched, start = _in_launches[0], time.perf_counter()
-                step(x, y)
-                spent.append((time.perf_counter() - start - (_in_launches[0] - launched)) * 1e3)
-    finally:
-        gc.enable()
+    for _ in range(iters):
+        for step, spent in zip(steps, times, strict=True):
+            launched, start = _in_launches[0], time.perf_counter()
+            step(x, y)
+            spent.append((time.perf_counter() - start - (_in_launches[0] - launched)) * 1e3)
     return [statistics.median(t) for t in times]
 
 
