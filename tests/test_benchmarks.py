@@ -96,3 +96,22 @@ def test_host_overhead_models_keep_the_benchmarks_conv_forms(monkeypatch):
 
     for small, full in ((MODELS["wrn"], FULL[3]), (MODELS["cnn"], FULL[2])):
         assert _conv_forms(small) == _conv_forms(full), (small.name, full.name)
+
+
+def test_memory_pools_names_each_pool_and_sums_its_segments(monkeypatch):
+    """memory_pools.py's reserve by pool: PyTorch's own pool (id (0, 0)) is "main", the private pools (CUDA graphs')
+    are numbered in the order of their ids, and each pool's segments are summed."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import memory_pools
+
+    mib = 2**20
+    segments = [{"segment_pool_id": (0, 2), "total_size": 20 * mib, "allocated_size": 4 * mib},
+                {"segment_pool_id": (0, 0), "total_size": 2 * mib, "allocated_size": 2 * mib},
+                {"segment_pool_id": (0, 1), "total_size": 6 * mib, "allocated_size": 0},
+                {"segment_pool_id": (0, 2), "total_size": 2 * mib, "allocated_size": 1 * mib},
+                {"total_size": 4 * mib, "allocated_size": 1 * mib}]  # no pool id: PyTorch's own pool
+    monkeypatch.setattr(torch.cuda, "memory_snapshot", lambda: segments)
+    pools = memory_pools.by_pool()
+    assert pools == {"main": (6 * mib, 3 * mib), "graph 1": (6 * mib, 0), "graph 2": (22 * mib, 5 * mib)}
+    assert memory_pools.pools_cell(pools) == ("main 6.0 MiB (3.0 MiB in use); graph 1 6.0 MiB (0.0 MiB in use); "
+                                              "graph 2 22.0 MiB (5.0 MiB in use)")
