@@ -127,7 +127,8 @@ def main() -> None:
                 except torch.OutOfMemoryError:
                     rows.append(f"| {cfg.name} | {precision} | {variant} | OOM | | | | | |")
                     continue
-                base = base or (m if variant == "normal step" else None)
+                if variant == "normal step":
+                    base = m
                 ratio = f"{m['reserved'] / base['reserved']:.2f}x" if base else "-"
                 rows.append(f"| {cfg.name} | {precision} | {variant} | {size(m['allocated'])} | {size(m['reserved'])} "
                             f"| {ratio} | {size(m['split'])} | {size(m['warm'])} | {pools_cell(m['pools'])} |")
