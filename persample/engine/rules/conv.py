@@ -4,12 +4,12 @@ With ``A_b`` example ``b``'s input patches ``(L, n)`` (``L`` output positions, `
 and ``G_b`` its output gradients ``(L, m)`` (``m = C_out``), each example's weight gradient is ``G_b^T A_b``, one
 such product per group for a grouped convolution; the bias gradient is ``G_b`` summed over positions.
 
-Each layer keeps whichever form is smaller to hold until the clipping, per example: the materialized gradient
-(``C_out * n`` elements: :class:`~persample.engine.forms.Dense`; early layers on large maps with few channels), or
-the layer's input and output gradient as they are (:class:`~persample.engine.forms.Implicit`, with
-:class:`ConvGrad`; deep layers on small maps with many channels). The input is held by the backward anyway until
-the layer's gradient is computed, and neither is the patches (``prod(kernel) / prod(stride)`` times the input),
-which factors like a Linear's would keep. An Implicit weight's
+Each layer keeps whichever form is smaller to hold until the clipping, in bytes per example: the materialized
+gradient (``C_out * n`` float32 elements: :class:`~persample.engine.forms.Dense`; early layers on large maps with few
+channels), or the layer's input and output gradient as they are, 16-bit under autocast
+(:class:`~persample.engine.forms.Implicit`, with :class:`ConvGrad`; deep layers on small maps with many channels). The
+input is held by the backward anyway until the layer's gradient is computed, and neither is the patches
+(``prod(kernel) / prod(stride)`` times the input), which factors like a Linear's would keep. An Implicit weight's
 
 * squared norms are computed over chunks of examples, by whichever of three ways measured fastest among those
   whose multiply-adds (:func:`_norm_costs`) are not far above the fewest: the ghost norm
@@ -498,10 +498,12 @@ def conv(call: Call, grad_output: Tensor, strategy: str) -> dict[str, Form]:
     module, x = call.module, call.args[0]
     forms: dict[str, Form] = {}
     if "weight" in call.params:
-        # Whichever is smaller to hold until the clipping: every example's gradient, or what the Implicit
-        # form keeps (the input, which the backward held anyway until this layer, and the output gradient).
-        kept = math.prod(x.shape[1:]) + math.prod(grad_output.shape[1:])
-        if strategy == "materialize" or (strategy == "auto" and module.weight.numel() <= kept):
+        # Whichever is smaller to hold until the clipping, in bytes: every example's gradient (float32 whatever
+        # the input), or what the Implicit form keeps (the input, which the backward held anyway until this
+        # layer, and the output gradient, in their own dtypes: 16-bit under autocast).
+        kept = math.prod(x.shape[1:]) * x.element_size() + math.prod(grad_output.shape[1:]) * grad_output.element_size()
+        dense = module.weight.numel() * acc_dtype(grad_output).itemsize
+        if strategy == "materialize" or (strategy == "auto" and dense <= kept):
             forms["weight"] = Dense(per_example_grads(module, x, grad_output))
         else:
             forms["weight"] = Implicit(x, grad_output, ConvGrad(module))

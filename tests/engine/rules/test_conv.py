@@ -351,6 +351,18 @@ def test_auto_keeps_the_smaller_form():
     assert isinstance(forms["weight"], Dense)
 
 
+
+@pytest.mark.parametrize("dtype, form", [(torch.float32, Dense), (torch.bfloat16, Implicit), (torch.float16, Implicit)])
+def test_auto_counts_bytes_not_elements(dtype, form):
+    """The forms are compared in bytes: the materialized gradients are float32 whatever the input, so a layer whose
+    gradient has fewer elements than its input and output gradient together (a stride-2 widening layer: 64 x 128 x
+    9 = 73728 against 64 x 32 x 32 + 128 x 16 x 16 = 98304) holds those two in 16-bit floats, at 2 bytes each, and
+    its gradient in float32."""
+    widening = nn.Conv2d(64, 128, 3, stride=2, padding=1)
+    x, grad = torch.randn(2, 64, 32, 32, dtype=dtype), torch.randn(2, 128, 16, 16, dtype=dtype)
+    call = conv_rule.Call(widening, (x,), {}, dict(widening.named_parameters()), None)
+    assert isinstance(conv_rule.conv(call, grad, "auto")["weight"], form)
+
 class Twice(nn.Module):
     """One convolution applied twice: its weight's norm has a cross term between the two calls."""
 
