@@ -65,9 +65,10 @@ def test_every_table_in_results_is_a_section_a_run_can_replace():
     assert len(names) == len(set(names)), "a section name appears twice"
 
 
-def _conv_forms(cfg) -> list[str]:
-    """The form the engine keeps for each convolution's weight in one step of ``cfg``'s model, call by call."""
-    from steps import build_model, make_batch
+def _conv_forms(cfg, precision: str) -> list[str]:
+    """The form the engine keeps for each convolution's weight in one step of ``cfg``'s model, call by call, in
+    float32 or under bfloat16 autocast (``precision``)."""
+    from steps import autocast, build_model, make_batch
 
     import persample
     from persample.engine import recording
@@ -83,19 +84,21 @@ def _conv_forms(cfg) -> list[str]:
     x, y = make_batch(cfg, 2, torch.device("cpu"))
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(recording.Step, "add", record)
-        persample.GhostClipping(build_model(cfg), max_grad_norm=1.0).clipped_grad_sum(x, y)
+        with autocast(x.device, precision):
+            persample.GhostClipping(build_model(cfg), max_grad_norm=1.0).clipped_grad_sum(x, y)
     return forms
 
 
-def test_host_overhead_models_keep_the_benchmarks_conv_forms(monkeypatch):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_host_overhead_models_keep_the_benchmarks_conv_forms(precision, monkeypatch):
     """host_overhead.py's small conv nets stand for dp_step.py's: each convolution keeps the same form (materialized
-    or factored), so the engine runs the same code per layer."""
+    or factored) in each precision (the forms are chosen by bytes), so the engine runs the same code per layer."""
     monkeypatch.syspath_prepend(str(BENCHMARKS))
     from host_overhead import MODELS
     from steps import FULL
 
     for small, full in ((MODELS["wrn"], FULL[3]), (MODELS["cnn"], FULL[2])):
-        assert _conv_forms(small) == _conv_forms(full), (small.name, full.name)
+        assert _conv_forms(small, precision) == _conv_forms(full, precision), (small.name, full.name)
 
 
 def test_memory_pools_names_each_pool_and_sums_its_segments(monkeypatch):
