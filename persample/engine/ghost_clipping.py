@@ -19,7 +19,8 @@ One step, for a physical batch of ``B`` examples:
    (:mod:`persample.engine.rules`) turns the saved inputs and the gradient into each example's parameter
    gradients in factored form (:mod:`persample.engine.forms`); the inputs are released. A rule with a batched
    form (the norm layers') is run at the end of the backward for all its calls at once, in one launch per shape
-   (within :data:`~persample.engine.recording.HELD_BYTES` of held inputs and gradients).
+   (within :func:`~persample.engine.recording.hold_budget` of held inputs and gradients: 256 MiB, and on a GPU a
+   sixteenth of the memory allocated when the first call is held).
 4. **Norms and clipping**: the squared norm of example ``b`` sums ``<grad_b(x), grad_b(y)>`` over all pairs
    of forms of the same parameter (one form per use; pairs of different uses are the cross terms of a tied
    parameter), then ``c_b = min(1, max_grad_norm / (norm_b + 1e-6))`` and each parameter's

@@ -33,8 +33,23 @@ from persample.engine.uses import parameter_uses
 PACK_ELEMENTS = 1 << 20
 # The most memory the held calls of batched rules may keep beyond what autograd would have freed (their inputs and
 # output gradients): past it they are computed at once, so that a model of many large norm layers pays a few
-# launches more instead of holding a copy of its activations.
+# launches more instead of holding a copy of its activations. On a GPU also at most 1 / HELD_FRACTION of the memory
+# allocated when the backward holds its first call (the activations, among others): holding adds at most that to
+# the step's peak. A Wide-ResNet's GroupNorm inputs and gradients are most of its activations, so its norm calls
+# are then computed one by one; a transformer's LayerNorm calls, a small part of its memory, are still held.
 HELD_BYTES = 1 << 28
+HELD_FRACTION = 16
+
+
+def allocated_bytes(device: torch.device) -> int | None:
+    """The memory the caching allocator has handed out on ``device`` now; None off CUDA (no allocator to ask)."""
+    return torch.cuda.memory_allocated(device) if device.type == "cuda" else None
+
+
+def hold_budget(grad: Tensor) -> int:
+    """How many bytes the held calls of one step may keep (:data:`HELD_BYTES`, :data:`HELD_FRACTION`)."""
+    allocated = allocated_bytes(grad.device)
+    return HELD_BYTES if allocated is None else min(HELD_BYTES, allocated // HELD_FRACTION)
 
 
 @dataclass
@@ -96,6 +111,7 @@ class Step:
     head: object = None  # the fused head's HeadStep (persample.engine.fused_head), when the engine has a head
     held: dict[Callable, list[tuple[Call, Tensor]]] = field(default_factory=dict)  # by Rule.batched
     held_bytes: int = 0
+    held_budget: int | None = None  # hold_budget() at the first held call
     capturing: bool | None = None  # whether a CUDA graph capture records this step, once asked
 
     def is_batched(self, x: Tensor) -> bool:
@@ -139,12 +155,14 @@ class Step:
         return not self.capturing
 
     def hold(self, batched: Callable, call: Call, grad: Tensor) -> None:
-        """Keeps ``call`` and its output gradient for ``batched`` (its rule's); past :data:`HELD_BYTES` every held
-        call is computed now."""
+        """Keeps ``call`` and its output gradient for ``batched`` (its rule's); past :func:`hold_budget` (asked at
+        the step's first held call) every held call is computed now."""
+        if self.held_budget is None:
+            self.held_budget = hold_budget(grad)
         self.held.setdefault(batched, []).append((call, grad))
         x = call.args[0]
         self.held_bytes += x.numel() * x.element_size() + grad.numel() * grad.element_size()
-        if self.held_bytes > HELD_BYTES:
+        if self.held_bytes > self.held_budget:
             self.release_held()
 
     def release_held(self) -> None:

@@ -164,11 +164,17 @@ class Stage(nn.Module):
         return self.head(self.norms[3](self.down(h)).mean((2, 3)))
 
 
-def test_held_group_norm_calls_are_batched(triton_device, monkeypatch):
+@pytest.mark.parametrize("allocated", [None, 1 << 40, 16], ids=["no-allocator", "large", "small"])
+def test_held_group_norm_calls_are_batched(allocated, triton_device, monkeypatch):
     """On the Triton path the GroupNorm calls wait for the end of the backward; those with a trainable scale and one
     shape of inputs and statistics share a launch (norms[0] twice; GroupNorm(1, 4) has other statistics' shape;
-    the 6-channel one is apart); the frozen scale's call is a sum. The results equal the float64 reference."""
+    the 6-channel one is apart); the frozen scale's call is a sum. Where the allocator reports so little memory in
+    use that a sixteenth of it holds no call (``allocated``: what it answers when the first call is held), each
+    call is computed as it comes. The results equal the float64 reference."""
+    from persample.engine import recording
     from persample.engine.rules import groupnorm
+
+    monkeypatch.setattr(recording, "allocated_bytes", lambda device: allocated)
 
     launches = []
     grouped = groupnorm._kernel.group_norm_affine_grads_grouped
@@ -180,4 +186,17 @@ def test_held_group_norm_calls_are_batched(triton_device, monkeypatch):
             p.normal_()
     x = torch.randn(4, 3, 6, 6, dtype=torch.float64, device=triton_device)
     assert_matches_reference(model, x, torch.randint(0, 3, (4,), device=triton_device))
-    assert sorted(launches) == [1, 1, 2]
+    assert sorted(launches) == ([1, 1, 1, 1] if allocated == 16 else [1, 1, 2])
+
+
+def test_hold_budget():
+    """256 MiB where no allocator can be asked (the CPU), else at most a sixteenth of what it has handed out."""
+    from persample.engine import recording
+
+    cpu = torch.zeros(1)
+    assert recording.hold_budget(cpu) == recording.HELD_BYTES == 1 << 28
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(recording, "allocated_bytes", lambda device: 1 << 30)
+        assert recording.hold_budget(cpu) == 1 << 26
+        patch.setattr(recording, "allocated_bytes", lambda device: 1 << 40)
+        assert recording.hold_budget(cpu) == 1 << 28
