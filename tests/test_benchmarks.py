@@ -118,3 +118,20 @@ def test_memory_pools_names_each_pool_and_sums_its_segments(monkeypatch):
     assert pools == {"main": (6 * mib, 3 * mib), "graph 1": (6 * mib, 0), "graph 2": (22 * mib, 5 * mib)}
     assert memory_pools.pools_cell(pools) == ("main 6.0 MiB (3.0 MiB in use); graph 1 6.0 MiB (0.0 MiB in use); "
                                               "graph 2 22.0 MiB (5.0 MiB in use)")
+
+
+def test_held_norms_budget_as_on_a_gpu_lowers_the_peak():
+    """held_norms.py's check run, on the GPU's code path in the interpreter: the tiny WRN's GroupNorm calls, held to
+    the end under the CPU's budget, are computed about one by one under a GPU's, and the engine step's peak of tensor
+    storage is lower."""
+    import os
+    import re
+
+    done = subprocess.run([sys.executable, "held_norms.py", "--quick", "--no-save"], cwd=BENCHMARKS,
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    row = next(line for line in done.stdout.splitlines() if line.startswith("| tiny WRN"))
+    cpu, gpu = (float(ratio) for ratio in re.findall(r"\(([0-9.]+)x\)", row))
+    releases = [cell.split(": ")[1] for cell in row.split(" | ") if "MiB: " in cell]
+    assert "," not in releases[0] and "," in releases[1], row
+    assert gpu < cpu, row
