@@ -10,8 +10,9 @@ in that dtype; else (an input that PyTorch's kernel normalized in bfloat16 on th
 not GroupNorm's) they are recomputed, by one ``var_mean`` reduction on a GPU and by PyTorch's GroupNorm forward
 kernel on the CPU. On the Triton path (CUDA, or ``TRITON_INTERPRET=1``) one kernel forms both sums and the scale's
 gradient (:mod:`persample.kernels.group_norm_affine_grads`), and the engine holds the calls to the end of the
-backward so that :func:`batched` runs one launch for all calls of one shape; elsewhere PyTorch ops, ``sum_s G x``
-by :func:`~persample.engine.forms.batched_dot` over channels.
+backward (within :func:`~persample.engine.recording.hold_budget`) so that :func:`batched` runs one launch for all
+calls of one shape; elsewhere PyTorch ops, ``sum_s G x`` by :func:`~persample.engine.forms.batched_dot` over
+channels, in float32 over chunks of examples (:func:`_sum_gx`).
 """
 
 import math
@@ -77,6 +78,20 @@ def _statistics(call: Call, x: Tensor, acc: torch.dtype) -> tuple[Tensor, Tensor
     return mean.view(B, groups), rstd.view(B, groups)
 
 
+_CHUNK = 1 << 20  # elements of x per chunk of examples in _sum_gx
+
+
+def _sum_gx(x: Tensor, G: Tensor, acc: torch.dtype) -> Tensor:
+    """``(B, C)`` each example's ``sum_s G[c, s] x[c, s]`` of ``x, G (B, C, S)`` in ``acc``, over chunks of examples
+    of at most :data:`_CHUNK` elements: the float32 copies of 16-bit inputs (and the product the dot may form) are
+    a chunk's, not the batch's, which would add two copies of the layer's activations to the step's peak."""
+    B, C = x.shape[:2]
+    step = max(1, _CHUNK // max(1, x[0].numel()))
+    parts = [batched_dot(G[i:i + step].reshape(-1, G.shape[2]).to(acc), x[i:i + step].reshape(-1, x.shape[2]).to(acc))
+             for i in range(0, B, step)]
+    return (parts[0] if len(parts) == 1 else torch.cat(parts)).view(B, C)
+
+
 def _as_forms(call: Call, d_weight: Tensor, d_bias: Tensor) -> dict[str, Form]:
     forms: dict[str, Form] = {"weight": Dense(d_weight)}
     if "bias" in call.params:
@@ -128,9 +143,8 @@ def group_norm(call: Call, grad_output: Tensor, strategy: str) -> dict[str, Form
         # Both sums in one pass over x and G, finished with the statistics: one launch, not five.
         d_weight, d_bias = _kernel.group_norm_affine_grads(x, G, mean, rstd)
     else:
-        x, G = x.to(acc), G.to(acc)
-        d_bias = G.sum(2)
-        sum_gx = batched_dot(G.reshape(B * C, -1), x.reshape(B * C, -1)).view(B, groups, -1)
+        d_bias = G.sum(2, dtype=acc)
+        sum_gx = _sum_gx(x, G, acc).view(B, groups, -1)
         # Each group's statistics broadcast over its channels: views, no copies per channel.
         d_weight = ((sum_gx - mean.unsqueeze(2) * d_bias.view(B, groups, -1)) * rstd.unsqueeze(2)).view(B, C)
     return _as_forms(call, d_weight, d_bias)

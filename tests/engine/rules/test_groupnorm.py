@@ -53,6 +53,44 @@ def test_group_norm(groups, affine, spatial, stats):
     assert_matches_reference(model, x, y, loss_fn=squared_error)
 
 
+def test_group_norm_over_chunks_of_examples(monkeypatch):
+    """The PyTorch path forms ``sum G x`` over chunks of examples (here one example's 6 x 3 x 5 elements a chunk, and
+    two examples, and three which do not divide the batch of 5): the same per-example gradients."""
+    from persample.engine.rules import groupnorm
+
+    model = Normed(nn.GroupNorm(2, 6, eps=1e-3), 6).double()
+    with torch.no_grad():
+        model.norm.weight.normal_()
+        model.norm.bias.normal_()
+    x, y = torch.randn(5, 6, 3, 5, dtype=torch.float64), torch.randn(5, 6, 3, 5, dtype=torch.float64)
+    # The PyTorch path, also under the interpreter: no call held for the kernel, none computed by it.
+    from persample.engine import recording
+
+    monkeypatch.setattr(recording, "use_triton", lambda x: False)
+    monkeypatch.setattr(groupnorm, "use_triton", lambda x: False)
+    sums, real = [], groupnorm._sum_gx
+    monkeypatch.setattr(groupnorm, "_sum_gx", lambda x, G, acc: sums.append(x.shape[0]) or real(x, G, acc))
+    for chunk in (90, 180, 270):
+        monkeypatch.setattr(groupnorm, "_CHUNK", chunk)
+        assert_matches_reference(model, x, y, loss_fn=squared_error)
+    assert sums and set(sums) == {5}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_sum_gx_in_float32_over_chunks(dtype, monkeypatch):
+    """Each example's per-channel ``sum_s G x`` of 16-bit inputs is accumulated in float32 from their exact values
+    (each chunk copied to float32, not multiplied in 16 bits), whatever the chunking."""
+    from persample.engine.rules import groupnorm
+
+    x, G = (torch.randn(7, 4, 300).to(dtype) for _ in range(2))
+    reference = (x.double() * G.double()).sum(2)
+    for chunk in (1, 1200, 4000, 1 << 20):
+        monkeypatch.setattr(groupnorm, "_CHUNK", chunk)
+        got = groupnorm._sum_gx(x, G, torch.float32)
+        assert got.dtype == torch.float32 and got.shape == (7, 4)
+        torch.testing.assert_close(got.double(), reference, rtol=1e-5, atol=1e-4)
+
+
 @pytest.mark.parametrize("frozen", ["weight", "bias"])
 def test_group_norm_with_one_parameter_frozen(frozen, stats):
     """The scale alone (its own sums and the statistics) or the shift alone (one sum) trainable."""
