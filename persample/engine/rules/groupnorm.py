@@ -86,9 +86,11 @@ def _sum_gx(x: Tensor, G: Tensor, acc: torch.dtype) -> Tensor:
     of at most :data:`_CHUNK` elements: the float32 copies of 16-bit inputs (and the product the dot may form) are
     a chunk's, not the batch's, which would add two copies of the layer's activations to the step's peak."""
     B, C = x.shape[:2]
-    step = max(1, _CHUNK // max(1, x[0].numel()))
+    step = max(1, _CHUNK // max(1, math.prod(x.shape[1:])))
     parts = [batched_dot(G[i:i + step].reshape(-1, G.shape[2]).to(acc), x[i:i + step].reshape(-1, x.shape[2]).to(acc))
              for i in range(0, B, step)]
+    if not parts:  # no examples
+        return x.new_zeros(B, C, dtype=acc)
     return (parts[0] if len(parts) == 1 else torch.cat(parts)).view(B, C)
 
 

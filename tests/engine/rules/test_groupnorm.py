@@ -82,6 +82,8 @@ def test_sum_gx_in_float32_over_chunks(dtype, monkeypatch):
     (each chunk copied to float32, not multiplied in 16 bits), whatever the chunking."""
     from persample.engine.rules import groupnorm
 
+    assert groupnorm._sum_gx(torch.zeros(0, 4, 300, dtype=dtype), torch.zeros(0, 4, 300, dtype=dtype),
+                             torch.float32).shape == (0, 4)
     x, G = (torch.randn(7, 4, 300).to(dtype) for _ in range(2))
     reference = (x.double() * G.double()).sum(2)
     for chunk in (1, 1200, 4000, 1 << 20):
