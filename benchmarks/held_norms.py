@@ -14,8 +14,13 @@ For each model and precision the table gives the normal step's peak and the engi
 how many held calls each release computed. Each step runs once as a warm-up (the conv rule times its ways then), then
 once counted.
 
-    TRITON_INTERPRET=1 python benchmarks/held_norms.py           # WRN-16-4 at B=32, fp32 and bf16 (minutes)
+    TRITON_INTERPRET=1 python benchmarks/held_norms.py           # WRN-16-4 at B=32 and a GPT (minutes)
+    TRITON_INTERPRET=1 python benchmarks/held_norms.py --models gpt --precisions bf16
     TRITON_INTERPRET=1 python benchmarks/held_norms.py --quick   # a tiny WRN: a check of the script
+
+The models: ``dp_step.py``'s WRN-16-4 at its CPU batch (its GroupNorm inputs and gradients are most of its
+activations) and ``host_overhead.py``'s GPT d=64 L=12, GPT-2-small's structure at tiny sizes (its LayerNorm inputs
+and gradients are a smaller part; the interpreter is too slow for ``dp_step.py``'s GPTs).
 
 Saved with ``results.py`` (the held_norms section of ``RESULTS.md``, appended to ``HISTORY.md``).
 """
@@ -26,6 +31,7 @@ import sys
 
 import torch
 from cpu_memory import step_peak
+from host_overhead import MODELS as HOST_MODELS
 from results import add_save_flag, header, publish, size
 from steps import FULL, QUICK, build_model, fast_step, make_batch, normal_step, on_device
 
@@ -66,8 +72,7 @@ def peak(make, cfg, precision: str, x, y, releases: list[int] | None = None) -> 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a tiny WRN, fp32 only: a check of the script")
-    parser.add_argument("--models", type=int, nargs="+", metavar="INDEX",
-                        help="indices into dp_step.py's model list (default: WRN-16-4)")
+    parser.add_argument("--models", nargs="+", choices=("wrn", "gpt"), default=("wrn", "gpt"))
     parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
     add_save_flag(parser)
     args = parser.parse_args()
@@ -75,12 +80,12 @@ def main() -> None:
     device = torch.device("cpu")
     if not use_triton(torch.empty(0)):
         sys.exit("held_norms.py measures the GPU's code path: run it with TRITON_INTERPRET=1")
-    configs = QUICK if args.quick else FULL
-    indices = args.models if args.models is not None else ([2] if args.quick else [3])
+    models = {"wrn": on_device(FULL[3], device), "gpt": HOST_MODELS["gpt"]}
+    configs = [QUICK[2]] if args.quick else [models[name] for name in args.models]
     if args.quick:
         args.precisions = ["fp32"]
     rows = []
-    for cfg in (on_device(configs[i], device) for i in indices):
+    for cfg in configs:
         x, y = make_batch(cfg, cfg.batch, device)
         for precision in args.precisions:
             print(f"{cfg.name}, {precision}", file=sys.stderr)
