@@ -78,7 +78,7 @@ def _statistics(call: Call, x: Tensor, acc: torch.dtype) -> tuple[Tensor, Tensor
     return mean.view(B, groups), rstd.view(B, groups)
 
 
-_CHUNK = 1 << 20  # elements of x per chunk of examples in _sum_gx
+_CHUNK = 1 << 19  # elements of x per chunk of examples in _sum_gx
 
 
 def _sum_gx(x: Tensor, G: Tensor, acc: torch.dtype) -> Tensor:
