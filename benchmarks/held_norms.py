@@ -28,6 +28,7 @@ Saved with ``results.py`` (the held_norms section of ``RESULTS.md``, appended to
 import argparse
 import contextlib
 import sys
+from unittest import mock
 
 import torch
 from cpu_memory import step_peak
@@ -44,18 +45,16 @@ def budget_as_on_a_gpu(allocated: int | None):
     """The held calls' budget computed as on a GPU whose allocator answers ``allocated`` bytes (None: the CPU's,
     which has none), and the number of calls each release computes, appended to the yielded list."""
     releases: list[int] = []
-    answer, release = recording.allocated_bytes, recording.Step.release_held
+    release = recording.Step.release_held
 
     def counted(step):
         if step.held:
             releases.append(sum(len(calls) for calls in step.held.values()))
         release(step)
 
-    recording.allocated_bytes, recording.Step.release_held = (lambda device: allocated), counted
-    try:
+    with mock.patch.object(recording, "allocated_bytes", lambda device: allocated), \
+            mock.patch.object(recording.Step, "release_held", counted):
         yield releases
-    finally:
-        recording.allocated_bytes, recording.Step.release_held = answer, release
 
 
 def peak(make, cfg, precision: str, x, y, releases: list[int] | None = None) -> int:

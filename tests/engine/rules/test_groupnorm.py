@@ -56,6 +56,7 @@ def test_group_norm(groups, affine, spatial, stats):
 def test_group_norm_over_chunks_of_examples(monkeypatch):
     """The PyTorch path forms ``sum G x`` over chunks of examples (here one example's 6 x 3 x 5 elements a chunk, and
     two examples, and three which do not divide the batch of 5): the same per-example gradients."""
+    from persample.engine import recording
     from persample.engine.rules import groupnorm
 
     model = Normed(nn.GroupNorm(2, 6, eps=1e-3), 6).double()
@@ -64,8 +65,6 @@ def test_group_norm_over_chunks_of_examples(monkeypatch):
         model.norm.bias.normal_()
     x, y = torch.randn(5, 6, 3, 5, dtype=torch.float64), torch.randn(5, 6, 3, 5, dtype=torch.float64)
     # The PyTorch path, also under the interpreter: no call held for the kernel, none computed by it.
-    from persample.engine import recording
-
     monkeypatch.setattr(recording, "use_triton", lambda x: False)
     monkeypatch.setattr(groupnorm, "use_triton", lambda x: False)
     sums, real = [], groupnorm._sum_gx
@@ -229,14 +228,13 @@ def test_held_group_norm_calls_are_batched(allocated, triton_device, monkeypatch
     assert sorted(launches) == ([1, 1, 1, 1] if allocated == 16 else [1, 1, 2])
 
 
-def test_hold_budget():
+def test_hold_budget(monkeypatch):
     """256 MiB where no allocator can be asked (the CPU), else at most a sixteenth of what it has handed out."""
     from persample.engine import recording
 
     cpu = torch.zeros(1)
     assert recording.hold_budget(cpu) == recording.HELD_BYTES == 1 << 28
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(recording, "allocated_bytes", lambda device: 1 << 30)
-        assert recording.hold_budget(cpu) == 1 << 26
-        patch.setattr(recording, "allocated_bytes", lambda device: 1 << 40)
-        assert recording.hold_budget(cpu) == 1 << 28
+    monkeypatch.setattr(recording, "allocated_bytes", lambda device: 1 << 30)
+    assert recording.hold_budget(cpu) == 1 << 26
+    monkeypatch.setattr(recording, "allocated_bytes", lambda device: 1 << 40)
+    assert recording.hold_budget(cpu) == 1 << 28
